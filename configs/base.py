@@ -1,0 +1,85 @@
+"""Defaults shared by every lmtrace run card. Run cards call `base.get_config()` and edit it."""
+
+import ml_collections as mlc
+
+from lib import model as M
+
+
+def model_config(preset: str) -> mlc.ConfigDict:
+  """The `model` section filled from a preset of lib/model.py (every field overridable)."""
+  m = mlc.ConfigDict(vars(M.preset(preset)))
+  m.preset = preset  # informational: which preset the fields came from
+  return m
+
+
+def get_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.seed = 0                            # model init, dropout and data order all derive from it
+
+  c.model = model_config("tiny")        # architecture (lib/model.py ModelConfig fields)
+  c.model.vocab_size = -1               # -1: taken from the data
+
+  c.data = mlc.ConfigDict()
+  c.data.source = mlc.ConfigDict(dict(kind="bigram", seed=0, n_terminals=16))  # one source (kind + parameters)
+  c.data.groups = mlc.ConfigDict()      # optional named groups {name: source spec}; overrides `source`
+  c.data.data_dir = ""                  # TFDS data_dir ('' = $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)
+  c.data.seq_len = 64                   # tokens per row (packed documents)
+  c.data.docs_per_row = 0               # documents tried per packed row (0 = from the mean length)
+  c.data.objective = "clm"              # clm (causal LM) | mlm (masked LM; set model.causal=False)
+  c.data.num_threads = 2                # grain prefetch threads
+
+  c.train = mlc.ConfigDict()
+  c.train.steps = 200                   # optimizer updates
+  c.train.batch_size = 16               # global rows per update
+  c.train.grad_accum = 1                # microbatches per update (batch_size must divide)
+  c.train.log_every = 20                # console + metrics.jsonl cadence (steps)
+  c.train.stop_on_nan = True            # stop with the step number on a non-finite loss
+
+  c.opt = mlc.ConfigDict()
+  c.opt.name = "adamw"                  # adamw | sgd | adafactor | lion
+  c.opt.lr = 3e-3                       # peak learning rate
+  c.opt.schedule = "cosine"             # cosine | linear | constant | inverse_sqrt (after warmup)
+  c.opt.warmup_steps = 20               # linear warmup from 0
+  c.opt.final_lr_frac = 0.1             # end of decay as a fraction of lr
+  c.opt.b1 = 0.9                        # Adam/Lion beta1
+  c.opt.b2 = 0.98                       # Adam/Lion beta2
+  c.opt.eps = 1e-8                      # Adam epsilon
+  c.opt.weight_decay = 0.01             # decoupled, matrices only
+  c.opt.momentum = 0.9                  # SGD momentum (0 = plain SGD)
+  c.opt.nesterov = False                # SGD Nesterov momentum
+  c.opt.grad_clip = 1.0                 # global-norm clip (0 = off)
+
+  c.ckpt = mlc.ConfigDict()
+  c.ckpt.schedule = "pythia:every=100"  # analysis checkpoints: ';'-joined specs (pythia, exponential, log, interval, explicit)
+  c.ckpt.resume_every = 100             # full-state resume checkpoints every k steps
+  c.ckpt.keep_resume = 2                # resume checkpoints kept (latest N)
+  c.ckpt.params_only = False            # analysis checkpoints hold params only (saves disk)
+  c.ckpt.async_save = True              # orbax async saves
+
+  c.eval = mlc.ConfigDict()
+  c.eval.every = 50                     # held-out eval cadence (steps; also at the end)
+  c.eval.batches = 4                    # fixed validation batches (same tokens for every run)
+  c.eval.batch_size = 16                # rows per eval batch
+
+  c.mixture = mlc.ConfigDict()
+  c.mixture.method = "stratified"       # stratified | static (online methods plug into lib/mixture.py)
+  c.mixture.proportions = ""            # static: 'name=p,...' or 'p1,p2,...'
+
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # device mesh; one axis may be -1
+
+  c.probes = mlc.ConfigDict()
+  c.probes.enabled = False              # in-training per-token surprisal hook (analysis/trajectories.py)
+  c.probes.schedule = "log:num=50"      # steps at which probe surprisals are recorded
+  c.probes.sequences = 64               # validation sequences in the probe set
+  c.probes.positions = 0                # random positions per sequence (0 = every position)
+  c.probes.seed = 0                     # probe-set selection seed (recorded with the results)
+
+  c.log = mlc.ConfigDict()
+  c.log.tensorboard = True              # also write TensorBoard event files under WORKDIR/tb
+  c.log.peak_flops = 0.0                # per-device peak FLOP/s for MFU (0 = from the device kind)
+
+  c.distributed = mlc.ConfigDict()
+  c.distributed.coordinator = ""        # host:port for jax.distributed.initialize ('' = auto/none)
+  c.distributed.num_processes = 0       # total processes (GPU clusters / local multi-process)
+  c.distributed.process_id = -1         # this process's id
+  return c

@@ -1,0 +1,234 @@
+"""Deterministic, resumable batches: the global batch at step s is a pure function of (seed, step).
+
+Legend: B global batch rows, b this host's rows, L sequence length, K documents tried per row,
+m number of groups, N examples in a source.
+
+A *source* is anything random-access: `len(src)` and `src[i] -> {"tokens": int32 [n] (framed
+[BOS ... EOS]), optional "true_logprob": float32 [n-1] (exact log p of each target)}` — a
+`tfds.data_source`, an in-memory list, a grain MapDataset.
+
+Row g (global row index g = step·B + r) tries documents number g·K .. g·K+K−1 of an epoch-wise
+permutation of the source (epoch e = i // N, permutation seeded by (seed, e)), packing them greedily
+into L (input, target) pairs; a document that does not fit is skipped (counted in `data/fill`).
+Nothing depends on history, so resume needs only the step, and any number of hosts sees the same
+global batch: host h materialises only rows [lo, hi).
+
+Groups (data mixing): each step's B rows are split into *exact* per-group counts by largest-remainder
+rounding of the proportions p (ties broken by group index), assigned to rows by a (seed, step)
+permutation; row j of group g at step s uses that group's own stream position s·B + j.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from data import vocab
+
+FIELDS = ("inputs", "targets", "mask", "segment_ids", "positions")
+
+
+class DataError(ValueError):
+  """Bad data configuration or content, with the fix in the message."""
+
+
+def largest_remainder(p: Sequence[float], total: int) -> np.ndarray:
+  """Exact integer counts summing to `total`, as close as possible to p·total (Hamilton's method)."""
+  p = np.asarray(p, dtype=np.float64)
+  check_proportions(p)
+  raw = p * total
+  counts = np.floor(raw).astype(np.int64)
+  short = total - counts.sum()
+  # Largest fractional parts first; stable sort keeps lower group indices first on ties.
+  order = np.argsort(-(raw - counts), kind="stable")
+  counts[order[:short]] += 1
+  return counts
+
+
+def check_proportions(p, names: Sequence[str] | None = None, atol: float = 1e-6) -> None:
+  p = np.asarray(p, dtype=np.float64)
+  shown = dict(zip(names, p.tolist())) if names is not None else p.tolist()
+  if p.ndim != 1 or p.size == 0:
+    raise DataError(f"proportions must be a non-empty vector, got {shown}")
+  if names is not None and len(names) != p.size:
+    raise DataError(f"{p.size} proportions for {len(names)} groups {list(names)}")
+  if np.any(~np.isfinite(p)) or np.any(p < 0):
+    raise DataError(f"proportions must be finite and non-negative, got {shown}")
+  if abs(p.sum() - 1.0) > atol:
+    raise DataError(f"proportions must sum to 1, got sum {p.sum():.6g} for {shown}")
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def doc_index(seed: int, i: np.ndarray, n: int) -> np.ndarray:
+  """The i-th document of the infinite epoch-wise shuffled stream over a source of size n."""
+  i = np.asarray(i, dtype=np.int64)
+  out = np.empty_like(i)
+  for e in np.unique(i // n):
+    sel = (i // n) == e
+    out[sel] = _permutation(seed, int(e), n)[i[sel] % n]
+  return out
+
+
+def pack(docs: Sequence[dict], seq_len: int, shift: bool = True) -> tuple[dict[str, np.ndarray], int]:
+  """Greedily packs framed documents into one row of `seq_len` positions; returns (row, n_used).
+
+  shift=True: causal LM pairs (inputs = tokens[:-1], targets = tokens[1:]).
+  shift=False: the masked-LM layout (inputs = targets = tokens; masking happens later).
+  """
+  row = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
+  has_true = bool(docs) and "true_logprob" in docs[0]
+  if has_true:
+    row["true_logprob"] = np.zeros(seq_len, np.float32)
+  used, pos = 0, 0
+  for d in docs:
+    tok = np.asarray(d["tokens"], dtype=np.int32)
+    n = len(tok) - 1 if shift else len(tok)
+    if n > seq_len:  # longer than a row: keep the first seq_len pairs (only if the row is empty)
+      if pos:
+        continue
+      n = seq_len
+    if pos + n > seq_len:
+      continue
+    sl = slice(pos, pos + n)
+    if shift:
+      row["inputs"][sl], row["targets"][sl] = tok[:n], tok[1:n + 1]
+    else:
+      row["inputs"][sl], row["targets"][sl] = tok[:n], tok[:n]
+    row["mask"][sl] = 1
+    row["segment_ids"][sl] = used + 1
+    row["positions"][sl] = np.arange(n)
+    if has_true:
+      row["true_logprob"][sl] = np.asarray(d["true_logprob"], np.float32)[:n]
+    pos += n
+    used += 1
+  return row, used
+
+
+def mlm_mask(row: dict[str, np.ndarray], rng: np.random.Generator, vocab_size: int, prob: float = 0.15) -> dict:
+  """BERT-style masking: of the chosen positions, 80% -> MASK, 10% random token, 10% unchanged."""
+  tok = row["targets"]
+  eligible = (row["mask"] > 0) & (tok >= vocab.N_SPECIAL)
+  chosen = eligible & (rng.random(tok.shape) < prob)
+  u = rng.random(tok.shape)
+  inputs = tok.copy()
+  inputs[chosen & (u < 0.8)] = vocab.MASK
+  rand = chosen & (u >= 0.8) & (u < 0.9)
+  inputs[rand] = rng.integers(vocab.N_SPECIAL, vocab_size, size=int(rand.sum()))
+  out = dict(row, inputs=inputs, mask=chosen.astype(np.int32))
+  if "true_logprob" in out:  # causal conditionals do not apply to masked tokens
+    del out["true_logprob"]
+  return out
+
+
+def auto_docs_per_row(source, seq_len: int, shift: bool = True, sample: int = 512) -> int:
+  n = len(source)
+  idx = np.linspace(0, n - 1, min(n, sample)).astype(np.int64)
+  mean = float(np.mean([len(source[int(i)]["tokens"]) - (1 if shift else 0) for i in idx]))
+  return max(1, int(math.ceil(seq_len / max(mean, 1.0) * 1.25)) + 1)
+
+
+class Pipeline:
+  """Batches for training: `batch(step, p)` -> this host's rows of the global batch at `step`."""
+
+  def __init__(self, sources: Sequence[Any], *, seed: int, global_batch: int, seq_len: int,
+               rows: tuple[int, int] | None = None, docs_per_row: int = 0, objective: str = "clm",
+               vocab_size: int = 0, group_names: Sequence[str] | None = None):
+    if not sources:
+      raise DataError("no data sources")
+    for i, s in enumerate(sources):
+      if len(s) == 0:
+        raise DataError(f"data source {group_names[i] if group_names else i} is empty")
+    self.sources = list(sources)
+    self.group_names = list(group_names or [f"group_{i}" for i in range(len(sources))])
+    self.seed, self.B, self.L = int(seed), int(global_batch), int(seq_len)
+    self.lo, self.hi = rows or (0, self.B)
+    self.shift = objective == "clm"
+    self.objective = objective
+    self.vocab_size = vocab_size
+    self.K = [docs_per_row or auto_docs_per_row(s, self.L, self.shift) for s in self.sources]
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.sources)
+
+  def group_of_rows(self, step: int, p: Sequence[float] | None) -> np.ndarray:
+    """[B] group id of every global row at `step` (exact largest-remainder counts)."""
+    m = self.num_groups
+    if m == 1:
+      return np.zeros(self.B, np.int32)
+    counts = largest_remainder(p if p is not None else np.full(m, 1.0 / m), self.B)
+    groups = np.repeat(np.arange(m, dtype=np.int32), counts)
+    return np.random.default_rng([self.seed, int(step), 0x6A0]).permutation(groups)
+
+  def row(self, step: int, r: int, group: int, j: int) -> tuple[dict[str, np.ndarray], int]:
+    src, K = self.sources[group], self.K[group]
+    pos = int(step) * self.B + j  # this group's stream position (unique per step and row)
+    idx = doc_index(self.seed + 1000003 * group, np.arange(pos * K, pos * K + K), len(src))
+    docs = [src[int(i)] for i in idx]
+    out, used = pack(docs, self.L, self.shift)
+    if self.objective == "mlm":
+      out = mlm_mask(out, np.random.default_rng([self.seed, int(step), r, 0x3A5]), self.vocab_size)
+    return out, used
+
+  def batch(self, step: int, p: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    groups_B = self.group_of_rows(step, p)
+    rows = []
+    for r in range(self.lo, self.hi):
+      g = int(groups_B[r])
+      j = int(np.sum(groups_B[:r] == g))  # rank of this row within its group
+      row, _ = self.row(step, r, g, j)
+      rows.append(row)
+    keys = set.intersection(*(set(r) for r in rows))
+    out = {k: np.stack([r[k] for r in rows]) for k in sorted(keys)}
+    if self.num_groups > 1:
+      out["group"] = groups_B[self.lo:self.hi].astype(np.int32)
+    return out
+
+  def iterator(self, start_step: int, end_step: int, p_fn: Callable[[int], Any] | None = None,
+               num_threads: int = 2, prefetch: int = 4):
+    """A grain iterator over steps [start_step, end_step) with background prefetch."""
+    import grain
+    fn = (lambda s: self.batch(s)) if p_fn is None else (lambda s: self.batch(s, p_fn(s)))
+    ds = grain.MapDataset.range(start_step, end_step).map(fn)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+
+
+def eval_batches(source, *, batch_size: int, seq_len: int, num_batches: int, rows: tuple[int, int] | None = None,
+                 objective: str = "clm", vocab_size: int = 0, seed: int = 0) -> list[dict[str, np.ndarray]]:
+  """Fixed held-out batches: the source's documents in order, packed greedily (no document is
+  skipped or repeated). Independent of the training seed so runs are compared on the same tokens."""
+  shift = objective == "clm"
+  lo, hi = rows or (0, batch_size)
+  out, i, n = [], 0, len(source)
+  for b in range(num_batches):
+    rows_b = []
+    for r in range(batch_size):
+      docs = []
+      used_len = 0
+      while i < n:
+        d = source[i]
+        ln = len(d["tokens"]) - (1 if shift else 0)
+        if used_len + min(ln, seq_len) > seq_len:
+          break
+        docs.append(d)
+        used_len += min(ln, seq_len)
+        i += 1
+      row, _ = pack(docs, seq_len, shift)
+      if objective == "mlm":
+        row = mlm_mask(row, np.random.default_rng([seed, b, r, 0xE7A]), vocab_size)
+      rows_b.append(row)
+    if i >= n and not any(r["mask"].any() for r in rows_b):
+      break
+    rows_b = rows_b[lo:hi]
+    keys = set.intersection(*(set(r) for r in rows_b))
+    out.append({k: np.stack([r[k] for r in rows_b]) for k in sorted(keys)})
+  if not out:
+    raise DataError("the evaluation split is empty")
+  return out

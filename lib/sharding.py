@@ -1,0 +1,155 @@
+"""The one place where mesh axes and logical-to-mesh partition rules live.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state
+sharded, ZeRO-3 style), `tensor` (Megatron-style: heads / MLP hidden / vocab split).
+
+Logical axis names used by `lib/model.py` (params) and activations:
+  batch, length            activations' batch and sequence axes
+  embed / act_embed        model width in parameters / activations
+  heads / act_heads        attention heads
+  kv                       per-head dim
+  mlp / act_mlp            MLP hidden
+  vocab / act_vocab        vocabulary
+  pos                      learned-position table rows
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
+
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("act_embed", None),
+    ("heads", "tensor"),
+    ("act_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("act_mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("act_vocab", "tensor"),
+    ("pos", None),
+)
+
+
+class ShardingError(ValueError):
+  """A mesh or batch shape that cannot work, with the fix in the message."""
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolves a {data, fsdp, tensor} config (one entry may be -1) against the device count."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ShardingError(
+          f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not divide "
+          f"the {num_devices} available devices.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ShardingError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+        f"{num_devices} are available; set e.g. --config.mesh.data=-1.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg=None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types (Explicit breaks embedding gathers)."""
+  devices = list(devices if devices is not None else jax.devices())
+  cfg = mesh_cfg if mesh_cfg is not None else {"data": -1, "fsdp": 1, "tensor": 1}
+  shape = mesh_shape(cfg, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    dev = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # odd device counts or fake CPU devices: plain row-major layout
+    dev = np.asarray(devices).reshape(shape)
+  return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+  return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device or jax.devices()[0]])
+
+
+def batch_size_per_shard(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch(mesh: Mesh, global_batch: int, what: str = "batch_size") -> None:
+  n = batch_size_per_shard(mesh)
+  if global_batch % n:
+    raise ShardingError(
+        f"{what}={global_batch} is not divisible by the data-parallel mesh size {n} "
+        f"(mesh {dict(mesh.shape)}); use a multiple of {n}.")
+  if global_batch % jax.process_count():
+    raise ShardingError(f"{what}={global_batch} is not divisible by the {jax.process_count()} processes.")
+
+
+def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. a 204-token vocab on tensor=8)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes_t = axes if isinstance(axes, tuple) else (axes,)
+    kept = []
+    for a in axes_t:
+      size = math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]
+      if dim % size == 0:
+        kept.append(a)
+    out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+  return P(*out)
+
+
+def logical_to_sharding(logical_tree, abstract_tree, mesh: Mesh):
+  """Logical PartitionSpecs (from nn.get_partition_spec) -> NamedShardings that fit the shapes."""
+  mesh_specs = nn.logical_to_mesh(logical_tree, RULES)
+
+  def one(spec, x):
+    spec = spec if isinstance(spec, P) else P()
+    return NamedSharding(mesh, _fit(spec, x.shape, mesh))
+
+  return jax.tree.map(one, mesh_specs, abstract_tree, is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def local_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """The contiguous [lo, hi) range of global batch rows this process's devices hold."""
+  sh = batch_sharding(mesh)
+  idx = sh.addressable_devices_indices_map((global_batch, 1))
+  starts = [s[0].start or 0 for s in idx.values()]
+  stops = [s[0].stop if s[0].stop is not None else global_batch for s in idx.values()]
+  lo, hi = min(starts), max(stops)
+  if (hi - lo) * jax.process_count() != global_batch:
+    raise ShardingError(f"this process's batch rows [{lo},{hi}) are not a contiguous 1/{jax.process_count()} share.")
+  return lo, hi
+
+
+def global_batch_from_local(mesh: Mesh, local: dict[str, np.ndarray], global_batch: int) -> dict[str, jax.Array]:
+  """Host-local rows -> global jax.Arrays sharded over the batch axes."""
+  out = {}
+  for k, v in local.items():
+    out[k] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, v.ndim), v, (global_batch,) + v.shape[1:])
+  return out

@@ -1,0 +1,94 @@
+"""Pure train / eval step functions (jitted at the call site with shardings and donation).
+
+State is a dict pytree: params, opt_state, step (int32 []), rng (uint32 [2]), mixture (controller
+state). Legend: B batch, L length, A gradient-accumulation microbatches, G groups.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lib import model as M
+
+
+def _sums(loss_BxL, batch, num_groups: int) -> dict:
+  """Loss sums and token counts (total, per group, and the exact optimum where known)."""
+  mask_BxL = batch["mask"].astype(jnp.float32)
+  out = {"loss_sum": loss_BxL.sum(), "tokens": mask_BxL.sum()}
+  if "true_logprob" in batch:
+    out["true_nll_sum"] = -(batch["true_logprob"] * mask_BxL).sum()
+  if num_groups > 1:
+    g_B = batch["group"]
+    out["group_loss_sum"] = jax.ops.segment_sum(loss_BxL.sum(1), g_B, num_segments=num_groups)
+    out["group_tokens"] = jax.ops.segment_sum(mask_BxL.sum(1), g_B, num_segments=num_groups)
+    if "true_logprob" in batch:
+      out["group_true_nll_sum"] = jax.ops.segment_sum(
+          -(batch["true_logprob"] * mask_BxL).sum(1), g_B, num_segments=num_groups)
+  return out
+
+
+def train_step(state: dict, batch: dict, *, model: M.Transformer, tx: optax.GradientTransformation,
+               schedule, grad_accum: int = 1, num_groups: int = 1) -> tuple[dict, dict]:
+  """One optimizer update on the mean per-token loss of the whole (accumulated) batch."""
+  rng = jax.random.fold_in(state["rng"], state["step"])
+  deterministic = not model.cfg.dropout
+
+  def loss_sum(params, mb, key):
+    loss_BxL = M.per_token_loss(model, params, mb, deterministic=deterministic,
+                                rngs=None if deterministic else {"dropout": key})
+    return loss_BxL.sum(), _sums(loss_BxL, mb, num_groups)
+
+  grad_fn = jax.grad(loss_sum, has_aux=True)
+  if grad_accum == 1:
+    grads, sums = grad_fn(state["params"], batch, rng)
+  else:
+    def split(x):  # row i*A + a -> microbatch a, so each device's rows feed every microbatch
+      return jnp.swapaxes(x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]), 0, 1)
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, xs):
+      mb, i = xs
+      g, s = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"],
+                                                       jax.tree.map(lambda x: x[0], micro), rng))
+    (grads, sums), _ = jax.lax.scan(body, zero, (micro, jnp.arange(grad_accum)))
+  n_tok = jnp.maximum(sums["tokens"], 1.0)
+  grads = jax.tree.map(lambda g: g / n_tok, grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"train/loss": sums["loss_sum"] / n_tok, "train/grad_norm": optax.global_norm(grads),
+             "train/lr": schedule(state["step"]), "train/tokens": sums["tokens"],
+             "train/param_norm": optax.global_norm(params)}
+  if "true_nll_sum" in sums:
+    metrics["train/excess_loss"] = (sums["loss_sum"] - sums["true_nll_sum"]) / n_tok
+  if num_groups > 1:
+    metrics["train/group_loss"] = sums["group_loss_sum"] / jnp.maximum(sums["group_tokens"], 1.0)
+    metrics["train/group_tokens"] = sums["group_tokens"]
+  new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+  return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model: M.Transformer, num_groups: int = 1) -> dict:
+  """Loss sums for one held-out batch (summed over batches on the host, then normalised)."""
+  return _sums(M.per_token_loss(model, params, batch), batch, num_groups)
+
+
+def finish_eval(sums: dict, group_names=None) -> dict:
+  """Summed eval outputs (numpy) -> flat metrics: loss, optimum, excess, per-group versions."""
+  n = max(float(sums["tokens"]), 1.0)
+  out = {"eval/loss": float(sums["loss_sum"]) / n, "eval/tokens": float(sums["tokens"])}
+  if "true_nll_sum" in sums:
+    out["eval/optimal_loss"] = float(sums["true_nll_sum"]) / n
+    out["eval/excess_loss"] = out["eval/loss"] - out["eval/optimal_loss"]
+  if "group_loss_sum" in sums and group_names:
+    for i, g in enumerate(group_names):
+      gn = max(float(sums["group_tokens"][i]), 1.0)
+      out[f"eval/{g}/loss"] = float(sums["group_loss_sum"][i]) / gn
+      if "group_true_nll_sum" in sums:
+        out[f"eval/{g}/optimal_loss"] = float(sums["group_true_nll_sum"][i]) / gn
+        out[f"eval/{g}/excess_loss"] = out[f"eval/{g}/loss"] - out[f"eval/{g}/optimal_loss"]
+  return out

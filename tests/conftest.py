@@ -1,0 +1,14 @@
+"""Test setup: 8 fake CPU devices, forced before jax is imported anywhere."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.devices()}"
