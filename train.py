@@ -32,6 +32,7 @@ from lib import optim, schedules, sharding, steps
 
 log = logging.getLogger("lmtrace")
 IDENTITY_SECTIONS = ("model", "data", "seed")  # must match to resume in an existing workdir
+INFORMATIONAL_KEYS = ("preset", "num_threads", "data_dir")  # may differ on resume
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,7 +62,8 @@ def check_workdir(workdir: str, cfg_dict: dict) -> None:
   for sec in IDENTITY_SECTIONS:
     a, b = old.get(sec), cfg_dict.get(sec)
     if isinstance(a, dict) and isinstance(b, dict):
-      diffs += [f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+      diffs += [f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and k not in INFORMATIONAL_KEYS]
     elif a != b:
       diffs.append(f"{sec}: {a!r} -> {b!r}")
   if diffs:
@@ -81,6 +83,12 @@ def state_shardings(model, tx, mesh):
       transform_non_params=lambda _: repl)
   state_sh = {"params": params_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
   return state_sh
+
+
+def fingerprint(batch_np: dict) -> int:
+  """CRC32 of this host's batch at the logged step (lets a test prove resumed runs see the same data)."""
+  import zlib
+  return zlib.crc32(b"".join(np.ascontiguousarray(batch_np[k]).tobytes() for k in sorted(batch_np)))
 
 
 def run_eval(p_eval, params, eval_sets, names) -> dict:
@@ -202,60 +210,64 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     t_last, step_last = time.time(), step
     print(f"lmtrace: {n_params:,} params, mesh {dict(mesh.shape)}, {len(groups)} group(s) {names}, "
           f"steps {step}->{total}, workdir {os.path.abspath(workdir)}", flush=True)
-    while step < total:
-      batch_np = next(it)
-      batch = sharding.global_batch_from_local(mesh, batch_np, B)
-      state, m = p_train(state, batch)
-      step += 1
-      tokens_seen += B * L
-      pending.append((step, m))
-      do_eval = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == total)
-      do_mix = controller.wants_eval(mix_state, step)
-      a, r = ckpt.wants(step, step == total)
-      if step % cfg.train.log_every == 0 or do_eval or do_mix or a or r or step == total:
-        fetched = jax.device_get(pending)
-        for s_, m_ in fetched:
-          if cfg.train.stop_on_nan and not np.isfinite(m_["train/loss"]):
-            raise TrainingDiverged(f"non-finite training loss {m_['train/loss']} at step {s_}; the last good "
-                                   f"checkpoints in {workdir} are intact ({sorted(C.available_steps(workdir))[-3:]})")
-        dt = time.time() - t_last
-        s_, m_ = fetched[-1]
-        row = dict(m_)
-        tps = (step - step_last) * B * L / max(dt, 1e-9)
-        row.update({"perf/tokens_per_s": tps, "perf/step_time": dt / max(step - step_last, 1),
-                    "perf/tokens_seen": tokens_seen, "perf/flops_per_token": fpt,
-                    "perf/mfu": tps * fpt / (peak * jax.device_count()) if peak else None})
-        if len(groups) > 1:
-          p = controller.proportions(mix_state, step - 1)
-          counts = np.bincount(pipe.group_of_rows(step - 1, p), minlength=len(groups))
-          for gi, n in enumerate(names):
-            row[f"mixture/p/{n}"] = float(p[gi])
-            row[f"data/rows/{n}"] = int(counts[gi])
-          row.pop("train/group_tokens", None)
-          gl = row.pop("train/group_loss")
-          for gi, n in enumerate(names):
-            row[f"train/{n}/loss"] = float(gl[gi])
-        writer.write(step, row)
-        last_m.update(row)
-        if jax.process_index() == 0:
-          print(MX.console_line(step, total, row), flush=True)
-        pending = []
-        t_last, step_last = time.time(), step
-      if do_eval or do_mix:
-        em = evaluate(step)
-        last_m.update(em)
-        if jax.process_index() == 0:
-          print(MX.console_line(step, total, em), flush=True)
-        if do_mix:
-          obs = {"eval/group_loss": np.array([em.get(f"eval/{n}/loss", em["eval/loss"]) for n in names])}
-          mix_state = controller.update(mix_state, step, obs)
-          state = dict(state, mixture=jax.device_put(jax.tree.map(jnp.asarray, mix_state), state_sh["mixture"]))
-          it = pipe.iterator(step, total, p_fn, num_threads=cfg.data.num_threads)
-        t_last = time.time()
-      save(step, last=step == total)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    stop = min(total, cfg.train.stop_at or total)
+    try:
+      while step < stop:
+        batch_np = next(it)
+        batch = sharding.global_batch_from_local(mesh, batch_np, B)
+        state, m = p_train(state, batch)
+        step += 1
+        tokens_seen += B * L
+        pending.append((step, m))
+        do_eval = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == total)
+        do_mix = controller.wants_eval(mix_state, step)
+        a, r = ckpt.wants(step, step == stop)
+        if step % cfg.train.log_every == 0 or do_eval or do_mix or a or r or step == stop:
+          fetched = jax.device_get(pending)
+          for s_, m_ in fetched:
+            if cfg.train.stop_on_nan and not np.isfinite(m_["train/loss"]):
+              raise TrainingDiverged(f"non-finite training loss {m_['train/loss']} at step {s_}; the last good "
+                                     f"checkpoints in {workdir} are intact ({sorted(C.available_steps(workdir))[-3:]})")
+          dt = time.time() - t_last
+          s_, m_ = fetched[-1]
+          row = dict(m_)
+          tps = (step - step_last) * B * L / max(dt, 1e-9)
+          row.update({"data/fingerprint": fingerprint(batch_np), "perf/tokens_per_s": tps,
+                      "perf/step_time": dt / max(step - step_last, 1),
+                      "perf/tokens_seen": tokens_seen, "perf/flops_per_token": fpt,
+                      "perf/mfu": tps * fpt / (peak * jax.device_count()) if peak else None})
+          if len(groups) > 1:
+            p = controller.proportions(mix_state, step - 1)
+            counts = np.bincount(pipe.group_of_rows(step - 1, p), minlength=len(groups))
+            for gi, n in enumerate(names):
+              row[f"mixture/p/{n}"] = float(p[gi])
+              row[f"data/rows/{n}"] = int(counts[gi])
+            row.pop("train/group_tokens", None)
+            gl = row.pop("train/group_loss")
+            for gi, n in enumerate(names):
+              row[f"train/{n}/loss"] = float(gl[gi])
+          writer.write(step, row)
+          last_m.update(row)
+          if jax.process_index() == 0:
+            print(MX.console_line(step, total, row), flush=True)
+          pending = []
+          t_last, step_last = time.time(), step
+        if do_eval or do_mix:
+          em = evaluate(step)
+          last_m.update(em)
+          if jax.process_index() == 0:
+            print(MX.console_line(step, total, em), flush=True)
+          if do_mix:
+            obs = {"eval/group_loss": np.array([em.get(f"eval/{n}/loss", em["eval/loss"]) for n in names])}
+            mix_state = controller.update(mix_state, step, obs)
+            state = dict(state, mixture=jax.device_put(jax.tree.map(jnp.asarray, mix_state), state_sh["mixture"]))
+            it = pipe.iterator(step, total, p_fn, num_threads=cfg.data.num_threads)
+          t_last = time.time()
+        save(step, last=step == stop)
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
   last_m["step"] = step
   return last_m
 
@@ -263,7 +275,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 def quiet_logs() -> None:
   """Keeps the console to lmtrace's own progress lines (orbax/tfds log every save at INFO)."""
   from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.ERROR)
   logging.getLogger("lmtrace").setLevel(logging.INFO)
   try:
     import tensorflow_datasets as tfds
@@ -272,25 +284,30 @@ def quiet_logs() -> None:
     pass
 
 
-def main(argv) -> None:
+def main(argv=None) -> None:
+  """CLI entry: parses flags itself so a bad override is one clear line, not a traceback."""
   from absl import flags
-  from ml_collections import config_flags
-  del argv
-  cfg = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir
-  try:
-    train_and_evaluate(cfg, workdir)
-  except (ValueError, C.CheckpointError, TrainingDiverged, sharding.ShardingError, dp.DataError) as e:
-    print(f"lmtrace: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  del config_flags
-
-
-if __name__ == "__main__":
-  from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "run card, e.g. configs/pcfg.py or configs/pcfg.py:small")
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, config.json)")
-  flags.mark_flags_as_required(["config", "workdir"])
+  argv = sys.argv if argv is None else argv
+  try:
+    flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    msg = str(e).replace("\\n", " ")
+    print(f"lmtrace: error in the command line: {msg}\n(config keys are listed with comments in configs/base.py; "
+          "overrides look like --config.opt.lr=1e-3)", file=sys.stderr)
+    sys.exit(2)
+  if not flags.FLAGS.config or not flags.FLAGS.workdir:
+    print("usage: python train.py --config=configs/pcfg.py --workdir=DIR [--config.section.key=value ...]", file=sys.stderr)
+    sys.exit(2)
   quiet_logs()
-  app.run(main)
+  try:
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, C.CheckpointError, TrainingDiverged, sharding.ShardingError, dp.DataError) as e:
+    print(f"lmtrace: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

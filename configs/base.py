@@ -20,7 +20,8 @@ def get_config() -> mlc.ConfigDict:
   c.model.vocab_size = -1               # -1: taken from the data
 
   c.data = mlc.ConfigDict()
-  c.data.source = mlc.ConfigDict(dict(kind="bigram", seed=0, n_terminals=16))  # one source (kind + parameters)
+  c.data.source = mlc.ConfigDict(dict(  # one source: kind + language parameters + split sizes
+      kind="bigram", seed=0, n_terminals=16, n_train=50_000, n_validation=1_000, n_test=1_000))
   c.data.groups = mlc.ConfigDict()      # optional named groups {name: source spec}; overrides `source`
   c.data.data_dir = ""                  # TFDS data_dir ('' = $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)
   c.data.seq_len = 64                   # tokens per row (packed documents)
@@ -34,6 +35,7 @@ def get_config() -> mlc.ConfigDict:
   c.train.grad_accum = 1                # microbatches per update (batch_size must divide)
   c.train.log_every = 20                # console + metrics.jsonl cadence (steps)
   c.train.stop_on_nan = True            # stop with the step number on a non-finite loss
+  c.train.stop_at = 0                   # stop (with a resume checkpoint) after this step; 0 = run to the end
 
   c.opt = mlc.ConfigDict()
   c.opt.name = "adamw"                  # adamw | sgd | adafactor | lion

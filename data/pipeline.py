@@ -83,7 +83,7 @@ def pack(docs: Sequence[dict], seq_len: int, shift: bool = True) -> tuple[dict[s
   shift=False: the masked-LM layout (inputs = targets = tokens; masking happens later).
   """
   row = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
-  has_true = bool(docs) and "true_logprob" in docs[0]
+  has_true = shift and bool(docs) and "true_logprob" in docs[0]  # causal conditionals only
   if has_true:
     row["true_logprob"] = np.zeros(seq_len, np.float32)
   used, pos = 0, 0

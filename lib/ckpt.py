@@ -74,10 +74,12 @@ class Checkpointer:
     train = {"step": state["step"], "rng": state["rng"], "mixture": state.get("mixture", {})}
     full = dict(params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
                 train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta))
-    if a:
+    # A step that already exists was written by the identical (deterministic) earlier pass of a
+    # resumed run: keep it rather than overwrite.
+    if a and step not in self.analysis.all_steps():
       items = full if not self.params_only else dict(params=full["params"], meta=full["meta"])
       self.analysis.save(step, args=ocp.args.Composite(**items), force=True)
-    if r:
+    if r and step not in self.resume.all_steps():
       self.resume.save(step, args=ocp.args.Composite(**full), force=True)
     return a or r
 
@@ -110,8 +112,13 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
         if "shape" in str(e).lower() and "mismatch" in str(e).lower():
           raise CheckpointError(f"{self.workdir}/{sub}/{step} holds arrays of other shapes than this model: {e}") from e
-        log.warning("skipping unreadable checkpoint %s/%s/%d (%s: %s); trying the previous one",
-                    self.workdir, sub, step, type(e).__name__, str(e)[:300])
+        bad = os.path.join(self.workdir, sub, str(step))
+        aside = f"{bad}.unreadable"
+        log.warning("skipping unreadable checkpoint %s (%s: %s); moved to %s, trying the previous one",
+                    bad, type(e).__name__, str(e)[:300], aside)
+        if jax.process_index() == 0 and os.path.isdir(bad):
+          os.replace(bad, aside)
+        mngr.reload()
         continue
       state = dict(target_state, params=out["params"], opt_state=out["opt_state"], step=out["train"]["step"],
                    rng=out["train"]["rng"], mixture=out["train"]["mixture"])

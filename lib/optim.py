@@ -25,7 +25,7 @@ def lr_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   elif name == "constant":
     decay = optax.constant_schedule(lr)
   else:  # inverse square root, continuous at the end of warmup
-    decay = lambda s: lr * jnp.sqrt(max(warm, 1) / (s + max(warm, 1)))  # noqa: E731
+    decay = lambda s: lr * jnp.sqrt(max(warm, 1) / (jnp.maximum(s, 0) + max(warm, 1)))  # noqa: E731
   if warm == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
