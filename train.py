@@ -26,9 +26,8 @@ from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
 from lib import metrics as MX
-from lib import mixture
+from lib import mixture, optim, schedules, sharding, steps
 from lib import model as M
-from lib import optim, schedules, sharding, steps
 
 log = logging.getLogger("lmtrace")
 IDENTITY_SECTIONS = ("model", "data", "seed")  # must match to resume in an existing workdir
@@ -46,8 +45,9 @@ def maybe_initialize_distributed(cfg) -> None:
   if d.coordinator == "auto":  # TPU pods, SLURM: JAX detects the cluster
     jax.distributed.initialize()
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends). Must not touch the
+  # backend before initialize(), so no jax.default_backend() here.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
 
 
@@ -177,7 +177,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       from analysis import trajectories
       hook = trajectories.ProbeHook(workdir, cfg, model, mesh, total)
 
-    batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in ("inputs", "targets", "mask", "segment_ids", "positions")}
     p_train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=sched,
                                         grad_accum=cfg.train.grad_accum, num_groups=len(groups)),
                       out_shardings=(state_sh, None), donate_argnums=(0,))

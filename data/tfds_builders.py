@@ -20,7 +20,7 @@ import numpy as np
 
 from data import vocab
 from data.pipeline import DataError
-from data.sources import Group, NON_LANGUAGE_KEYS, language, synthetic_examples
+from data.sources import Group, language, synthetic_examples
 
 DEFAULT_SIZES = {"n_train": 50_000, "n_validation": 1_000, "n_test": 1_000}
 

@@ -19,7 +19,7 @@ def test_pack_segments_positions_and_true_logprobs(src):
   n_pairs = [len(d["tokens"]) - 1 for d in docs]
   # greedy: documents that do not fit are skipped, later ones may still fit
   pos = 0
-  for k, (d, n) in enumerate(zip(docs, n_pairs)):
+  for d, n in zip(docs, n_pairs):
     if pos + n > 40:
       continue
     seg = row["segment_ids"][pos]
