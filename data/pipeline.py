@@ -134,6 +134,13 @@ def auto_docs_per_row(source, seq_len: int, shift: bool = True, sample: int = 51
   return max(1, int(math.ceil(seq_len / max(mean, 1.0) * 1.25)) + 1)
 
 
+def read_many(source, ids: np.ndarray) -> list[dict]:
+  """Batched random access when the source supports it (TFDS/grain `__getitems__`)."""
+  if hasattr(source, "__getitems__"):
+    return list(source.__getitems__([int(i) for i in ids]))
+  return [source[int(i)] for i in ids]
+
+
 class Pipeline:
   """Batches for training: `batch(step, p)` -> this host's rows of the global batch at `step`."""
 
@@ -167,23 +174,27 @@ class Pipeline:
     groups = np.repeat(np.arange(m, dtype=np.int32), counts)
     return np.random.default_rng([self.seed, int(step), 0x6A0]).permutation(groups)
 
-  def row(self, step: int, r: int, group: int, j: int) -> tuple[dict[str, np.ndarray], int]:
+  def _doc_ids(self, step: int, group: int, j: int) -> np.ndarray:
     src, K = self.sources[group], self.K[group]
     pos = int(step) * self.B + j  # this group's stream position (unique per step and row)
-    idx = doc_index(self.seed + 1000003 * group, np.arange(pos * K, pos * K + K), len(src))
-    docs = [src[int(i)] for i in idx]
-    out, used = pack(docs, self.L, self.shift)
-    if self.objective == "mlm":
-      out = mlm_mask(out, np.random.default_rng([self.seed, int(step), r, 0x3A5]), self.vocab_size)
-    return out, used
+    return doc_index(self.seed + 1000003 * group, np.arange(pos * K, pos * K + K), len(src))
 
   def batch(self, step: int, p: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     groups_B = self.group_of_rows(step, p)
-    rows = []
+    plan = []  # (row, group, document ids)
     for r in range(self.lo, self.hi):
       g = int(groups_B[r])
       j = int(np.sum(groups_B[:r] == g))  # rank of this row within its group
-      row, _ = self.row(step, r, g, j)
+      plan.append((r, g, self._doc_ids(step, g, j)))
+    docs = {}
+    for g in {g for _, g, _ in plan}:  # one batched read per group (much faster than one per doc)
+      ids = np.unique(np.concatenate([d for _, gg, d in plan if gg == g]))
+      docs.update({(g, int(i)): ex for i, ex in zip(ids, read_many(self.sources[g], ids))})
+    rows = []
+    for r, g, ids in plan:
+      row, _ = pack([docs[(g, int(i))] for i in ids], self.L, self.shift)
+      if self.objective == "mlm":
+        row = mlm_mask(row, np.random.default_rng([self.seed, int(step), r, 0x3A5]), self.vocab_size)
       rows.append(row)
     keys = set.intersection(*(set(r) for r in rows))
     out = {k: np.stack([r[k] for r in rows]) for k in sorted(keys)}

@@ -100,10 +100,16 @@ class TfdsSource:
     return len(self.ds)
 
   def __getitem__(self, i: int) -> dict:
+    return self.__getitems__([int(i)])[0]
+
+  def __getitems__(self, ids) -> list[dict]:
     try:
-      ex = self.ds[int(i)]
+      exs = self.ds.__getitems__(list(ids))
     except Exception as e:  # corrupted shard: say which files
-      raise DataError(f"failed to read example {i} of {self.where}: {type(e).__name__}: {e}") from e
+      raise DataError(f"failed to read examples {list(ids)[:5]}... of {self.where}: {type(e).__name__}: {e}") from e
+    return [self._convert(ex) for ex in exs]
+
+  def _convert(self, ex) -> dict:
     out = {"tokens": np.asarray(ex[self.key], np.int32)}
     tl = ex.get("true_logprob")
     if tl is not None and len(tl) == len(out["tokens"]) - 1 and len(tl):

@@ -308,7 +308,10 @@ def abstract_params(model: Transformer):
   b = dummy_batch(model.cfg, 1, min(model.cfg.max_len, 8))
   boxed = jax.eval_shape(lambda r: model.init(r, b["inputs"], b["positions"], b["segment_ids"]),
                          jax.random.key(0))["params"]
-  return nn.unbox(boxed), nn.get_partition_spec(boxed)
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  # unbox without applying sharding constraints (this may run under an active mesh)
+  shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
+  return shapes, nn.get_partition_spec(boxed)
 
 
 def param_count(model: Transformer) -> int:

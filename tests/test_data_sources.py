@@ -1,0 +1,123 @@
+"""Data sources: text files (bytes / SentencePiece), TFDS catalog errors, groups and mixtures."""
+
+import json
+import os
+
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from data import pipeline as dp
+from data import sources, text, tfds_builders, vocab
+
+WORDS = "the a cat dog sat ran on under mat log tree and then quickly slowly red blue".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  d = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  for f in range(3):
+    paras = [" ".join(rng.choice(WORDS, rng.integers(5, 30))) + "." for _ in range(120)]
+    (d / f"part{f}.txt").write_text("\n\n".join(paras))
+  return str(d)
+
+
+def test_byte_level_text_group(corpus, tmp_path):
+  g = sources.make_group("txt", {"kind": "text", "path": corpus, "doc_tokens": 64}, str(tmp_path))
+  assert g.vocab_size == 260
+  assert set(g.splits) == {"train", "validation", "test"}
+  n = sum(len(s) for s in g.splits.values())
+  assert n >= 360 and len(g.splits["validation"]) > 0
+  ex = g.splits["train"][0]
+  assert ex["tokens"][0] == vocab.BOS and ex["tokens"][-1] == vocab.EOS
+  assert len(ex["tokens"]) <= 66
+  tok = text.tokenizer_for(g)
+  s = tok.decode(ex["tokens"])
+  assert all(w.strip(".") in WORDS for w in s.split())
+  # deterministic: building again reuses the same dataset
+  g2 = sources.make_group("txt", {"kind": "text", "path": corpus, "doc_tokens": 64}, str(tmp_path))
+  np.testing.assert_array_equal(g2.splits["train"][5]["tokens"], g.splits["train"][5]["tokens"])
+
+
+def test_sentencepiece_text_group(corpus, tmp_path):
+  g = sources.make_group("sp", {"kind": "text", "path": os.path.join(corpus, "*.txt"), "tokenizer": "sentencepiece",
+                                "vocab_size": 40}, str(tmp_path))
+  tok = text.tokenizer_for(g)
+  assert g.vocab_size == tok.n + vocab.N_SPECIAL and 20 <= tok.n <= 60
+  ex = g.splits["validation"][0]["tokens"]
+  assert ex.max() < g.vocab_size and ex.min() >= 0
+  assert tok.decode(ex).split()[0].strip(".") in WORDS
+
+
+def test_bad_sources(tmp_path):
+  with pytest.raises(dp.DataError, match="unknown kind 'pcfgg'.*valid kinds"):
+    sources.make_group("x", {"kind": "pcfgg"}, str(tmp_path))
+  with pytest.raises(dp.DataError, match="no text files match"):
+    sources.make_group("x", {"kind": "text", "path": str(tmp_path / "nothing*.txt")}, str(tmp_path))
+  with pytest.raises(dp.DataError, match="not prepared.*never downloads"):
+    sources.make_group("x", {"kind": "tfds", "name": "lm1b"}, str(tmp_path))
+  g = sources.make_group("b", {"kind": "bigram", "seed": 0, "n_train": 50, "n_validation": 10, "n_test": 10},
+                         str(tmp_path))
+  with pytest.raises(dp.DataError, match="has no split 'dev'.*'validation'"):
+    sources.select_split(g, "dev")
+
+
+def test_missing_or_corrupt_shard_names_the_file(tmp_path):
+  spec = {"kind": "bigram", "seed": 4, "n_train": 50, "n_validation": 10, "n_test": 10}
+  g = sources.make_group("b", spec, str(tmp_path))
+  d = g.info["tfds_dir"]
+  shard = [f for f in os.listdir(d) if "-train.array_record" in f][0]
+  open(os.path.join(d, shard), "wb").close()
+  with pytest.raises(dp.DataError, match=f"{shard}.*corrupted"):
+    sources.make_group("b", spec, str(tmp_path))
+  os.remove(os.path.join(d, shard))
+  with pytest.raises(dp.DataError, match="should have 1 array_record shard"):
+    sources.make_group("b", spec, str(tmp_path))
+
+
+def test_optimal_loss_metadata_matches_exact_conditionals(tmp_path):
+  spec = {"kind": "bigram", "seed": 2, "n_terminals": 8, "n_train": 20, "n_validation": 300, "n_test": 10}
+  g = sources.make_group("b", spec, str(tmp_path))
+  lang = sources.language(spec)
+  val = g.splits["validation"]
+  nll = -np.concatenate([lang.token_logprobs(vocab.unframe(val[i]["tokens"])) for i in range(len(val))])
+  assert abs(g.info["optimal_loss"] - nll.mean()) < 1e-5
+  # the entropy rate of this chain, computed in closed form, is within 4 standard errors
+  assert g.info["optimal_loss_stderr"] > 0
+
+
+def test_multi_group_training_reports_groups_and_exact_counts(tmp_path):
+  import train
+  from tests.test_train import tiny_cfg
+  cfg = tiny_cfg(str(tmp_path / "data"))
+  cfg.data.groups = mlc.ConfigDict({
+      n: dict(kind="bigram", seed=s, n_terminals=16, n_train=500, n_validation=60, n_test=10)
+      for n, s in (("easy", 1), ("mid", 2), ("hard", 3))})
+  cfg.mixture.method = "static"
+  cfg.mixture.proportions = "easy=0.5,mid=0.25,hard=0.25"
+  cfg.train.steps = 4
+  cfg.eval.every = 4
+  w = str(tmp_path / "w")
+  train.train_and_evaluate(cfg, w)
+  rows = [json.loads(x) for x in open(os.path.join(w, "metrics.jsonl"))]
+  tr = [r for r in rows if "train/loss" in r]
+  assert all(r["data/rows/easy"] == 4 and r["data/rows/mid"] == 2 and r["data/rows/hard"] == 2 for r in tr)
+  assert all(r["mixture/p/easy"] == 0.5 for r in tr)
+  assert all(np.isfinite(r[f"train/{g}/loss"]) for r in tr for g in ("easy", "mid", "hard"))
+  ev = [r for r in rows if "eval/loss" in r][-1]
+  for g in ("easy", "mid", "hard"):
+    assert abs(ev[f"eval/{g}/excess_loss"] - (ev[f"eval/{g}/loss"] - ev[f"eval/{g}/optimal_loss"])) < 1e-9
+  cfg.mixture.proportions = "easy=0.5,mid=0.6,hard=0.25"
+  with pytest.raises(dp.DataError, match="sum to 1"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w2"))
+  cfg.mixture.proportions = "easy=0.5,medium=0.5"
+  with pytest.raises(ValueError, match=r"unknown groups \['medium'\]"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w3"))
+
+
+def test_describe(tmp_path):
+  g = sources.make_group("b", {"kind": "bigram", "seed": 0, "n_train": 50, "n_validation": 10, "n_test": 10},
+                         str(tmp_path))
+  d = tfds_builders.describe(g)
+  assert d["n_train"] == 50 and d["vocab_size"] == 20 and "optimal_loss" in d
