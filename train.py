@@ -128,7 +128,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
     C.save_json(os.path.join(workdir, "config.json"), cfg_dict)
   lo, hi = sharding.local_rows(mesh, B)
-  pipe = dp.Pipeline([sources.select_split(g, "train") for g in groups], seed=cfg.seed, global_batch=B,
+  data_seed = cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
+  pipe = dp.Pipeline([sources.select_split(g, "train") for g in groups], seed=data_seed, global_batch=B,
                      seq_len=L, rows=(lo, hi), docs_per_row=cfg.data.docs_per_row, objective=cfg.data.objective,
                      vocab_size=vocab_size, group_names=names)
   elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)

@@ -1,4 +1,5 @@
-"""Defaults shared by every lmtrace run card. Run cards call `base.get_config()` and edit it."""
+"""Defaults shared by every lmtrace run card. Run cards call `base.defaults()` and edit it; used as a
+run card itself (`--config=configs/base.py`) it trains on a tiny bigram language (seconds)."""
 
 import ml_collections as mlc
 
@@ -12,7 +13,8 @@ def model_config(preset: str) -> mlc.ConfigDict:
   return m
 
 
-def get_config() -> mlc.ConfigDict:
+def defaults() -> mlc.ConfigDict:
+  """Every config key with its default (unlocked, for run cards to edit)."""
   c = mlc.ConfigDict()
   c.seed = 0                            # model init, dropout and data order all derive from it
 
@@ -23,6 +25,7 @@ def get_config() -> mlc.ConfigDict:
   c.data.source = mlc.ConfigDict(dict(  # one source: kind + language parameters + split sizes
       kind="bigram", seed=0, n_terminals=16, n_train=50_000, n_validation=1_000, n_test=1_000))
   c.data.groups = mlc.ConfigDict()      # optional named groups {name: source spec}; overrides `source`
+  c.data.seed = -1                      # data-order seed (-1 = use the run's `seed`)
   c.data.data_dir = ""                  # TFDS data_dir ('' = $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)
   c.data.seq_len = 64                   # tokens per row (packed documents)
   c.data.docs_per_row = 0               # documents tried per packed row (0 = from the mean length)
@@ -84,4 +87,13 @@ def get_config() -> mlc.ConfigDict:
   c.distributed.coordinator = ""        # host:port for jax.distributed.initialize ('' = auto/none)
   c.distributed.num_processes = 0       # total processes (GPU clusters / local multi-process)
   c.distributed.process_id = -1         # this process's id
+  return c
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  c = defaults()
+  if arg:
+    c.model = model_config(arg)
+    c.model.vocab_size = -1
+  c.lock()
   return c

@@ -15,14 +15,15 @@ from configs import base
 
 
 def get_config(arg: str = "tiny"):
-  c = base.get_config()
+  c = base.defaults()
   c.model = base.model_config(arg or "tiny")
   c.model.vocab_size = -1
   sizes = dict(n_terminals=200, n_train=20_000, n_validation=500, n_test=500)
-  # Same vocabulary, different grammars: fewer non-terminals give a lower-entropy language.
+  # Same vocabulary, different grammars: smaller, shallower grammars give shorter, lower-entropy
+  # sentences (optimal loss ≈ 3.7 / 4.0 / 4.6 nats per token for easy / medium / hard).
   c.data.groups = mlc.ConfigDict({
-      "easy": dict(kind="pcfg", seed=1, n_nonterminals=10, **sizes),
-      "medium": dict(kind="pcfg", seed=2, n_nonterminals=25, **sizes),
+      "easy": dict(kind="pcfg", seed=1, n_nonterminals=12, n_roots=3, levels=2, **sizes),
+      "medium": dict(kind="pcfg", seed=2, n_nonterminals=25, n_roots=5, levels=3, **sizes),
       "hard": dict(kind="pcfg", seed=3, n_nonterminals=50, **sizes),
   })
   c.data.seq_len = 64

@@ -115,15 +115,18 @@ NON_LANGUAGE_KEYS = {"kind", "n_train", "n_validation", "n_test", "name", "data_
 def synthetic_examples(lang, n: int, sample_seed: int, with_true: bool) -> list[dict]:
   """Samples n sentences and frames them; exact per-target log-probs when `with_true`."""
   sents = lang.sample(n, sample_seed)
-  if isinstance(sents, tuple):  # HMM returns (tokens, states)
+  if isinstance(sents, tuple):  # HMM returns (tokens [n, L], states [n, L])
     sents = list(sents[0])
-  out = []
-  for s in sents:
-    ex = {"tokens": vocab.frame(s)}
-    if with_true:
-      ex["true_logprob"] = np.asarray(lang.token_logprobs(np.asarray(s)[None] if _is_hmm(lang) else s),
-                                      np.float32).reshape(-1)
-    out.append(ex)
+  out = [{"tokens": vocab.frame(s)} for s in sents]
+  if with_true:
+    if hasattr(lang, "token_logprobs_batch"):  # vectorised over sentences (PCFG)
+      lps = lang.token_logprobs_batch(sents)
+    elif _is_hmm(lang):
+      lps = list(lang.token_logprobs(np.stack(sents)))
+    else:
+      lps = [lang.token_logprobs(s) for s in sents]
+    for ex, lp in zip(out, lps):
+      ex["true_logprob"] = np.asarray(lp, np.float32).reshape(-1)
   return out
 
 

@@ -24,7 +24,7 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_cfg(data_dir, **over):
-  c = base.get_config()
+  c = base.defaults()
   c.model = base.model_config("nano")
   c.model.vocab_size = -1
   c.model.max_len = 32

@@ -1,0 +1,20 @@
+"""Run card: a masked LM (bidirectional encoder) on the PCFG language, as Liu et al. 2022 train.
+
+  python train.py --config=configs/pcfg_mlm.py --workdir=runs/pcfg_mlm
+  python train.py --config=configs/pcfg_mlm.py --workdir=runs/pcfg_mlm_sgd --config.opt.name=sgd \
+      --config.opt.lr=0.1 --config.opt.schedule=constant --config.opt.warmup_steps=120   # their Fig. 3 recipe
+
+15% of word tokens are selected (80% -> [MASK], 10% random, 10% unchanged) and predicted; the loss is
+the mean over selected tokens. (Exact masked conditionals: data/pcfg.py PCFG.masked_conditionals.)
+"""
+
+from configs import pcfg
+
+
+def get_config(arg: str = "tiny"):
+  c = pcfg.get_config(arg)
+  c.unlock()
+  c.model.causal = False
+  c.data.objective = "mlm"
+  c.lock()
+  return c
