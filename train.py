@@ -95,7 +95,10 @@ def run_eval(p_eval, params, eval_sets, names) -> dict:
   total = None
   for batch in eval_sets:
     s = jax.tree.map(np.asarray, p_eval(params, batch))
-    total = s if total is None else jax.tree.map(np.add, total, s)
+    if total is None:
+      total = s
+    else:  # groups without exact log-probs (text) drop the optimum for the whole set
+      total = {k: total[k] + s[k] for k in total.keys() & s.keys()}
   return steps.finish_eval(total, names)
 
 

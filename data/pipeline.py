@@ -76,14 +76,17 @@ def doc_index(seed: int, i: np.ndarray, n: int) -> np.ndarray:
   return out
 
 
-def pack(docs: Sequence[dict], seq_len: int, shift: bool = True) -> tuple[dict[str, np.ndarray], int]:
+def pack(docs: Sequence[dict], seq_len: int, shift: bool = True,
+         with_true: bool | None = None) -> tuple[dict[str, np.ndarray], int]:
   """Greedily packs framed documents into one row of `seq_len` positions; returns (row, n_used).
 
   shift=True: causal LM pairs (inputs = tokens[:-1], targets = tokens[1:]).
   shift=False: the masked-LM layout (inputs = targets = tokens; masking happens later).
   """
   row = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
-  has_true = shift and bool(docs) and "true_logprob" in docs[0]  # causal conditionals only
+  if with_true is None:
+    with_true = bool(docs) and "true_logprob" in docs[0]
+  has_true = shift and with_true  # causal conditionals only
   if has_true:
     row["true_logprob"] = np.zeros(seq_len, np.float32)
   used, pos = 0, 0
@@ -134,6 +137,11 @@ def auto_docs_per_row(source, seq_len: int, shift: bool = True, sample: int = 51
   return max(1, int(math.ceil(seq_len / max(mean, 1.0) * 1.25)) + 1)
 
 
+def has_true_logprob(source) -> bool:
+  """Whether a source carries exact per-target log-probs (synthetic languages' evaluation splits)."""
+  return len(source) > 0 and "true_logprob" in source[0]
+
+
 def read_many(source, ids: np.ndarray) -> list[dict]:
   """Batched random access when the source supports it (TFDS/grain `__getitems__`)."""
   if hasattr(source, "__getitems__"):
@@ -160,6 +168,7 @@ class Pipeline:
     self.objective = objective
     self.vocab_size = vocab_size
     self.K = [docs_per_row or auto_docs_per_row(s, self.L, self.shift) for s in self.sources]
+    self.with_true = [has_true_logprob(s) for s in self.sources]
 
   @property
   def num_groups(self) -> int:
@@ -192,7 +201,7 @@ class Pipeline:
       docs.update({(g, int(i)): ex for i, ex in zip(ids, read_many(self.sources[g], ids))})
     rows = []
     for r, g, ids in plan:
-      row, _ = pack([docs[(g, int(i))] for i in ids], self.L, self.shift)
+      row, _ = pack([docs[(g, int(i))] for i in ids], self.L, self.shift, self.with_true[g])
       if self.objective == "mlm":
         row = mlm_mask(row, np.random.default_rng([self.seed, int(step), r, 0x3A5]), self.vocab_size)
       rows.append(row)
@@ -216,6 +225,7 @@ def eval_batches(source, *, batch_size: int, seq_len: int, num_batches: int, row
   """Fixed held-out batches: the source's documents in order, packed greedily (no document is
   skipped or repeated). Independent of the training seed so runs are compared on the same tokens."""
   shift = objective == "clm"
+  with_true = has_true_logprob(source)
   lo, hi = rows or (0, batch_size)
   out, i, n = [], 0, len(source)
   for b in range(num_batches):
@@ -231,7 +241,7 @@ def eval_batches(source, *, batch_size: int, seq_len: int, num_batches: int, row
         docs.append(d)
         used_len += min(ln, seq_len)
         i += 1
-      row, _ = pack(docs, seq_len, shift)
+      row, _ = pack(docs, seq_len, shift, with_true)
       if objective == "mlm":
         row = mlm_mask(row, np.random.default_rng([seed, b, r, 0xE7A]), vocab_size)
       rows_b.append(row)
