@@ -108,7 +108,7 @@ def language(spec) -> Any:
 
 
 # Keys of a source spec that describe the dataset rather than the language's parameters.
-NON_LANGUAGE_KEYS = {"kind", "n_train", "n_validation", "n_test", "name", "data_dir", "path", "feature",
+NON_LANGUAGE_KEYS = {"kind", "n_train", "n_validation", "n_test", "n_downstream", "name", "data_dir", "path", "feature",
                      "tokenizer", "vocab_size", "split_map", "true_logprob_splits"}
 
 

@@ -4,8 +4,13 @@ readers for any prepared TFDS dataset.
 A synthetic dataset is identified by its spec (kind + language parameters + split sizes); its TFDS
 config name is `<kind>_<hash of spec>`, so the same spec is built once per data_dir and reused.
 Features: tokens int32 [n] (framed, model ids), true_logprob float32 [n-1] (exact log p of each
-target; present on validation/test, empty on train to save build time), and for downstream splits
-`label` int32. Dataset metadata records the spec and the optimal loss (entropy rate) estimate.
+target; present on validation/test, empty on train to save build time), and `label` int32 (−1 except
+on downstream-task splits). Downstream splits (`n_downstream` sentences each, sampled independently):
+PCFG `task_A`, `task_B`, `task_C` (Liu et al.'s released-code definitions: root child of the whole
+sentence / best non-terminal of the first 4 / first 2 tokens, sentences with 4 < n < 32) and
+`task_span8` (the paper's definition: most probable non-terminal of the span [0, 8)); HMM
+`task_state6`, `task_state10` (hidden state at 1-based position 6 / 10). Dataset metadata records the
+spec and the optimal loss (entropy rate) estimate.
 """
 
 from __future__ import annotations
@@ -22,7 +27,32 @@ from data import vocab
 from data.pipeline import DataError
 from data.sources import Group, language, synthetic_examples
 
-DEFAULT_SIZES = {"n_train": 50_000, "n_validation": 1_000, "n_test": 1_000}
+DEFAULT_SIZES = {"n_train": 50_000, "n_validation": 1_000, "n_test": 1_000, "n_downstream": 2_000}
+
+
+def downstream_tasks(lang, n: int, seed: int) -> dict[str, list[dict]]:
+  """{split name: [{tokens, label}]} for a language's latent-structure tasks (none for bigram)."""
+  kind = type(lang).__name__
+  out = {}
+  if n <= 0 or kind not in ("PCFG", "HMM"):
+    return out
+  if kind == "HMM":
+    toks, states = lang.sample(n, seed)
+    for pos in (6, 10):
+      if pos <= toks.shape[1]:
+        lab = lang.hidden_state_labels(states, pos)
+        out[f"task_state{pos}"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(toks, lab)]
+    return out
+  sents = [s for s in lang.sample(n, seed) if 4 < len(s) < 32]
+  for task in ("A", "B", "C"):
+    try:
+      lab = lang.span_labels(sents, task, definition="code")
+    except ValueError:  # e.g. a grammar without unary root rules has no code task A
+      continue
+    out[f"task_{task}"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(sents, lab) if y >= 0]
+  lab = lang.span_labels(sents, "C", definition="paper", span_len=8)
+  out["task_span8"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(sents, lab) if y >= 0]
+  return {k: v for k, v in out.items() if v}
 
 
 def default_data_dir() -> str:
@@ -45,14 +75,16 @@ def _builder_cls():
 
   class LmtraceSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Sentences of a random PCFG / HMM / bigram language with exact per-token log-probs."""
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "downstream-task splits and the label feature"}
 
     def _info(self):
       return tfds.core.DatasetInfo(
           builder=self,
           features=tfds.features.FeaturesDict({
               "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-              "true_logprob": tfds.features.Tensor(shape=(None,), dtype=np.float32)}),
+              "true_logprob": tfds.features.Tensor(shape=(None,), dtype=np.float32),
+              "label": tfds.features.Scalar(dtype=np.int32)}),
           metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
@@ -73,19 +105,22 @@ def _builder_cls():
                                  "optimal_loss": float(mean), "optimal_loss_stderr": se,
                                  "vocab_size": vocab.vocab_size(lang.n_terminals),
                                  "mean_tokens": float(lens.mean())})
+      tasks = downstream_tasks(lang, sizes["n_downstream"], 3_000_003)
+      self.info.metadata["tasks"] = json.dumps({k: len(v) for k, v in tasks.items()})
       return {"train": self._generate_examples(("train", lang, sizes["n_train"])),
               "validation": self._generate_examples(("list", val)),
-              "test": self._generate_examples(("list", test))}
+              "test": self._generate_examples(("list", test)),
+              **{k: self._generate_examples(("list", v)) for k, v in tasks.items()}}
 
     def _generate_examples(self, what):
+      empty = np.zeros(0, np.float32)
       if what[0] == "list":
         for i, e in enumerate(what[1]):
-          yield i, {"tokens": e["tokens"], "true_logprob": e["true_logprob"]}
+          yield i, {"tokens": e["tokens"], "true_logprob": e.get("true_logprob", empty), "label": e.get("label", -1)}
         return
       _, lang, n = what
-      empty = np.zeros(0, np.float32)
       for i, e in enumerate(synthetic_examples(lang, n, 0, with_true=False)):
-        yield i, {"tokens": e["tokens"], "true_logprob": empty}
+        yield i, {"tokens": e["tokens"], "true_logprob": empty, "label": -1}
 
   return LmtraceSynthetic, SyntheticConfig
 
@@ -114,6 +149,8 @@ class TfdsSource:
     tl = ex.get("true_logprob")
     if tl is not None and len(tl) == len(out["tokens"]) - 1 and len(tl):
       out["true_logprob"] = np.asarray(tl, np.float32)
+    if int(ex.get("label", -1)) >= 0:
+      out["label"] = int(ex["label"])
     return out
 
 
@@ -159,7 +196,8 @@ def synthetic_group(name: str, spec, data_dir: str | None) -> Group:
   builder = build_synthetic(spec, data_dir)
   md = builder.info.metadata
   info = {"optimal_loss": float(md["optimal_loss"]), "optimal_loss_stderr": float(md["optimal_loss_stderr"]),
-          "mean_tokens": float(md["mean_tokens"]), "kind": spec["kind"], "tfds_dir": builder.data_dir}
+          "mean_tokens": float(md["mean_tokens"]), "kind": spec["kind"], "tfds_dir": builder.data_dir,
+          "tasks": json.loads(md.get("tasks", "{}"))}
   return Group(name, _open(builder, name), int(md["vocab_size"]), info)
 
 

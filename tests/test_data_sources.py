@@ -121,3 +121,23 @@ def test_describe(tmp_path):
                          str(tmp_path))
   d = tfds_builders.describe(g)
   assert d["n_train"] == 50 and d["vocab_size"] == 20 and "optimal_loss" in d
+
+
+def test_downstream_task_splits(tmp_path):
+  from data import hmm as H
+  from data import pcfg as P
+  g = sources.make_group("p", {"kind": "pcfg", "seed": 0, "n_train": 100, "n_validation": 50, "n_test": 10,
+                               "n_downstream": 300}, str(tmp_path))
+  assert {"task_A", "task_B", "task_C", "task_span8"} <= set(g.splits)
+  lang = P.PCFG.random(seed=0)
+  ex = [g.splits["task_B"][i] for i in range(20)]
+  sents = [vocab.unframe(e["tokens"]) for e in ex]
+  assert all(4 < len(s) < 32 for s in sents)
+  np.testing.assert_array_equal([e["label"] for e in ex], lang.span_labels(sents, "B", definition="code"))
+  assert g.info["tasks"]["task_B"] == len(g.splits["task_B"])
+  h = sources.make_group("h", {"kind": "hmm", "seed": 0, "length": 12, "n_train": 100, "n_validation": 20,
+                               "n_test": 10, "n_downstream": 50}, str(tmp_path))
+  assert {"task_state6", "task_state10"} <= set(h.splits)
+  labels = [h.splits["task_state6"][i]["label"] for i in range(50)]
+  assert 0 <= min(labels) and max(labels) < H.HMM.random(seed=0, length=12).n_states
+  assert "label" not in h.splits["train"][0]
