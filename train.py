@@ -134,7 +134,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   data_seed = cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
   pipe = dp.Pipeline([sources.select_split(g, "train") for g in groups], seed=data_seed, global_batch=B,
                      seq_len=L, rows=(lo, hi), docs_per_row=cfg.data.docs_per_row, objective=cfg.data.objective,
-                     vocab_size=vocab_size, group_names=names)
+                     vocab_size=vocab_size, group_names=names, cache_tokens=cfg.data.cache_tokens)
   elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
   eval_sets = []
   for gi, g in enumerate(groups):

@@ -31,6 +31,7 @@ def defaults() -> mlc.ConfigDict:
   c.data.docs_per_row = 0               # documents tried per packed row (0 = from the mean length)
   c.data.objective = "clm"              # clm (causal LM) | mlm (masked LM; set model.causal=False)
   c.data.num_threads = 2                # grain prefetch threads
+  c.data.cache_tokens = 50_000_000      # decode a training split into memory when it has fewer tokens
 
   c.train = mlc.ConfigDict()
   c.train.steps = 200                   # optimizer updates

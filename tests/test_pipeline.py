@@ -111,3 +111,16 @@ def test_eval_batches_cover_split_in_order(src):
   ev = dp.eval_batches(src, batch_size=4, seq_len=32, num_batches=100)
   n_docs = sum(len(np.unique(b["segment_ids"][r][b["segment_ids"][r] > 0])) for b in ev for r in range(4))
   assert n_docs == len(src)
+
+
+def test_ragged_cache_is_identical_to_the_source(src):
+  cached = dp.RaggedSource(src)
+  assert len(cached) == len(src)
+  for i in (0, 7, len(src) - 1):
+    np.testing.assert_array_equal(cached[i]["tokens"], src[i]["tokens"])
+    np.testing.assert_allclose(cached[i]["true_logprob"], src[i]["true_logprob"])
+  a = dp.Pipeline([src], seed=1, global_batch=4, seq_len=32, cache_tokens=0).batch(3)
+  b = dp.Pipeline([src], seed=1, global_batch=4, seq_len=32).batch(3)
+  assert isinstance(dp.Pipeline([src], seed=1, global_batch=4, seq_len=32).sources[0], dp.RaggedSource)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
