@@ -1,0 +1,111 @@
+"""Benchmark: offline probe extraction over every checkpoint vs a bare forward pass over the same tokens.
+
+  python -m bench.extract                              # trains a small run in a tmp dir first (~1 min)
+  python -m bench.extract --workdir=runs/pcfg --sequences=256
+
+Both sides place the probe batches once and compile once; the extraction additionally restores each
+checkpoint (the next one in a background thread while the current one computes), reads its
+metadata and writes the store. Printed: both times and their ratio (target <= 1.5).
+
+Shape legend: C checkpoints, S probe sequences, L row length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from analysis import trajectories as TJ  # noqa: E402
+from lib import ckpt as C  # noqa: E402
+from lib import model as M  # noqa: E402
+
+
+def train_tiny(workdir: str, data_dir: str, steps: int) -> None:
+  """A small run with a Pythia-style schedule (log-spaced, then every steps/4)."""
+  import train
+  from configs import base
+  c = base.get_config()
+  c.model = base.model_config("tiny")
+  c.model.vocab_size = -1
+  c.data.data_dir = data_dir
+  c.data.source.n_train, c.data.source.n_validation, c.data.source.n_test = 5000, 512, 16
+  c.train.steps, c.train.log_every = steps, steps
+  c.eval.every, c.eval.batches = steps, 1
+  c.ckpt.schedule = f"pythia:every={max(steps // 4, 1)}"
+  c.ckpt.resume_every = steps
+  c.ckpt.params_only = True
+  c.log.tensorboard = False
+  train.quiet_logs()
+  train.train_and_evaluate(c, workdir)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", help="a trained workdir (default: train one in a tmp dir)")
+  p.add_argument("--train_steps", type=int, default=128)
+  p.add_argument("--sequences", type=int, default=512)
+  p.add_argument("--batch_size", type=int, default=TJ.DEFAULT_BATCH)
+  p.add_argument("--mesh", default="", help="data,fsdp,tensor (default: one device)")
+  a = p.parse_args()
+  tmp = tempfile.mkdtemp(prefix="bench_extract_")
+  try:
+    w = a.workdir
+    if not w:
+      w = os.path.join(tmp, "run")
+      t = time.time()
+      train_tiny(w, os.path.join(tmp, "tfds"), a.train_steps)
+      print(f"trained {w} in {time.time() - t:.1f}s")
+    store = f"bench_{os.getpid()}"
+    spec = {"sequences": a.sequences, "positions": 0}
+    mesh = TJ.parse_mesh(a.mesh)
+    steps = [s for s, sub in C.available_steps(w).items() if sub == C.ANALYSIS_DIR]
+
+    # Warm-up (untimed): one extraction step compiles the per-token loss for these shapes, so neither
+    # timed side pays XLA compilation (each still traces its own jit once).
+    TJ.extract(w, steps=[steps[0]], spec=spec, batch_size=a.batch_size, mesh=mesh, store=store + "_warm",
+               progress=False)
+    shutil.rmtree(TJ.store_dir(w, store + "_warm"), ignore_errors=True)
+
+    # Bare: the same probe batches and the same jitted per-token loss, params already in memory.
+    r = TJ.open_run(w, spec)
+    params_C = [C.restore_params(w, s, mesh=mesh) for s in steps]
+    jax.block_until_ready(params_C)
+    t = time.time()
+    fn = TJ.SurprisalFn(r.model, r.probes, mesh, a.batch_size)
+    for params in params_C:
+      fn(params)
+    bare = time.time() - t
+    del params_C
+
+    restore = TJ._Restorer(w, r.model, mesh)
+    t = time.time()
+    for s in steps:
+      restore(s, C.ANALYSIS_DIR)
+    restore_s = time.time() - t
+    restore.close()
+
+    rep = TJ.extract(w, spec=spec, batch_size=a.batch_size, mesh=mesh, store=store, progress=False)
+    assert sum(map(len, rep.computed.values())) == len(steps) and not rep.skipped, rep
+    T = r.probes.num_tokens
+    print(f"{len(steps)} checkpoints x {T:,} probe tokens ({r.probes.doc_S.size} sequences x L={r.probes.seq_len}), "
+          f"{M.param_count(r.model):,} params, mesh {dict(mesh.shape)}, {jax.devices()[0].device_kind}")
+    print(f"bare forward (params in memory): {bare:.3f}s  ({bare / len(steps) * 1e3:.1f} ms/ckpt)")
+    print(f"restore alone (sequential):      {restore_s:.3f}s  ({restore_s / len(steps) * 1e3:.1f} ms/ckpt)")
+    print(f"extraction (restore included):   {rep.loop_s:.3f}s  ({rep.loop_s / len(steps) * 1e3:.1f} ms/ckpt); "
+          f"+ probe-set setup {rep.setup_s:.3f}s once")
+    print(f"ratio extraction / bare: {rep.loop_s / bare:.2f} (target <= 1.5)")
+    shutil.rmtree(TJ.store_dir(w, store), ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
