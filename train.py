@@ -207,6 +207,16 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       save(0)
       if cfg.eval.every:
         evaluate(0)
+
+    def observe_groups(step_, em):
+      """Per-group validation losses -> the mixture controller; returns its new state."""
+      obs = {"eval/group_loss": np.array([em.get(f"eval/{n}/loss", em["eval/loss"]) for n in names])}
+      return controller.update(mix_state, step_, obs)
+
+    if restored is None and len(groups) > 1 and controller.wants_eval(mix_state, 0):
+      # e.g. Aioli's first round needs ℓ⁰ at the initialisation (a resumed run saved it already)
+      mix_state = observe_groups(0, evaluate(0))
+      state = dict(state, mixture=jax.device_put(jax.tree.map(jnp.asarray, mix_state), state_sh["mixture"]))
     p_fn = lambda s: controller.proportions(mix_state, s)  # noqa: E731
     it = pipe.iterator(step, total, p_fn if len(groups) > 1 else None, num_threads=cfg.data.num_threads)
     pending, last_m = [], {}
@@ -261,8 +271,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
           if jax.process_index() == 0:
             print(MX.console_line(step, total, em), flush=True)
           if do_mix:
-            obs = {"eval/group_loss": np.array([em.get(f"eval/{n}/loss", em["eval/loss"]) for n in names])}
-            mix_state = controller.update(mix_state, step, obs)
+            mix_state = observe_groups(step, em)
             state = dict(state, mixture=jax.device_put(jax.tree.map(jnp.asarray, mix_state), state_sh["mixture"]))
             it = pipe.iterator(step, total, p_fn, num_threads=cfg.data.num_threads)
           t_last = time.time()

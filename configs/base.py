@@ -68,8 +68,14 @@ def defaults() -> mlc.ConfigDict:
   c.eval.batch_size = 16                # rows per eval batch
 
   c.mixture = mlc.ConfigDict()
-  c.mixture.method = "stratified"       # stratified | static (online methods plug into lib/mixture.py)
+  c.mixture.method = "stratified"       # stratified | static | aioli (lib/mixture.py)
   c.mixture.proportions = ""            # static: 'name=p,...' or 'p1,p2,...'
+  c.mixture.update_steps = 250          # aioli: steps per round (U)
+  c.mixture.lp_rounds = 4               # aioli: LearnParams sweeps per round (R)
+  c.mixture.lp_steps = 4                # aioli: training steps per LearnParams sub-phase (s)
+  c.mixture.one_hot_factor = 0.625      # aioli: weight f of the probed group in q^(j)
+  c.mixture.eta = 0.2                   # aioli: step size η
+  c.mixture.ema = 0.0                   # aioli: EMA γ of Â (0 = cumulative multiplicative update)
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # device mesh; one axis may be -1
 

@@ -141,3 +141,52 @@ def test_downstream_task_splits(tmp_path):
   labels = [h.splits["task_state6"][i]["label"] for i in range(50)]
   assert 0 <= min(labels) and max(labels) < H.HMM.random(seed=0, length=12).n_states
   assert "label" not in h.splits["train"][0]
+
+
+def test_aioli_controller_schedule_and_update():
+  from lib import mixture
+  cfg = mlc.ConfigDict(dict(method="aioli", update_steps=20, lp_rounds=2, lp_steps=2, one_hot_factor=0.75, eta=1.0,
+                            ema=0.0, seed=0))
+  c = mixture.make(cfg, ["a", "b", "c"])
+  st = c.init()
+  # LearnParams: R·m = 6 sub-phases of 2 steps, each on q^(j); every group probed R times per round
+  probed = [int(np.argmax(c.proportions(st, t))) for t in range(0, 12, 2)]
+  assert sorted(probed) == [0, 0, 1, 1, 2, 2]
+  assert np.allclose(c.proportions(st, 0)[probed[0]], 0.75)
+  np.testing.assert_allclose(c.proportions(st, 15), [1 / 3] * 3)   # after LearnParams: p
+  assert [t for t in range(20) if c.wants_eval(st, t)] == [0, 2, 4, 6, 8, 10, 12]
+  # a planted world where training on group 1 lowers every loss most: p must move towards group 1
+  st = c.update(st, 0, {"eval/group_loss": np.array([3.0, 3.0, 3.0])})
+  ell = np.array([3.0, 3.0, 3.0])
+  for t in range(2, 14, 2):
+    _, _, j = c._phase(t - 1)
+    ell = ell - (0.05 if j == 1 else 0.01)
+    st = c.update(st, t, {"eval/group_loss": ell})
+  assert int(st["rounds"]) == 1
+  assert np.argmax(st["p"]) == 1 and abs(st["p"].sum() - 1) < 1e-6
+
+
+def test_aioli_training_run_resumes_identically(tmp_path):
+  import train
+  from lib import ckpt as C
+  from tests.test_train import tiny_cfg
+
+  def cfg_(stop=0):
+    cfg = tiny_cfg(str(tmp_path / "data"))
+    cfg.data.groups = mlc.ConfigDict({n: dict(kind="bigram", seed=s, n_terminals=16, n_train=300, n_validation=40,
+                                              n_test=10) for n, s in (("a", 1), ("b", 2))})
+    cfg.mixture.update(dict(method="aioli", update_steps=8, lp_rounds=1, lp_steps=2, one_hot_factor=0.75, eta=5.0))
+    cfg.train.steps, cfg.train.stop_at, cfg.eval.every, cfg.ckpt.resume_every = 12, stop, 0, 3
+    return cfg
+  train.train_and_evaluate(cfg_(), str(tmp_path / "straight"))
+  rows = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
+  p = {r["step"]: r["mixture/p/a"] for r in rows if "mixture/p/a" in r}
+  # logged p at step t is the p of the batch of step t-1; U=8, R·s·m=4
+  assert all(p[t] in (0.75, 0.25) for t in (1, 2, 3, 4, 9, 10))   # LearnParams sub-phases probe q^(j)
+  assert p[5] == p[6] == p[7] == p[8] and abs(p[5] - 0.5) > 1e-3  # then the learned p for the rest of the round
+  train.train_and_evaluate(cfg_(stop=5), str(tmp_path / "resumed"))
+  train.train_and_evaluate(cfg_(), str(tmp_path / "resumed"))
+  import jax
+  for x, y in zip(jax.tree.leaves(C.restore_params(str(tmp_path / "straight"), 12)),
+                  jax.tree.leaves(C.restore_params(str(tmp_path / "resumed"), 12))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
