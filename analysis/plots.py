@@ -55,6 +55,7 @@ def learning_curves(da: xr.DataArray, tokens: Sequence[int], run: int | str = 0,
   ax.set_ylabel(f"surprisal ({da.attrs.get('unit', 'nats')})")
   ax.set_title(f"run {da.run.values[r]}")
   ax.legend(fontsize=7)
+  fig.tight_layout()
   return fig
 
 
@@ -75,6 +76,7 @@ def aoa_vs_frequency(df: pd.DataFrame, x: str = "log_freq", y: str = "aoa_gam", 
     ax.legend(fontsize=7)
   ax.set_xlabel(x)
   ax.set_ylabel(y)
+  fig.tight_layout()
   return fig
 
 
@@ -104,6 +106,7 @@ def trend_fractions_vs_ppl(da: xr.DataArray, window_frac: float = 0.2, max_point
   ax.set_xlabel("validation perplexity (probe set)")
   ax.set_ylabel("fraction of tokens")
   ax.legend(fontsize=6)
+  fig.tight_layout()
   return fig
 
 
@@ -129,6 +132,7 @@ def class_ppl_vs_val_ppl(da: xr.DataArray, classes: np.ndarray | pd.Series, ax=N
   ax.set_xlabel("validation perplexity (probe set)")
   ax.set_ylabel("mean token perplexity")
   ax.legend(fontsize=6)
+  fig.tight_layout()
   return fig
 
 
@@ -147,4 +151,5 @@ def cross_run_scatter(df: pd.DataFrame, metric: str, i: int = 0, j: int = 1, ax=
   ax.set_title(f"{metric}: run {i} vs run {j}, r = {r:.3f} (n = {a.size})", fontsize=9)
   ax.set_xlabel(f"{metric} (run {i})")
   ax.set_ylabel(f"{metric} (run {j})")
+  fig.tight_layout()
   return fig
