@@ -163,3 +163,21 @@ def load_token_metrics(workdir: str, path: str | None = None) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------------------------
 # Flatness (analysis/flatness.py): `load_flatness(workdir) -> DataFrame` belongs here.
+
+
+def load_flatness(workdirs: str | Sequence[str], valid_only: bool = False) -> pd.DataFrame:
+  """W/analysis/flatness.parquet (python -m analysis.flatness): one row per (checkpoint, estimator,
+  quantity) with estimate, stderr, n_hvps, loss, tokens_seen, wall_time, valid/reason and the
+  settings; several workdirs are concatenated with a `run` column."""
+  if isinstance(workdirs, str):
+    workdirs = [workdirs]
+  frames = []
+  for w in workdirs:
+    path = os.path.join(w, "analysis", "flatness.parquet")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} does not exist; run python -m analysis.flatness --workdir={w}")
+    df = pd.read_parquet(path)
+    df.insert(0, "run", os.path.basename(os.path.normpath(w)))
+    frames.append(df)
+  out = pd.concat(frames, ignore_index=True).sort_values(["run", "step", "estimator", "quantity"], kind="stable")
+  return out[out["valid"]].reset_index(drop=True) if valid_only else out.reset_index(drop=True)

@@ -153,3 +153,24 @@ def cross_run_scatter(df: pd.DataFrame, metric: str, i: int = 0, j: int = 1, ax=
   ax.set_ylabel(f"{metric} (run {j})")
   fig.tight_layout()
   return fig
+
+
+def flatness(df: pd.DataFrame, quantity: str = "trace", x: str = "step", estimator: str | None = None):
+  """Flatness vs `x` ('step', 'tokens_seen' or 'loss') with ±1 standard-error bars, one line per run
+  (and estimator). `df` is `analysis.load.load_flatness(...)`."""
+  d = df[(df["quantity"] == quantity) & df["valid"]]
+  if estimator:
+    d = d[d["estimator"] == estimator]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  if "run" not in d:
+    d = d.assign(run="")
+  for (run, est), g in d.groupby(["run", "estimator"]):
+    g = g.sort_values(x)
+    ax.errorbar(g[x], g["estimate"], yerr=g["stderr"], marker="o", ms=3, capsize=2, label=f"{run} {est}")
+  if x in ("step", "tokens_seen") and len(d) and (d[x] > 0).all():
+    ax.set_xscale("log")
+  ax.set_xlabel(x)
+  ax.set_ylabel(quantity.replace("_", " "))
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
