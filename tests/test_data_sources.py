@@ -89,7 +89,7 @@ def test_optimal_loss_metadata_matches_exact_conditionals(tmp_path):
 
 def test_multi_group_training_reports_groups_and_exact_counts(tmp_path):
   import train
-  from tests.test_train import tiny_cfg
+  from tests.helpers import tiny_cfg
   cfg = tiny_cfg(str(tmp_path / "data"))
   cfg.data.groups = mlc.ConfigDict({
       n: dict(kind="bigram", seed=s, n_terminals=16, n_train=500, n_validation=60, n_test=10)
@@ -169,7 +169,7 @@ def test_aioli_controller_schedule_and_update():
 def test_aioli_training_run_resumes_identically(tmp_path):
   import train
   from lib import ckpt as C
-  from tests.test_train import tiny_cfg
+  from tests.helpers import tiny_cfg
 
   def cfg_(stop=0):
     cfg = tiny_cfg(str(tmp_path / "data"))

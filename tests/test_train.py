@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import train
-from configs import base
 from lib import ckpt as C
 from lib import sharding
+from tests.helpers import tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,31 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_cfg(data_dir, **over):
-  c = base.defaults()
-  c.model = base.model_config("nano")
-  c.model.vocab_size = -1
-  c.model.max_len = 32
-  c.data.data_dir = data_dir
-  c.data.seq_len = 32
-  c.data.source.n_train = 2000
-  c.data.source.n_validation = 200
-  c.data.source.n_test = 50
-  c.train.steps = 12
-  c.train.batch_size = 8
-  c.train.log_every = 1
-  c.eval.every = 6
-  c.eval.batches = 1
-  c.eval.batch_size = 8
-  c.ckpt.schedule = "pythia:every=4"
-  c.ckpt.resume_every = 3
-  c.log.tensorboard = False
-  for k, v in over.items():
-    sec, _, key = k.rpartition(".")
-    (c if not sec else eval(f"c.{sec}"))[key] = v  # noqa: S307 - test helper
-  return c
 
 
 def metrics(workdir):

@@ -13,11 +13,11 @@ import pytest
 import train
 from analysis import load as LD
 from analysis import trajectories as TJ
-from configs import base
 from data import sources, vocab
 from lib import ckpt as C
 from lib import model as M
 from lib import sharding
+from tests import helpers
 
 STEPS = [0, 1, 2, 4, 8]  # pythia:every=4 over 8 steps: the checkpoint and probe schedule
 SEQS = 12
@@ -29,33 +29,12 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_cfg(data_dir, **over):
-  c = base.get_config()
-  c.model = base.model_config("nano")
-  c.model.vocab_size = -1
-  c.model.max_len = 32
-  c.data.data_dir = data_dir
-  c.data.seq_len = 32
-  c.data.source.n_train = 500
-  c.data.source.n_validation = 40
-  c.data.source.n_test = 10
-  c.train.steps = 8
-  c.train.batch_size = 8
-  c.train.log_every = 4
-  c.eval.every = 4
-  c.eval.batches = 1
-  c.eval.batch_size = 8
-  c.ckpt.schedule = "pythia:every=4"
-  c.ckpt.resume_every = 4
-  c.ckpt.async_save = False
-  c.log.tensorboard = False
-  c.probes.enabled = True
-  c.probes.schedule = "pythia:every=4"
-  c.probes.sequences = SEQS
-  c.probes.positions = 0
-  for k, v in over.items():
-    sec, _, key = k.rpartition(".")
-    (c if not sec else eval(f"c.{sec}"))[key] = v  # noqa: S307 - test helper
-  return c
+  """The shared tiny card, with probes on and the 8-step schedule these tests expect."""
+  return helpers.tiny_cfg(data_dir, **{
+      "data.source.n_train": 500, "data.source.n_validation": 40, "data.source.n_test": 10, "train.steps": 8,
+      "train.log_every": 4, "eval.every": 4, "ckpt.resume_every": 4, "ckpt.async_save": False,
+      "probes.enabled": True, "probes.schedule": "pythia:every=4", "probes.sequences": SEQS, "probes.positions": 0,
+      **over})
 
 
 @pytest.fixture(scope="module")
