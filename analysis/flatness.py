@@ -1,0 +1,236 @@
+"""Hessian flatness over the checkpoints of a run (Liu et al. 2022): trace, top eigenvalues, density.
+
+  python -m analysis.flatness --workdir=W [--steps=all|0,100,...] [--estimator=hutchinson,fisher,...]
+
+Writes W/analysis/flatness.parquet, one row per (checkpoint, estimator, quantity): step, tokens seen,
+loss on the fixed batches, estimate, its standard error, number of HVPs and batches, wall time,
+validity (with the reason when an HVP produced NaN). Rerunning skips rows already computed with
+the same settings (resumable); `analysis.load.load_flatness(W)` returns the table.
+
+Every checkpoint is measured on the *same* tokens: `--batches` batches of the run's validation split,
+documents chosen by `--data_seed` and recorded (token fingerprint in every row). Dropout is off and
+the model runs in float32 unless `--dtype` says otherwise.
+
+Estimators (analysis/hessian.py):
+  hutchinson  Hutchinson trace, Rademacher (or --dist=gaussian) probes; per-block traces with --blocks
+  hutchpp     Hutch++ (lower variance at equal HVPs on decaying spectra)
+  fisher      trace of the Fisher with labels sampled from the model (the paper's App. B.1 estimator;
+              equals the Hessian trace at a minimum); the released code instead uses one Gaussian
+              Hutchinson probe per batch with the true labels: use hutchinson --dist=gaussian
+  power       λ_max (largest magnitude) by power iteration
+  lanczos     top-k eigenvalues by Lanczos with full reorthogonalisation
+  slq         spectral density by stochastic Lanczos quadrature (stored as a JSON column)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zlib
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+from flax import linen as nn
+
+from lib import ckpt as C
+from lib import model as M
+from lib import sharding
+
+ESTIMATORS = ("hutchinson", "hutchpp", "fisher", "power", "lanczos", "slq")
+
+
+class FlatnessError(ValueError):
+  pass
+
+
+def fixed_batches(workdir: str, *, batches: int, batch_size: int, seed: int, split: str = "validation",
+                  mesh=None) -> tuple[list[dict], int]:
+  """The run's held-out batches, documents chosen by `seed`; returns (batches on `mesh`, fingerprint)."""
+  import ml_collections as mlc
+
+  from data import pipeline as dp
+  from data import sources
+  _, mcfg, cfg = C.load_model(workdir)
+  groups = sources.make_groups(mlc.ConfigDict(cfg["data"]))
+  src = sources.select_split(groups[0], split)
+  order = np.random.default_rng(seed).permutation(len(src))
+  shuffled = sources.ListSource([src[int(i)] for i in order[: min(len(src), batches * batch_size * 8)]])
+  out = dp.eval_batches(shuffled, batch_size=batch_size, seq_len=cfg["data"]["seq_len"], num_batches=batches,
+                        objective=cfg["data"]["objective"], vocab_size=mcfg.vocab_size, seed=seed)
+  out = [{k: v for k, v in b.items() if k in ("inputs", "targets", "mask", "segment_ids", "positions")} for b in out]
+  fp = zlib.crc32(b"".join(b["inputs"].tobytes() + b["mask"].tobytes() for b in out))
+  mesh = mesh or sharding.single_device_mesh()
+  return [jax.device_put(b, sharding.batch_sharding(mesh)) for b in out], fp
+
+
+def _settings(args) -> dict:
+  keys = ("probes", "dist", "filter", "exclude", "blocks", "batches", "batch_size", "data_seed", "seed", "lanczos_steps",
+          "topk", "slq_runs", "dtype", "target_rel_err")
+  return {k: getattr(args, k) for k in keys}
+
+
+def _settings_key(settings: dict) -> str:
+  return json.dumps(settings, sort_keys=True)
+
+
+def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh) -> list[dict]:
+  """All requested estimators at one checkpoint -> rows."""
+  from analysis import hessian as H
+  model, mcfg, _ = C.load_model(workdir)
+  if args.dtype != mcfg.dtype:
+    model = M.make(M.ModelConfig(**{**vars(mcfg), "dtype": args.dtype}))
+  params = C.restore_params(workdir, step, mesh=mesh)
+  rows = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
+    n_tok = float(sum(np.asarray(b["mask"]).sum() for b in batches))
+    loss = float(sum(float(jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())(params, b)) for b in batches) / n_tok)
+    matvec = H.make_hvp(loss_fn, batches)
+    key = jax.random.key(args.seed)
+    for est in estimators:
+      t0 = time.time()
+      try:
+        res = run_estimator(H, est, model, params, batches, matvec, key, args)
+      except FloatingPointError as e:  # NaN in an HVP: the row is invalid, with the reason
+        res = [dict(quantity="trace", estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
+      wall = time.time() - t0
+      for r in res:
+        est_val = r.get("estimate", float("nan"))
+        valid = r.get("valid", bool(np.isfinite(est_val)))
+        rows.append(dict(step=step, estimator=est, loss=loss, n_batches=len(batches), n_tokens=n_tok, wall_time=wall,
+                         valid=valid, reason=r.get("reason", "" if valid else "non-finite estimate"),
+                         **{k: v for k, v in r.items() if k not in ("valid", "reason")}))
+  return rows
+
+
+def run_estimator(H, est: str, model, params, batches, matvec, key, args) -> list[dict[str, Any]]:
+  """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian."""
+  flt = dict(include=args.filter or None, exclude=args.exclude or None)
+  if est == "hutchinson":
+    r = H.hutchinson_trace(matvec, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
+                           blocks=args.blocks, **flt)
+    rows = [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
+    for name, (e, se) in (getattr(r, "blocks", None) or {}).items():
+      rows.append(dict(quantity=f"trace/{name}", estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs)))
+    return rows
+  if est == "hutchpp":
+    r = H.hutchpp_trace(matvec, params, key, args.probes, dist=args.dist, **flt)
+    return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
+  if est == "fisher":
+    logits_fn = lambda p, b: M.logits(model, p, b)  # noqa: E731
+    r = H.fisher_trace(logits_fn, params, batches, key, args.probes, **flt)
+    return [dict(quantity="fisher_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
+  if est == "power":
+    r = H.power_iteration(matvec, params, key, num_iters=args.lanczos_steps)
+    return [dict(quantity="lambda_max", estimate=float(r.estimate), stderr=float(getattr(r, "stderr", np.nan)),
+                 n_hvps=int(r.n_matvecs))]
+  if est == "lanczos":
+    r = H.top_eigenvalues(matvec, params, key, k=args.topk, num_steps=args.lanczos_steps)
+    vals = np.asarray(r.eigenvalues)
+    res = np.asarray(getattr(r, "residuals", np.full(len(vals), np.nan)))
+    return [dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs))
+            for i, (v, e) in enumerate(zip(vals, res))]
+  if est == "slq":
+    r = H.slq_density(matvec, params, key, num_runs=args.slq_runs, num_steps=args.lanczos_steps)
+    grid, dens = np.asarray(r.grid), np.asarray(r.density)
+    return [dict(quantity="density", estimate=float(np.sum(grid * dens) * (grid[1] - grid[0])), stderr=float("nan"),
+                 n_hvps=int(r.n_matvecs), density=json.dumps({"grid": grid.tolist(), "density": dens.tolist()}))]
+  raise FlatnessError(f"unknown estimator {est!r}; valid: {', '.join(ESTIMATORS)}")
+
+
+def table_path(workdir: str) -> str:
+  return os.path.join(workdir, "analysis", "flatness.parquet")
+
+
+def run(workdir: str, args) -> pd.DataFrame:
+  """Measures every requested checkpoint not yet in the table; returns the whole table."""
+  estimators = [e.strip() for e in args.estimator.split(",") if e.strip()]
+  bad = [e for e in estimators if e not in ESTIMATORS]
+  if bad:
+    raise FlatnessError(f"unknown estimator(s) {bad}; valid: {', '.join(ESTIMATORS)}")
+  C.read_config(workdir)  # a missing directory or a non-lmtrace one: one clear error
+  available = C.available_steps(workdir)
+  if not available:
+    raise FlatnessError(f"{workdir} has no checkpoints (looked in {C.ANALYSIS_DIR}/ and {C.RESUME_DIR}/)")
+  if args.steps in ("all", ""):
+    todo = sorted(available)
+  else:
+    todo = [C.resolve_step(workdir, int(s)) for s in str(args.steps).split(",") if s.strip()]
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))) if args.mesh else None
+  mesh = mesh or sharding.single_device_mesh()
+  batches, fp = fixed_batches(workdir, batches=args.batches, batch_size=args.batch_size, seed=args.data_seed, mesh=mesh)
+  settings = _settings(args)
+  key = _settings_key(settings)
+  path = table_path(workdir)
+  old = pd.read_parquet(path) if os.path.exists(path) else pd.DataFrame()
+  done = set()
+  if len(old):
+    same = old[old["settings"] == key]
+    done = set(zip(same["step"], same["estimator"]))
+  try:
+    from tqdm import tqdm
+  except ImportError:  # pragma: no cover
+    tqdm = lambda x, **_: x  # noqa: E731
+  pending = [(s, [e for e in estimators if (s, e) not in done]) for s in todo]
+  pending = [(s, es) for s, es in pending if es]
+  for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt"):
+    meta = C.read_meta(workdir, step)
+    rows = measure_checkpoint(workdir, step, ests, args, batches, mesh)
+    for r in rows:
+      r.update(tokens_seen=meta.get("tokens_seen", np.nan), data_fingerprint=fp, settings=key, **{
+          f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()})
+    new = pd.DataFrame(rows)
+    old = pd.concat([old, new], ignore_index=True) if len(old) else new
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    old.to_parquet(tmp, index=False)
+    os.replace(tmp, path)  # a kill leaves the previous complete table
+  return old
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", required=True, action="append", help="run directory (repeatable)")
+  ap.add_argument("--steps", default="all", help="'all' or comma-separated checkpoint steps")
+  ap.add_argument("--estimator", default="hutchinson", help=f"comma-separated: {', '.join(ESTIMATORS)}")
+  ap.add_argument("--probes", type=int, default=32, help="probes (Hutchinson/Fisher samples) or HVP budget (Hutch++)")
+  ap.add_argument("--dist", default="rademacher", choices=("rademacher", "gaussian"))
+  ap.add_argument("--filter", default="", help="regex on '/'-joined parameter paths to include")
+  ap.add_argument("--exclude", default="", help="regex of parameter paths to exclude")
+  ap.add_argument("--blocks", action="store_true", help="also per-block traces (embeddings, each layer's attn/mlp, head)")
+  ap.add_argument("--target_rel_err", type=float, default=0.0, help="stop probing once stderr/|trace| < this")
+  ap.add_argument("--batches", type=int, default=4, help="fixed evaluation batches")
+  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--data_seed", type=int, default=0, help="selects the evaluation documents (recorded)")
+  ap.add_argument("--seed", type=int, default=0, help="probe seed")
+  ap.add_argument("--lanczos_steps", type=int, default=30)
+  ap.add_argument("--topk", type=int, default=5)
+  ap.add_argument("--slq_runs", type=int, default=4)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device)")
+  return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  import train
+  train.quiet_logs()
+  try:
+    for w in args.workdir:
+      df = run(w, args)
+      ok = df[df["valid"]] if len(df) else df
+      print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
+  except (FlatnessError, C.CheckpointError, ValueError) as e:
+    print(f"lmtrace flatness: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()
+
+

@@ -1,0 +1,101 @@
+"""Flatness CLI over a workdir: rows per checkpoint, resumable, cross-mesh, bad input, NaN rows."""
+
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+import train
+from analysis import flatness as F
+from analysis import load, plots
+from lib import ckpt as C
+from tests.helpers import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("flat")
+  w = str(root / "w")
+  cfg = tiny_cfg(str(root / "data"), **{"train.steps": 8, "ckpt.resume_every": 8, "eval.every": 0,
+                                       "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  train.train_and_evaluate(cfg, w)  # trained on 8 devices; flatness reads it on 1 (and on 8)
+  return w
+
+
+def _args(**kw):
+  argv = []
+  for k, v in kw.items():
+    argv += [f"--{k}"] if v is True else [f"--{k}={v}"]
+  return F.parse_args(["--workdir=unused", "--batches=2", "--batch_size=8", *argv])
+
+
+def test_rows_per_checkpoint_and_estimator(run):
+  df = F.run(run, _args(steps="0,8", estimator="hutchinson,fisher,lanczos", probes=6, blocks=True, lanczos_steps=6,
+                        topk=2))
+  assert set(df["step"]) == {0, 8}
+  tr = df[(df.estimator == "hutchinson") & (df.quantity == "trace")]
+  assert len(tr) == 2 and (tr["n_hvps"] == 6).all() and (tr["stderr"] > 0).all() and tr["valid"].all()
+  blocks = df[df.quantity.str.startswith("trace/")]
+  assert {"trace/embeddings", "trace/layer_0/attn", "trace/layer_1/mlp", "trace/head"} <= set(blocks.quantity)
+  for s in (0, 8):  # blocks add up to the total
+    b = blocks[(blocks.step == s)]["estimate"].sum()
+    t = tr[tr.step == s]["estimate"].item()
+    assert abs(b - t) < 1e-3 * max(1.0, abs(t))
+  assert set(df[df.estimator == "lanczos"].quantity) == {"eig_0", "eig_1"}
+  assert (df[df.estimator == "fisher"]["estimate"] > 0).all()
+  assert (df["loss"] > 0).all() and df["data_fingerprint"].nunique() == 1
+  assert df[df.step == 8]["tokens_seen"].iloc[0] == 8 * 8 * 32
+
+
+def test_resumable_and_same_table_after_interruption(run, tmp_path):
+  w = str(tmp_path / "copy")
+  shutil.copytree(run, w, ignore=shutil.ignore_patterns("analysis"))
+  a = _args(steps="all", estimator="hutchinson", probes=4)
+  F.run(w, _args(steps="0,1", estimator="hutchinson", probes=4))  # "interrupted" after two checkpoints
+  part = F.run(w, a)
+  again = F.run(w, a)  # nothing left to do
+  assert len(again) == len(part) == len(C.available_steps(w))
+  whole = F.run(str(shutil.copytree(run, str(tmp_path / "fresh"), ignore=shutil.ignore_patterns("analysis"))), a)
+  cols = ["step", "estimator", "quantity", "estimate", "stderr", "n_hvps", "loss"]
+  pd.testing.assert_frame_equal(part[cols].sort_values("step").reset_index(drop=True),
+                                whole[cols].sort_values("step").reset_index(drop=True))
+  df = load.load_flatness([w])
+  assert df["run"].iloc[0] == "copy"
+  assert plots.flatness(df) is not None
+
+
+def test_eight_devices_match_one(run, tmp_path):
+  w8 = str(tmp_path / "w8")
+  shutil.copytree(run, w8, ignore=shutil.ignore_patterns("analysis"))
+  a1 = F.run(run, _args(steps="8", estimator="hutchinson", probes=3, seed=5))
+  a8 = F.run(w8, _args(steps="8", estimator="hutchinson", probes=3, seed=5, mesh="2,2,2"))
+  x = a1[(a1.step == 8) & (a1.cfg_seed == 5)]["estimate"].item()
+  y = a8[(a8.step == 8)]["estimate"].item()
+  assert abs(x - y) < 1e-4 * max(1.0, abs(x))
+
+
+def test_bad_input(run, tmp_path, monkeypatch):
+  with pytest.raises(F.FlatnessError, match="unknown estimator"):
+    F.run(run, _args(estimator="hutchinsn"))
+  with pytest.raises(C.CheckpointError, match="no checkpoint at step 7"):
+    F.run(run, _args(steps="7"))
+  with pytest.raises(ValueError, match="matches no parameter"):
+    F.run(run, _args(steps="8", filter="no_such_param"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  shutil.copy(os.path.join(run, "config.json"), empty / "config.json")
+  with pytest.raises(F.FlatnessError, match="has no checkpoints"):
+    F.run(str(empty), _args())
+  with pytest.raises(C.CheckpointError, match="does not exist"):
+    F.run(str(tmp_path / "nowhere"), _args())
+
+  from analysis import hessian as H
+
+  def nan_trace(*a, **k):
+    raise FloatingPointError("non-finite value (nan) in Hutchinson probe 0")
+  monkeypatch.setattr(H, "hutchinson_trace", nan_trace)
+  w = str(tmp_path / "nan")
+  shutil.copytree(run, w, ignore=shutil.ignore_patterns("analysis"))
+  df = F.run(w, _args(steps="8", estimator="hutchinson"))
+  assert not df["valid"].any() and "non-finite" in df["reason"].iloc[0]
