@@ -60,9 +60,9 @@ def train_step(state: dict, batch: dict, *, model: M.Transformer, tx: optax.Grad
   grads = jax.tree.map(lambda g: g / n_tok, grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = {"train/loss": sums["loss_sum"] / n_tok, "train/grad_norm": optax.global_norm(grads),
+  metrics = {"train/loss": sums["loss_sum"] / n_tok, "train/grad_norm": optax.tree.norm(grads),
              "train/lr": schedule(state["step"]), "train/tokens": sums["tokens"],
-             "train/param_norm": optax.global_norm(params)}
+             "train/param_norm": optax.tree.norm(params)}
   if "true_nll_sum" in sums:
     metrics["train/excess_loss"] = (sums["loss_sum"] - sums["true_nll_sum"]) / n_tok
   if num_groups > 1:
