@@ -133,14 +133,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   lo, hi = sharding.local_rows(mesh, B)
   data_seed = cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
   pipe = dp.Pipeline([sources.select_split(g, "train") for g in groups], seed=data_seed, global_batch=B,
-                     seq_len=L, rows=(lo, hi), docs_per_row=cfg.data.docs_per_row, objective=cfg.data.objective,
+                     seq_len=L, rows=(lo, hi), docs_per_row=cfg.data.docs_per_row if cfg.data.packing else 1,
+                     objective=cfg.data.objective,
                      vocab_size=vocab_size, group_names=names, cache_tokens=cfg.data.cache_tokens)
   elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
   eval_sets = []
   for gi, g in enumerate(groups):
     for b in dp.eval_batches(sources.select_split(g, "validation"), batch_size=cfg.eval.batch_size, seq_len=L,
                              num_batches=cfg.eval.batches, rows=(elo, ehi), objective=cfg.data.objective,
-                             vocab_size=vocab_size):
+                             vocab_size=vocab_size, max_docs_per_row=None if cfg.data.packing else 1):
       if len(groups) > 1:
         b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
       eval_sets.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))

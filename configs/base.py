@@ -28,6 +28,7 @@ def defaults() -> mlc.ConfigDict:
   c.data.seed = -1                      # data-order seed (-1 = use the run's `seed`)
   c.data.data_dir = ""                  # TFDS data_dir ('' = $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)
   c.data.seq_len = 64                   # tokens per row (packed documents)
+  c.data.packing = True                 # pack documents into rows (segment ids); False: one document per row, padded
   c.data.docs_per_row = 0               # documents tried per packed row (0 = from the mean length)
   c.data.objective = "clm"              # clm (causal LM) | mlm (masked LM; set model.causal=False)
   c.data.num_threads = 2                # grain prefetch threads

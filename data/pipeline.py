@@ -267,9 +267,11 @@ class Pipeline:
 
 
 def eval_batches(source, *, batch_size: int, seq_len: int, num_batches: int, rows: tuple[int, int] | None = None,
-                 objective: str = "clm", vocab_size: int = 0, seed: int = 0) -> list[dict[str, np.ndarray]]:
+                 objective: str = "clm", vocab_size: int = 0, seed: int = 0,
+                 max_docs_per_row: int | None = None) -> list[dict[str, np.ndarray]]:
   """Fixed held-out batches: the source's documents in order, packed greedily (no document is
-  skipped or repeated). Independent of the training seed so runs are compared on the same tokens."""
+  skipped or repeated; `max_docs_per_row=1` pads one document per row). Independent of the training
+  seed so runs are compared on the same tokens."""
   shift = objective == "clm"
   with_true = has_true_logprob(source)
   lo, hi = rows or (0, batch_size)
@@ -279,7 +281,7 @@ def eval_batches(source, *, batch_size: int, seq_len: int, num_batches: int, row
     for r in range(batch_size):
       docs = []
       used_len = 0
-      while i < n:
+      while i < n and (max_docs_per_row is None or len(docs) < max_docs_per_row):
         d = source[i]
         ln = len(d["tokens"]) - (1 if shift else 0)
         if used_len + min(ln, seq_len) > seq_len:

@@ -124,3 +124,15 @@ def test_ragged_cache_is_identical_to_the_source(src):
   assert isinstance(dp.Pipeline([src], seed=1, global_batch=4, seq_len=32).sources[0], dp.RaggedSource)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_padding_mode_one_document_per_row(src):
+  b = dp.Pipeline([src], seed=0, global_batch=8, seq_len=32, docs_per_row=1).batch(0)
+  assert (b["segment_ids"].max(1) == 1).all()                       # one document per row
+  n = b["mask"].sum(1)
+  assert (n > 0).all() and (n < 32).any()                            # the rest is padding, masked out
+  for r in range(8):
+    assert (b["segment_ids"][r, n[r]:] == 0).all() and (b["mask"][r, n[r]:] == 0).all()
+  ev = dp.eval_batches(src, batch_size=4, seq_len=32, num_batches=3, max_docs_per_row=1)
+  assert all((e["segment_ids"].max(1) <= 1).all() for e in ev)
+  np.testing.assert_array_equal(ev[0]["targets"][0, :len(src[0]["tokens"]) - 1], src[0]["tokens"][1:])
