@@ -174,3 +174,16 @@ def test_sharded_and_single_device_agree():
                             "layer_1/mlp", "layer_1/norm"}
   w = hv["layer_0"]["mlp"]["wi"]["kernel"]
   assert w.sharding == params["layer_0"]["mlp"]["wi"]["kernel"].sharding and len(w.sharding.device_set) == 8
+
+
+def test_amortised_probes_equal_plain_probes(mlp):
+  params, batch, _, _, _ = mlp
+  b1 = {k: v[:13] for k, v in batch.items()}
+  b2 = {k: v[13:] for k, v in batch.items()}
+  mv = H.make_hvp(mlp_loss, [b1, b2])
+  plain = H.hutchinson_trace(mv, params, jax.random.key(9), 10, chunk=1, blocks=True)
+  fast = H.hutchinson_trace(mv, params, jax.random.key(9), 10, chunk=4, blocks=True)
+  np.testing.assert_allclose(fast.samples, plain.samples, rtol=1e-5, atol=1e-6)
+  for k in plain.blocks:
+    np.testing.assert_allclose(fast.blocks[k], plain.blocks[k], rtol=1e-5, atol=1e-6)
+  assert fast.n_matvecs == 10
