@@ -233,14 +233,21 @@ def hutchinson_trace(matvec: MatVec, params: PyTree, key, num_probes: int, *, di
   uniq = sorted(set(names)) if blocks else []
   per_leaf = jax.jit(_per_leaf)
   amortised = chunk > 1 and getattr(matvec, "loss_fn", None) is not None
-  fast = _amortised_probes(matvec.loss_fn, params, dist, mask) if amortised else None
+  fast = None
+  if amortised:  # one compiled function per operator and setting (reused across checkpoints)
+    cache = matvec.__dict__.setdefault("_amortised", {})
+    ck = (dist, include, exclude, str(jax.tree.leaves(_shardings(params))))
+    if ck not in cache:
+      cache[ck] = _amortised_probes(matvec.loss_fn, params, dist, mask)
+    fast = cache[ck]
   samples, block_samples = [], []
   i = 0
   while i < num_probes:
     if amortised:
-      idx = jnp.arange(i, min(i + chunk, num_probes))
-      keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(idx)
+      take = min(chunk, num_probes - i)
+      keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(i, i + chunk))  # fixed shape: no recompile
       leaves = sum(w * np.asarray(fast(params, b, keys), np.float64) for b, w in zip(matvec.batches, matvec.weights))
+      leaves = leaves[:take]
     else:
       v = probe(jax.random.fold_in(key, i))
       leaves = np.asarray(per_leaf(v, matvec(params, v)), np.float64)[None]
