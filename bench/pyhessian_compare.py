@@ -74,6 +74,7 @@ def main():
   inputs, targets = x[:, :-1], x[:, 1:]
 
   # --- PyHessian ----------------------------------------------------------------------------------
+  torch.manual_seed(0)
   tm = torch_model(cfg).eval()
   n_torch = sum(p.numel() for p in tm.parameters())
   crit = torch.nn.CrossEntropyLoss()
@@ -85,8 +86,10 @@ def main():
     setup = time.perf_counter() - t0
     hc.trace(maxIter=2, tol=-1.0)  # warm-up
     t0 = time.perf_counter()
-    samples = hc.trace(maxIter=args.probes, tol=-1.0)  # tol < 0: never stops early
-    torch_probe = (time.perf_counter() - t0) / args.probes
+    # PyHessian's stop test divides by (trace + 1e-6) without abs(), so with a negative running trace
+    # it can return early even with tol < 0: divide by the probes it actually ran.
+    samples = hc.trace(maxIter=args.probes, tol=-1.0)
+    torch_probe = (time.perf_counter() - t0) / len(samples)
 
   # --- lmtrace ------------------------------------------------------------------------------------
   model = M.make(cfg)
@@ -119,7 +122,7 @@ def main():
   print(f"model {args.preset}: lmtrace {n_jax:,} params, torch {n_torch:,} params; batch {args.batch}x{args.seq_len}, "
         f"{os.cpu_count()} CPU threads")
   print(f"PyHessian (torch {torch.__version__}, double-backward, graph kept): {torch_probe * 1e3:.1f} ms/probe "
-        f"(setup {setup:.2f} s; trace ≈ {np.mean(samples):.1f})")
+        f"(setup {setup:.2f} s; {len(samples)} probes; trace ≈ {np.mean(samples):.1f})")
   print(f"lmtrace ({how}): {jax_probe * 1e3:.1f} ms/probe")
   print(f"ratio lmtrace / PyHessian time per probe = {jax_probe / torch_probe:.2f}  "
         f"(< 1: lmtrace is faster; {math.log2(torch_probe / jax_probe):+.2f} doublings)")
