@@ -1,189 +1,383 @@
-"""Hessian tools against exact references: jax.hessian on tiny models, quadratics with known spectra."""
+"""analysis.hessian against exact references: jax.hessian of tiny models, quadratics with known spectra,
+explicit per-token Fisher, and the same estimators on a (2,2,2) mesh vs one device.
+
+Shapes: tiny MLP on tokens x_BxLxD -> logits_BxLxV (D=8, hidden 8, V=4: 108 parameters), B=4, L=10.
+Statistical checks use the estimators' own standard errors (|estimate − exact| < 4 SE) with fixed seeds.
+"""
+
+import re
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from analysis import hessian as H
-from lib import model as M
-from lib import sharding
 
-D, V, N = 6, 4, 40
+D, HID, V, B, L = 8, 8, 4, 4, 10
+N1 = D * HID + HID  # parameters of l1 (first in ravel order)
+
+
+def mlp_logits(p, b):
+  h_BxLxH = jnp.tanh(b["x"] @ p["l1"]["w"] + p["l1"]["b"])
+  return h_BxLxH @ p["l2"]["w"] + p["l2"]["b"]
+
+
+def token_nll(p, b):
+  logp_BxLxV = jax.nn.log_softmax(mlp_logits(p, b))
+  return -jnp.take_along_axis(logp_BxLxV, b["y"][..., None], -1)[..., 0]
 
 
 def mlp_loss(p, b):
-  h = jnp.tanh(b["x"] @ p["l1"]["w"] + p["l1"]["b"])
-  logits = h @ p["l2"]["w"] + p["l2"]["b"]
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), b["y"][:, None], 1)[:, 0]
-  return (nll * b["mask"]).sum() / b["mask"].sum()
+  m = b["mask"].astype(jnp.float32)
+  return (token_nll(p, b) * m).sum() / m.sum()
+
+
+def make_params(seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return {"l1": {"w": jax.random.normal(k[0], (D, HID)) / np.sqrt(D), "b": 0.1 * jax.random.normal(k[1], (HID,))},
+          "l2": {"w": jax.random.normal(k[2], (HID, V)), "b": jnp.zeros(V)}}
+
+
+def make_batch(seed=0, mask_p=0.8):
+  rng = np.random.default_rng(seed)
+  return {"x": jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32), "y": jnp.asarray(rng.integers(0, V, (B, L))),
+          "mask": jnp.asarray((rng.random((B, L)) < mask_p).astype(np.float32))}
+
+
+def exact_hessian(loss, params):
+  flat, unravel = ravel_pytree(params)
+  return np.asarray(jax.jit(jax.hessian(lambda f: loss(unravel(f))))(flat), np.float64)
+
+
+def flat(tree):
+  return np.asarray(ravel_pytree(tree)[0], np.float64)
 
 
 @pytest.fixture(scope="module")
 def mlp():
-  k = jax.random.split(jax.random.key(0), 4)
-  params = {"l1": {"w": jax.random.normal(k[0], (D, 8)), "b": 0.1 * jax.random.normal(k[1], (8,))},
-            "l2": {"w": jax.random.normal(k[2], (8, V)), "b": jnp.zeros(V)}}
-  rng = np.random.default_rng(0)
-  batch = {"x": jnp.asarray(rng.normal(size=(N, D)), jnp.float32), "y": jnp.asarray(rng.integers(0, V, N)),
-           "mask": jnp.asarray((rng.random(N) < 0.8).astype(np.float32))}
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
-  hess = np.asarray(jax.jit(jax.hessian(lambda f: mlp_loss(unravel(f), batch)))(flat), np.float64)
-  return params, batch, hess, flat, unravel
+  params, batch = make_params(), make_batch()
+  return params, batch, exact_hessian(lambda p: mlp_loss(p, batch), params)
 
+
+def within(r, exact, n_se=4.0):
+  assert abs(r.estimate - exact) < n_se * r.stderr, (r.estimate, exact, r.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. HVP
 
 def test_hvp_equals_exact_hessian_times_v(mlp):
-  params, batch, hess, flat, unravel = mlp
-  v = H.gaussian_like(jax.random.key(1), params)
-  hv = jax.jit(lambda p, v: H.hvp(mlp_loss, p, batch, v))(params, v)
-  vf = jax.flatten_util.ravel_pytree(v)[0]
-  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(hv)[0], hess @ np.asarray(vf), rtol=1e-4, atol=1e-5)
-
-
-def test_weighted_hvp_over_ragged_batches_equals_concatenated(mlp):
-  params, batch, hess, _, _ = mlp
-  b1 = {k: v[:13] for k, v in batch.items()}
-  b2 = {k: v[13:] for k, v in batch.items()}
-  mv = H.make_hvp(mlp_loss, [b1, b2])
-  v = H.rademacher_like(jax.random.key(2), params)
-  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(mv(params, v))[0],
-                             hess @ np.asarray(jax.flatten_util.ravel_pytree(v)[0]), rtol=1e-4, atol=1e-5)
-
-
-def test_hutchinson_matches_exact_trace_and_blocks(mlp):
-  params, batch, hess, _, _ = mlp
+  params, batch, hess = mlp
+  u, v = H.gaussian_like(jax.random.key(1), params), H.rademacher_like(jax.random.key(2), params)
+  f = jax.jit(lambda p, v: H.hvp(mlp_loss, p, batch, v))
+  hv, hu = flat(f(params, v)), flat(f(params, u))
+  ref = hess @ flat(v)
+  assert np.linalg.norm(hv - ref) < 1e-5 * np.linalg.norm(ref)
+  assert abs(flat(u) @ hv - flat(v) @ hu) < 1e-5 * np.abs(flat(u) @ hv)  # symmetric operator
   mv = H.make_hvp(mlp_loss, [batch])
-  exact = np.trace(hess)
-  r = H.hutchinson_trace(mv, params, jax.random.key(3), 200, blocks=True)
-  assert abs(r.estimate - exact) < 4 * r.stderr, (r.estimate, exact, r.stderr)
-  # blocks: per top-level module here ('l1', 'l2'); they sum to the total, each near its exact block trace
-  assert abs(sum(e for e, _ in r.blocks.values()) - r.estimate) < 1e-6 * max(1, abs(r.estimate))
-  n1 = D * 8 + 8
-  exact_l1 = np.trace(hess[:n1, :n1]) if list(params) == ["l1", "l2"] else None
-  e, se = r.blocks["l1"]
-  assert abs(e - exact_l1) < 4 * se
-  small = H.hutchinson_trace(mv, params, jax.random.key(4), 16, dist="gaussian")
-  assert small.stderr > 2 * H.hutchinson_trace(mv, params, jax.random.key(4), 256, dist="gaussian").stderr
+  assert np.linalg.norm(flat(mv(params, v)) - ref) < 1e-5 * np.linalg.norm(ref)
 
 
-def test_filter_gives_the_sub_block_trace(mlp):
-  params, batch, hess, _, _ = mlp
+def test_make_hvp_weights_batches_by_loss_tokens(mlp):
+  params, batch, hess = mlp
+  v = H.rademacher_like(jax.random.key(3), params)
+  ref = hess @ flat(v)
+  mask = np.asarray(batch["mask"]).copy()
+  mask[:2, 3:] = 0  # the first half has far fewer loss tokens than the second
+  masked = {**batch, "mask": jnp.asarray(mask)}
+  ref = exact_hessian(lambda p: mlp_loss(p, masked), params) @ flat(v)
+  ragged = [{k: x[:1] for k, x in masked.items()}, {k: x[1:] for k, x in masked.items()}]   # unequal shapes: loop
+  halves = [{k: x[:2] for k, x in masked.items()}, {k: x[2:] for k, x in masked.items()}]   # equal shapes: scan
+  for parts in (ragged, halves):
+    mv = H.make_hvp(mlp_loss, parts)
+    assert mv.stacked == (parts is halves)
+    assert np.linalg.norm(flat(mv(params, v)) - ref) < 1e-5 * np.linalg.norm(ref)
+  equal = H.make_hvp(mlp_loss, halves, weights=[0.5, 0.5])  # the known pitfall is visibly biased here
+  assert np.linalg.norm(flat(equal(params, v)) - ref) > 1e-2 * np.linalg.norm(ref)
+  # amortised probes (one linearisation per batch, token-weighted vᵀH_b v) == plain HVPs on the whole data
+  whole = H.hutchinson_trace(H.make_hvp(mlp_loss, [masked]), params, jax.random.key(4), 6, amortise=False)
+  for parts in (ragged, halves):
+    r = H.hutchinson_trace(H.make_hvp(mlp_loss, parts), params, jax.random.key(4), 6, chunk=3)
+    np.testing.assert_allclose(r.samples, whole.samples, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Hutchinson, blocks, filters, Hutch++ on the MLP
+
+def test_hutchinson_trace_blocks_and_stderr_scaling(mlp):
+  params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
-  n1 = D * 8 + 8
-  r = H.hutchinson_trace(mv, params, jax.random.key(5), 200, include=r"^l2/")
-  exact_l2 = np.trace(hess[n1:, n1:])
-  assert abs(r.estimate - exact_l2) < 4 * r.stderr
-  with pytest.raises(ValueError, match="matches no parameter.*'l1/b'"):
-    H.hutchinson_trace(mv, params, jax.random.key(5), 2, include="attn")
-  with pytest.raises(ValueError, match="distribution"):
-    H.hutchinson_trace(mv, params, jax.random.key(5), 2, dist="uniform")
+  rules = [(r"^(l\d)/", r"\1")]
+  r = H.hutchinson_trace(mv, params, jax.random.key(4), 256, blocks=rules, chunk=32)
+  within(r, np.trace(hess))
+  assert set(r.blocks) == {"l1", "l2"}
+  assert abs(sum(e for e, _ in r.blocks.values()) - r.estimate) < 1e-5 * np.abs(r.samples).mean()
+  for name, sl in (("l1", slice(0, N1)), ("l2", slice(N1, None))):
+    e, se = r.blocks[name]
+    assert abs(e - np.trace(hess[sl, sl])) < 4 * se, (name, e, np.trace(hess[sl, sl]), se)
+  small = H.hutchinson_trace(mv, params, jax.random.key(4), 16, blocks=rules, chunk=32)
+  np.testing.assert_allclose(small.samples, r.samples[:16], rtol=1e-6)  # probe i depends only on (key, i)
+  assert 2.0 < small.stderr / r.stderr < 8.0  # ≈ √(256/16) = 4
+  plain = H.hutchinson_trace(mv, params, jax.random.key(4), 16, chunk=5, amortise=False)  # one HVP per probe
+  np.testing.assert_allclose(plain.samples, r.samples[:16], rtol=1e-5)
+  g = H.hutchinson_trace(mv, params, jax.random.key(5), 256, dist="gaussian", chunk=32)
+  within(g, np.trace(hess))
+  early = H.hutchinson_trace(mv, params, jax.random.key(6), 256, target_rel_err=0.05, min_probes=16, chunk=8)
+  assert 16 <= early.n_matvecs < 256 and early.stderr < 0.05 * abs(early.estimate)
 
 
-def _quadratic(eigs, seed=0):
+def test_filter_gives_the_diagonal_block(mlp):
+  params, batch, hess = mlp
+  mv = H.make_hvp(mlp_loss, [batch])
+  h22, h11 = hess[N1:, N1:], hess[:N1, :N1]
+  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, filter=r"^l2/", chunk=32)
+  within(r, np.trace(h22))
+  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, filter=H.ParamFilter(exclude=r"^l2/"), chunk=32)
+  within(r, np.trace(h11))
+  # exact checks of the block operator: Lanczos on H_22 (36 dims, 36 steps) recovers its spectrum
+  top = H.top_eigenvalues(mv, params, jax.random.key(8), k=2, num_steps=40, include=r"^l2/")
+  assert top.n_matvecs == h22.shape[0]
+  np.testing.assert_allclose(top.eigenvalues, np.linalg.eigvalsh(h22)[::-1][:2], rtol=1e-4)
+  assert set(H.param_blocks(params)) == {"l1/w", "l1/b", "l2/w", "l2/b"}
+
+
+def test_hutchpp_on_the_mlp(mlp):
+  params, batch, hess = mlp
+  mv = H.make_hvp(mlp_loss, [batch])
+  r = H.hutchpp_trace(mv, params, jax.random.key(9), 90)
+  assert r.n_matvecs == 90 and r.extra["sketch_rank"] == 30 and len(r.samples) == 30
+  within(r, np.trace(hess))
+  f = H.hutchpp_trace(mv, params, jax.random.key(9), 30, filter=r"^l2/")
+  within(f, np.trace(hess[N1:, N1:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3-4. Known spectra: quadratic f(x) = ½ xᵀAx, matvec given as a plain traceable function
+
+def quadratic(eigs, seed=0):
   n = len(eigs)
   q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
   A = (q * eigs) @ q.T
-  loss = lambda p, b: 0.5 * p["x"] @ (jnp.asarray(A, jnp.float32) @ p["x"])  # noqa: E731
-  return A, {"x": jnp.zeros(n, jnp.float32)}, H.make_hvp(loss, [{"mask": np.ones(1)}])
+  A_f32 = jnp.asarray(A, jnp.float32)
+  return A, {"x": jnp.zeros(n, jnp.float32)}, (lambda p, v: {"x": A_f32 @ v["x"]})
 
 
 def test_lanczos_power_and_slq_on_a_known_spectrum():
-  eigs = np.concatenate([[10.0, 7.0, 5.0, 4.0, 3.5], np.linspace(-1, 1, 195)])
-  A, params, mv = _quadratic(eigs)
-  r = H.top_eigenvalues(mv, params, jax.random.key(0), k=3, num_steps=60)
-  np.testing.assert_allclose(r.eigenvalues, [10.0, 7.0, 5.0], rtol=1e-4)
-  assert np.all(r.residuals < 1e-2)
-  p = H.power_iteration(mv, params, jax.random.key(1), num_iters=300, tol=1e-9)
-  assert abs(p.estimate - 10.0) < 1e-3
-  d = H.slq_density(mv, params, jax.random.key(2), num_runs=8, num_steps=40)
+  eigs = np.concatenate([[10.0, 7.0, 5.0, 4.0, 3.5, -12.0], np.linspace(-1, 1, 194)])
+  A, params, mv = quadratic(eigs)
+  n = len(eigs)
+  top = H.top_eigenvalues(mv, params, jax.random.key(0), k=3, num_steps=60)
+  np.testing.assert_allclose(top.eigenvalues, [10.0, 7.0, 5.0], rtol=1e-4)
+  assert np.all(top.residuals < 1e-3) and top.extra["converged"].all()
+  lm = H.top_eigenvalues(mv, params, jax.random.key(0), k=1, num_steps=60, which="LM")
+  assert abs(lm.estimate + 12.0) < 1e-3
+  T = H.lanczos(mv, params, jax.random.key(1), 40, return_basis=True)
+  Vb = np.asarray(T.basis["x"], np.float64)
+  assert np.abs(Vb @ Vb.T - np.eye(40)).max() < 1e-5  # full reorthogonalisation keeps the basis orthonormal
+  assert len(T.alphas) == 40 and len(T.betas) == 39
+  p = H.power_iteration(mv, params, jax.random.key(1), num_iters=500, tol=1e-9)
+  assert abs(p.estimate + 12.0) < 1e-3 and p.stderr < 0.1  # largest magnitude
+  d = H.slq_density(mv, params, jax.random.key(2), num_runs=8, num_steps=40, grid=4000, sigma=0.1)
   dx = d.grid[1] - d.grid[0]
   assert abs(d.density.sum() * dx - 1.0) < 1e-3
+  # its mean is n⁻¹ × Hutchinson over the 8 Rademacher starts: SE from Var zᵀAz = 2(‖A‖²_F − Σ A_ii²)
+  se = np.sqrt(2 * ((A ** 2).sum() - (np.diag(A) ** 2).sum()) / 8) / n
   mean = (d.grid * d.density).sum() * dx
-  assert abs(mean - eigs.mean()) < 0.05
-  # most mass where most eigenvalues are ([-1, 1]), a little near the outliers
-  inside = d.density[(d.grid > -1.3) & (d.grid < 1.3)].sum() * dx
-  assert inside > 0.9
+  assert abs(mean - eigs.mean()) < 4 * se, (mean, eigs.mean(), se)
+  assert abs(d.estimate - n * mean) < 1e-3 * n * max(abs(mean), se)
+  inside = d.density[(d.grid > -1.4) & (d.grid < 1.4)].sum() * dx
+  assert inside > 0.9  # 194 of 200 eigenvalues live in [−1, 1]
+  at = lambda x: np.interp(x, d.grid, d.density)  # noqa: E731
+  assert at(10.0) > 20 * at(8.5) and at(-12.0) > 20 * at(-10.0)  # peaks at the outliers, a gap between
+  nr = H.slq_density(mv, params, jax.random.key(2), num_runs=8, num_steps=40, reorth="none")
+  np.testing.assert_allclose(nr.samples, d.samples, rtol=1e-5)  # first moment = α₁ = zᵀAz/n, orthogonality aside
+  assert abs(nr.nodes.max() - 10.0) < 1e-3  # extreme Ritz values converge even without reorthogonalisation
+  sq = H.slq_trace_f(mv, params, jax.random.key(3), lambda t: t ** 2, num_runs=16, num_steps=20)
+  within(sq, (eigs ** 2).sum())
 
 
-def test_hutchpp_has_lower_variance_on_a_decaying_spectrum():
+def test_lanczos_survives_an_exhausted_krylov_space():
+  eigs = np.repeat([3.0, 1.0, -2.0], [20, 30, 50])  # only 3 distinct eigenvalues: breakdown after 3 steps
+  _, params, mv = quadratic(eigs, seed=2)
+  top = H.top_eigenvalues(mv, params, jax.random.key(0), k=12, num_steps=12)
+  assert np.isfinite(top.eigenvalues).all()
+  dist = np.abs(top.eigenvalues[:, None] - np.array([3.0, 1.0, -2.0])[None]).min(1)
+  assert np.all(dist < 1e-3)  # every Ritz value is a true eigenvalue (no ghosts)
+  assert top.estimate == pytest.approx(3.0, abs=1e-4)
+
+
+def test_hutchpp_has_lower_variance_than_hutchinson_on_a_decaying_spectrum():
   eigs = 1.0 / np.arange(1, 201) ** 2
-  A, params, mv = _quadratic(eigs, seed=1)
-  exact = eigs.sum()
-  hut = [H.hutchinson_trace(mv, params, jax.random.key(i), 30).estimate for i in range(30)]
-  hpp = [H.hutchpp_trace(mv, params, jax.random.key(100 + i), 30).estimate for i in range(30)]
-  err_h, err_pp = np.mean((np.array(hut) - exact) ** 2), np.mean((np.array(hpp) - exact) ** 2)
-  assert err_pp < 0.2 * err_h, (err_pp, err_h)
-  assert H.hutchpp_trace(mv, params, jax.random.key(7), 30).n_matvecs <= 30
+  _, params, mv = quadratic(eigs, seed=1)
+  hut = [H.hutchinson_trace(mv, params, jax.random.key(i), 30, chunk=30).estimate for i in range(40)]
+  hpp = [H.hutchpp_trace(mv, params, jax.random.key(100 + i), 30).estimate for i in range(40)]
+  mse_h, mse_pp = np.mean((np.array(hut) - eigs.sum()) ** 2), np.mean((np.array(hpp) - eigs.sum()) ** 2)
+  assert mse_pp < 0.2 * mse_h, (mse_pp, mse_h)
 
 
-def test_fisher_trace_matches_exact_per_token_fisher_and_hessian_for_softmax_regression():
-  rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, 10, D)), jnp.float32)  # "batch" [B, L, D]
-  batch = {"x": x, "mask": jnp.asarray((rng.random((2, 10)) < 0.9).astype(np.float32))}
-  params = {"w": jnp.asarray(rng.normal(size=(D, V)), jnp.float32), "b": jnp.zeros(V)}
-  logits_fn = lambda p, b: b["x"] @ p["w"] + p["b"]  # noqa: E731
-  r = H.fisher_trace(logits_fn, params, [batch], jax.random.key(0), 300)
-  # exact: (1/T) Σ_t Σ_y p(y|x_t) ‖∇ log p(y|x_t)‖²
-  def tok_sq(p, xt, y):
-    g = jax.grad(lambda q: -jax.nn.log_softmax(xt @ q["w"] + q["b"])[y])(p)
+# ------------------------------------------------------------------------------------------------
+# 5. Fisher trace
+
+def exact_fisher_trace(params, batches):
+  """(1/T) Σ_t Σ_y p(y|x_t) ‖∇ log p(y|x_t)‖² by explicit per-token, per-label gradients."""
+  def sq(x_D, y):
+    g = jax.grad(lambda q: -jax.nn.log_softmax(mlp_logits(q, {"x": x_D}))[y])(params)
     return H.tree_dot(g, g)
-  xs = x.reshape(-1, D)
-  probs = jax.nn.softmax(logits_fn(params, batch)).reshape(-1, V)
-  sq = jax.vmap(lambda xt: jax.vmap(lambda y: tok_sq(params, xt, y))(jnp.arange(V)))(xs)
-  m = batch["mask"].reshape(-1)
-  exact = float((probs * sq).sum(1) @ m / m.sum())
-  assert abs(r.estimate - exact) < 4 * r.stderr, (r.estimate, exact, r.stderr)
-  # softmax regression: the Hessian of the token loss does not depend on the label, so tr(F) = tr(H)
-  y = jnp.zeros((2, 10), jnp.int32)
-  loss = lambda p: ((-jnp.take_along_axis(jax.nn.log_softmax(logits_fn(p, batch)), y[..., None], -1)[..., 0])  # noqa: E731
-                    * batch["mask"]).sum() / batch["mask"].sum()
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
-  tr_h = float(np.trace(jax.hessian(lambda f: loss(unravel(f)))(flat)))
-  assert abs(exact - tr_h) < 1e-4 * abs(tr_h)
+  num, T = 0.0, 0.0
+  for b in batches:
+    x_TxD, m_T = b["x"].reshape(-1, D), b["mask"].reshape(-1)
+    p_TxV = jax.nn.softmax(mlp_logits(params, b)).reshape(-1, V)
+    sq_TxV = jax.jit(jax.vmap(lambda x: jax.vmap(lambda y: sq(x, y))(jnp.arange(V))))(x_TxD)
+    num += float(((p_TxV * sq_TxV).sum(1) * m_T).sum())
+    T += float(m_T.sum())
+  return num / T
 
 
-def test_nan_hvp_is_reported():
-  params = {"x": jnp.ones(3)}
-  mv = H.make_hvp(lambda p, b: jnp.sum(jnp.sqrt(p["x"] - 2.0)), [{"mask": np.ones(1)}])
-  with pytest.raises(FloatingPointError, match="non-finite"):
-    H.hutchinson_trace(mv, params, jax.random.key(0), 2)
+def test_fisher_trace_equals_exact_per_token_fisher(mlp):
+  params, batch, _ = mlp
+  ragged = [{k: x[:1] for k, x in batch.items()}, {k: x[1:] for k, x in batch.items()}]
+  exact = exact_fisher_trace(params, ragged)
+  r = H.fisher_trace(mlp_logits, params, ragged, jax.random.key(0), 400, chunk=50)
+  within(r, exact)
+  assert r.n_matvecs == 800 and r.extra["n_tokens"] == float(batch["mask"].sum())
+  # a single batch-level gradient of the mean loss would estimate tr(F)/T: far outside the error bar
+  assert abs(r.estimate - exact / r.extra["n_tokens"]) > 10 * r.stderr
 
 
-def test_sharded_and_single_device_agree():
-  cfg = M.preset("nano", vocab_size=24, max_len=16, n_heads=2)
-  model = M.make(cfg)
+def test_fisher_trace_matches_hessian_trace_when_labels_follow_the_model():
+  params = make_params(seed=3)
+  big = {"x": jnp.asarray(np.random.default_rng(4).normal(size=(8, 16, D)), jnp.float32),
+         "mask": jnp.ones((8, 16), jnp.float32)}
+  logits = mlp_logits(params, big)
+  # E_{y~model}[tr ∇²L(y)] = tr F: average exact Hessian traces over label sets drawn from the model
+  tr_hess = jax.jit(lambda y: jnp.trace(jax.hessian(lambda f: mlp_loss(ravel_pytree(params)[1](f), {**big, "y": y}))(
+      ravel_pytree(params)[0])))
+  ys = [jax.random.categorical(jax.random.key(1000 + i), logits) for i in range(24)]
+  traces = np.array([float(tr_hess(y)) for y in ys])
+  f = H.fisher_trace(mlp_logits, params, [big], jax.random.key(1), 200, chunk=50)
+  se = np.sqrt(traces.var(ddof=1) / len(traces) + f.stderr ** 2)
+  assert abs(traces.mean() - f.estimate) < 4 * se, (traces.mean(), f.estimate, se)
+  assert abs(traces.mean() - exact_fisher_trace(params, [big])) < 4 * traces.std(ddof=1) / np.sqrt(len(traces))
+  # softmax regression: the loss Hessian does not depend on the labels, so tr F = tr H exactly
+  W = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(D, V)), jnp.float32), "b": jnp.zeros(V)}
+  lin = lambda p, b: b["x"] @ p["w"] + p["b"]  # noqa: E731
+  y = jnp.zeros((8, 16), jnp.int32)
+  loss = lambda p: -jnp.take_along_axis(jax.nn.log_softmax(lin(p, big)), y[..., None], -1).mean()  # noqa: E731
+  fl = H.fisher_trace(lin, W, [big], jax.random.key(2), 200, chunk=50)
+  within(fl, np.trace(exact_hessian(loss, W)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Sharding: same numbers on a (2,2,2) mesh and on one device; results carry the params' shardings
+
+def mesh222():
+  return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def test_estimators_agree_on_a_mesh_and_one_device(mlp):
+  params, batch, _ = mlp
+  mesh = mesh222()
+  specs = {"l1": {"w": P("fsdp", "tensor"), "b": P("tensor")}, "l2": {"w": P("tensor", "fsdp"), "b": P("fsdp")}}
+  sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+  halves = [{k: x[:2] for k, x in batch.items()}, {k: x[2:] for k, x in batch.items()}]
+  sbatch = jax.device_put(halves, NamedSharding(mesh, P("data")))
+  single = jax.device_put(params, jax.devices()[0])
+
+  def run(p, b):
+    mv = H.make_hvp(mlp_loss, b)  # two equal-shaped batches: the scanned, token-weighted operator
+    assert mv.stacked
+    k = jax.random.key(11)
+    return {"hutchinson": H.hutchinson_trace(mv, p, k, 8, blocks=[(r"^(l\d)/", r"\1")]).samples,
+            "hutchinson_plain": H.hutchinson_trace(mv, p, k, 4, amortise=False, filter="l1").samples,
+            "hutchpp": H.hutchpp_trace(mv, p, k, 12).estimate,
+            "top": H.top_eigenvalues(mv, p, k, k=2, num_steps=12).eigenvalues,
+            "power": H.power_iteration(mv, p, k, num_iters=15, tol=0.0).estimate,
+            "slq": H.slq_density(mv, p, k, num_runs=2, num_steps=12).nodes,  # same compiled Lanczos as "top"
+            "fisher": H.fisher_trace(mlp_logits, p, b, k, 4).samples}, mv
+
+  one, _ = run(single, halves)
+  eight, mv8 = run(sharded, sbatch)
+  for name in one:
+    np.testing.assert_allclose(eight[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  v = H.probe_like(jax.random.key(0), sharded)
+  hv = mv8(sharded, v)
+  for leaf, vl, pl in zip(jax.tree.leaves(hv), jax.tree.leaves(v), jax.tree.leaves(sharded)):
+    assert leaf.sharding == pl.sharding and vl.sharding == pl.sharding
+  assert len(hv["l1"]["w"].sharding.device_set) == 8
+
+
+def test_transformer_hutchinson_on_a_mesh_matches_one_device():
+  from flax import linen as nn
+
+  from lib import model as M
+  from lib import sharding
+  model = M.make(M.preset("nano", vocab_size=24, max_len=16, n_heads=2))
   single = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
-  rng = np.random.default_rng(0)
-  x = rng.integers(4, 24, (8, 16)).astype(np.int32)
+  x = np.random.default_rng(0).integers(4, 24, (8, 16)).astype(np.int32)
   b = {"inputs": x, "targets": np.roll(x, -1, 1), "mask": np.ones_like(x), "segment_ids": np.ones_like(x),
        "positions": np.broadcast_to(np.arange(16, dtype=np.int32), x.shape).copy()}
   loss = lambda p, bb: M.mean_loss(model, p, bb)  # noqa: E731
-  r1 = H.hutchinson_trace(H.make_hvp(loss, [jax.tree.map(jnp.asarray, b)]), single, jax.random.key(1), 3, blocks=True)
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  r1 = H.hutchinson_trace(H.make_hvp(loss, [jax.tree.map(jnp.asarray, b)]), single, jax.random.key(1), 4, blocks=True)
+  mesh = mesh222()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     params = jax.device_put(single, M.param_shardings(model, mesh))
-    gb = jax.device_put(b, sharding.batch_sharding(mesh))
-    mv = H.make_hvp(loss, [gb])
-    r8 = H.hutchinson_trace(mv, params, jax.random.key(1), 3, blocks=True)
-    v = H._probe_fn(params, "rademacher", None)(jax.random.key(0))
-    hv = mv(params, v)
-  np.testing.assert_allclose(r8.samples, r1.samples, rtol=2e-4)
-  assert set(r8.blocks) == {"embeddings", "head", "layer_0/attn", "layer_0/mlp", "layer_0/norm", "layer_1/attn",
-                            "layer_1/mlp", "layer_1/norm"}
-  w = hv["layer_0"]["mlp"]["wi"]["kernel"]
+    mv = H.make_hvp(loss, [jax.device_put(b, sharding.batch_sharding(mesh))])
+    r8 = H.hutchinson_trace(mv, params, jax.random.key(1), 4, blocks=True)
+    v = H.probe_like(jax.random.key(0), params)
+  np.testing.assert_allclose(r8.samples, r1.samples, rtol=1e-5)
+  for name in r1.blocks:
+    np.testing.assert_allclose(r8.blocks[name][0], r1.blocks[name][0], rtol=1e-5, atol=1e-7 * abs(r1.estimate))
+  assert set(r8.blocks) == {"embeddings", "head", *(f"layer_{i}/{p}" for i in (0, 1) for p in ("attn", "mlp", "norm"))}
+  w = v["layer_0"]["mlp"]["wi"]["kernel"]
   assert w.sharding == params["layer_0"]["mlp"]["wi"]["kernel"].sharding and len(w.sharding.device_set) == 8
 
 
-def test_amortised_probes_equal_plain_probes(mlp):
-  params, batch, _, _, _ = mlp
-  b1 = {k: v[:13] for k, v in batch.items()}
-  b2 = {k: v[13:] for k, v in batch.items()}
-  mv = H.make_hvp(mlp_loss, [b1, b2])
-  plain = H.hutchinson_trace(mv, params, jax.random.key(9), 10, chunk=1, blocks=True)
-  fast = H.hutchinson_trace(mv, params, jax.random.key(9), 10, chunk=4, blocks=True)
-  np.testing.assert_allclose(fast.samples, plain.samples, rtol=1e-5, atol=1e-6)
-  for k in plain.blocks:
-    np.testing.assert_allclose(fast.blocks[k], plain.blocks[k], rtol=1e-5, atol=1e-6)
-  assert fast.n_matvecs == 10
+# ------------------------------------------------------------------------------------------------
+# 7. Blocks, errors, NaN reporting
+
+def test_param_blocks_are_a_function_of_path_names():
+  z = jnp.zeros(1)
+  params = {"embed": z, "pos_embed": z, "layers_3": {"self_attention": {"q": z}, "ffn": {"w1": z}, "ln_1": {"scale": z},
+                                                    "gate": z},
+            "blocks": [{"attn": {"k": z}, "mlp": {"w": z}}], "final_norm": {"scale": z}, "lm_head": z, "misc": z}
+  got = H.param_blocks(params)
+  assert got == {"blocks/0/attn/k": "layer_0/attn", "blocks/0/mlp/w": "layer_0/mlp", "embed": "embeddings",
+                 "final_norm/scale": "head", "layers_3/ffn/w1": "layer_3/mlp", "layers_3/gate": "layer_3/other",
+                 "layers_3/ln_1/scale": "layer_3/norm", "layers_3/self_attention/q": "layer_3/attn",
+                 "lm_head": "head", "misc": "other", "pos_embed": "embeddings"}
+  assert set(H.param_blocks(params, lambda p: p.split("/")[0]).values()) == {
+      "embed", "pos_embed", "layers_3", "blocks", "final_norm", "lm_head", "misc"}
+
+
+def test_errors(mlp):
+  params, batch, _ = mlp
+  mv = H.make_hvp(mlp_loss, [batch])
+  with pytest.raises(ValueError, match=r"include='layers_0/attn/\.\*'.*matches no parameter.*'l1/w'"):
+    H.hutchinson_trace(mv, params, jax.random.key(0), 2, filter="layers_0/attn/.*")
+  with pytest.raises(ValueError, match="matches no parameter"):
+    H.lanczos(mv, params, jax.random.key(0), 3, exclude=".")
+  for call in (lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 2, dist="uniform"),
+               lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6, dist="uniform"),
+               lambda: H.probe_like(jax.random.key(0), params, "uniform")):
+    with pytest.raises(ValueError, match="distribution 'uniform'"):
+      call()
+  with pytest.raises(ValueError, match="which"):
+    H.top_eigenvalues(mv, params, jax.random.key(0), which="BE")
+
+
+def test_nan_in_an_hvp_is_reported_not_averaged():
+  params = {"x": jnp.ones(3)}
+  mv = H.make_hvp(lambda p, b: jnp.sum(jnp.sqrt(p["x"] - 2.0)), [{"mask": np.ones(1)}])
+  nan_logits = lambda p, b: jnp.log(p["x"] - 2.0)[None, None, :]  # noqa: E731
+  for name, call in (("Hutchinson probe 0", lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 4)),
+                     ("Hutch++", lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6)),
+                     ("Lanczos step 0", lambda: H.top_eigenvalues(mv, params, jax.random.key(0), k=1, num_steps=2)),
+                     ("power iteration", lambda: H.power_iteration(mv, params, jax.random.key(0), 3)),
+                     ("Fisher sample 0", lambda: H.fisher_trace(nan_logits, params, [{"mask": jnp.ones((1, 1))}],
+                                                                jax.random.key(0), 2))):
+    with pytest.raises(FloatingPointError, match=f"non-finite.*{re.escape(name)}"):
+      call()
