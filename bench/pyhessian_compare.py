@@ -113,7 +113,7 @@ def main():
       return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv)))
     run = lambda n, seed: [float(probe(params, jax.random.key(seed * 1000 + i))) for i in range(n)]  # noqa: E731
     how = "jax.jvp(jax.grad) per probe (analysis.hessian not found)"
-  run(2, 1)  # compile
+  run(args.probes, 1)  # compile (the estimator jits its whole probe loop: warm up with the same count)
   t0 = time.perf_counter()
   res = run(args.probes, 2)
   jax.block_until_ready(getattr(res, "estimate", res))
