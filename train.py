@@ -38,19 +38,6 @@ class TrainingDiverged(RuntimeError):
   pass
 
 
-def maybe_initialize_distributed(cfg) -> None:
-  d = cfg.distributed
-  if not d.coordinator or jax.distributed.is_initialized():
-    return
-  if d.coordinator == "auto":  # TPU pods, SLURM: JAX detects the cluster
-    jax.distributed.initialize()
-    return
-  # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends). Must not touch the
-  # backend before initialize(), so no jax.default_backend() here.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
-
-
 def check_workdir(workdir: str, cfg_dict: dict) -> None:
   """Refuses to resume a run whose model, data or seed differ from this config's."""
   path = os.path.join(workdir, "config.json")
@@ -104,7 +91,8 @@ def run_eval(p_eval, params, eval_sets, names) -> dict:
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final metrics."""
-  maybe_initialize_distributed(cfg)
+  d = cfg.distributed
+  sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh)
   B, L, total = cfg.train.batch_size, cfg.data.seq_len, cfg.train.steps
@@ -285,18 +273,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   return last_m
 
 
-def quiet_logs() -> None:
-  """Keeps the console to lmtrace's own progress lines (orbax/tfds log every save at INFO)."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  logging.getLogger("lmtrace").setLevel(logging.INFO)
-  try:
-    import tensorflow_datasets as tfds
-    tfds.disable_progress_bar()
-  except ImportError:
-    pass
-
-
 def main(argv=None) -> None:
   """CLI entry: parses flags itself so a bad override is one clear line, not a traceback."""
   from absl import flags
@@ -314,7 +290,7 @@ def main(argv=None) -> None:
   if not flags.FLAGS.config or not flags.FLAGS.workdir:
     print("usage: python train.py --config=configs/pcfg.py --workdir=DIR [--config.section.key=value ...]", file=sys.stderr)
     sys.exit(2)
-  quiet_logs()
+  MX.quiet_logs()
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, C.CheckpointError, TrainingDiverged, sharding.ShardingError, dp.DataError) as e:

@@ -38,6 +38,7 @@ import pandas as pd
 from flax import linen as nn
 
 from lib import ckpt as C
+from lib import metrics as MX
 from lib import model as M
 from lib import sharding
 
@@ -65,7 +66,10 @@ def fixed_batches(workdir: str, *, batches: int, batch_size: int, seed: int, spl
   out = [{k: v for k, v in b.items() if k in ("inputs", "targets", "mask", "segment_ids", "positions")} for b in out]
   fp = zlib.crc32(b"".join(b["inputs"].tobytes() + b["mask"].tobytes() for b in out))
   mesh = mesh or sharding.single_device_mesh()
-  return [jax.device_put(b, sharding.batch_sharding(mesh)) for b in out], fp
+  # Every process built the same global batches; each places only the rows its devices hold.
+  place = lambda x: jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, x.ndim),  # noqa: E731
+                                                 lambda idx: x[idx])
+  return [{k: place(v) for k, v in b.items()} for b in out], fp
 
 
 def _settings(args) -> dict:
@@ -88,7 +92,7 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh)
   rows = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
-    n_tok = float(sum(np.asarray(b["mask"]).sum() for b in batches))
+    n_tok = float(sum(H._num_tokens(b) for b in batches))
     loss = float(sum(float(jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())(params, b)) for b in batches) / n_tok)
     matvec = H.make_hvp(loss_fn, batches)
     key = jax.random.key(args.seed)
@@ -147,6 +151,18 @@ def table_path(workdir: str) -> str:
   return os.path.join(workdir, "analysis", "flatness.parquet")
 
 
+def default_mesh(spec: str = ""):
+  """`--mesh=data,fsdp,tensor`; by default one device, or every device of a multi-process job."""
+  if spec:
+    sizes = [int(x) for x in spec.split(",")]
+    if len(sizes) != len(sharding.MESH_AXES):
+      raise FlatnessError(f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} sizes ({','.join(sharding.MESH_AXES)})")
+    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
+  if jax.process_count() > 1:
+    return sharding.make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
+  return sharding.single_device_mesh()
+
+
 def run(workdir: str, args) -> pd.DataFrame:
   """Measures every requested checkpoint not yet in the table; returns the whole table."""
   estimators = [e.strip() for e in args.estimator.split(",") if e.strip()]
@@ -161,8 +177,7 @@ def run(workdir: str, args) -> pd.DataFrame:
     todo = sorted(available)
   else:
     todo = [C.resolve_step(workdir, int(s)) for s in str(args.steps).split(",") if s.strip()]
-  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))) if args.mesh else None
-  mesh = mesh or sharding.single_device_mesh()
+  mesh = default_mesh(args.mesh)
   batches, fp = fixed_batches(workdir, batches=args.batches, batch_size=args.batch_size, seed=args.data_seed, mesh=mesh)
   settings = _settings(args)
   key = _settings_key(settings)
@@ -178,7 +193,12 @@ def run(workdir: str, args) -> pd.DataFrame:
     tqdm = lambda x, **_: x  # noqa: E731
   pending = [(s, [e for e in estimators if (s, e) not in done]) for s in todo]
   pending = [(s, es) for s, es in pending if es]
-  for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt"):
+  writer = jax.process_index() == 0  # every process computes (collectives); one writes the table
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("flatness: table read")  # nobody writes before all have read it
+  for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt",
+                         disable=not writer):
     meta = C.read_meta(workdir, step)
     rows = measure_checkpoint(workdir, step, ests, args, batches, mesh)
     for r in rows:
@@ -186,10 +206,11 @@ def run(workdir: str, args) -> pd.DataFrame:
           f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()})
     new = pd.DataFrame(rows)
     old = pd.concat([old, new], ignore_index=True) if len(old) else new
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    old.to_parquet(tmp, index=False)
-    os.replace(tmp, path)  # a kill leaves the previous complete table
+    if writer:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + ".tmp"
+      old.to_parquet(tmp, index=False)
+      os.replace(tmp, path)  # a kill leaves the previous complete table
   return old
 
 
@@ -212,19 +233,25 @@ def parse_args(argv=None):
   ap.add_argument("--topk", type=int, default=5)
   ap.add_argument("--slq_runs", type=int, default=4)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device)")
+  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device; all devices "
+                  "of a multi-process job)")
+  ap.add_argument("--coordinator", default="", help="multi-process: 'auto' (TPU pods, SLURM) or host:port, as "
+                  "--config.distributed.coordinator in train.py; run the same command in every process")
+  ap.add_argument("--num_processes", type=int, default=0, help="multi-process: total processes (with host:port)")
+  ap.add_argument("--process_id", type=int, default=-1, help="multi-process: this process's id (with host:port)")
   return ap.parse_args(argv)
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  import train
-  train.quiet_logs()
+  sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  MX.quiet_logs()
   try:
     for w in args.workdir:
       df = run(w, args)
       ok = df[df["valid"]] if len(df) else df
-      print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
+      if jax.process_index() == 0:
+        print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
   except (FlatnessError, C.CheckpointError, ValueError) as e:
     print(f"lmtrace flatness: error: {e}", file=sys.stderr)
     sys.exit(2)

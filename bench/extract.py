@@ -25,6 +25,7 @@ import jax  # noqa: E402
 
 from analysis import trajectories as TJ  # noqa: E402
 from lib import ckpt as C  # noqa: E402
+from lib import metrics as MX  # noqa: E402
 from lib import model as M  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def train_tiny(workdir: str, data_dir: str, steps: int) -> None:
   c.ckpt.resume_every = steps
   c.ckpt.params_only = True
   c.log.tensorboard = False
-  train.quiet_logs()
+  MX.quiet_logs()
   train.train_and_evaluate(c, workdir)
 
 

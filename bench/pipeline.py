@@ -23,16 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-import train  # noqa: E402
 from bench.train_step import load_config  # noqa: E402
 from data import pipeline as dp  # noqa: E402
 from data import sources  # noqa: E402
-from lib import (  # noqa: E402
-  mixture,  # noqa: E402
-  optim,
-  sharding,
-  steps,
-)
+from lib import metrics as MX  # noqa: E402
+from lib import mixture, optim, sharding, steps  # noqa: E402
 from lib import model as M  # noqa: E402
 
 
@@ -87,7 +82,7 @@ def main():
   ap.add_argument("--configs", default="configs/pcfg.py,configs/hmm.py,configs/pcfg_mix.py")
   ap.add_argument("--batches", type=int, default=60)
   args = ap.parse_args()
-  train.quiet_logs()
+  MX.quiet_logs()
   for c in args.configs.split(","):
     bench_one(c, args.batches)
 

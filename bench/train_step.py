@@ -58,7 +58,7 @@ def main():
   ap.add_argument("--log_every", type=int, default=10)
   ap.add_argument("--skip_loop", action="store_true", help="only the bare step (e.g. for MFU on big presets)")
   args = ap.parse_args()
-  train.quiet_logs()
+  MX.quiet_logs()
 
   cfg = load_config(args.config)
   cfg.model = base.model_config(args.preset)

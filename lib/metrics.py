@@ -4,6 +4,7 @@ and the FLOPs / MFU arithmetic."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -15,6 +16,18 @@ import numpy as np
 # Dense bf16 peak FLOP/s per device (no sparsity). MFU is reported against these.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
+
+
+def quiet_logs() -> None:
+  """Keeps the console to lmtrace's own progress lines (orbax/tfds log every save at INFO)."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  logging.getLogger("lmtrace").setLevel(logging.INFO)
+  try:
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
 
 
 def peak_flops_per_device(override: float = 0.0) -> float | None:

@@ -81,6 +81,21 @@ def make_mesh(mesh_cfg=None, devices: Sequence[jax.Device] | None = None) -> Mes
   return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+  """Joins a multi-process job (before any other JAX call): '' = single process, 'auto' = let JAX
+  detect the cluster (TPU pods, SLURM), 'host:port' = explicit coordinator (GPU clusters, or local
+  processes sharing CPU devices over gloo)."""
+  if not coordinator or jax.distributed.is_initialized():
+    return
+  if coordinator == "auto":
+    jax.distributed.initialize()
+    return
+  # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends). Must not touch the
+  # backend before initialize(), so no jax.default_backend() here.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
   return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device or jax.devices()[0]])
 
