@@ -1,0 +1,13 @@
+"""lmtrace analysis jobs over workdirs. The loaders are re-exported here for notebooks
+(`from analysis import load_flatness`); they are imported on first use, so `import analysis`
+stays cheap."""
+
+_LOADERS = ("load_flatness", "load_metrics", "load_trajectories", "load_token_metrics", "load_probes", "load_index")
+__all__ = list(_LOADERS)
+
+
+def __getattr__(name):
+  if name in _LOADERS:
+    from analysis import load
+    return getattr(load, name)
+  raise AttributeError(f"module 'analysis' has no attribute {name!r}")

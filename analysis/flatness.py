@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import pandas as pd
 from flax import linen as nn
+from tqdm import tqdm
 
 from lib import ckpt as C
 from lib import metrics as MX
@@ -98,11 +99,14 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh)
     key = jax.random.key(args.seed)
     for est in estimators:
       t0 = time.time()
+      bar = tqdm(total=_budget(est, args), desc=f"  step {step} {est}", unit="hvp" if est != "fisher" else "sample",
+                    leave=False, disable=jax.process_index() != 0)
       try:
-        res = run_estimator(H, est, model, params, batches, matvec, key, args)
+        res = run_estimator(H, est, model, params, batches, matvec, key, args, progress=bar.update)
       except FloatingPointError as e:  # NaN in an HVP: the row is invalid, with the reason
         res = [dict(quantity="trace", estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
       wall = time.time() - t0
+      bar.close()
       for r in res:
         est_val = r.get("estimate", float("nan"))
         valid = r.get("valid", bool(np.isfinite(est_val)))
@@ -112,12 +116,29 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh)
   return rows
 
 
-def run_estimator(H, est: str, model, params, batches, matvec, key, args) -> list[dict[str, Any]]:
-  """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian."""
+def _budget(est: str, args) -> int:
+  """HVPs (Fisher: samples) an estimator will run, for its progress bar."""
+  if est in ("hutchinson", "hutchpp", "fisher"):
+    return args.probes
+  if est == "slq":
+    return args.slq_runs * args.lanczos_steps
+  return args.lanczos_steps
+
+
+def run_estimator(H, est: str, model, params, batches, matvec, key, args, progress=None) -> list[dict[str, Any]]:
+  """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian.
+  `progress(n)` hears of finished probes (chunk by chunk for Hutchinson and Fisher, at the end otherwise)."""
+  rows = _run_estimator(H, est, model, params, batches, matvec, key, args, progress)
+  if progress is not None and est not in ("hutchinson", "fisher"):
+    progress(max(r["n_hvps"] for r in rows))
+  return rows
+
+
+def _run_estimator(H, est, model, params, batches, matvec, key, args, progress) -> list[dict[str, Any]]:
   flt = dict(include=args.filter or None, exclude=args.exclude or None)
   if est == "hutchinson":
     r = H.hutchinson_trace(matvec, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
-                           blocks=args.blocks, **flt)
+                           blocks=args.blocks, progress=progress, **flt)
     rows = [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
     for name, (e, se) in (getattr(r, "blocks", None) or {}).items():
       rows.append(dict(quantity=f"trace/{name}", estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs)))
@@ -127,7 +148,8 @@ def run_estimator(H, est: str, model, params, batches, matvec, key, args) -> lis
     return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
   if est == "fisher":
     logits_fn = lambda p, b: M.logits(model, p, b)  # noqa: E731
-    r = H.fisher_trace(logits_fn, params, batches, key, args.probes, **flt)
+    r = H.fisher_trace(logits_fn, params, batches, key, args.probes, target_rel_err=args.target_rel_err or None,
+                       progress=progress, **flt)
     return [dict(quantity="fisher_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
   if est == "power":
     r = H.power_iteration(matvec, params, key, num_iters=args.lanczos_steps)
@@ -187,10 +209,6 @@ def run(workdir: str, args) -> pd.DataFrame:
   if len(old):
     same = old[old["settings"] == key]
     done = set(zip(same["step"], same["estimator"]))
-  try:
-    from tqdm import tqdm
-  except ImportError:  # pragma: no cover
-    tqdm = lambda x, **_: x  # noqa: E731
   pending = [(s, [e for e in estimators if (s, e) not in done]) for s in todo]
   pending = [(s, es) for s, es in pending if es]
   writer = jax.process_index() == 0  # every process computes (collectives); one writes the table

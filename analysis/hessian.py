@@ -428,7 +428,7 @@ def hutchinson_trace(matvec: MatVec, params: PyTree, key, num_probes: int, *, di
                      exclude: str | None = None,
                      blocks: bool | Sequence[tuple[str, str]] | Callable[[str], str] | None = None,
                      target_rel_err: float | None = None, min_probes: int = 8, chunk: int = 8,
-                     amortise: bool = True) -> Estimate:
+                     amortise: bool = True, progress: Callable[[int], Any] | None = None) -> Estimate:
   """Hutchinson: mean of vᵀHv over probes v (E[vvᵀ] = I), with its standard error.
 
   With a filter, probes are zero outside the selected parameters S, so the estimate is tr(H_SS), the
@@ -440,6 +440,7 @@ def hutchinson_trace(matvec: MatVec, params: PyTree, key, num_probes: int, *, di
   linearisation per batch (same numbers, ≈ one tangent pass per probe instead of a full HVP). A last
   partial chunk is computed whole and its extra probes discarded (use num_probes divisible by chunk).
   With `target_rel_err`, stops at the first chunk boundary (≥ min_probes) where stderr/|estimate| < it.
+  `progress(n)` is called after each chunk with the number of probes it added (e.g. a tqdm `update`).
   A non-finite probe raises FloatingPointError naming the probe.
   """
   _check_dist(dist)
@@ -459,6 +460,8 @@ def hutchinson_trace(matvec: MatVec, params: PyTree, key, num_probes: int, *, di
     leaves = _check_finite(np.asarray(f(params, key, start, ops)), "Hutchinson probe", start)
     rows.extend(leaves[: num_probes - start])
     n = len(rows)
+    if progress is not None:
+      progress(n - start)
     if target_rel_err and n >= max(min_probes, 2) and n < num_probes:
       s = np.sum(rows, 1)
       if _stderr(s) < target_rel_err * abs(s.mean()):
@@ -562,7 +565,8 @@ def hutchpp_trace(matvec: MatVec, params: PyTree, key, num_matvecs: int, *, dist
 
 def fisher_trace(logits_fn: Callable, params: PyTree, batches: Sequence[dict], key, num_samples: int, *,
                  filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-                 exclude: str | None = None, chunk: int = 8) -> Estimate:
+                 exclude: str | None = None, chunk: int = 8, target_rel_err: float | None = None,
+                 min_samples: int = 8, progress: Callable[[int], Any] | None = None) -> Estimate:
   """tr(F) of the model's predictive distribution on the fixed tokens (Liu et al. 2023, App. B.1).
 
   Loss L(θ) = (1/T) Σ_t ℓ_t with ℓ_t(y) = −log p_θ(y | x_t) over the T masked tokens of all batches.
@@ -577,7 +581,9 @@ def fisher_trace(logits_fn: Callable, params: PyTree, batches: Sequence[dict], k
   shared by the `chunk` samples of one call. With a filter, gradients are restricted to the selected
   parameters (the diagonal block of F). Liu et al.'s released code instead runs Hutchinson with one
   Gaussian probe and the *true* labels (use `hutchinson_trace(dist='gaussian')`).
-  `n_matvecs` counts backward passes (num_samples × batches).
+  `n_matvecs` counts backward passes (num_samples × batches). `target_rel_err`, `min_samples` and
+  `progress` work as in `hutchinson_trace` (per chunk of samples; either one syncs with the host once
+  per chunk).
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be ≥ 1, not {num_samples}")
@@ -615,10 +621,18 @@ def fisher_trace(logits_fn: Callable, params: PyTree, batches: Sequence[dict], k
     for j, b in enumerate(batches):
       s = f(params, b, key, j, start)
       acc = s if acc is None else acc + s
-    sums.append(acc)  # no host sync inside the loops
-  samples = np.concatenate([np.asarray(s, np.float64) for s in sums])[:num_samples] / T
+    sums.append(acc)  # without a target or progress, no host sync inside the loops
+    n = min(start + chunk, num_samples)
+    if progress is not None or target_rel_err:
+      done = _check_finite(np.concatenate([np.asarray(s, np.float64) for s in sums])[:n] / T, "Fisher sample")
+      if progress is not None:
+        progress(n - start)
+      if target_rel_err and n >= max(min_samples, 2) and n < num_samples:
+        if _stderr(done) < target_rel_err * abs(done.mean()):
+          break
+  samples = np.concatenate([np.asarray(s, np.float64) for s in sums])[:n] / T
   _check_finite(samples, "Fisher sample")
-  return Estimate(float(samples.mean()), _stderr(samples), num_samples * len(batches), samples=samples,
+  return Estimate(float(samples.mean()), _stderr(samples), n * len(batches), samples=samples,
                   extra={"n_tokens": T})
 
 

@@ -4,14 +4,18 @@
   python bench/hvp.py --presets=small --batch=8 --seq_len=256 --reps=7
 
 Every computation is one jitted, fp32 function of (params, probe) on the same batch, compiled before
-timing; times are medians of `--reps` runs. Rows (ratio = time / jitted loss+grad):
+timing; the rows are timed round-robin for `--reps` rounds and each ratio is the median over rounds
+of (row time / loss+grad time in the same round). Rows:
   loss+grad           jax.value_and_grad                                 (the unit)
   HVP fwd-over-rev    jax.jvp(jax.grad(f)): analysis.hessian.hvp / make_hvp (what the estimators use)
   HVP rev-over-fwd    jax.grad(lambda p: jax.jvp(f, (p,), (v,))[1])      (for comparison)
   HVP per probe, amortised  hutchinson_trace's path: one jax.linearize of the gradient per batch, then
                       `--probes` tangents through it (per-probe time, linearisation included)
-XLA's FLOP count for each (cost_analysis) is printed next to the time: it is the portable number, CPU
-times overstate the backward pass. Target: HVP / (loss+grad) ≤ 2.5 (theory for matmul nets: ≈3x FLOPs).
+XLA's FLOP count for each (cost_analysis) is printed next to the time: the portable number. For matmul
+layers a lone HVP needs 8 matmul units against the gradient's 3 (primal forward and input-cotangent pass,
+2 + 2 + 4 tangent terms; XLA drops the primal weight gradients): 2.67x. A probe through an existing
+linearisation needs only the 6 tangent units: 2.0x, plus 2/(3·probes) for the shared linearisation.
+Target: HVP / (loss+grad) ≤ 2.5.
 """
 
 from __future__ import annotations
@@ -32,14 +36,18 @@ from lib import model as M  # noqa: E402
 from lib import sharding  # noqa: E402
 
 
-def median_time(f, *args, reps: int) -> float:
-  jax.block_until_ready(f(*args))  # compile + warm up
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
+def interleaved_times(fns: dict, reps: int) -> dict[str, np.ndarray]:
+  """Seconds per call of each `name -> (f, args)`, timed round-robin (one call of every row per round,
+  after a compile + warm-up call each), so drift in the machine's speed hits all rows alike."""
+  for f, args in fns.values():
     jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+  ts = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, (f, args) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      ts[name].append(time.perf_counter() - t0)
+  return {name: np.asarray(v) for name, v in ts.items()}
 
 
 def flops(f, *args) -> float:
@@ -51,7 +59,7 @@ def flops(f, *args) -> float:
     return float("nan")
 
 
-def bench(preset: str, batch: int, seq_len: int, reps: int, probes: int) -> None:
+def bench(preset: str, batch: int, seq_len: int, reps: int, probes: int, sweep: tuple[int, int] = (0, 0)) -> None:
   vocab = M.OPT_VOCAB if preset.startswith("opt") else 204
   cfg = M.preset(preset, vocab_size=vocab, max_len=max(seq_len, 16), dtype="float32")
   model = M.make(cfg)
@@ -66,21 +74,30 @@ def bench(preset: str, batch: int, seq_len: int, reps: int, probes: int) -> None
   grad = jax.jit(lambda p, bb: jax.value_and_grad(loss_fn)(p, bb))
   fwd_rev = jax.jit(lambda p, v, bb: H.hvp(loss_fn, p, bb, v))
   rev_fwd = jax.jit(lambda p, v, bb: jax.grad(lambda q: jax.jvp(lambda r: loss_fn(r, bb), (q,), (v,))[1])(p))
-  rows = [("loss+grad", grad, (params, b), 1), ("HVP fwd-over-rev", fwd_rev, (params, v, b), 1),
-          ("HVP rev-over-fwd", rev_fwd, (params, v, b), 1)]
   mv = H.make_hvp(loss_fn, [b])
-  amortised = lambda p: H.hutchinson_trace(mv, p, jax.random.key(2), probes, chunk=probes).estimate  # noqa: E731
-  results = {}
-  for name, f, args, n in rows:
-    results[name] = (median_time(f, *args, reps=reps) / n, flops(f, *args))
-  results[f"HVP per probe, amortised ({probes}/linearisation)"] = (median_time(amortised, params, reps=reps) / probes,
-                                                                    float("nan"))
-  t_g, f_g = results["loss+grad"]
+  # hutchinson_trace's jitted body: `probes` probes through one linearisation of the gradient
+  chunk = H._hutchinson_chunk(mv, params, "rademacher", None, probes, True)
+  key = jax.random.key(2)
+  amort = f"HVP per probe, amortised ({probes}/linearisation)"
+  fns = {"loss+grad": (grad, (params, b)), "HVP fwd-over-rev": (fwd_rev, (params, v, b)),
+         "HVP rev-over-fwd": (rev_fwd, (params, v, b)), amort: (chunk, (params, key, 0, mv.operands))}
+  per_call = {"loss+grad": 1, "HVP fwd-over-rev": 1, "HVP rev-over-fwd": 1, amort: probes}
+  reps = reps if M.param_count(model) > 10_000_000 else 6 * reps  # small models: cheap rounds, more of them
+  ts = interleaved_times(fns, reps)
+  fl_g = flops(grad, params, b)
   print(f"\n{preset} ({M.param_count(model):,} params, batch {batch}x{seq_len}, fp32, {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPU threads, median of {reps})")
-  for name, (t, fl) in results.items():
-    fl_txt = f"  XLA FLOPs {fl / f_g:4.2f}x" if np.isfinite(fl) else ""
-    print(f"  {name:<42s} {t * 1e3:9.1f} ms   ratio {t / t_g:4.2f}{fl_txt}")
+        f"{os.cpu_count()} CPU threads, {reps} interleaved rounds; ratio = median over rounds of time / loss+grad time)")
+  for name, (f, args) in fns.items():
+    t_med = float(np.median(ts[name])) / per_call[name]
+    r = ts[name] / per_call[name] / ts["loss+grad"]
+    fl = flops(f, *args) if per_call[name] == 1 else float("nan")  # a loop body is counted once: no per-probe count
+    fl_txt = f"  XLA FLOPs {fl / fl_g:4.2f}x" if np.isfinite(fl) else ""
+    print(f"  {name:<42s} {t_med * 1e3:9.1f} ms   ratio {np.median(r):4.2f} (range {r.min():.2f}-{r.max():.2f}){fl_txt}")
+  if sweep[0]:
+    per_probe = float(np.median(ts[amort])) / probes
+    n_ckpt, n_probe = sweep
+    print(f"  sweep: {n_ckpt} checkpoints x {n_probe} Hutchinson probes on this {batch}x{seq_len} batch = "
+          f"{n_ckpt * n_probe * per_probe / 60:.1f} min (restores not included)")
 
 
 def main():
@@ -90,9 +107,11 @@ def main():
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--probes", type=int, default=8, help="probes per linearisation in the amortised row")
+  ap.add_argument("--sweep_checkpoints", type=int, default=0, help="also print the cost of a flatness sweep")
+  ap.add_argument("--sweep_probes", type=int, default=32)
   args = ap.parse_args()
   for p in args.presets.split(","):
-    bench(p.strip(), args.batch, args.seq_len, args.reps, args.probes)
+    bench(p.strip(), args.batch, args.seq_len, args.reps, args.probes, (args.sweep_checkpoints, args.sweep_probes))
 
 
 if __name__ == "__main__":

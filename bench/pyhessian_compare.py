@@ -8,7 +8,7 @@ LayerNorm, biases; lmtrace's `lib.model` vs an equivalent torch.nn module), the 
 loss (mean next-token cross-entropy), fp32, one batch (PyHessian's `data=` mode, which keeps the
 first-order graph alive and does one double-backward per probe). Both sides run Rademacher probes;
 lmtrace uses forward-over-reverse HVPs (jax.jvp of jax.grad), jitted, through
-`analysis.hessian.hutchinson_trace` when available. Prints seconds per probe and the ratio.
+`analysis.hessian.hutchinson_trace`. Prints seconds per probe and the ratio.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from analysis import hessian as H  # noqa: E402
 from lib import model as M  # noqa: E402
 from lib import sharding  # noqa: E402
 
@@ -99,20 +100,9 @@ def main():
            "mask": jnp.ones(inputs.shape, jnp.int32), "segment_ids": jnp.ones(inputs.shape, jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), inputs.shape)}
   loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
-  try:
-    from analysis import hessian as H
-    matvec = H.make_hvp(loss_fn, [batch])
-    run = lambda n, seed: H.hutchinson_trace(matvec, params, jax.random.key(seed), n)  # noqa: E731
-    how = "analysis.hessian.hutchinson_trace"
-  except ImportError:
-    @jax.jit
-    def probe(p, key):
-      v = jax.tree.map(lambda a, k: jax.random.rademacher(k, a.shape, a.dtype), p,
-                       jax.tree.unflatten(jax.tree.structure(p), list(jax.random.split(key, len(jax.tree.leaves(p))))))
-      hv = jax.jvp(jax.grad(lambda q: loss_fn(q, batch)), (p,), (v,))[1]
-      return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv)))
-    run = lambda n, seed: [float(probe(params, jax.random.key(seed * 1000 + i))) for i in range(n)]  # noqa: E731
-    how = "jax.jvp(jax.grad) per probe (analysis.hessian not found)"
+  matvec = H.make_hvp(loss_fn, [batch])
+  run = lambda n, seed: H.hutchinson_trace(matvec, params, jax.random.key(seed), n)  # noqa: E731
+  how = "analysis.hessian.hutchinson_trace"
   run(args.probes, 1)  # compile (the estimator jits its whole probe loop: warm up with the same count)
   t0 = time.perf_counter()
   res = run(args.probes, 2)

@@ -30,9 +30,11 @@ def _args(**kw):
   return F.parse_args(["--workdir=unused", "--batches=2", "--batch_size=8", *argv])
 
 
-def test_rows_per_checkpoint_and_estimator(run):
+def test_rows_per_checkpoint_and_estimator(run, capsys):
   df = F.run(run, _args(steps="0,8", estimator="hutchinson,fisher,lanczos", probes=6, blocks=True, lanczos_steps=6,
                         topk=2))
+  bars = capsys.readouterr().err  # progress: checkpoints, and probes within each estimator
+  assert "2/2" in bars and "step 8 hutchinson" in bars and "6/6" in bars and "step 0 lanczos" in bars
   assert set(df["step"]) == {0, 8}
   tr = df[(df.estimator == "hutchinson") & (df.quantity == "trace")]
   assert len(tr) == 2 and (tr["n_hvps"] == 6).all() and (tr["stderr"] > 0).all() and tr["valid"].all()
@@ -62,6 +64,8 @@ def test_resumable_and_same_table_after_interruption(run, tmp_path):
                                 whole[cols].sort_values("step").reset_index(drop=True))
   df = load.load_flatness([w])
   assert df["run"].iloc[0] == "copy"
+  import analysis
+  pd.testing.assert_frame_equal(analysis.load_flatness(w), df)  # the package-level loader, one workdir
   assert plots.flatness(df) is not None
 
 
@@ -99,3 +103,18 @@ def test_bad_input(run, tmp_path, monkeypatch):
   shutil.copytree(run, w, ignore=shutil.ignore_patterns("analysis"))
   df = F.run(w, _args(steps="8", estimator="hutchinson"))
   assert not df["valid"].any() and "non-finite" in df["reason"].iloc[0]
+
+
+def test_masked_lm_workdir(tmp_path):
+  """Liu et al.'s setting: a bidirectional masked LM; the loss, HVPs and Fisher count masked tokens only."""
+  w = str(tmp_path / "mlm")
+  cfg = tiny_cfg(str(tmp_path / "data"), **{"train.steps": 4, "ckpt.resume_every": 4, "eval.every": 0,
+                                            "model.causal": False, "data.objective": "mlm"})
+  train.train_and_evaluate(cfg, w)
+  df = F.run(w, _args(steps="4", estimator="hutchinson,fisher", probes=4))
+  assert df["valid"].all() and len(df) == 2
+  all_tokens = 2 * 8 * 32  # --batches=2 --batch_size=8, seq_len 32
+  assert 0.05 * all_tokens < df["n_tokens"].iloc[0] < 0.3 * all_tokens  # ~15% of the tokens are predicted
+  assert (df[df.estimator == "fisher"]["estimate"] > 0).all()
+  batches, _ = F.fixed_batches(w, batches=2, batch_size=8, seed=0)
+  assert sum(int(b["mask"].sum()) for b in batches) == df["n_tokens"].iloc[0]

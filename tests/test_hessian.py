@@ -128,6 +128,9 @@ def test_hutchinson_trace_blocks_and_stderr_scaling(mlp):
   within(g, np.trace(hess))
   early = H.hutchinson_trace(mv, params, jax.random.key(6), 256, target_rel_err=0.05, min_probes=16, chunk=8)
   assert 16 <= early.n_matvecs < 256 and early.stderr < 0.05 * abs(early.estimate)
+  seen = []
+  counted = H.hutchinson_trace(mv, params, jax.random.key(6), 20, chunk=8, progress=seen.append)
+  assert seen == [8, 8, 4] and counted.n_matvecs == 20
 
 
 def test_filter_gives_the_diagonal_block(mlp):
@@ -246,6 +249,12 @@ def test_fisher_trace_equals_exact_per_token_fisher(mlp):
   assert r.n_matvecs == 800 and r.extra["n_tokens"] == float(batch["mask"].sum())
   # a single batch-level gradient of the mean loss would estimate tr(F)/T: far outside the error bar
   assert abs(r.estimate - exact / r.extra["n_tokens"]) > 10 * r.stderr
+  seen = []
+  early = H.fisher_trace(mlp_logits, params, ragged, jax.random.key(0), 400, chunk=10, target_rel_err=0.05,
+                         min_samples=20, progress=seen.append)
+  assert 20 <= len(early.samples) < 400 and early.stderr < 0.05 * early.estimate
+  assert sum(seen) == len(early.samples) and early.n_matvecs == 2 * len(early.samples)
+  np.testing.assert_allclose(early.samples, r.samples[: len(early.samples)], rtol=1e-5)  # sample i: (key, i) only
 
 
 def test_fisher_trace_matches_hessian_trace_when_labels_follow_the_model():
