@@ -6,8 +6,21 @@
 # then training-step MFU (bf16, bench/train_step.py). The device image has jax, flax, optax, orbax,
 # pandas; the trainer's data stack is not there: carry its wheels in .whl/ (README "Benchmarks") or the
 # MFU part is skipped with a message. SMOKE=1 runs the same steps with tiny presets (a CPU check).
+#   bash bench/gpu_check.sh wheels   (here, before the run: ~11 MB of cp312 wheels into .whl/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = wheels ]; then  # the trainer's data stack, missing from the device image (see its package list)
+  plat="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
+  # shellcheck disable=SC2086
+  python3 -m pip download -q --no-deps --only-binary=:all: $plat -d .whl array_record==0.8.6 dm-tree==0.1.10 \
+    docstring_parser==0.18.0 googleapis-common-protos==1.76.0 grain==0.2.18 immutabledict==4.3.1 \
+    importlib_resources==7.1.0 ml_collections==1.1.0 portpicker==1.6.0 simple-parsing==0.1.9 tensorboardX==2.6.5 \
+    tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2 &&
+  python3 -m pip wheel -q --no-deps -w .whl promise==2.3 &&  # sdist only: build its pure-Python wheel here
+  ls .whl && exit 0
+  exit 1
+fi
 OUT=${OUT:-/tmp/lmtrace-gpu-check}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
