@@ -83,26 +83,41 @@ def _settings_key(settings: dict) -> str:
   return json.dumps(settings, sort_keys=True)
 
 
-def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh) -> list[dict]:
+class Measurer:
+  """What every checkpoint of a run shares: the model, its loss and logits functions, the HVP operator
+  on the fixed batches and the jitted loss. Built once per run, so the estimators' jitted bodies (cached
+  on the operator and the logits function) compile once, not once per checkpoint."""
+
+  def __init__(self, workdir: str, batches: list[dict], args):
+    from analysis import hessian as H
+    self.H, self.batches, self.args = H, batches, args
+    model, mcfg, _ = C.load_model(workdir)
+    if args.dtype != mcfg.dtype:
+      model = M.make(M.ModelConfig(**{**vars(mcfg), "dtype": args.dtype}))
+    self.model = model
+    self.loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
+    self.logits_fn = lambda p, b: M.logits(model, p, b)  # noqa: E731
+    self.loss_sum = jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())
+    self.n_tokens = float(sum(H._num_tokens(b) for b in batches))
+    self.matvec = H.make_hvp(self.loss_fn, batches)
+
+
+def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh, measurer: Measurer | None = None
+                       ) -> list[dict]:
   """All requested estimators at one checkpoint -> rows."""
-  from analysis import hessian as H
-  model, mcfg, _ = C.load_model(workdir)
-  if args.dtype != mcfg.dtype:
-    model = M.make(M.ModelConfig(**{**vars(mcfg), "dtype": args.dtype}))
+  ms = measurer or Measurer(workdir, batches, args)
   params = C.restore_params(workdir, step, mesh=mesh)
   rows = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
-    n_tok = float(sum(H._num_tokens(b) for b in batches))
-    loss = float(sum(float(jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())(params, b)) for b in batches) / n_tok)
-    matvec = H.make_hvp(loss_fn, batches)
+    n_tok = ms.n_tokens
+    loss = float(sum(float(ms.loss_sum(params, b)) for b in batches) / n_tok)
     key = jax.random.key(args.seed)
     for est in estimators:
       t0 = time.time()
       bar = tqdm(total=_budget(est, args), desc=f"  step {step} {est}", unit="hvp" if est != "fisher" else "sample",
-                    leave=False, disable=jax.process_index() != 0)
+                 leave=False, disable=jax.process_index() != 0)
       try:
-        res = run_estimator(H, est, model, params, batches, matvec, key, args, progress=bar.update)
+        res = run_estimator(ms.H, est, ms, params, key, args, progress=bar.update)
       except FloatingPointError as e:  # NaN in an HVP: the row is invalid, with the reason
         res = [dict(quantity="trace", estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
       wall = time.time() - t0
@@ -125,17 +140,18 @@ def _budget(est: str, args) -> int:
   return args.lanczos_steps
 
 
-def run_estimator(H, est: str, model, params, batches, matvec, key, args, progress=None) -> list[dict[str, Any]]:
+def run_estimator(H, est: str, ms: Measurer, params, key, args, progress=None) -> list[dict[str, Any]]:
   """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian.
   `progress(n)` hears of finished probes (chunk by chunk for Hutchinson and Fisher, at the end otherwise)."""
-  rows = _run_estimator(H, est, model, params, batches, matvec, key, args, progress)
+  rows = _run_estimator(H, est, ms, params, key, args, progress)
   if progress is not None and est not in ("hutchinson", "fisher"):
     progress(max(r["n_hvps"] for r in rows))
   return rows
 
 
-def _run_estimator(H, est, model, params, batches, matvec, key, args, progress) -> list[dict[str, Any]]:
+def _run_estimator(H, est, ms: Measurer, params, key, args, progress) -> list[dict[str, Any]]:
   flt = dict(include=args.filter or None, exclude=args.exclude or None)
+  matvec = ms.matvec
   if est == "hutchinson":
     r = H.hutchinson_trace(matvec, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
                            blocks=args.blocks, progress=progress, **flt)
@@ -147,8 +163,7 @@ def _run_estimator(H, est, model, params, batches, matvec, key, args, progress) 
     r = H.hutchpp_trace(matvec, params, key, args.probes, dist=args.dist, **flt)
     return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
   if est == "fisher":
-    logits_fn = lambda p, b: M.logits(model, p, b)  # noqa: E731
-    r = H.fisher_trace(logits_fn, params, batches, key, args.probes, target_rel_err=args.target_rel_err or None,
+    r = H.fisher_trace(ms.logits_fn, params, ms.batches, key, args.probes, target_rel_err=args.target_rel_err or None,
                        progress=progress, **flt)
     return [dict(quantity="fisher_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
   if est == "power":
@@ -211,6 +226,7 @@ def run(workdir: str, args) -> pd.DataFrame:
     done = set(zip(same["step"], same["estimator"]))
   pending = [(s, [e for e in estimators if (s, e) not in done]) for s in todo]
   pending = [(s, es) for s, es in pending if es]
+  measurer = Measurer(workdir, batches, args)
   writer = jax.process_index() == 0  # every process computes (collectives); one writes the table
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -218,7 +234,7 @@ def run(workdir: str, args) -> pd.DataFrame:
   for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt",
                          disable=not writer):
     meta = C.read_meta(workdir, step)
-    rows = measure_checkpoint(workdir, step, ests, args, batches, mesh)
+    rows = measure_checkpoint(workdir, step, ests, args, batches, mesh, measurer)
     for r in rows:
       r.update(tokens_seen=meta.get("tokens_seen", np.nan), data_fingerprint=fp, settings=key, **{
           f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()})

@@ -118,3 +118,16 @@ def test_masked_lm_workdir(tmp_path):
   assert (df[df.estimator == "fisher"]["estimate"] > 0).all()
   batches, _ = F.fixed_batches(w, batches=2, batch_size=8, seed=0)
   assert sum(int(b["mask"].sum()) for b in batches) == df["n_tokens"].iloc[0]
+
+
+def test_checkpoints_share_one_compilation(run):
+  """The estimators' jitted bodies are built once per run and reused for every checkpoint."""
+  a = _args(estimator="hutchinson,fisher", probes=4)
+  batches, _ = F.fixed_batches(run, batches=2, batch_size=8, seed=0)
+  ms = F.Measurer(run, batches, a)
+  mesh = F.default_mesh()
+  rows = [F.measure_checkpoint(run, s, ["hutchinson", "fisher"], a, batches, mesh, ms) for s in (0, 8)]
+  assert rows[0][0]["estimate"] != rows[1][0]["estimate"]
+  for owner in (ms.matvec, ms.logits_fn):
+    (fn,) = owner.__dict__["_hessian_jit_cache"].values()
+    assert fn._cache_size() == 1  # one trace and compilation for both checkpoints
