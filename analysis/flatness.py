@@ -9,7 +9,10 @@ the same settings (resumable); `analysis.load.load_flatness(W)` returns the tabl
 
 Every checkpoint is measured on the *same* tokens: `--batches` batches of the run's validation split,
 documents chosen by `--data_seed` and recorded (token fingerprint in every row). Dropout is off and
-the model runs in float32 unless `--dtype` says otherwise.
+the model runs in float32 unless `--dtype` says otherwise. The model, loss and HVP operator are built
+once per run, so the estimators compile once and every further checkpoint costs only its HVPs.
+`--mesh` shards the measurement; a multi-process job (`--coordinator`, as in train.py) runs the same
+command in every process, and process 0 writes the table.
 
 Estimators (analysis/hessian.py):
   hutchinson  Hutchinson trace, Rademacher (or --dist=gaussian) probes; per-block traces with --blocks
