@@ -41,6 +41,7 @@ import pandas as pd
 from flax import linen as nn
 from tqdm import tqdm
 
+from analysis import hessian as H
 from lib import ckpt as C
 from lib import metrics as MX
 from lib import model as M
@@ -92,12 +93,10 @@ class Measurer:
   on the operator and the logits function) compile once, not once per checkpoint."""
 
   def __init__(self, workdir: str, batches: list[dict], args):
-    from analysis import hessian as H
-    self.H, self.batches, self.args = H, batches, args
+    self.batches = batches
     model, mcfg, _ = C.load_model(workdir)
     if args.dtype != mcfg.dtype:
       model = M.make(M.ModelConfig(**{**vars(mcfg), "dtype": args.dtype}))
-    self.model = model
     self.loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
     self.logits_fn = lambda p, b: M.logits(model, p, b)  # noqa: E731
     self.loss_sum = jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())
@@ -120,7 +119,7 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh,
       bar = tqdm(total=_budget(est, args), desc=f"  step {step} {est}", unit="hvp" if est != "fisher" else "sample",
                  leave=False, disable=jax.process_index() != 0)
       try:
-        res = run_estimator(ms.H, est, ms, params, key, args, progress=bar.update)
+        res = run_estimator(est, ms, params, key, args, progress=bar.update)
       except FloatingPointError as e:  # NaN in an HVP: the row is invalid, with the reason
         res = [dict(quantity="trace", estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
       wall = time.time() - t0
@@ -143,16 +142,16 @@ def _budget(est: str, args) -> int:
   return args.lanczos_steps
 
 
-def run_estimator(H, est: str, ms: Measurer, params, key, args, progress=None) -> list[dict[str, Any]]:
+def run_estimator(est: str, ms: Measurer, params, key, args, progress=None) -> list[dict[str, Any]]:
   """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian.
   `progress(n)` hears of finished probes (chunk by chunk for Hutchinson and Fisher, at the end otherwise)."""
-  rows = _run_estimator(H, est, ms, params, key, args, progress)
+  rows = _run_estimator(est, ms, params, key, args, progress)
   if progress is not None and est not in ("hutchinson", "fisher"):
     progress(max(r["n_hvps"] for r in rows))
   return rows
 
 
-def _run_estimator(H, est, ms: Measurer, params, key, args, progress) -> list[dict[str, Any]]:
+def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[dict[str, Any]]:
   flt = dict(include=args.filter or None, exclude=args.exclude or None)
   matvec = ms.matvec
   if est == "hutchinson":
