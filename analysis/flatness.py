@@ -193,9 +193,13 @@ def table_path(workdir: str) -> str:
 def default_mesh(spec: str = ""):
   """`--mesh=data,fsdp,tensor`; by default one device, or every device of a multi-process job."""
   if spec:
-    sizes = [int(x) for x in spec.split(",")]
+    try:
+      sizes = [int(x) for x in spec.split(",")]
+    except ValueError:
+      sizes = []
     if len(sizes) != len(sharding.MESH_AXES):
-      raise FlatnessError(f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} sizes ({','.join(sharding.MESH_AXES)})")
+      raise FlatnessError(f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} integer sizes "
+                          f"({','.join(sharding.MESH_AXES)}), e.g. --mesh=2,2,2")
     return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
   if jax.process_count() > 1:
     return sharding.make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
@@ -217,6 +221,7 @@ def run(workdir: str, args) -> pd.DataFrame:
   else:
     todo = [C.resolve_step(workdir, int(s)) for s in str(args.steps).split(",") if s.strip()]
   mesh = default_mesh(args.mesh)
+  sharding.check_batch(mesh, args.batch_size, "--batch_size")  # before any batch is placed on the mesh
   batches, fp = fixed_batches(workdir, batches=args.batches, batch_size=args.batch_size, seed=args.data_seed, mesh=mesh)
   settings = _settings(args)
   key = _settings_key(settings)

@@ -10,6 +10,7 @@ import train
 from analysis import flatness as F
 from analysis import load, plots
 from lib import ckpt as C
+from lib.sharding import ShardingError
 from tests.helpers import tiny_cfg
 
 
@@ -84,6 +85,10 @@ def test_bad_input(run, tmp_path, monkeypatch):
     F.run(run, _args(estimator="hutchinsn"))
   with pytest.raises(C.CheckpointError, match="no checkpoint at step 7"):
     F.run(run, _args(steps="7"))
+  with pytest.raises(F.FlatnessError, match="needs 3 integer sizes"):
+    F.run(run, _args(mesh="2,2"))
+  with pytest.raises(ShardingError, match="batch_size=6 is not divisible by the data-parallel mesh size 4"):
+    F.run(run, _args(mesh="4,1,2", batch_size=6))
   with pytest.raises(ValueError, match="matches no parameter"):
     F.run(run, _args(steps="8", filter="no_such_param"))
   empty = tmp_path / "empty"
