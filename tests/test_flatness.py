@@ -1,8 +1,10 @@
 """Flatness CLI over a workdir: rows per checkpoint, resumable, cross-mesh, bad input, NaN rows."""
 
+import json
 import os
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -32,8 +34,8 @@ def _args(**kw):
 
 
 def test_rows_per_checkpoint_and_estimator(run, capsys):
-  df = F.run(run, _args(steps="0,8", estimator="hutchinson,fisher,lanczos", probes=6, blocks=True, lanczos_steps=6,
-                        topk=2))
+  df = F.run(run, _args(steps="0,8", estimator="hutchinson,fisher,lanczos,slq", probes=6, blocks=True,
+                        lanczos_steps=6, topk=2, slq_runs=3))
   bars = capsys.readouterr().err  # progress: checkpoints, and probes within each estimator
   assert "2/2" in bars and "step 8 hutchinson" in bars and "6/6" in bars and "step 0 lanczos" in bars
   assert set(df["step"]) == {0, 8}
@@ -46,6 +48,13 @@ def test_rows_per_checkpoint_and_estimator(run, capsys):
     t = tr[tr.step == s]["estimate"].item()
     assert abs(b - t) < 1e-3 * max(1.0, abs(t))
   assert set(df[df.estimator == "lanczos"].quantity) == {"eig_0", "eig_1"}
+  slq = df[df.estimator == "slq"]
+  assert list(slq.quantity) == ["trace", "trace"] and (slq.stderr > 0).all() and (slq.n_hvps == 18).all()
+  dens = json.loads(slq.density.iloc[1])
+  assert abs(np.trapezoid(dens["density"], dens["grid"]) - 1) < 1e-2  # a density: integrates to one
+  for s in (0, 8):  # SLQ and Hutchinson estimate the same trace
+    a, b = slq[slq.step == s].iloc[0], tr[tr.step == s].iloc[0]
+    assert abs(a.estimate - b.estimate) < 4 * np.hypot(a.stderr, b.stderr)
   assert (df[df.estimator == "fisher"]["estimate"] > 0).all()
   assert (df["loss"] > 0).all() and df["data_fingerprint"].nunique() == 1
   assert df[df.step == 8]["tokens_seen"].iloc[0] == 8 * 8 * 32
