@@ -10,6 +10,7 @@ Curves are drawn on a log10-step axis, so step 0 (the initialisation) is left ou
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -171,6 +172,31 @@ def flatness(df: pd.DataFrame, quantity: str = "trace", x: str = "step", estimat
     ax.set_xscale("log")
   ax.set_xlabel(x)
   ax.set_ylabel(quantity.replace("_", " "))
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def spectral_density(df: pd.DataFrame, steps: Sequence[int] | None = None, run: str | None = None, log: bool = True):
+  """SLQ spectral densities (rows of `load_flatness` with estimator 'slq'), one line per checkpoint,
+  log-scaled density by default (the bulk near 0 and the outliers both show)."""
+  d = df[(df["estimator"] == "slq") & df["valid"]]
+  if run is not None and "run" in d:
+    d = d[d["run"] == run]
+  if steps is not None:
+    d = d[d["step"].isin(list(steps))]
+  if not len(d):
+    raise ValueError("no valid slq rows: run python -m analysis.flatness --estimator=slq first")
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for _, r in d.sort_values("step").iterrows():
+    dens = json.loads(r["density"])
+    label = f"{r['run']} step {r['step']}" if "run" in d else f"step {r['step']}"
+    ax.plot(dens["grid"], dens["density"], lw=1, label=label)
+  if log:
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-8)
+  ax.set_xlabel("eigenvalue")
+  ax.set_ylabel("density")
   ax.legend(fontsize=7)
   fig.tight_layout()
   return fig

@@ -52,6 +52,7 @@ def test_rows_per_checkpoint_and_estimator(run, capsys):
   assert list(slq.quantity) == ["trace", "trace"] and (slq.stderr > 0).all() and (slq.n_hvps == 18).all()
   dens = json.loads(slq.density.iloc[1])
   assert abs(np.trapezoid(dens["density"], dens["grid"]) - 1) < 1e-2  # a density: integrates to one
+  assert plots.spectral_density(df) is not None
   for s in (0, 8):  # SLQ and Hutchinson estimate the same trace
     a, b = slq[slq.step == s].iloc[0], tr[tr.step == s].iloc[0]
     assert abs(a.estimate - b.estimate) < 4 * np.hypot(a.stderr, b.stderr)
