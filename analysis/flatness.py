@@ -3,7 +3,9 @@
   python -m analysis.flatness --workdir=W [--steps=all|0,100,...] [--estimator=hutchinson,fisher,...]
 
 Writes W/analysis/flatness.parquet, one row per (checkpoint, estimator, quantity): step, tokens seen,
-loss on the fixed batches, estimate, its standard error, number of HVPs and batches, wall time,
+loss on the fixed batches, estimate, its standard error, number of HVPs, batches, tokens and parameters
+(of the filtered set; estimate / n_params is the mean curvature, though Liu et al. caution that
+traces of different widths are not directly comparable), wall time,
 validity (with the reason when an HVP produced NaN). Rerunning skips rows already computed with
 the same settings (resumable); `analysis.load.load_flatness(W)` returns the table.
 
@@ -20,6 +22,8 @@ Estimators (analysis/hessian.py):
   fisher      trace of the Fisher with labels sampled from the model (the paper's App. B.1 estimator;
               equals the Hessian trace at a minimum); the released code instead uses one Gaussian
               Hutchinson probe per batch with the true labels: use hutchinson --dist=gaussian
+  ggn         Hutchinson trace of the generalised Gauss-Newton matrix (PSD, label-free; its trace is the
+              Fisher trace, which `fisher` estimates by sampling labels; per-block with --blocks)
   power       λ_max (largest magnitude) by power iteration
   lanczos     top-k eigenvalues by Lanczos with full reorthogonalisation
   slq         spectral density by stochastic Lanczos quadrature (a JSON `density` column) and its trace
@@ -28,7 +32,9 @@ Estimators (analysis/hessian.py):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import sys
 import time
@@ -47,7 +53,7 @@ from lib import metrics as MX
 from lib import model as M
 from lib import sharding
 
-ESTIMATORS = ("hutchinson", "hutchpp", "fisher", "power", "lanczos", "slq")
+ESTIMATORS = ("hutchinson", "hutchpp", "fisher", "ggn", "power", "lanczos", "slq")
 
 
 class FlatnessError(ValueError):
@@ -102,6 +108,13 @@ class Measurer:
     self.loss_sum = jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())
     self.n_tokens = float(sum(H._num_tokens(b) for b in batches))
     self.matvec = H.make_hvp(self.loss_fn, batches)
+    shapes, _ = M.abstract_params(model)
+    leaves, keep = jax.tree.leaves(shapes), H.selected(shapes, args.filter or None, args.exclude or None)
+    self.n_params = sum(math.prod(x.shape) for i, x in enumerate(leaves) if keep is None or keep[i])  # measured ones
+
+  @functools.cached_property
+  def ggn(self) -> H.HVPOperator:
+    return H.make_ggn(self.logits_fn, self.batches)
 
 
 def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh, measurer: Measurer | None = None
@@ -127,7 +140,8 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh,
       for r in res:
         est_val = r.get("estimate", float("nan"))
         valid = r.get("valid", bool(np.isfinite(est_val)))
-        rows.append(dict(step=step, estimator=est, loss=loss, n_batches=len(batches), n_tokens=n_tok, wall_time=wall,
+        rows.append(dict(step=step, estimator=est, loss=loss, n_batches=len(batches), n_tokens=n_tok, n_params=ms.n_params,
+                         wall_time=wall,
                          valid=valid, reason=r.get("reason", "" if valid else "non-finite estimate"),
                          **{k: v for k, v in r.items() if k not in ("valid", "reason")}))
   return rows
@@ -135,7 +149,7 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh,
 
 def _budget(est: str, args) -> int:
   """HVPs (Fisher: samples) an estimator will run, for its progress bar."""
-  if est in ("hutchinson", "hutchpp", "fisher"):
+  if est in ("hutchinson", "ggn", "hutchpp", "fisher"):
     return args.probes
   if est == "slq":
     return args.slq_runs * args.lanczos_steps
@@ -146,7 +160,7 @@ def run_estimator(est: str, ms: Measurer, params, key, args, progress=None) -> l
   """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian.
   `progress(n)` hears of finished probes (chunk by chunk for Hutchinson and Fisher, at the end otherwise)."""
   rows = _run_estimator(est, ms, params, key, args, progress)
-  if progress is not None and est not in ("hutchinson", "fisher"):
+  if progress is not None and est not in ("hutchinson", "ggn", "fisher"):
     progress(max(r["n_hvps"] for r in rows))
   return rows
 
@@ -160,6 +174,13 @@ def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[
     rows = [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
     for name, (e, se) in (getattr(r, "blocks", None) or {}).items():
       rows.append(dict(quantity=f"trace/{name}", estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs)))
+    return rows
+  if est == "ggn":
+    r = H.hutchinson_trace(ms.ggn, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
+                           blocks=args.blocks, progress=progress, **flt)
+    rows = [dict(quantity="ggn_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
+    for name, (e, se) in (r.blocks or {}).items():
+      rows.append(dict(quantity=f"ggn_trace/{name}", estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs)))
     return rows
   if est == "hutchpp":
     r = H.hutchpp_trace(matvec, params, key, args.probes, dist=args.dist, **flt)

@@ -18,6 +18,7 @@ Shape legend:
 
 Estimators (each returns an `Estimate`: estimate, stderr, n_matvecs, per-probe samples, ...):
   hutchinson_trace   tr(H) or tr of the diagonal block of filtered parameters; per-block traces
+                     (with a `make_ggn` operator: tr of the Gauss-Newton matrix = tr(F), label-free)
   hutchpp_trace      Hutch++ (Meyer et al. 2021); stderr of the residual part only
   fisher_trace       tr(F), labels sampled from the model (Liu et al. 2023, App. B.1)
   power_iteration    λ of largest magnitude, residual ‖Hv − λv‖
@@ -272,18 +273,46 @@ def _signature(batch) -> tuple:
   return treedef, tuple((np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)) for x in leaves)
 
 
+def ggn_linearised(logits_fn: Callable, params: PyTree, batch) -> Callable[[PyTree], PyTree]:
+  """v -> G v for the mean masked token cross-entropy of one batch, G = Jᵀ (H_z / T) J the generalised
+  Gauss-Newton matrix: J the Jacobian of the logits, H_z = diag(p) − ppᵀ per token (the CE Hessian in
+  the logits, label-free), T the batch's loss tokens. One forward pass is linearised and transposed, so
+  each further v costs a tangent forward and its transpose (≈ 4/3 of a gradient's matmul FLOPs). For
+  softmax cross-entropy G equals the Fisher (tr G = `fisher_trace`'s expectation), is PSD, and equals H
+  wherever the logits are linear in the parameters."""
+  z_BxLxV, lin = jax.linearize(lambda q: logits_fn(q, batch), params)
+  lin_t = jax.linear_transpose(lin, params)
+  p_BxLxV = jax.nn.softmax(z_BxLxV.astype(jnp.float32), -1)
+  m_BxL = jnp.asarray(batch["mask"], jnp.float32)
+  w_BxL = m_BxL / jnp.maximum(m_BxL.sum(), 1.0)
+
+  def mv(v):
+    u_BxLxV = lin(_like_params(v, params)).astype(jnp.float32)
+    hu = p_BxLxV * (u_BxLxV - jnp.sum(p_BxLxV * u_BxLxV, -1, keepdims=True)) * w_BxL[..., None]
+    return lin_t(hu.astype(z_BxLxV.dtype))[0]
+  return mv
+
+
 class HVPOperator:
-  """matvec(params, v) = Σ_b w_b H_b v: the HVP of the loss over all batches' tokens.
+  """matvec(params, v) = Σ_b w_b C_b v for the curvature C of the loss over all batches' tokens:
+  the Hessian H (default) or, with `curvature='ggn'` and a `logits_fn`, the generalised Gauss-Newton
+  matrix G of the mean masked token cross-entropy (`ggn_linearised`).
 
   `loss_fn` is a per-batch *mean*, so weights default to each batch's share of loss tokens (mask sum):
   the result is exactly the HVP of the concatenated data (equal per-batch weights would be biased for
   ragged or masked batches). Same-shaped batches are stacked and scanned inside one jit (memory of one
   batch at a time); ragged ones are summed in a traced Python loop. Results are sharded like `params`.
-  `apply(params, v, operands)` is the traceable form the estimators run inside their own jit.
+  `apply(params, v, operands)` is the traceable form the estimators run inside their own jit;
+  `linearise(params, batch)` gives v -> C_b v sharing one linearisation across many v.
   """
 
-  def __init__(self, loss_fn: Callable, batches: Sequence[dict], weights: Sequence[float] | None = None):
-    self.loss_fn = loss_fn
+  def __init__(self, loss_fn: Callable | None, batches: Sequence[dict], weights: Sequence[float] | None = None, *,
+               curvature: str = "hessian", logits_fn: Callable | None = None):
+    if curvature not in ("hessian", "ggn"):
+      raise ValueError(f"unknown curvature {curvature!r}; valid: 'hessian', 'ggn'")
+    if (curvature == "hessian" and loss_fn is None) or (curvature == "ggn" and logits_fn is None):
+      raise ValueError("curvature='hessian' needs loss_fn; curvature='ggn' needs logits_fn")
+    self.loss_fn, self.logits_fn, self.curvature = loss_fn, logits_fn, curvature
     self.batches = list(batches)
     if not self.batches:
       raise ValueError("make_hvp needs at least one batch")
@@ -321,7 +350,14 @@ class HVPOperator:
       out = y if out is None else jax.tree.map(jnp.add, out, y)
     return out
 
+  def linearise(self, params: PyTree, batch) -> Callable[[PyTree], PyTree]:
+    if self.curvature == "ggn":
+      return ggn_linearised(self.logits_fn, params, batch)
+    return jax.linearize(jax.grad(lambda q: self.loss_fn(q, batch)), params)[1]
+
   def apply(self, params: PyTree, v: PyTree, operands) -> PyTree:
+    if self.curvature == "ggn":
+      return self.per_batch(lambda b: ggn_linearised(self.logits_fn, params, b)(v), operands)
     return self.per_batch(lambda b: hvp(self.loss_fn, params, b, v), operands)
 
   def __call__(self, params: PyTree, v: PyTree) -> PyTree:
@@ -334,6 +370,12 @@ class HVPOperator:
 def make_hvp(loss_fn: Callable, batches: Sequence[dict], weights: Sequence[float] | None = None) -> HVPOperator:
   """The token-weighted HVP operator over a fixed list of batches (see `HVPOperator`)."""
   return HVPOperator(loss_fn, batches, weights)
+
+
+def make_ggn(logits_fn: Callable, batches: Sequence[dict], weights: Sequence[float] | None = None) -> HVPOperator:
+  """The token-weighted generalised Gauss-Newton operator of the mean masked token cross-entropy
+  (`logits_fn(params, batch) -> logits_BxLxV`, batches with "mask"); every estimator takes it."""
+  return HVPOperator(None, batches, weights, curvature="ggn", logits_fn=logits_fn)
 
 
 def _traceable(matvec: MatVec) -> tuple[Callable, Any]:
@@ -404,13 +446,14 @@ def _hutchinson_chunk(matvec: MatVec, params: PyTree, dist: str, sel, chunk: int
     return _constrain(_like_params(_apply_sel(draw(k, p), sel), p), sh)
 
   if amortise and isinstance(matvec, HVPOperator):
-    # Linearise each batch's gradient once, then push every probe through the tangent map only
-    # (vᵀHv = Σ_b w_b vᵀH_b v): ≈ the cost of PyHessian's retained graph, one batch's residuals in memory.
+    # Linearise each batch once (the gradient, or the logits for the GGN), then push every probe through
+    # the tangent map only (vᵀCv = Σ_b w_b vᵀC_b v): ≈ the cost of PyHessian's retained graph, one
+    # batch's residuals in memory.
     def f(p, key, start, ops):
       keys = _fold(key, start, chunk)
 
       def one_batch(b):
-        _, lin = jax.linearize(jax.grad(lambda q: matvec.loss_fn(q, b)), p)
+        lin = matvec.linearise(p, b)
         return lax.map(lambda k: (lambda v: _per_leaf(v, lin(v)))(probe(k, p)), keys)
 
       return matvec.per_batch(one_batch, ops)

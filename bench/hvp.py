@@ -74,14 +74,16 @@ def bench(preset: str, batch: int, seq_len: int, reps: int, probes: int, sweep: 
   grad = jax.jit(lambda p, bb: jax.value_and_grad(loss_fn)(p, bb))
   fwd_rev = jax.jit(lambda p, v, bb: H.hvp(loss_fn, p, bb, v))
   rev_fwd = jax.jit(lambda p, v, bb: jax.grad(lambda q: jax.jvp(lambda r: loss_fn(r, bb), (q,), (v,))[1])(p))
+  ggn = jax.jit(lambda p, v, bb: H.ggn_linearised(lambda q, c: M.logits(model, q, c), p, bb)(v))
   mv = H.make_hvp(loss_fn, [b])
   # hutchinson_trace's jitted body: `probes` probes through one linearisation of the gradient
   chunk = H._hutchinson_chunk(mv, params, "rademacher", None, probes, True)
   key = jax.random.key(2)
   amort = f"HVP per probe, amortised ({probes}/linearisation)"
   fns = {"loss+grad": (grad, (params, b)), "HVP fwd-over-rev": (fwd_rev, (params, v, b)),
-         "HVP rev-over-fwd": (rev_fwd, (params, v, b)), amort: (chunk, (params, key, 0, mv.operands))}
-  per_call = {"loss+grad": 1, "HVP fwd-over-rev": 1, "HVP rev-over-fwd": 1, amort: probes}
+         "HVP rev-over-fwd": (rev_fwd, (params, v, b)), amort: (chunk, (params, key, 0, mv.operands)),
+         "GGN-vp (jvp, CE Hessian, vjp)": (ggn, (params, v, b))}
+  per_call = {name: 1 for name in fns} | {amort: probes}
   reps = reps if M.param_count(model) > 10_000_000 else 6 * reps  # small models: cheap rounds, more of them
   ts = interleaved_times(fns, reps)
   fl_g = flops(grad, params, b)

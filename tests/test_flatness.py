@@ -12,6 +12,7 @@ import train
 from analysis import flatness as F
 from analysis import load, plots
 from lib import ckpt as C
+from lib import model as M
 from lib.sharding import ShardingError
 from tests.helpers import tiny_cfg
 
@@ -34,7 +35,7 @@ def _args(**kw):
 
 
 def test_rows_per_checkpoint_and_estimator(run, capsys):
-  df = F.run(run, _args(steps="0,8", estimator="hutchinson,fisher,lanczos,slq", probes=6, blocks=True,
+  df = F.run(run, _args(steps="0,8", estimator="hutchinson,fisher,ggn,lanczos,slq", probes=6, blocks=True,
                         lanczos_steps=6, topk=2, slq_runs=3))
   bars = capsys.readouterr().err  # progress: checkpoints, and probes within each estimator
   assert "2/2" in bars and "step 8 hutchinson" in bars and "6/6" in bars and "step 0 lanczos" in bars
@@ -57,6 +58,15 @@ def test_rows_per_checkpoint_and_estimator(run, capsys):
     a, b = slq[slq.step == s].iloc[0], tr[tr.step == s].iloc[0]
     assert abs(a.estimate - b.estimate) < 4 * np.hypot(a.stderr, b.stderr)
   assert (df[df.estimator == "fisher"]["estimate"] > 0).all()
+  ggn = df[df.quantity == "ggn_trace"]
+  assert len(ggn) == 2 and (ggn.estimate > 0).all() and (ggn.n_hvps == 6).all()
+  assert "ggn_trace/layer_1/mlp" in set(df.quantity)
+  fisher = df[df.quantity == "fisher_trace"]
+  for s in (0, 8):  # one quantity, two estimators: tr G = tr F
+    a, b = ggn[ggn.step == s].iloc[0], fisher[fisher.step == s].iloc[0]
+    assert abs(a.estimate - b.estimate) < 4 * np.hypot(a.stderr, b.stderr), (s, a.estimate, b.estimate)
+  n = M.param_count(C.load_model(run)[0])
+  assert (df["n_params"] == n).all()
   assert (df["loss"] > 0).all() and df["data_fingerprint"].nunique() == 1
   assert df[df.step == 8]["tokens_seen"].iloc[0] == 8 * 8 * 32
 
@@ -101,6 +111,9 @@ def test_bad_input(run, tmp_path, monkeypatch):
     F.run(run, _args(mesh="4,1,2", batch_size=6))
   with pytest.raises(ValueError, match="matches no parameter"):
     F.run(run, _args(steps="8", filter="no_such_param"))
+  only = F.run(str(shutil.copytree(run, str(tmp_path / "f"), ignore=shutil.ignore_patterns("analysis"))),
+               _args(steps="8", filter="layer_0/mlp", probes=2))
+  assert only["n_params"].iloc[0] == 2 * (32 * 64) + 64 + 32  # nano: wi, wo kernels and biases
   empty = tmp_path / "empty"
   empty.mkdir()
   shutil.copy(os.path.join(run, "config.json"), empty / "config.json")
@@ -131,6 +144,15 @@ def test_masked_lm_workdir(tmp_path):
   all_tokens = 2 * 8 * 32  # --batches=2 --batch_size=8, seq_len 32
   assert 0.05 * all_tokens < df["n_tokens"].iloc[0] < 0.3 * all_tokens  # ~15% of the tokens are predicted
   assert (df[df.estimator == "fisher"]["estimate"] > 0).all()
+  ggn = df[df.quantity == "ggn_trace"]
+  assert len(ggn) == 2 and (ggn.estimate > 0).all() and (ggn.n_hvps == 6).all()
+  assert "ggn_trace/layer_1/mlp" in set(df.quantity)
+  fisher = df[df.quantity == "fisher_trace"]
+  for s in (0, 8):  # one quantity, two estimators: tr G = tr F
+    a, b = ggn[ggn.step == s].iloc[0], fisher[fisher.step == s].iloc[0]
+    assert abs(a.estimate - b.estimate) < 4 * np.hypot(a.stderr, b.stderr), (s, a.estimate, b.estimate)
+  n = M.param_count(C.load_model(run)[0])
+  assert (df["n_params"] == n).all()
   batches, _ = F.fixed_batches(w, batches=2, batch_size=8, seed=0)
   assert sum(int(b["mask"].sum()) for b in batches) == df["n_tokens"].iloc[0]
 

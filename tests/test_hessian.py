@@ -280,6 +280,49 @@ def test_fisher_trace_matches_hessian_trace_when_labels_follow_the_model():
   within(fl, np.trace(exact_hessian(loss, W)))
 
 
+def explicit_ggn(params, batch):
+  """Σ_t (m_t / Σm) J_tᵀ (diag p_t − p_t p_tᵀ) J_t from the full Jacobian of the logits."""
+  f0, unravel = ravel_pytree(params)
+  J_TxVxN = np.asarray(jax.jit(jax.jacobian(lambda f: mlp_logits(unravel(f), batch)))(f0), np.float64).reshape(-1, V, f0.size)
+  p_TxV = np.asarray(jax.nn.softmax(mlp_logits(params, batch)), np.float64).reshape(-1, V)
+  w_T = np.asarray(batch["mask"], np.float64).reshape(-1) / float(batch["mask"].sum())
+  Hz_TxVxV = np.einsum("tv,vu->tvu", p_TxV, np.eye(V)) - np.einsum("tv,tu->tvu", p_TxV, p_TxV)
+  return np.einsum("t,tvn,tvu,tum->nm", w_T, J_TxVxN, Hz_TxVxV, J_TxVxN)
+
+
+def test_ggn_operator_against_the_explicit_gauss_newton_matrix(mlp):
+  params, batch, _ = mlp
+  G = explicit_ggn(params, batch)
+  assert np.linalg.eigvalsh(G).min() > -1e-6 * np.abs(G).max()  # PSD, unlike the Hessian
+  v = H.rademacher_like(jax.random.key(7), params)
+  ragged = [{k: x[:1] for k, x in batch.items()}, {k: x[1:] for k, x in batch.items()}]
+  for parts in ([batch], ragged):  # token-weighted like the HVP operator
+    gv = flat(H.make_ggn(mlp_logits, parts)(params, v))
+    assert np.linalg.norm(gv - G @ flat(v)) < 1e-5 * np.linalg.norm(G @ flat(v))
+  # tr G is the Fisher trace exactly (the expectation the label-sampling estimator targets)
+  assert abs(np.trace(G) - exact_fisher_trace(params, [batch])) < 1e-4 * np.trace(G)
+  op = H.make_ggn(mlp_logits, ragged)
+  r = H.hutchinson_trace(op, params, jax.random.key(8), 256, chunk=32, blocks=[(r"^(l\d)/", r"\1")])
+  within(r, np.trace(G))
+  plain = H.hutchinson_trace(op, params, jax.random.key(8), 16, chunk=8, amortise=False)
+  np.testing.assert_allclose(plain.samples, r.samples[:16], rtol=1e-5)  # amortised == one matvec per probe
+  top = H.top_eigenvalues(op, params, jax.random.key(9), k=2, num_steps=40)
+  np.testing.assert_allclose(top.eigenvalues, np.linalg.eigvalsh(G)[::-1][:2], rtol=1e-3)
+
+
+def test_ggn_equals_the_hessian_when_logits_are_linear_in_the_parameters():
+  big = {"x": jnp.asarray(np.random.default_rng(6).normal(size=(4, 8, D)), jnp.float32),
+         "y": jnp.asarray(np.random.default_rng(7).integers(0, V, (4, 8))), "mask": jnp.ones((4, 8), jnp.float32)}
+  W = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(D, V)), jnp.float32), "b": jnp.zeros(V)}
+  lin = lambda p, b: b["x"] @ p["w"] + p["b"]  # noqa: E731
+  loss = lambda p, b: -jnp.take_along_axis(jax.nn.log_softmax(lin(p, b)), b["y"][..., None], -1).mean()  # noqa: E731
+  v = H.gaussian_like(jax.random.key(3), W)
+  hv, gv = flat(H.make_hvp(loss, [big])(W, v)), flat(H.make_ggn(lin, [big])(W, v))
+  assert np.linalg.norm(gv - hv) < 1e-5 * np.linalg.norm(hv)
+  with pytest.raises(ValueError, match="needs logits_fn"):
+    H.HVPOperator(None, [big], curvature="ggn")
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. Sharding: same numbers on a (2,2,2) mesh and on one device; results carry the params' shardings
 
@@ -306,7 +349,8 @@ def test_estimators_agree_on_a_mesh_and_one_device(mlp):
             "top": H.top_eigenvalues(mv, p, k, k=2, num_steps=12).eigenvalues,
             "power": H.power_iteration(mv, p, k, num_iters=15, tol=0.0).estimate,
             "slq": H.slq_density(mv, p, k, num_runs=2, num_steps=12).nodes,  # same compiled Lanczos as "top"
-            "fisher": H.fisher_trace(mlp_logits, p, b, k, 4).samples}, mv
+            "fisher": H.fisher_trace(mlp_logits, p, b, k, 4).samples,
+            "ggn": H.hutchinson_trace(H.make_ggn(mlp_logits, b), p, k, 4).samples}, mv
 
   one, _ = run(single, halves)
   eight, mv8 = run(sharded, sbatch)
