@@ -25,7 +25,7 @@ Estimators (analysis/hessian.py):
   ggn         Hutchinson trace of the generalised Gauss-Newton matrix (PSD, label-free; its trace is the
               Fisher trace, which `fisher` estimates by sampling labels; per-block with --blocks)
   power       λ_max (largest magnitude) by power iteration
-  lanczos     top-k eigenvalues by Lanczos with full reorthogonalisation
+  lanczos     top-k eigenvalues (eig_0..) and the smallest (eig_min) by Lanczos with full reorthogonalisation
   slq         spectral density by stochastic Lanczos quadrature (a JSON `density` column) and its trace
 """
 
@@ -197,8 +197,10 @@ def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[
     r = H.top_eigenvalues(matvec, params, key, k=args.topk, num_steps=args.lanczos_steps)
     vals = np.asarray(r.eigenvalues)
     res = np.asarray(getattr(r, "residuals", np.full(len(vals), np.nan)))
+    lo, lo_bound = r.extra["lambda_min"]
     return [dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs))
-            for i, (v, e) in enumerate(zip(vals, res))]
+            for i, (v, e) in enumerate(zip(vals, res))] + [
+        dict(quantity="eig_min", estimate=lo, stderr=lo_bound, n_hvps=int(r.n_matvecs))]
   if est == "slq":
     r = H.slq_density(matvec, params, key, num_runs=args.slq_runs, num_steps=args.lanczos_steps)
     grid, dens = np.asarray(r.grid), np.asarray(r.density)

@@ -831,7 +831,8 @@ def top_eigenvalues(matvec: MatVec, params: PyTree, key, k: int = 5, num_steps: 
                     exclude: str | None = None) -> Estimate:
   """Top-k Ritz values of an m-step Lanczos run ('LA' largest algebraic — the sharpness, 'LM' largest
   magnitude, 'SA' smallest algebraic) with residual bounds |β_m s_{m,i}| (an eigenvalue of H lies within
-  that distance of each Ritz value). extra['converged'] flags residual < tol·|θ|."""
+  that distance of each Ritz value). extra['converged'] flags residual < tol·|θ|; extra['lambda_min'] is
+  the smallest Ritz value of the same run with its bound (negative curvature, at no extra HVP)."""
   if which not in ("LA", "LM", "SA"):
     raise ValueError(f"which must be 'LA', 'LM' or 'SA', not {which!r}")
   T = lanczos(matvec, params, key, num_steps, filter=filter, include=include, exclude=exclude)
@@ -839,8 +840,10 @@ def top_eigenvalues(matvec: MatVec, params: PyTree, key, k: int = 5, num_steps: 
   resid_m = np.abs(T.beta_last * S_mxm[-1, :])
   order = {"LA": np.argsort(-theta_m), "SA": np.argsort(theta_m), "LM": np.argsort(-np.abs(theta_m))}[which][:k]
   vals, res = theta_m[order], resid_m[order]
+  i_min = int(np.argmin(theta_m))
   return Estimate(float(vals[0]), float(res[0]), T.n_matvecs, eigenvalues=vals, residuals=res,
-                  extra={"converged": res < tol * np.maximum(np.abs(vals), 1e-30), "which": which})
+                  extra={"converged": res < tol * np.maximum(np.abs(vals), 1e-30), "which": which,
+                         "lambda_min": (float(theta_m[i_min]), float(resid_m[i_min]))})
 
 
 def _slq(matvec, params, key, num_runs: int, num_steps: int, sel, reorth: str):

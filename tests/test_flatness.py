@@ -48,7 +48,9 @@ def test_rows_per_checkpoint_and_estimator(run, capsys):
     b = blocks[(blocks.step == s)]["estimate"].sum()
     t = tr[tr.step == s]["estimate"].item()
     assert abs(b - t) < 1e-3 * max(1.0, abs(t))
-  assert set(df[df.estimator == "lanczos"].quantity) == {"eig_0", "eig_1"}
+  assert set(df[df.estimator == "lanczos"].quantity) == {"eig_0", "eig_1", "eig_min"}
+  eig = df[df.estimator == "lanczos"].pivot_table(index="step", columns="quantity", values="estimate")
+  assert (eig["eig_min"] < eig["eig_1"]).all() and (eig["eig_1"] <= eig["eig_0"]).all()
   slq = df[df.estimator == "slq"]
   assert list(slq.quantity) == ["trace", "trace"] and (slq.stderr > 0).all() and (slq.n_hvps == 18).all()
   dens = json.loads(slq.density.iloc[1])

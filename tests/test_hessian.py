@@ -176,6 +176,8 @@ def test_lanczos_power_and_slq_on_a_known_spectrum():
   top = H.top_eigenvalues(mv, params, jax.random.key(0), k=3, num_steps=60)
   np.testing.assert_allclose(top.eigenvalues, [10.0, 7.0, 5.0], rtol=1e-4)
   assert np.all(top.residuals < 1e-3) and top.extra["converged"].all()
+  lo, lo_bound = top.extra["lambda_min"]
+  assert abs(lo + 12.0) < 1e-3 and lo_bound < 1e-3  # the other end of the same run
   lm = H.top_eigenvalues(mv, params, jax.random.key(0), k=1, num_steps=60, which="LM")
   assert abs(lm.estimate + 12.0) < 1e-3
   T = H.lanczos(mv, params, jax.random.key(1), 40, return_basis=True)
