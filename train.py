@@ -291,6 +291,7 @@ def main(argv=None) -> None:
     print("usage: python train.py --config=configs/pcfg.py --workdir=DIR [--config.section.key=value ...]", file=sys.stderr)
     sys.exit(2)
   MX.quiet_logs()
+  sharding.enable_compilation_cache()  # a resumed or repeated run skips recompiling
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, C.CheckpointError, TrainingDiverged, sharding.ShardingError, dp.DataError) as e:

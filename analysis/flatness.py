@@ -311,6 +311,7 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   MX.quiet_logs()
+  sharding.enable_compilation_cache()
   try:
     for w in args.workdir:
       df = run(w, args)

@@ -54,6 +54,7 @@ from flax import linen as nn
 from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
+from lib import metrics as MX
 from lib import model as M
 from lib import schedules, sharding
 
@@ -625,14 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--freq_docs", type=int, default=100_000, help="training documents counted for log_freq")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   a = p.parse_args(argv)
+  MX.quiet_logs()  # orbax and tfds log every read at INFO
+  sharding.enable_compilation_cache()
   try:
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax and tfds log every read at INFO
-    try:
-      import tensorflow_datasets as tfds
-      tfds.disable_progress_bar()
-    except ImportError:
-      pass
     spec = {"sequences": a.sequences, "positions": a.positions, "seed": a.probe_seed}
     rep = extract(a.workdir, steps=a.steps, spec=spec, batch_size=a.batch_size, mesh=parse_mesh(a.mesh),
                   names=a.name, store=a.store, progress=not a.quiet)

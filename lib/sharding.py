@@ -16,6 +16,7 @@ Logical axis names used by `lib/model.py` (params) and activations:
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -94,6 +95,15 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
   # backend before initialize(), so no jax.default_backend() here.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def enable_compilation_cache(path: str | None = None, min_compile_secs: float = 1.0) -> None:
+  """Persists XLA executables across runs (a resumed run or a rerun analysis job skips recompiling).
+  Defaults to ~/.cache/lmtrace/jax; an explicit JAX_COMPILATION_CACHE_DIR or config setting wins."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", path or os.path.join(os.path.expanduser("~"), ".cache", "lmtrace", "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
