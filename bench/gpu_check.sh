@@ -2,8 +2,8 @@
 # The prepared accelerator check, one command, for a session that is lent a GPU (see the device tool):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)  -> $OUT/gpu_check.log
 # It prints what issues 2 and 4 ask of a GPU: HVP time / (loss+grad) time and the per-probe cost of
-# `hutchinson_trace` for OPT-125M..1.3B (fp32, bench/hvp.py, with the cost of a 100-checkpoint sweep),
-# then training-step MFU (bf16, bench/train_step.py). The device image has jax, flax, optax, orbax,
+# `hutchinson_trace` for OPT-125M and 1.3B (fp32, bench/hvp.py, with the cost of a 100-checkpoint sweep),
+# then training-step MFU (bf16, bench/train_step.py); at most 8 minutes in all. The device image has jax, flax, optax, orbax,
 # pandas; the trainer's data stack is not there: carry its wheels in .whl/ (README "Benchmarks") or the
 # MFU part is skipped with a message. SMOKE=1 runs the same steps with tiny presets (a CPU check).
 #   bash bench/gpu_check.sh wheels   (here, before the run: ~11 MB of cp312 wheels into .whl/)
@@ -37,17 +37,17 @@ if [ "${SMOKE:-0}" = 1 ]; then
   HVP=(--presets=tiny --batch=2 --seq_len=64 --reps=2 --probes=4)
   MFU=("--preset=tiny --seq_len=64 --batch=4 --steps=3")
 else
-  HVP=(--presets=opt-125m,opt-350m,opt-1.3b --batch=8 --seq_len=512 --reps=10 --probes=8)
+  HVP=(--presets=opt-125m,opt-1.3b --batch=8 --seq_len=512 --reps=5 --probes=8)
   MFU=("--preset=opt-125m --seq_len=2048 --batch=16 --dtype=bfloat16 --steps=30"
        "--preset=opt-1.3b --seq_len=2048 --batch=8 --dtype=bfloat16 --steps=20 --remat")
 fi
 echo "== HVP cost (bench/hvp.py ${HVP[*]})"
-timeout 300 $PY bench/hvp.py "${HVP[@]}" --sweep_checkpoints=100 --sweep_probes=32
+timeout 240 $PY bench/hvp.py "${HVP[@]}" --sweep_checkpoints=100 --sweep_probes=32
 echo "== training-step MFU (bench/train_step.py --skip_loop)"
 if $PY -c "import ml_collections, grain, tensorflow_datasets, array_record" 2>/dev/null; then
   for m in "${MFU[@]}"; do
     # shellcheck disable=SC2086
-    timeout 200 $PY bench/train_step.py $m --skip_loop
+    timeout 120 $PY bench/train_step.py $m --skip_loop
   done
 else
   echo "skipped: ml_collections / grain / tensorflow_datasets / array_record are not importable here; carry their wheels"
