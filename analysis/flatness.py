@@ -11,7 +11,8 @@ the same settings (resumable); `analysis.load.load_flatness(W)` returns the tabl
 
 Every checkpoint is measured on the *same* tokens: `--batches` batches of the run's validation split,
 documents chosen by `--data_seed` and recorded (token fingerprint in every row). Dropout is off and
-the model runs in float32 unless `--dtype` says otherwise. The model, loss and HVP operator are built
+the model runs in float32 unless `--dtype` says otherwise, with true-fp32 matmuls (`--matmul_precision`:
+JAX's own default is TF32 on recent GPUs and bf16 passes on TPUs). The model, loss and HVP operator are built
 once per run, so the estimators compile once and every further checkpoint costs only its HVPs.
 `--mesh` shards the measurement; a multi-process job (`--coordinator`, as in train.py) runs the same
 command in every process, and process 0 writes the table.
@@ -85,7 +86,7 @@ def fixed_batches(workdir: str, *, batches: int, batch_size: int, seed: int, spl
 
 def _settings(args) -> dict:
   keys = ("probes", "dist", "filter", "exclude", "blocks", "batches", "batch_size", "data_seed", "seed", "lanczos_steps",
-          "topk", "slq_runs", "dtype", "target_rel_err")
+          "topk", "slq_runs", "dtype", "matmul_precision", "target_rel_err")
   return {k: getattr(args, k) for k in keys}
 
 
@@ -123,7 +124,7 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh,
   ms = measurer or Measurer(workdir, batches, args)
   params = C.restore_params(workdir, step, mesh=mesh)
   rows = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), jax.default_matmul_precision(args.matmul_precision):
     n_tok = ms.n_tokens
     loss = float(sum(float(ms.loss_sum(params, b)) for b in batches) / n_tok)
     key = jax.random.key(args.seed)
@@ -298,6 +299,9 @@ def parse_args(argv=None):
   ap.add_argument("--topk", type=int, default=5)
   ap.add_argument("--slq_runs", type=int, default=4)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--matmul_precision", default="highest", choices=("highest", "high", "default"),
+                  help="float32 matmuls: 'highest' = true fp32 (default); 'default' lets GPUs use TF32 and TPUs bf16 "
+                  "passes (faster, ~1e-3 relative error per HVP)")
   ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device; all devices "
                   "of a multi-process job)")
   ap.add_argument("--coordinator", default="", help="multi-process: 'auto' (TPU pods, SLURM) or host:port, as "

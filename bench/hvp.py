@@ -109,9 +109,13 @@ def main():
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--probes", type=int, default=8, help="probes per linearisation in the amortised row")
+  ap.add_argument("--matmul_precision", default="highest", help="as analysis.flatness: 'highest' = true fp32 "
+                  "(its default), 'default' = TF32 on GPUs")
   ap.add_argument("--sweep_checkpoints", type=int, default=0, help="also print the cost of a flatness sweep")
   ap.add_argument("--sweep_probes", type=int, default=32)
   args = ap.parse_args()
+  jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+  print(f"matmul precision: {args.matmul_precision}")
   for p in args.presets.split(","):
     bench(p.strip(), args.batch, args.seq_len, args.reps, args.probes, (args.sweep_checkpoints, args.sweep_probes))
 

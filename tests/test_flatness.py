@@ -69,6 +69,7 @@ def test_rows_per_checkpoint_and_estimator(run, capsys):
     assert abs(a.estimate - b.estimate) < 4 * np.hypot(a.stderr, b.stderr), (s, a.estimate, b.estimate)
   n = M.param_count(C.load_model(run)[0])
   assert (df["n_params"] == n).all()
+  assert (df["cfg_matmul_precision"] == "highest").all()  # true fp32 matmuls unless asked otherwise
   assert (df["loss"] > 0).all() and df["data_fingerprint"].nunique() == 1
   assert df[df.step == 8]["tokens_seen"].iloc[0] == 8 * 8 * 32
 
