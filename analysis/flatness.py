@@ -169,20 +169,13 @@ def run_estimator(est: str, ms: Measurer, params, key, args, progress=None) -> l
 def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[dict[str, Any]]:
   flt = dict(include=args.filter or None, exclude=args.exclude or None)
   matvec = ms.matvec
-  if est == "hutchinson":
-    r = H.hutchinson_trace(matvec, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
+  if est in ("hutchinson", "ggn"):  # the same Hutchinson loop on the Hessian or the Gauss-Newton operator
+    op, q = (matvec, "trace") if est == "hutchinson" else (ms.ggn, "ggn_trace")
+    r = H.hutchinson_trace(op, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
                            blocks=args.blocks, progress=progress, **flt)
-    rows = [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
-    for name, (e, se) in (getattr(r, "blocks", None) or {}).items():
-      rows.append(dict(quantity=f"trace/{name}", estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs)))
-    return rows
-  if est == "ggn":
-    r = H.hutchinson_trace(ms.ggn, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
-                           blocks=args.blocks, progress=progress, **flt)
-    rows = [dict(quantity="ggn_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
-    for name, (e, se) in (r.blocks or {}).items():
-      rows.append(dict(quantity=f"ggn_trace/{name}", estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs)))
-    return rows
+    blocks = [(f"{q}/{name}", e, se) for name, (e, se) in (r.blocks or {}).items()]
+    return [dict(quantity=qq, estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs))
+            for qq, e, se in [(q, r.estimate, r.stderr), *blocks]]
   if est == "hutchpp":
     r = H.hutchpp_trace(matvec, params, key, args.probes, dist=args.dist, **flt)
     return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
