@@ -1,4 +1,5 @@
-"""Multi-host flatness: the CLI in 2 local processes x 4 CPU devices (gloo) == 1 process x 8 devices."""
+"""Multi-host flatness: the CLI in 2 local processes x 4 CPU devices (gloo) == 1 process x 8 devices, on a
+run trained on one device."""
 
 import os
 import shutil
@@ -8,10 +9,9 @@ import sys
 import numpy as np
 import pandas as pd
 
-import train
 from analysis import flatness as F
-from tests.helpers import tiny_cfg
 from tests.test_multiprocess import _free_port
+from tests.test_train import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--steps=8", "--estimator=hutchinson,fisher,power", "--probes=4", "--lanczos_steps=4", "--blocks",
@@ -28,9 +28,10 @@ def _rows(workdir):
 
 
 def test_two_processes_match_one(tmp_path):
-  w = str(tmp_path / "w")
-  train.train_and_evaluate(tiny_cfg(str(tmp_path / "data"), **{"train.steps": 8, "ckpt.resume_every": 8,
-                                                                "eval.every": 0}), w)
+  w = str(tmp_path / "w")  # trained on ONE device; read on 8 (one process) and on 2 x 4 (two processes)
+  r = cli(w, str(tmp_path / "data"), "--config.train.steps=8", "--config.ckpt.resume_every=8", "--config.eval.every=0",
+          devices=1)
+  assert r.returncode == 0, r.stderr[-3000:]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   one_dir = str(tmp_path / "one")
   two_dir = str(tmp_path / "two")
