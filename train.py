@@ -25,8 +25,8 @@ from flax import linen as nn
 from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
+from lib import errors, mixture, optim, schedules, sharding, steps
 from lib import metrics as MX
-from lib import mixture, optim, schedules, sharding, steps
 from lib import model as M
 
 log = logging.getLogger("lmtrace")
@@ -34,8 +34,7 @@ IDENTITY_SECTIONS = ("model", "data", "seed")  # must match to resume in an exis
 INFORMATIONAL_KEYS = ("preset", "num_threads", "data_dir")  # may differ on resume
 
 
-class TrainingDiverged(RuntimeError):
-  pass
+TrainingDiverged = errors.TrainingDiverged  # re-exported
 
 
 def check_workdir(workdir: str, cfg_dict: dict) -> None:

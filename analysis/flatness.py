@@ -50,14 +50,14 @@ from tqdm import tqdm
 
 from analysis import hessian as H
 from lib import ckpt as C
+from lib import errors, sharding
 from lib import metrics as MX
 from lib import model as M
-from lib import sharding
 
 ESTIMATORS = ("hutchinson", "hutchpp", "fisher", "ggn", "power", "lanczos", "slq")
 
 
-class FlatnessError(ValueError):
+class FlatnessError(errors.AnalysisError):
   pass
 
 

@@ -54,9 +54,9 @@ from flax import linen as nn
 from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
+from lib import errors, schedules, sharding
 from lib import metrics as MX
 from lib import model as M
-from lib import schedules, sharding
 
 STORE = "trajectories"
 PROBES_NPZ, PROBES_JSON, STEPS_DIR = "probes.npz", "probes.json", "steps"
@@ -65,7 +65,7 @@ DEFAULT_BATCH = 64
 ROW_FIELDS = ("inputs", "targets", "mask", "segment_ids", "positions")  # what the model sees
 
 
-class IncompatibleProbes(ValueError):
+class IncompatibleProbes(errors.AnalysisError):
   """Runs (or a run and an existing store) whose probe sets cannot be combined; says why."""
 
 

@@ -27,12 +27,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from data import vocab
+from lib import errors
 
 FIELDS = ("inputs", "targets", "mask", "segment_ids", "positions")
 
 
-class DataError(ValueError):
-  """Bad data configuration or content, with the fix in the message."""
+DataError = errors.DataError  # re-exported: callers use dp.DataError
 
 
 def largest_remainder(p: Sequence[float], total: int) -> np.ndarray:

@@ -24,13 +24,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lib import errors
+
 log = logging.getLogger("lmtrace")
 
 ANALYSIS_DIR, RESUME_DIR = "checkpoints", "resume"
 
 
-class CheckpointError(ValueError):
-  """A missing, mismatched or unreadable checkpoint, with the fix in the message."""
+CheckpointError = errors.CheckpointError  # re-exported
 
 
 def _abstract(tree, shardings=None):

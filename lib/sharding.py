@@ -25,6 +25,8 @@ from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lib import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
 
@@ -44,8 +46,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-class ShardingError(ValueError):
-  """A mesh or batch shape that cannot work, with the fix in the message."""
+ShardingError = errors.ShardingError  # re-exported
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
