@@ -48,14 +48,18 @@ def check_workdir(workdir: str, cfg_dict: dict) -> None:
   for sec in IDENTITY_SECTIONS:
     a, b = old.get(sec), cfg_dict.get(sec)
     if isinstance(a, dict) and isinstance(b, dict):
-      diffs += [f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and k not in INFORMATIONAL_KEYS]
+      diffs += [
+        f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in INFORMATIONAL_KEYS
+      ]
     elif a != b:
       diffs.append(f"{sec}: {a!r} -> {b!r}")
   if diffs:
     raise C.CheckpointError(
-        f"workdir {workdir} holds a run with a different {', '.join(sorted({d.split('.')[0].split(':')[0] for d in diffs}))} "
-        f"({'; '.join(diffs[:6])}). Use a new --workdir, or delete {workdir} to start over.")
+      f"workdir {workdir} holds a run with a different {', '.join(sorted({d.split('.')[0].split(':')[0] for d in diffs}))} "
+      f"({'; '.join(diffs[:6])}). Use a new --workdir, or delete {workdir} to start over."
+    )
 
 
 def state_shardings(model, tx, mesh):
@@ -65,8 +69,8 @@ def state_shardings(model, tx, mesh):
   opt_shapes = jax.eval_shape(tx.init, shapes)
   repl = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(
-      tx, lambda o, p, s: s if o.shape == p.shape else repl, opt_shapes, shapes, params_sh,
-      transform_non_params=lambda _: repl)
+    tx, lambda o, p, s: s if o.shape == p.shape else repl, opt_shapes, shapes, params_sh, transform_non_params=lambda _: repl
+  )
   state_sh = {"params": params_sh, "opt_state": opt_sh, "step": repl, "rng": repl}
   return state_sh
 
@@ -74,6 +78,7 @@ def state_shardings(model, tx, mesh):
 def fingerprint(batch_np: dict) -> int:
   """CRC32 of this host's batch at the logged step (lets a test prove resumed runs see the same data)."""
   import zlib
+
   return zlib.crc32(b"".join(np.ascontiguousarray(batch_np[k]).tobytes() for k in sorted(batch_np)))
 
 
@@ -119,16 +124,31 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     C.save_json(os.path.join(workdir, "config.json"), cfg_dict)
   lo, hi = sharding.local_rows(mesh, B)
   data_seed = cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
-  pipe = dp.Pipeline([sources.select_split(g, "train") for g in groups], seed=data_seed, global_batch=B,
-                     seq_len=L, rows=(lo, hi), docs_per_row=cfg.data.docs_per_row if cfg.data.packing else 1,
-                     objective=cfg.data.objective,
-                     vocab_size=vocab_size, group_names=names, cache_tokens=cfg.data.cache_tokens)
+  pipe = dp.Pipeline(
+    [sources.select_split(g, "train") for g in groups],
+    seed=data_seed,
+    global_batch=B,
+    seq_len=L,
+    rows=(lo, hi),
+    docs_per_row=cfg.data.docs_per_row if cfg.data.packing else 1,
+    objective=cfg.data.objective,
+    vocab_size=vocab_size,
+    group_names=names,
+    cache_tokens=cfg.data.cache_tokens,
+  )
   elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
   eval_sets = []
   for gi, g in enumerate(groups):
-    for b in dp.eval_batches(sources.select_split(g, "validation"), batch_size=cfg.eval.batch_size, seq_len=L,
-                             num_batches=cfg.eval.batches, rows=(elo, ehi), objective=cfg.data.objective,
-                             vocab_size=vocab_size, max_docs_per_row=None if cfg.data.packing else 1):
+    for b in dp.eval_batches(
+      sources.select_split(g, "validation"),
+      batch_size=cfg.eval.batch_size,
+      seq_len=L,
+      num_batches=cfg.eval.batches,
+      rows=(elo, ehi),
+      objective=cfg.data.objective,
+      vocab_size=vocab_size,
+      max_docs_per_row=None if cfg.data.packing else 1,
+    ):
       if len(groups) > 1:
         b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
       eval_sets.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
@@ -143,13 +163,23 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   def init_state(key):
     params = nn.unbox(model.init(key, *(M.dummy_batch(mcfg, 1, 8)[k] for k in ("inputs", "positions", "segment_ids")))["params"])
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1),
-            "mixture": jax.tree.map(jnp.asarray, mix0)}
+    return {
+      "params": params,
+      "opt_state": tx.init(params),
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1),
+      "mixture": jax.tree.map(jnp.asarray, mix0),
+    }
 
   analysis_steps = schedules.analysis_steps(schedules.parse_schedules(cfg.ckpt.schedule), total)
-  ckpt = C.Checkpointer(workdir, analysis_steps=analysis_steps, resume_every=cfg.ckpt.resume_every,
-                        keep_resume=cfg.ckpt.keep_resume, params_only=cfg.ckpt.params_only, async_=cfg.ckpt.async_save)
+  ckpt = C.Checkpointer(
+    workdir,
+    analysis_steps=analysis_steps,
+    resume_every=cfg.ckpt.resume_every,
+    keep_resume=cfg.ckpt.keep_resume,
+    params_only=cfg.ckpt.params_only,
+    async_=cfg.ckpt.async_save,
+  )
   writer = MX.Writer(workdir, cfg.log.tensorboard)
   rules = nn.logical_axis_rules(sharding.RULES)
   with jax.set_mesh(mesh), rules:
@@ -167,11 +197,16 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     hook = None
     if cfg.probes.enabled:
       from analysis import trajectories
+
       hook = trajectories.ProbeHook(workdir, cfg, model, mesh, total)
 
-    p_train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=sched,
-                                        grad_accum=cfg.train.grad_accum, num_groups=len(groups)),
-                      out_shardings=(state_sh, None), donate_argnums=(0,))
+    p_train = jax.jit(
+      functools.partial(
+        steps.train_step, model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum, num_groups=len(groups)
+      ),
+      out_shardings=(state_sh, None),
+      donate_argnums=(0,),
+    )
     p_eval = jax.jit(functools.partial(steps.eval_step, model=model, num_groups=len(groups)))
     fpt = M.flops_per_token(mcfg, L, n_params)
     peak = MX.peak_flops_per_device(cfg.log.peak_flops)
@@ -180,9 +215,19 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     def save(step_, last=False):
       a, r = ckpt.wants(step_, last)
       if a or r:
-        ckpt.save(step_, state, {"step": step_, "tokens_seen": tokens_seen, "data_step": step_, "time": time.time(),
-                                 "mixture_p": controller.proportions(mix_state, step_).tolist(), "group_names": names},
-                  last=last)
+        ckpt.save(
+          step_,
+          state,
+          {
+            "step": step_,
+            "tokens_seen": tokens_seen,
+            "data_step": step_,
+            "time": time.time(),
+            "mixture_p": controller.proportions(mix_state, step_).tolist(),
+            "group_names": names,
+          },
+          last=last,
+        )
       if hook is not None:
         hook.maybe_record(step_, state["params"], tokens_seen)
 
@@ -209,8 +254,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     it = pipe.iterator(step, total, p_fn if len(groups) > 1 else None, num_threads=cfg.data.num_threads)
     pending, last_m = [], {}
     t_last, step_last = time.time(), step
-    print(f"lmtrace: {n_params:,} params, mesh {dict(mesh.shape)}, {len(groups)} group(s) {names}, "
-          f"steps {step}->{total}, workdir {os.path.abspath(workdir)}", flush=True)
+    print(
+      f"lmtrace: {n_params:,} params, mesh {dict(mesh.shape)}, {len(groups)} group(s) {names}, "
+      f"steps {step}->{total}, workdir {os.path.abspath(workdir)}",
+      flush=True,
+    )
     stop = min(total, cfg.train.stop_at or total)
     try:
       while step < stop:
@@ -227,16 +275,24 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
           fetched = jax.device_get(pending)
           for s_, m_ in fetched:
             if cfg.train.stop_on_nan and not np.isfinite(m_["train/loss"]):
-              raise TrainingDiverged(f"non-finite training loss {m_['train/loss']} at step {s_}; the last good "
-                                     f"checkpoints in {workdir} are intact ({sorted(C.available_steps(workdir))[-3:]})")
+              raise TrainingDiverged(
+                f"non-finite training loss {m_['train/loss']} at step {s_}; the last good "
+                f"checkpoints in {workdir} are intact ({sorted(C.available_steps(workdir))[-3:]})"
+              )
           dt = time.time() - t_last
           s_, m_ = fetched[-1]
           row = dict(m_)
           tps = (step - step_last) * B * L / max(dt, 1e-9)
-          row.update({"data/fingerprint": fingerprint(batch_np), "perf/tokens_per_s": tps,
-                      "perf/step_time": dt / max(step - step_last, 1),
-                      "perf/tokens_seen": tokens_seen, "perf/flops_per_token": fpt,
-                      "perf/mfu": tps * fpt / (peak * jax.device_count()) if peak else None})
+          row.update(
+            {
+              "data/fingerprint": fingerprint(batch_np),
+              "perf/tokens_per_s": tps,
+              "perf/step_time": dt / max(step - step_last, 1),
+              "perf/tokens_seen": tokens_seen,
+              "perf/flops_per_token": fpt,
+              "perf/mfu": tps * fpt / (peak * jax.device_count()) if peak else None,
+            }
+          )
           if len(groups) > 1:
             p = controller.proportions(mix_state, step - 1)
             counts = np.bincount(pipe.group_of_rows(step - 1, p), minlength=len(groups))
@@ -276,6 +332,7 @@ def main(argv=None) -> None:
   """CLI entry: parses flags itself so a bad override is one clear line, not a traceback."""
   from absl import flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file("config", None, "run card, e.g. configs/pcfg.py or configs/pcfg.py:small")
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, config.json)")
   argv = sys.argv if argv is None else argv
@@ -283,8 +340,11 @@ def main(argv=None) -> None:
     flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
     msg = str(e).replace("\\n", " ")
-    print(f"lmtrace: error in the command line: {msg}\n(config keys are listed with comments in configs/base.py; "
-          "overrides look like --config.opt.lr=1e-3)", file=sys.stderr)
+    print(
+      f"lmtrace: error in the command line: {msg}\n(config keys are listed with comments in configs/base.py; "
+      "overrides look like --config.opt.lr=1e-3)",
+      file=sys.stderr,
+    )
     sys.exit(2)
   if not flags.FLAGS.config or not flags.FLAGS.workdir:
     print("usage: python train.py --config=configs/pcfg.py --workdir=DIR [--config.section.key=value ...]", file=sys.stderr)

@@ -9,5 +9,6 @@ __all__ = list(_LOADERS)
 def __getattr__(name):
   if name in _LOADERS:
     from analysis import load
+
     return getattr(load, name)
   raise AttributeError(f"module 'analysis' has no attribute {name!r}")

@@ -87,9 +87,7 @@ def describe_flags(flags: int) -> list[str]:
 # ----------------------------------------------------------------------------- axes
 
 
-def chang_checkpoint_steps(
-  n_checkpoints: int = 222, s0: float = 100.0, s1: float = 25_000.0, t1: float = 1e6
-) -> np.ndarray:
+def chang_checkpoint_steps(n_checkpoints: int = 222, s0: float = 100.0, s1: float = 25_000.0, t1: float = 1e6) -> np.ndarray:
   """Chang's exponential save schedule: the save interval grows linearly s0 -> s1 by t1.
 
   step(n) = s0*t1/(s1-s0) * (exp(n*(s1-s0)/t1) - 1), rounded; n = 0..221 gives
@@ -223,9 +221,7 @@ class GamSmoother:
     self.P_KxK = difference_penalty(k, 2)
     self.gram_KxK = self.B_DxK.T @ self.B_DxK
     ridge_KxK = self.ridge * (np.eye(k) - np.ones((k, k)) / (k + 1))
-    self.A_LxKxK = np.stack(
-      [np.linalg.inv(self.gram_KxK + ridge_KxK + lam * self.P_KxK) for lam in self.lams_L]
-    )
+    self.A_LxKxK = np.stack([np.linalg.inv(self.gram_KxK + ridge_KxK + lam * self.P_KxK) for lam in self.lams_L])
     self.A_LxKxK = 0.5 * (self.A_LxKxK + self.A_LxKxK.transpose(0, 2, 1))
     self.edof_L = np.einsum("lij,ji->l", self.A_LxKxK, self.gram_KxK)
     q_LxKxK = 2.0 * self.A_LxKxK - self.A_LxKxK @ self.gram_KxK @ self.A_LxKxK
@@ -304,8 +300,14 @@ def smooth_curves(
     nan_T = np.full(n_tok, np.nan)
     fine = None if x_G is None else np.full((n_tok, x_G.size), np.nan, dtype)
     return SmoothResult(
-      np.full((n_tok, n_d), np.nan, dtype), x_D, nan_T, nan_T.copy(), nan_T.copy(), fine,
-      x_G, False,
+      np.full((n_tok, n_d), np.nan, dtype),
+      x_D,
+      nan_T,
+      nan_T.copy(),
+      nan_T.copy(),
+      fine,
+      x_G,
+      False,
     )
   sm = GamSmoother(x_D, n_splines, lams_L, gamma)
   smooth_TxD = np.empty((n_tok, n_d), dtype)
@@ -328,8 +330,11 @@ def smooth_curves(
 
 
 def final_window(
-  steps_C: np.ndarray | None, n_checkpoints: int, last_n: int = 11,
-  last_frac: float | None = None, total_steps: float | None = None,
+  steps_C: np.ndarray | None,
+  n_checkpoints: int,
+  last_n: int = 11,
+  last_frac: float | None = None,
+  total_steps: float | None = None,
 ) -> np.ndarray | None:
   """Boolean mask of the 'end of training' checkpoints, or None if too few.
 
@@ -354,8 +359,11 @@ def final_window(
 
 
 def final_surprisal(
-  surprisal_TxC: np.ndarray, last_n: int = 11, steps_C: np.ndarray | None = None,
-  last_frac: float | None = None, total_steps: float | None = None,
+  surprisal_TxC: np.ndarray,
+  last_n: int = 11,
+  steps_C: np.ndarray | None = None,
+  last_frac: float | None = None,
+  total_steps: float | None = None,
 ) -> np.ndarray:
   """Mean raw surprisal over the final window (Chang's 'surprisal' / confidence score).
 
@@ -369,8 +377,11 @@ def final_surprisal(
 
 
 def within_run_variability(
-  surprisal_TxC: np.ndarray, last_n: int = 11, steps_C: np.ndarray | None = None,
-  last_frac: float | None = None, total_steps: float | None = None,
+  surprisal_TxC: np.ndarray,
+  last_n: int = 11,
+  steps_C: np.ndarray | None = None,
+  last_frac: float | None = None,
+  total_steps: float | None = None,
 ) -> np.ndarray:
   """Std (ddof=0) of raw surprisal over the final window: Chang's 'var_steps'."""
   surprisal_TxC = np.asarray(surprisal_TxC)
@@ -381,7 +392,10 @@ def within_run_variability(
 
 
 def aoa_gam(
-  smooth_fine_TxG: np.ndarray, x_G: np.ndarray, chance: float, proportion: float = 0.5,
+  smooth_fine_TxG: np.ndarray,
+  x_G: np.ndarray,
+  chance: float,
+  proportion: float = 0.5,
   return_threshold: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """GAM age of acquisition (Chang's ``get_gam_aoas``), in log10 steps.
@@ -421,9 +435,7 @@ def _sum_rows(*terms: jax.Array) -> tuple[jax.Array, ...]:
   return jax.lax.reduce(terms, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), (1,))
 
 
-def _sigmoid_normal_eq(
-  th_Nx4: jax.Array, y_NxD: jax.Array, x_D: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _sigmoid_normal_eq(th_Nx4: jax.Array, y_NxD: jax.Array, x_D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Cost sum r^2, J'J and J'r of f = start + (end-start)/(1+exp((xmid-x)/scale))."""
   start, end = th_Nx4[:, 0:1], th_Nx4[:, 1:2]
   xmid, scale = th_Nx4[:, 2:3], th_Nx4[:, 3:4]
@@ -434,8 +446,20 @@ def _sigmoid_normal_eq(
   j2 = -(dlt / scale) * sg * (1.0 - sg)  # d f / d xmid
   j3 = j2 * u  # d f / d scale
   (s1, s11, s2, s12, s3, s13, s22, s23, s33, sr, s1r, s2r, s3r, srr) = _sum_rows(
-    sg, sg * sg, j2, sg * j2, j3, sg * j3, j2 * j2, j2 * j3, j3 * j3, r, sg * r, j2 * r,
-    j3 * r, r * r,
+    sg,
+    sg * sg,
+    j2,
+    sg * j2,
+    j3,
+    sg * j3,
+    j2 * j2,
+    j2 * j3,
+    j3 * j3,
+    r,
+    sg * r,
+    j2 * r,
+    j3 * r,
+    r * r,
   )
   n = jnp.asarray(x_D.shape[0], y_NxD.dtype)
   # Columns: d/dstart = 1 - sg, d/dend = sg, j2, j3.
@@ -508,8 +532,13 @@ def _bucket(n: int, full: int, step: int = 2048) -> int:
 
 
 def fit_sigmoids(
-  y_NxD: np.ndarray, x_D: np.ndarray, max_iter: int = 200, ftol: float = 1e-6,
-  block_iter: int = 4, mu0: float = 0.1, init_Nx4: np.ndarray | None = None,
+  y_NxD: np.ndarray,
+  x_D: np.ndarray,
+  max_iter: int = 200,
+  ftol: float = 1e-6,
+  block_iter: int = 4,
+  mu0: float = 0.1,
+  init_Nx4: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Least-squares sigmoid fit of every row, from ``init_Nx4`` or by default from
   Chang's p0 = [min y, max y, mean x, 1].
@@ -529,9 +558,7 @@ def fit_sigmoids(
   y_NxD = np.asarray(y_NxD, dtype=np.float32)
   n_rows = y_NxD.shape[0]
   x32_D = jnp.asarray(x_D, dtype=jnp.float32)
-  th_Nx4 = np.stack(
-    [y_NxD.min(1), y_NxD.max(1), np.full(n_rows, np.mean(x_D)), np.ones(n_rows)], 1
-  ).astype(np.float32)
+  th_Nx4 = np.stack([y_NxD.min(1), y_NxD.max(1), np.full(n_rows, np.mean(x_D)), np.ones(n_rows)], 1).astype(np.float32)
   if init_Nx4 is not None:
     th_Nx4 = np.asarray(init_Nx4, np.float32).copy()
   cost, jtj, jtr = (np.array(a) for a in _lm_init(th_Nx4, y_NxD, x32_D))
@@ -557,9 +584,7 @@ def fit_sigmoids(
   return th_Nx4.astype(np.float64), done_N & np.all(np.isfinite(th_Nx4), 1), n_it_N
 
 
-def sigmoid_init_from_smooth(
-  y_NxD: np.ndarray, smooth_NxD: np.ndarray, x_D: np.ndarray, scale: float = 0.2
-) -> np.ndarray:
+def sigmoid_init_from_smooth(y_NxD: np.ndarray, smooth_NxD: np.ndarray, x_D: np.ndarray, scale: float = 0.2) -> np.ndarray:
   """LM start for y: Chang's start/end (min y, max y), but xmid where the smoothed
   curve first reaches its own midpoint and a 0.2-decade width instead of mean x, 1.
 
@@ -573,9 +598,7 @@ def sigmoid_init_from_smooth(
   mid_N = 0.5 * (sm_NxD.min(1) + sm_NxD.max(1))
   cross_N = np.argmax(sm_NxD >= mid_N[:, None], axis=1)
   n_rows = y_NxD.shape[0]
-  return np.stack(
-    [y_NxD.min(1), y_NxD.max(1), np.asarray(x_D)[cross_N], np.full(n_rows, scale)], 1
-  )
+  return np.stack([y_NxD.min(1), y_NxD.max(1), np.asarray(x_D)[cross_N], np.full(n_rows, scale)], 1)
 
 
 @dataclasses.dataclass
@@ -591,7 +614,11 @@ class SigmoidResult:
 
 
 def sigmoid_aoa_from_params(
-  params_Nx4: np.ndarray, ymax_N: np.ndarray, chance: float, x_min: float, x_max: float,
+  params_Nx4: np.ndarray,
+  ymax_N: np.ndarray,
+  chance: float,
+  x_min: float,
+  x_max: float,
   proportion: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Chang's ``get_aoa`` vectorised, on -surprisal: params fit to y = -surprisal.
@@ -615,9 +642,15 @@ def sigmoid_aoa_from_params(
 
 
 def aoa_sigmoid(
-  surprisal_TxC: np.ndarray, steps_C: np.ndarray, chance: float, proportion: float = 0.5,
-  init: Literal["gam", "p0"] = "gam", max_iter: int = 200, ftol: float = 1e-6,
-  chunk: int = CHUNK, smooth_TxD: np.ndarray | None = None,
+  surprisal_TxC: np.ndarray,
+  steps_C: np.ndarray,
+  chance: float,
+  proportion: float = 0.5,
+  init: Literal["gam", "p0"] = "gam",
+  max_iter: int = 200,
+  ftol: float = 1e-6,
+  chunk: int = CHUNK,
+  smooth_TxD: np.ndarray | None = None,
 ) -> SigmoidResult:
   """Sigmoid AoA (Chang & Bergen 2022 ``compute_aoa_vals``) for every curve, in log10
   steps. Fits -surprisal on x = log10(step), step 0 dropped; NaN if < 4 points or if
@@ -654,9 +687,7 @@ def aoa_sigmoid(
         gam_NxD = sm.fit(y_NxD[fin_N]).coef_NxK @ sm.B_DxK.T
       init_Nx4 = sigmoid_init_from_smooth(y_NxD[fin_N], gam_NxD, x_D)
     th, conv, nit = fit_sigmoids(y_NxD[fin_N], x_D, max_iter, ftol, init_Nx4=init_Nx4)
-    aoa, thr = sigmoid_aoa_from_params(
-      th, y_NxD[fin_N].max(1).astype(np.float64), chance, x_D[0], x_D[-1], proportion
-    )
+    aoa, thr = sigmoid_aoa_from_params(th, y_NxD[fin_N].max(1).astype(np.float64), chance, x_D[0], x_D[-1], proportion)
     aoa_T[rows], thr_T[rows], conv_T[rows], nit_T[rows] = aoa, thr, conv, nit
     params_Tx4[rows] = th * np.array([-1.0, -1.0, 1.0, 1.0])
   return SigmoidResult(aoa_T, thr_T, params_Tx4, conv_T, nit_T)
@@ -670,9 +701,7 @@ def run_pairs(n_runs: int) -> list[tuple[int, int]]:
   return list(itertools.combinations(range(n_runs), 2))
 
 
-def crossrun_variability(
-  curves_RxTxD: np.ndarray, return_pairs: bool = False
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def crossrun_variability(curves_RxTxD: np.ndarray, return_pairs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Chang's var_runs: mean over run pairs of the mean squared difference of curves.
 
   Pass GAM-smoothed curves (Chang's default, ``use_gams=True``) or raw curves (his
@@ -717,8 +746,11 @@ def subsample_tokens(n_tok: int, n_sub: int | None, seed: int = 0) -> np.ndarray
 
 
 def crossrun_rank_similarity(
-  curves_RxTxC: np.ndarray, n_sub: int | None = 10_000, seed: int = 0,
-  pairs: Sequence[tuple[int, int]] | None = None, chunk: int = 2048,
+  curves_RxTxC: np.ndarray,
+  n_sub: int | None = 10_000,
+  seed: int = 0,
+  pairs: Sequence[tuple[int, int]] | None = None,
+  chunk: int = 2048,
 ) -> RankResult:
   """Chang's cross-run trajectory similarity, run over a token subsample.
 
@@ -775,7 +807,9 @@ def crossrun_correlation(metric_RxT: np.ndarray) -> tuple[float, float, np.ndarr
 
 
 def trend_windows(
-  steps_C: np.ndarray, n_checkpoints: int, window_frac: float = 0.2,
+  steps_C: np.ndarray,
+  n_checkpoints: int,
+  window_frac: float = 0.2,
   window: Literal["steps", "checkpoints", "xia"] = "steps",
 ) -> tuple[int, int]:
   """First checkpoint index of the OLS window and of the stagnation window.
@@ -827,10 +861,15 @@ def _to_ppl(values: np.ndarray, kind: str, unit: str) -> np.ndarray:
 
 
 def trend_classes(
-  values_TxC: np.ndarray, steps_C: np.ndarray, window_frac: float = 0.2,
-  window: Literal["steps", "checkpoints", "xia"] = "steps", p: float = 0.05,
-  kind: Literal["ppl", "surprisal"] = "ppl", unit: Literal["bits", "nats"] = "nats",
-  band: float = 0.05, chunk: int = CHUNK,
+  values_TxC: np.ndarray,
+  steps_C: np.ndarray,
+  window_frac: float = 0.2,
+  window: Literal["steps", "checkpoints", "xia"] = "steps",
+  p: float = 0.05,
+  kind: Literal["ppl", "surprisal"] = "ppl",
+  unit: Literal["bits", "nats"] = "nats",
+  band: float = 0.05,
+  chunk: int = CHUNK,
 ) -> TrendResult:
   """Xia et al. token trends: upward / downward / stagnated, all tokens at once.
 
@@ -892,9 +931,7 @@ def trend_classes(
     cls_T[sl], n_T[sl] = cls, n_N
     out["slope"][sl], out["icpt"][sl], out["t"][sl], out["p"][sl] = slope, icpt, tval, pval
     out["gm"][sl] = gm
-  return TrendResult(
-    cls_T, out["slope"], out["icpt"], out["t"], out["p"], n_T, out["gm"], s_ols, s_stag
-  )
+  return TrendResult(cls_T, out["slope"], out["icpt"], out["t"], out["p"], n_T, out["gm"], s_ols, s_stag)
 
 
 def class_fractions(class_T: np.ndarray) -> dict[str, float]:
@@ -904,9 +941,7 @@ def class_fractions(class_T: np.ndarray) -> dict[str, float]:
   return {name: float(np.sum(class_T == c)) / n for c, name in TREND_NAMES.items()}
 
 
-def _align_one(
-  metric_xC: np.ndarray, val_ppl_C: np.ndarray, logq_Q: np.ndarray, monotone: str
-) -> np.ndarray:
+def _align_one(metric_xC: np.ndarray, val_ppl_C: np.ndarray, logq_Q: np.ndarray, monotone: str) -> np.ndarray:
   val = np.asarray(val_ppl_C, dtype=np.float64)
   metric = np.asarray(metric_xC, dtype=np.float64)
   if metric.shape[-1] != val.size:
@@ -1070,15 +1105,18 @@ def token_metrics(
       if sig_ok and fin.any():
         with _timed(timings, "aoa_sigmoid"):
           res = aoa_sigmoid(
-            np.where(fin[:, None], y_NxC, 0.0), steps_C, chance, init=sigmoid_init,
-            max_iter=sigmoid_max_iter, chunk=n_rows,
+            np.where(fin[:, None], y_NxC, 0.0),
+            steps_C,
+            chance,
+            init=sigmoid_init,
+            max_iter=sigmoid_max_iter,
+            chunk=n_rows,
             smooth_TxD=np.where(fin[:, None], smooth_RxNxD[r], 0.0) if gam_ok else None,
           )
           per["aoa_sigmoid"][r, sl] = np.where(fin, res.aoa_T, np.nan)
           flags_T[sl] |= np.where(fin & ~res.converged_T, FLAG_SIGMOID_NOT_CONVERGED, 0)
       with _timed(timings, "trend"):
-        tr = trend_classes(y_NxC, steps_C, trend_window_frac, trend_window,
-                           kind="surprisal", unit=unit, chunk=n_rows)
+        tr = trend_classes(y_NxC, steps_C, trend_window_frac, trend_window, kind="surprisal", unit=unit, chunk=n_rows)
         t_cls[r, sl], t_slope[r, sl], t_p[r, sl] = tr.class_T, tr.slope_T, tr.p_T
     with _timed(timings, "crossrun_var"):
       if n_runs >= 2:

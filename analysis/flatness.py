@@ -61,32 +61,59 @@ class FlatnessError(errors.AnalysisError):
   pass
 
 
-def fixed_batches(workdir: str, *, batches: int, batch_size: int, seed: int, split: str = "validation",
-                  mesh=None) -> tuple[list[dict], int]:
+def fixed_batches(
+  workdir: str, *, batches: int, batch_size: int, seed: int, split: str = "validation", mesh=None
+) -> tuple[list[dict], int]:
   """The run's held-out batches, documents chosen by `seed`; returns (batches on `mesh`, fingerprint)."""
   import ml_collections as mlc
 
   from data import pipeline as dp
   from data import sources
+
   _, mcfg, cfg = C.load_model(workdir)
   groups = sources.make_groups(mlc.ConfigDict(cfg["data"]))
   src = sources.select_split(groups[0], split)
   order = np.random.default_rng(seed).permutation(len(src))
   shuffled = sources.ListSource([src[int(i)] for i in order[: min(len(src), batches * batch_size * 8)]])
-  out = dp.eval_batches(shuffled, batch_size=batch_size, seq_len=cfg["data"]["seq_len"], num_batches=batches,
-                        objective=cfg["data"]["objective"], vocab_size=mcfg.vocab_size, seed=seed)
+  out = dp.eval_batches(
+    shuffled,
+    batch_size=batch_size,
+    seq_len=cfg["data"]["seq_len"],
+    num_batches=batches,
+    objective=cfg["data"]["objective"],
+    vocab_size=mcfg.vocab_size,
+    seed=seed,
+  )
   out = [{k: v for k, v in b.items() if k in ("inputs", "targets", "mask", "segment_ids", "positions")} for b in out]
   fp = zlib.crc32(b"".join(b["inputs"].tobytes() + b["mask"].tobytes() for b in out))
   mesh = mesh or sharding.single_device_mesh()
   # Every process built the same global batches; each places only the rows its devices hold.
-  place = lambda x: jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, x.ndim),  # noqa: E731
-                                                 lambda idx: x[idx])
+  place = lambda x: jax.make_array_from_callback(
+    x.shape,
+    sharding.batch_sharding(mesh, x.ndim),  # noqa: E731
+    lambda idx: x[idx],
+  )
   return [{k: place(v) for k, v in b.items()} for b in out], fp
 
 
 def _settings(args) -> dict:
-  keys = ("probes", "dist", "filter", "exclude", "blocks", "batches", "batch_size", "data_seed", "seed", "lanczos_steps",
-          "topk", "slq_runs", "dtype", "matmul_precision", "target_rel_err")
+  keys = (
+    "probes",
+    "dist",
+    "filter",
+    "exclude",
+    "blocks",
+    "batches",
+    "batch_size",
+    "data_seed",
+    "seed",
+    "lanczos_steps",
+    "topk",
+    "slq_runs",
+    "dtype",
+    "matmul_precision",
+    "target_rel_err",
+  )
   return {k: getattr(args, k) for k in keys}
 
 
@@ -118,8 +145,7 @@ class Measurer:
     return H.make_ggn(self.logits_fn, self.batches)
 
 
-def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh, measurer: Measurer | None = None
-                       ) -> list[dict]:
+def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh, measurer: Measurer | None = None) -> list[dict]:
   """All requested estimators at one checkpoint -> rows."""
   ms = measurer or Measurer(workdir, batches, args)
   params = C.restore_params(workdir, step, mesh=mesh)
@@ -130,8 +156,13 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh,
     key = jax.random.key(args.seed)
     for est in estimators:
       t0 = time.time()
-      bar = tqdm(total=_budget(est, args), desc=f"  step {step} {est}", unit="hvp" if est != "fisher" else "sample",
-                 leave=False, disable=jax.process_index() != 0)
+      bar = tqdm(
+        total=_budget(est, args),
+        desc=f"  step {step} {est}",
+        unit="hvp" if est != "fisher" else "sample",
+        leave=False,
+        disable=jax.process_index() != 0,
+      )
       try:
         res = run_estimator(est, ms, params, key, args, progress=bar.update)
       except FloatingPointError as e:  # NaN in an HVP: the row is invalid, with the reason
@@ -141,10 +172,20 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh,
       for r in res:
         est_val = r.get("estimate", float("nan"))
         valid = r.get("valid", bool(np.isfinite(est_val)))
-        rows.append(dict(step=step, estimator=est, loss=loss, n_batches=len(batches), n_tokens=n_tok, n_params=ms.n_params,
-                         wall_time=wall,
-                         valid=valid, reason=r.get("reason", "" if valid else "non-finite estimate"),
-                         **{k: v for k, v in r.items() if k not in ("valid", "reason")}))
+        rows.append(
+          dict(
+            step=step,
+            estimator=est,
+            loss=loss,
+            n_batches=len(batches),
+            n_tokens=n_tok,
+            n_params=ms.n_params,
+            wall_time=wall,
+            valid=valid,
+            reason=r.get("reason", "" if valid else "non-finite estimate"),
+            **{k: v for k, v in r.items() if k not in ("valid", "reason")},
+          )
+        )
   return rows
 
 
@@ -171,36 +212,57 @@ def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[
   matvec = ms.matvec
   if est in ("hutchinson", "ggn"):  # the same Hutchinson loop on the Hessian or the Gauss-Newton operator
     op, q = (matvec, "trace") if est == "hutchinson" else (ms.ggn, "ggn_trace")
-    r = H.hutchinson_trace(op, params, key, args.probes, dist=args.dist, target_rel_err=args.target_rel_err or None,
-                           blocks=args.blocks, progress=progress, **flt)
+    r = H.hutchinson_trace(
+      op,
+      params,
+      key,
+      args.probes,
+      dist=args.dist,
+      target_rel_err=args.target_rel_err or None,
+      blocks=args.blocks,
+      progress=progress,
+      **flt,
+    )
     blocks = [(f"{q}/{name}", e, se) for name, (e, se) in (r.blocks or {}).items()]
-    return [dict(quantity=qq, estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs))
-            for qq, e, se in [(q, r.estimate, r.stderr), *blocks]]
+    return [
+      dict(quantity=qq, estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs))
+      for qq, e, se in [(q, r.estimate, r.stderr), *blocks]
+    ]
   if est == "hutchpp":
     r = H.hutchpp_trace(matvec, params, key, args.probes, dist=args.dist, **flt)
     return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
   if est == "fisher":
-    r = H.fisher_trace(ms.logits_fn, params, ms.batches, key, args.probes, target_rel_err=args.target_rel_err or None,
-                       progress=progress, **flt)
+    r = H.fisher_trace(
+      ms.logits_fn, params, ms.batches, key, args.probes, target_rel_err=args.target_rel_err or None, progress=progress, **flt
+    )
     return [dict(quantity="fisher_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
   if est == "power":
     r = H.power_iteration(matvec, params, key, num_iters=args.lanczos_steps)
-    return [dict(quantity="lambda_max", estimate=float(r.estimate), stderr=float(getattr(r, "stderr", np.nan)),
-                 n_hvps=int(r.n_matvecs))]
+    return [
+      dict(quantity="lambda_max", estimate=float(r.estimate), stderr=float(getattr(r, "stderr", np.nan)), n_hvps=int(r.n_matvecs))
+    ]
   if est == "lanczos":
     r = H.top_eigenvalues(matvec, params, key, k=args.topk, num_steps=args.lanczos_steps)
     vals = np.asarray(r.eigenvalues)
     res = np.asarray(getattr(r, "residuals", np.full(len(vals), np.nan)))
     lo, lo_bound = r.extra["lambda_min"]
-    return [dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs))
-            for i, (v, e) in enumerate(zip(vals, res))] + [
-        dict(quantity="eig_min", estimate=lo, stderr=lo_bound, n_hvps=int(r.n_matvecs))]
+    return [
+      dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs))
+      for i, (v, e) in enumerate(zip(vals, res))
+    ] + [dict(quantity="eig_min", estimate=lo, stderr=lo_bound, n_hvps=int(r.n_matvecs))]
   if est == "slq":
     r = H.slq_density(matvec, params, key, num_runs=args.slq_runs, num_steps=args.lanczos_steps)
     grid, dens = np.asarray(r.grid), np.asarray(r.density)
     # the SLQ trace (n · Σ w θ per run) with its stderr across runs; the smoothed density rides along as JSON
-    return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs),
-                 density=json.dumps({"grid": grid.tolist(), "density": dens.tolist()}))]
+    return [
+      dict(
+        quantity="trace",
+        estimate=float(r.estimate),
+        stderr=float(r.stderr),
+        n_hvps=int(r.n_matvecs),
+        density=json.dumps({"grid": grid.tolist(), "density": dens.tolist()}),
+      )
+    ]
   raise FlatnessError(f"unknown estimator {est!r}; valid: {', '.join(ESTIMATORS)}")
 
 
@@ -216,8 +278,9 @@ def default_mesh(spec: str = ""):
     except ValueError:
       sizes = []
     if len(sizes) != len(sharding.MESH_AXES):
-      raise FlatnessError(f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} integer sizes "
-                          f"({','.join(sharding.MESH_AXES)}), e.g. --mesh=2,2,2")
+      raise FlatnessError(
+        f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} integer sizes ({','.join(sharding.MESH_AXES)}), e.g. --mesh=2,2,2"
+      )
     return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
   if jax.process_count() > 1:
     return sharding.make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
@@ -255,14 +318,18 @@ def run(workdir: str, args) -> pd.DataFrame:
   writer = jax.process_index() == 0  # every process computes (collectives); one writes the table
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("flatness: table read")  # nobody writes before all have read it
-  for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt",
-                         disable=not writer):
+  for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt", disable=not writer):
     meta = C.read_meta(workdir, step)
     rows = measure_checkpoint(workdir, step, ests, args, batches, mesh, measurer)
     for r in rows:
-      r.update(tokens_seen=meta.get("tokens_seen", np.nan), data_fingerprint=fp, settings=key, **{
-          f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()})
+      r.update(
+        tokens_seen=meta.get("tokens_seen", np.nan),
+        data_fingerprint=fp,
+        settings=key,
+        **{f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()},
+      )
     new = pd.DataFrame(rows)
     old = pd.concat([old, new], ignore_index=True) if len(old) else new
     if writer:
@@ -292,13 +359,20 @@ def parse_args(argv=None):
   ap.add_argument("--topk", type=int, default=5)
   ap.add_argument("--slq_runs", type=int, default=4)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--matmul_precision", default="highest", choices=("highest", "high", "default"),
-                  help="float32 matmuls: 'highest' = true fp32 (default); 'default' lets GPUs use TF32 and TPUs bf16 "
-                  "passes (faster, ~1e-3 relative error per HVP)")
-  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device; all devices "
-                  "of a multi-process job)")
-  ap.add_argument("--coordinator", default="", help="multi-process: 'auto' (TPU pods, SLURM) or host:port, as "
-                  "--config.distributed.coordinator in train.py; run the same command in every process")
+  ap.add_argument(
+    "--matmul_precision",
+    default="highest",
+    choices=("highest", "high", "default"),
+    help="float32 matmuls: 'highest' = true fp32 (default); 'default' lets GPUs use TF32 and TPUs bf16 "
+    "passes (faster, ~1e-3 relative error per HVP)",
+  )
+  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device; all devices of a multi-process job)")
+  ap.add_argument(
+    "--coordinator",
+    default="",
+    help="multi-process: 'auto' (TPU pods, SLURM) or host:port, as "
+    "--config.distributed.coordinator in train.py; run the same command in every process",
+  )
   ap.add_argument("--num_processes", type=int, default=0, help="multi-process: total processes (with host:port)")
   ap.add_argument("--process_id", type=int, default=-1, help="multi-process: this process's id (with host:port)")
   return ap.parse_args(argv)
@@ -322,5 +396,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
   main()
-
-

@@ -50,6 +50,7 @@ HIGHEST = lax.Precision.HIGHEST
 class Estimate:
   """An estimator's answer. `stderr` is a standard error (trace estimators) or an error bound
   (eigenvalues: the residual); `n_matvecs` counts HVPs (Fisher: backward passes)."""
+
   estimate: float
   stderr: float
   n_matvecs: int
@@ -70,6 +71,7 @@ class Estimate:
 @dataclasses.dataclass
 class Tridiagonal:
   """Lanczos output: T = tridiag(betas, alphas, betas); beta_last = β_m (for residual bounds)."""
+
   alphas: np.ndarray
   betas: np.ndarray
   beta_last: float
@@ -84,6 +86,7 @@ class Tridiagonal:
 
 # ------------------------------------------------------------------------------------------------
 # pytree vector algebra (float32 accumulation; sharded leaves reduce per shard + one all-reduce)
+
 
 def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32), precision=HIGHEST)
@@ -133,6 +136,7 @@ def _check_dist(dist: str) -> Callable:
 # ------------------------------------------------------------------------------------------------
 # shardings
 
+
 def _shardings(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else None, tree)
 
@@ -150,12 +154,14 @@ def _leaf_shardings(params: PyTree) -> tuple:
 
 def _constrain(v: PyTree, sh: tuple, stacked: bool = False) -> PyTree:
   """Inside jit: pin v (or a stacked v with a leading axis) to the parameters' NamedShardings."""
+
   def one(x, s):
     if not isinstance(s, NamedSharding):
       return x
     if stacked:
       s = NamedSharding(s.mesh, P(None, *s.spec))
     return lax.with_sharding_constraint(x, s)
+
   leaves, treedef = jax.tree.flatten(v)
   return jax.tree.unflatten(treedef, [one(x, s) for x, s in zip(leaves, sh)])
 
@@ -172,6 +178,7 @@ def _like_params(v: PyTree, params: PyTree) -> PyTree:
 # ------------------------------------------------------------------------------------------------
 # parameter paths, filters and blocks
 
+
 def _key_str(k) -> str:
   for attr in ("key", "idx", "name"):
     if hasattr(k, attr):
@@ -187,6 +194,7 @@ def param_paths(params: PyTree) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class ParamFilter:
   """Parameters whose '/'-joined path matches `include` (re.search) and not `exclude`."""
+
   include: str | None = None
   exclude: str | None = None
 
@@ -202,11 +210,14 @@ def selected(params: PyTree, include: str | None = None, exclude: str | None = N
   if not include and not exclude:
     return None
   paths = param_paths(params)
-  keep = tuple((not include or re.search(include, p) is not None) and (not exclude or re.search(exclude, p) is None)
-               for p in paths)
+  keep = tuple(
+    (not include or re.search(include, p) is not None) and (not exclude or re.search(exclude, p) is None) for p in paths
+  )
   if not any(keep):
-    raise ValueError(f"parameter filter include={include!r} exclude={exclude!r} matches no parameter; "
-                     f"available paths ({len(paths)}) look like {paths[:8]}")
+    raise ValueError(
+      f"parameter filter include={include!r} exclude={exclude!r} matches no parameter; "
+      f"available paths ({len(paths)}) look like {paths[:8]}"
+    )
   return keep
 
 
@@ -228,19 +239,19 @@ def _apply_sel(v: PyTree, sel: tuple[bool, ...] | None) -> PyTree:
 
 _LAYER = r"(?:^|/)(?:layers?|blocks?|h)(?:[._/])?(\d+)(?=/|$)"
 DEFAULT_BLOCK_RULES: tuple[tuple[str, str], ...] = (
-    # (regex searched in the path, block name template with the regex groups)
-    (_LAYER + r"(?:/.*)?/(?:ln[^/]*|[^/]*norm[^/]*)(?:/|$)", r"layer_\1/norm"),
-    (_LAYER + r"(?:/.*)?/[^/]*(?:attn|attention)[^/]*(?:/|$)", r"layer_\1/attn"),
-    (_LAYER + r"(?:/.*)?/[^/]*(?:mlp|ffn|feed_?forward)[^/]*(?:/|$)", r"layer_\1/mlp"),
-    (_LAYER, r"layer_\1/other"),
-    (r"(?:^|/)[^/]*(?:embed|wte|wpe|proj_in)[^/]*(?:/|$)", "embeddings"),
-    (r"(?:^|/)[^/]*(?:head|unembed|proj_out|final_norm|ln_f)[^/]*(?:/|$)", "head"),
+  # (regex searched in the path, block name template with the regex groups)
+  (_LAYER + r"(?:/.*)?/(?:ln[^/]*|[^/]*norm[^/]*)(?:/|$)", r"layer_\1/norm"),
+  (_LAYER + r"(?:/.*)?/[^/]*(?:attn|attention)[^/]*(?:/|$)", r"layer_\1/attn"),
+  (_LAYER + r"(?:/.*)?/[^/]*(?:mlp|ffn|feed_?forward)[^/]*(?:/|$)", r"layer_\1/mlp"),
+  (_LAYER, r"layer_\1/other"),
+  (r"(?:^|/)[^/]*(?:embed|wte|wpe|proj_in)[^/]*(?:/|$)", "embeddings"),
+  (r"(?:^|/)[^/]*(?:head|unembed|proj_out|final_norm|ln_f)[^/]*(?:/|$)", "head"),
 )
 
 
 def block_of(path: str, rules: Sequence[tuple[str, str]] | None = None) -> str:
   """Block name of one path by the first matching rule; 'other' when none matches."""
-  for pattern, name in (DEFAULT_BLOCK_RULES if rules is None else rules):
+  for pattern, name in DEFAULT_BLOCK_RULES if rules is None else rules:
     m = re.search(pattern, path)
     if m:
       return m.expand(name)
@@ -257,6 +268,7 @@ def param_blocks(params: PyTree, rules: Sequence[tuple[str, str]] | Callable[[st
 
 # ------------------------------------------------------------------------------------------------
 # HVP operators
+
 
 def hvp(loss_fn: Callable, params: PyTree, batch, v: PyTree) -> PyTree:
   """H v by forward-over-reverse: the directional derivative of the gradient along v."""
@@ -290,6 +302,7 @@ def ggn_linearised(logits_fn: Callable, params: PyTree, batch) -> Callable[[PyTr
     u_BxLxV = lin(_like_params(v, params)).astype(jnp.float32)
     hu = p_BxLxV * (u_BxLxV - jnp.sum(p_BxLxV * u_BxLxV, -1, keepdims=True)) * w_BxL[..., None]
     return lin_t(hu.astype(z_BxLxV.dtype))[0]
+
   return mv
 
 
@@ -306,8 +319,15 @@ class HVPOperator:
   `linearise(params, batch)` gives v -> C_b v sharing one linearisation across many v.
   """
 
-  def __init__(self, loss_fn: Callable | None, batches: Sequence[dict], weights: Sequence[float] | None = None, *,
-               curvature: str = "hessian", logits_fn: Callable | None = None):
+  def __init__(
+    self,
+    loss_fn: Callable | None,
+    batches: Sequence[dict],
+    weights: Sequence[float] | None = None,
+    *,
+    curvature: str = "hessian",
+    logits_fn: Callable | None = None,
+  ):
     if curvature not in ("hessian", "ggn"):
       raise ValueError(f"unknown curvature {curvature!r}; valid: 'hessian', 'ggn'")
     if (curvature == "hessian" and loss_fn is None) or (curvature == "ggn" and logits_fn is None):
@@ -328,8 +348,10 @@ class HVPOperator:
     self.n_batches = len(self.batches)
     self.stacked = self.n_batches > 1 and len({_signature(b) for b in self.batches}) == 1
     if self.stacked:
-      self.operands = (jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *self.batches),
-                       jnp.asarray(self.weights))
+      self.operands = (
+        jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *self.batches),
+        jnp.asarray(self.weights),
+      )
     else:
       self.operands = (tuple(self.batches), jnp.asarray(self.weights))
     self._jitted: dict = {}
@@ -338,9 +360,11 @@ class HVPOperator:
     """Σ_b w_b f(batch_b) inside a trace (f returns a pytree of arrays)."""
     batches, w = operands
     if self.stacked:
+
       def body(acc, xs):
         b, wb = xs
         return jax.tree.map(lambda a, y: (a + wb * y).astype(a.dtype), acc, f(b)), None
+
       first = jax.tree.map(lambda x: x[0], batches)
       acc0 = jax.tree.map(lambda y: jnp.zeros(y.shape, y.dtype), jax.eval_shape(f, first))
       return lax.scan(body, acc0, (batches, w))[0]
@@ -398,15 +422,21 @@ def _cached(owner: Any, key: tuple, build: Callable[[], Callable]) -> Callable:
   return cache[key]
 
 
-def probe_like(key, params: PyTree, dist: str = "rademacher", *, filter: str | ParamFilter | None = None,  # noqa: A002
-               include: str | None = None, exclude: str | None = None) -> PyTree:
+def probe_like(
+  key,
+  params: PyTree,
+  dist: str = "rademacher",
+  *,
+  filter: str | ParamFilter | None = None,  # noqa: A002
+  include: str | None = None,
+  exclude: str | None = None,
+) -> PyTree:
   """A probe drawn under jit straight into the parameters' shardings (zero outside the filter)."""
   draw = _check_dist(dist)
   sel = selected(params, *_filter_args(filter, include, exclude))
   ck = (dist, sel, jax.tree.structure(params), _sharding_key(params))
   if ck not in _PROBE_FNS:
-    _PROBE_FNS[ck] = jax.jit(lambda k, p: _like_params(_apply_sel(draw(k, p), sel), p),
-                             out_shardings=_out_shardings(params))
+    _PROBE_FNS[ck] = jax.jit(lambda k, p: _like_params(_apply_sel(draw(k, p), sel), p), out_shardings=_out_shardings(params))
   return _PROBE_FNS[ck](key, params)
 
 
@@ -417,8 +447,10 @@ def _check_finite(values: np.ndarray, what: str, offset: int = 0) -> np.ndarray:
   values = np.asarray(values, np.float64)
   bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1)) if values.size else []
   if len(bad):
-    raise FloatingPointError(f"non-finite value ({values.reshape(len(values), -1)[bad[0]][0]}) in {what} "
-                             f"{offset + int(bad[0])}: the HVP or gradient produced NaN/inf")
+    raise FloatingPointError(
+      f"non-finite value ({values.reshape(len(values), -1)[bad[0]][0]}) in {what} "
+      f"{offset + int(bad[0])}: the HVP or gradient produced NaN/inf"
+    )
   return values
 
 
@@ -437,6 +469,7 @@ def _fold(key, start, count: int):
 
 # ------------------------------------------------------------------------------------------------
 # trace estimators
+
 
 def _hutchinson_chunk(matvec: MatVec, params: PyTree, dist: str, sel, chunk: int, amortise: bool) -> Callable:
   """jitted (params, key, start, operands) -> vᵀHv per leaf [P, n_leaves] for probes start..start+P-1."""
@@ -466,12 +499,23 @@ def _hutchinson_chunk(matvec: MatVec, params: PyTree, dist: str, sel, chunk: int
   return jax.jit(f)
 
 
-def hutchinson_trace(matvec: MatVec, params: PyTree, key, num_probes: int, *, dist: str = "rademacher",
-                     filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-                     exclude: str | None = None,
-                     blocks: bool | Sequence[tuple[str, str]] | Callable[[str], str] | None = None,
-                     target_rel_err: float | None = None, min_probes: int = 8, chunk: int = 8,
-                     amortise: bool = True, progress: Callable[[int], Any] | None = None) -> Estimate:
+def hutchinson_trace(
+  matvec: MatVec,
+  params: PyTree,
+  key,
+  num_probes: int,
+  *,
+  dist: str = "rademacher",
+  filter: str | ParamFilter | None = None,
+  include: str | None = None,  # noqa: A002
+  exclude: str | None = None,
+  blocks: bool | Sequence[tuple[str, str]] | Callable[[str], str] | None = None,
+  target_rel_err: float | None = None,
+  min_probes: int = 8,
+  chunk: int = 8,
+  amortise: bool = True,
+  progress: Callable[[int], Any] | None = None,
+) -> Estimate:
   """Hutchinson: mean of vᵀHv over probes v (E[vvᵀ] = I), with its standard error.
 
   With a filter, probes are zero outside the selected parameters S, so the estimate is tr(H_SS), the
@@ -524,9 +568,11 @@ def hutchinson_trace(matvec: MatVec, params: PyTree, key, num_probes: int, *, di
 
 def _gram(A_k: PyTree, B_k: PyTree) -> jax.Array:
   """G_kxk[i, j] = Σ_leaves <A_i, B_j> for stacked vectors."""
+
   def one(a, b):
     ax = tuple(range(1, a.ndim))
     return jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=(ax, ax), precision=HIGHEST)
+
   return sum((one(a, b) for a, b in zip(jax.tree.leaves(A_k), jax.tree.leaves(B_k))), jnp.float32(0))
 
 
@@ -549,16 +595,26 @@ def _orthonormalise(Y_k: PyTree, sh: tuple) -> tuple[PyTree, jax.Array]:
 
 def _project_out(Q_k: PyTree, g: PyTree) -> PyTree:
   """(I − QQᵀ) g for stacked orthonormal Q (zero columns are harmless)."""
+
   def coef(q, x):
     ax = tuple(range(1, q.ndim))
     return jnp.tensordot(q, x.astype(jnp.float32), axes=(ax, tuple(range(x.ndim))), precision=HIGHEST)
+
   c_k = sum((coef(q, x) for q, x in zip(jax.tree.leaves(Q_k), jax.tree.leaves(g))), jnp.float32(0))
   return jax.tree.map(lambda x, q: x - jnp.tensordot(c_k, q, axes=([0], [0]), precision=HIGHEST).astype(x.dtype), g, Q_k)
 
 
-def hutchpp_trace(matvec: MatVec, params: PyTree, key, num_matvecs: int, *, dist: str = "rademacher",
-                  filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-                  exclude: str | None = None) -> Estimate:
+def hutchpp_trace(
+  matvec: MatVec,
+  params: PyTree,
+  key,
+  num_matvecs: int,
+  *,
+  dist: str = "rademacher",
+  filter: str | ParamFilter | None = None,
+  include: str | None = None,  # noqa: A002
+  exclude: str | None = None,
+) -> Estimate:
   """Hutch++ (Meyer, Musco, Musco & Woodruff 2021) with a budget of m HVPs, k = m // 3:
 
     S: k probes; Q_k = orth(H S) (stacked vectors, sharded like params); exact tr(QᵀHQ) with k HVPs;
@@ -596,20 +652,37 @@ def hutchpp_trace(matvec: MatVec, params: PyTree, key, num_matvecs: int, *, dist
         return tree_dot(g, hv(g))
 
       return exact_k, lax.map(residual, _fold(k_res, 0, n_res)), rank
+
     return jax.jit(f)
 
   f = _cached(matvec, ("hutchpp", dist, sel, num_matvecs, _sharding_key(params)), build)
   exact_k, res, rank = f(params, key, ops)
   exact = float(_check_finite(np.asarray(exact_k), "Hutch++ sketch vector").sum())
   res = _check_finite(np.asarray(res), "Hutch++ residual probe")
-  return Estimate(exact + float(res.mean()), _stderr(res), 2 * k + n_res, samples=res,
-                  extra={"exact_part": exact, "sketch_rank": int(rank), "sketch_size": k})
+  return Estimate(
+    exact + float(res.mean()),
+    _stderr(res),
+    2 * k + n_res,
+    samples=res,
+    extra={"exact_part": exact, "sketch_rank": int(rank), "sketch_size": k},
+  )
 
 
-def fisher_trace(logits_fn: Callable, params: PyTree, batches: Sequence[dict], key, num_samples: int, *,
-                 filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-                 exclude: str | None = None, chunk: int = 8, target_rel_err: float | None = None,
-                 min_samples: int = 8, progress: Callable[[int], Any] | None = None) -> Estimate:
+def fisher_trace(
+  logits_fn: Callable,
+  params: PyTree,
+  batches: Sequence[dict],
+  key,
+  num_samples: int,
+  *,
+  filter: str | ParamFilter | None = None,
+  include: str | None = None,  # noqa: A002
+  exclude: str | None = None,
+  chunk: int = 8,
+  target_rel_err: float | None = None,
+  min_samples: int = 8,
+  progress: Callable[[int], Any] | None = None,
+) -> Estimate:
   """tr(F) of the model's predictive distribution on the fixed tokens (Liu et al. 2023, App. B.1).
 
   Loss L(θ) = (1/T) Σ_t ℓ_t with ℓ_t(y) = −log p_θ(y | x_t) over the T masked tokens of all batches.
@@ -655,6 +728,7 @@ def fisher_trace(logits_fn: Callable, params: PyTree, batches: Sequence[dict], k
         return tree_dot(g, g)
 
       return lax.map(one, start + jnp.arange(chunk))
+
     return jax.jit(f)
 
   f = _cached(logits_fn, ("fisher", sel, chunk, _sharding_key(params)), build)
@@ -675,16 +749,24 @@ def fisher_trace(logits_fn: Callable, params: PyTree, batches: Sequence[dict], k
           break
   samples = np.concatenate([np.asarray(s, np.float64) for s in sums])[:n] / T
   _check_finite(samples, "Fisher sample")
-  return Estimate(float(samples.mean()), _stderr(samples), n * len(batches), samples=samples,
-                  extra={"n_tokens": T})
+  return Estimate(float(samples.mean()), _stderr(samples), n * len(batches), samples=samples, extra={"n_tokens": T})
 
 
 # ------------------------------------------------------------------------------------------------
 # eigenvalues and spectral density
 
-def power_iteration(matvec: MatVec, params: PyTree, key, num_iters: int = 50, tol: float = 1e-5, *,
-                    filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-                    exclude: str | None = None) -> Estimate:
+
+def power_iteration(
+  matvec: MatVec,
+  params: PyTree,
+  key,
+  num_iters: int = 50,
+  tol: float = 1e-5,
+  *,
+  filter: str | ParamFilter | None = None,
+  include: str | None = None,  # noqa: A002
+  exclude: str | None = None,
+) -> Estimate:
   """λ of largest magnitude by power iteration (Rayleigh quotients), in one jitted while-loop.
 
   Stops when |λ_i − λ_{i−1}| ≤ tol·|λ_i| or after num_iters. `stderr` holds the residual ‖Hv − λv‖ of
@@ -715,6 +797,7 @@ def power_iteration(matvec: MatVec, params: PyTree, key, num_iters: int = 50, to
 
       i, _, lam, _, res = lax.while_loop(cond, body, (0, v, jnp.float32(0), jnp.float32(jnp.inf), jnp.float32(jnp.inf)))
       return lam, res, i
+
     return jax.jit(f)
 
   f = _cached(matvec, ("power", num_iters, tol, sel, _sharding_key(params)), build)
@@ -786,18 +869,20 @@ def _lanczos_fn(matvec: MatVec, params: PyTree, m: int, sel, reorth: str, return
 
 
 def _n_selected(params: PyTree, sel) -> int:
-  return sum(math.prod(x.shape) for x, k in zip(jax.tree.leaves(params), sel or [True] * len(jax.tree.leaves(params)))
-             if k)
+  return sum(math.prod(x.shape) for x, k in zip(jax.tree.leaves(params), sel or [True] * len(jax.tree.leaves(params))) if k)
 
 
-
-def _run_lanczos(matvec: MatVec, params: PyTree, key, num_steps: int, sel, reorth: str, start: PyTree | None = None,
-                 return_basis: bool = False) -> Tridiagonal:
+def _run_lanczos(
+  matvec: MatVec, params: PyTree, key, num_steps: int, sel, reorth: str, start: PyTree | None = None, return_basis: bool = False
+) -> Tridiagonal:
   m = int(min(num_steps, _n_selected(params, sel)))
   if m < 1:
     raise ValueError(f"num_steps must be ≥ 1, not {num_steps}")
-  f = _cached(matvec, ("lanczos", m, sel, reorth, return_basis, _sharding_key(params)),
-              lambda: _lanczos_fn(matvec, params, m, sel, reorth, return_basis))
+  f = _cached(
+    matvec,
+    ("lanczos", m, sel, reorth, return_basis, _sharding_key(params)),
+    lambda: _lanczos_fn(matvec, params, m, sel, reorth, return_basis),
+  )
   _, ops = _traceable(matvec)
   k_start, k_fresh = jax.random.split(key)
   v0 = start if start is not None else probe_like(k_start, params)
@@ -808,9 +893,19 @@ def _run_lanczos(matvec: MatVec, params: PyTree, key, num_steps: int, sel, reort
   return Tridiagonal(alphas, betas[:-1], float(betas[-1]), m, basis=out[2] if return_basis else None)
 
 
-def lanczos(matvec: MatVec, params: PyTree, key, num_steps: int, *, start: PyTree | None = None,
-            reorth: str = "full", filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-            exclude: str | None = None, return_basis: bool = False) -> Tridiagonal:
+def lanczos(
+  matvec: MatVec,
+  params: PyTree,
+  key,
+  num_steps: int,
+  *,
+  start: PyTree | None = None,
+  reorth: str = "full",
+  filter: str | ParamFilter | None = None,
+  include: str | None = None,  # noqa: A002
+  exclude: str | None = None,
+  return_basis: bool = False,
+) -> Tridiagonal:
   """m Lanczos steps from `start` (default: a Rademacher probe from `key`) in one jitted fori_loop.
 
   reorth='full': the basis is a stacked pytree [m, ...] (fp32, sharded like params) and every new vector
@@ -826,9 +921,19 @@ def lanczos(matvec: MatVec, params: PyTree, key, num_steps: int, *, start: PyTre
   return _run_lanczos(matvec, params, key, num_steps, sel, reorth, start, return_basis)
 
 
-def top_eigenvalues(matvec: MatVec, params: PyTree, key, k: int = 5, num_steps: int = 30, which: str = "LA", *,
-                    tol: float = 1e-3, filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-                    exclude: str | None = None) -> Estimate:
+def top_eigenvalues(
+  matvec: MatVec,
+  params: PyTree,
+  key,
+  k: int = 5,
+  num_steps: int = 30,
+  which: str = "LA",
+  *,
+  tol: float = 1e-3,
+  filter: str | ParamFilter | None = None,
+  include: str | None = None,  # noqa: A002
+  exclude: str | None = None,
+) -> Estimate:
   """Top-k Ritz values of an m-step Lanczos run ('LA' largest algebraic — the sharpness, 'LM' largest
   magnitude, 'SA' smallest algebraic) with residual bounds |β_m s_{m,i}| (an eigenvalue of H lies within
   that distance of each Ritz value). extra['converged'] flags residual < tol·|θ|; extra['lambda_min'] is
@@ -841,9 +946,18 @@ def top_eigenvalues(matvec: MatVec, params: PyTree, key, k: int = 5, num_steps: 
   order = {"LA": np.argsort(-theta_m), "SA": np.argsort(theta_m), "LM": np.argsort(-np.abs(theta_m))}[which][:k]
   vals, res = theta_m[order], resid_m[order]
   i_min = int(np.argmin(theta_m))
-  return Estimate(float(vals[0]), float(res[0]), T.n_matvecs, eigenvalues=vals, residuals=res,
-                  extra={"converged": res < tol * np.maximum(np.abs(vals), 1e-30), "which": which,
-                         "lambda_min": (float(theta_m[i_min]), float(resid_m[i_min]))})
+  return Estimate(
+    float(vals[0]),
+    float(res[0]),
+    T.n_matvecs,
+    eigenvalues=vals,
+    residuals=res,
+    extra={
+      "converged": res < tol * np.maximum(np.abs(vals), 1e-30),
+      "which": which,
+      "lambda_min": (float(theta_m[i_min]), float(resid_m[i_min])),
+    },
+  )
 
 
 def _slq(matvec, params, key, num_runs: int, num_steps: int, sel, reorth: str):
@@ -855,10 +969,21 @@ def _slq(matvec, params, key, num_runs: int, num_steps: int, sel, reorth: str):
   return [t for t, _ in ritz], [S[0, :] ** 2 for _, S in ritz], sum(T.n_matvecs for T in runs), _n_selected(params, sel)
 
 
-def slq_density(matvec: MatVec, params: PyTree, key, num_runs: int = 4, num_steps: int = 30,
-                grid: int | np.ndarray = 1000, sigma: float | None = None, *, reorth: str = "full",
-                filter: str | ParamFilter | None = None, include: str | None = None,  # noqa: A002
-                exclude: str | None = None, grid_points: int | None = None) -> Estimate:
+def slq_density(
+  matvec: MatVec,
+  params: PyTree,
+  key,
+  num_runs: int = 4,
+  num_steps: int = 30,
+  grid: int | np.ndarray = 1000,
+  sigma: float | None = None,
+  *,
+  reorth: str = "full",
+  filter: str | ParamFilter | None = None,
+  include: str | None = None,  # noqa: A002
+  exclude: str | None = None,
+  grid_points: int | None = None,
+) -> Estimate:
   """Eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Lin et al. 2016).
 
   Each run gives nodes θ_i (Ritz values) and weights w_i = (e₁ᵀ s_i)² (Σ w_i = 1); the density is
@@ -877,13 +1002,32 @@ def slq_density(matvec: MatVec, params: PyTree, key, num_runs: int = 4, num_step
   grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, int(grid)) if np.ndim(grid) == 0 else np.asarray(grid, np.float64)
   dens = (w[None, :] * np.exp(-0.5 * ((grid[:, None] - th[None, :]) / sigma) ** 2)).sum(1) / (np.sqrt(2 * np.pi) * sigma)
   per_run = np.array([n * float(wr @ tr) for tr, wr in zip(nodes, weights)])
-  return Estimate(float(per_run.mean()), _stderr(per_run), n_mv, samples=per_run, grid=grid, density=dens,
-                  nodes=th, weights=w, extra={"sigma": sigma, "dimension": n})
+  return Estimate(
+    float(per_run.mean()),
+    _stderr(per_run),
+    n_mv,
+    samples=per_run,
+    grid=grid,
+    density=dens,
+    nodes=th,
+    weights=w,
+    extra={"sigma": sigma, "dimension": n},
+  )
 
 
-def slq_trace_f(matvec: MatVec, params: PyTree, key, f: Callable[[np.ndarray], np.ndarray], num_runs: int = 4,
-                num_steps: int = 30, *, reorth: str = "full", filter: str | ParamFilter | None = None,  # noqa: A002
-                include: str | None = None, exclude: str | None = None) -> Estimate:
+def slq_trace_f(
+  matvec: MatVec,
+  params: PyTree,
+  key,
+  f: Callable[[np.ndarray], np.ndarray],
+  num_runs: int = 4,
+  num_steps: int = 30,
+  *,
+  reorth: str = "full",
+  filter: str | ParamFilter | None = None,  # noqa: A002
+  include: str | None = None,
+  exclude: str | None = None,
+) -> Estimate:
   """tr f(H) ≈ n·mean_r Σ_i w_i f(θ_i) (f applied to Ritz values, vectorised numpy). Exact per run for
   polynomials of degree < 2m (then it is Hutchinson on f(H)); stderr across runs."""
   sel = selected(params, *_filter_args(filter, include, exclude))

@@ -92,8 +92,9 @@ def _unique_names(names: list[str]) -> list[str]:
   return out
 
 
-def load_trajectories(workdirs: str | Sequence[str], unit: str = "nats", store: str = TJ.STORE,
-                      steps: Sequence[int] | None = None) -> xr.DataArray:
+def load_trajectories(
+  workdirs: str | Sequence[str], unit: str = "nats", store: str = TJ.STORE, steps: Sequence[int] | None = None
+) -> xr.DataArray:
   """Probe surprisal of one or several runs as a DataArray [run, step, token] (float32, `unit`).
 
   Runs are aligned by step (the union of their stored steps; NaN where a run has none). Coords:
@@ -135,16 +136,31 @@ def load_trajectories(workdirs: str | Sequence[str], unit: str = "nats", store: 
       per["val_loss"][r, c], per["val_ppl"][r, c] = row["probe_loss"] * scale, row["probe_ppl"]
       per["eval_loss"][r, c], per["eval_ppl"][r, c] = row["eval_loss"], row["eval_ppl"]
   probes = TJ.ProbeSet.load(stores[0].dir).token_columns()
-  coords = {"run": _unique_names(names), "step": steps_C,
-            "workdir": ("run", [os.path.abspath(w) for w in workdirs]), "seed": ("run", seeds),
-            "n_params": ("run", nparams), "token": np.arange(T)}
+  coords = {
+    "run": _unique_names(names),
+    "step": steps_C,
+    "workdir": ("run", [os.path.abspath(w) for w in workdirs]),
+    "seed": ("run", seeds),
+    "n_params": ("run", nparams),
+    "token": np.arange(T),
+  }
   coords.update({k: (("run", "step"), v) for k, v in per.items()})
   coords.update({k: ("token", probes[k]) for k in ("doc", "group", "position", "context_len")})
   coords["token_id"] = ("token", probes["token"])
   coords["true_surprisal"] = ("token", -probes["true_logprob"].astype(np.float64) * scale)
-  return xr.DataArray(vals, dims=("run", "step", "token"), coords=coords, name="surprisal",
-                      attrs={"unit": unit, "fingerprint": metas[0]["fingerprint"], "vocab_size": metas[0]["vocab_size"],
-                             "spec": json.dumps(metas[0]["spec"]), "store": store})
+  return xr.DataArray(
+    vals,
+    dims=("run", "step", "token"),
+    coords=coords,
+    name="surprisal",
+    attrs={
+      "unit": unit,
+      "fingerprint": metas[0]["fingerprint"],
+      "vocab_size": metas[0]["vocab_size"],
+      "spec": json.dumps(metas[0]["spec"]),
+      "store": store,
+    },
+  )
 
 
 def load_token_metrics(workdir: str, path: str | None = None) -> pd.DataFrame:

@@ -124,8 +124,7 @@ def _codes(flat: _Flat, dicts: list[np.ndarray], base: int, upto: int) -> list[n
   return ids
 
 
-def _merge(keys_a: np.ndarray, counts_a: np.ndarray, keys_b: np.ndarray,
-           counts_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _merge(keys_a: np.ndarray, counts_a: np.ndarray, keys_b: np.ndarray, counts_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   keys, inv = np.unique(np.concatenate([keys_a, keys_b]), return_inverse=True)
   counts = np.bincount(inv, weights=np.concatenate([counts_a, counts_b]), minlength=keys.size)
   return keys, counts.astype(np.int64)
@@ -206,8 +205,7 @@ def build_ngram_model(
     keys_out.append(keys)
     counts_out.append(counts)
     totals_out.append(totals)
-  return NgramModel(vocab_size, max_n, dicts, keys_out, counts_out, totals_out, prune_min,
-                    prune_from)
+  return NgramModel(vocab_size, max_n, dicts, keys_out, counts_out, totals_out, prune_min, prune_from)
 
 
 def _lookup(model: NgramModel, n: int, ctx: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -223,8 +221,12 @@ def _lookup(model: NgramModel, n: int, ctx: np.ndarray, target: np.ndarray) -> n
 
 
 def sequence_surprisals(
-  model: NgramModel, sequences: Sequence[np.ndarray] | np.ndarray, n: int,
-  backoff: bool = True, zero_atol: float = 0.0, pad_value: int = PAD_INPUT,
+  model: NgramModel,
+  sequences: Sequence[np.ndarray] | np.ndarray,
+  n: int,
+  backoff: bool = True,
+  zero_atol: float = 0.0,
+  pad_value: int = PAD_INPUT,
 ) -> list[np.ndarray]:
   """n-gram surprisal (bits) of every token of every sequence, with backoff.
 
@@ -260,8 +262,13 @@ def _probe_index(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ngram_surprisal(
-  model: NgramModel, sequences: Sequence[np.ndarray] | np.ndarray, positions: np.ndarray,
-  n: int, backoff: bool = True, zero_atol: float = 0.0, pad_value: int = PAD_INPUT,
+  model: NgramModel,
+  sequences: Sequence[np.ndarray] | np.ndarray,
+  positions: np.ndarray,
+  n: int,
+  backoff: bool = True,
+  zero_atol: float = 0.0,
+  pad_value: int = PAD_INPUT,
 ) -> np.ndarray:
   """Surprisal (bits) of the target token at each probe (sequence, position): [T]."""
   seq_T, pos_T = _probe_index(positions)
@@ -284,18 +291,20 @@ def context_loglen(positions: np.ndarray) -> np.ndarray:
 
 
 def context_logprob(
-  model: NgramModel, sequences: Sequence[np.ndarray] | np.ndarray, positions: np.ndarray,
-  n: int = 1, window: int | None = None, zero_atol: float = 0.0, pad_value: int = PAD_INPUT,
+  model: NgramModel,
+  sequences: Sequence[np.ndarray] | np.ndarray,
+  positions: np.ndarray,
+  n: int = 1,
+  window: int | None = None,
+  zero_atol: float = 0.0,
+  pad_value: int = PAD_INPUT,
 ) -> np.ndarray:
   """Chang's ``context_logprob``: minus the mean n-gram surprisal (bits) of the context
   tokens [start, pos) with start = 0 or pos - window. As in the reference, the first
   n-1 tokens of the window use the 1..n-1-gram (counting from the window start),
   the rest the n-gram, all with backoff. NaN for position 0 (no context)."""
   seq_T, pos_T = _probe_index(positions)
-  per_order = [
-    np.concatenate(sequence_surprisals(model, sequences, j, True, zero_atol, pad_value))
-    for j in range(1, n + 1)
-  ]
+  per_order = [np.concatenate(sequence_surprisals(model, sequences, j, True, zero_atol, pad_value)) for j in range(1, n + 1)]
   lengths = np.array([s.size for s in _as_sequences(sequences, pad_value)], dtype=np.int64)
   offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
   start_T = np.zeros_like(pos_T) if window is None else np.maximum(pos_T - int(window), 0)

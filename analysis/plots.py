@@ -36,8 +36,7 @@ def _run_index(da: xr.DataArray, run) -> int:
   return int(run)
 
 
-def learning_curves(da: xr.DataArray, tokens: Sequence[int], run: int | str = 0, smooth: bool = True,
-                    ax=None) -> plt.Figure:
+def learning_curves(da: xr.DataArray, tokens: Sequence[int], run: int | str = 0, smooth: bool = True, ax=None) -> plt.Figure:
   """Surprisal of selected probe tokens vs step (log axis): raw (solid) and GAM-smoothed (dashed,
   curves.smooth_curves, when the run has >= 4 checkpoints after step 0)."""
   fig, ax = _axes(ax)
@@ -48,9 +47,9 @@ def learning_curves(da: xr.DataArray, tokens: Sequence[int], run: int | str = 0,
   y_TxC = sub.values[keep_C].T
   sm = curves.smooth_curves(y_TxC, steps_C) if smooth and steps_C.size else None
   for i, t in enumerate(tokens):
-    line, = ax.plot(steps_C, y_TxC[i], lw=1, label=f"token {t} (pos {int(sub.position.values[i])})")
+    (line,) = ax.plot(steps_C, y_TxC[i], lw=1, label=f"token {t} (pos {int(sub.position.values[i])})")
     if sm is not None and sm.ok:
-      ax.plot(10 ** sm.x_D, sm.smooth_TxD[i], ls="--", lw=1.5, color=line.get_color())
+      ax.plot(10**sm.x_D, sm.smooth_TxD[i], ls="--", lw=1.5, color=line.get_color())
   ax.set_xscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel(f"surprisal ({da.attrs.get('unit', 'nats')})")
@@ -60,8 +59,7 @@ def learning_curves(da: xr.DataArray, tokens: Sequence[int], run: int | str = 0,
   return fig
 
 
-def aoa_vs_frequency(df: pd.DataFrame, x: str = "log_freq", y: str = "aoa_gam", bins: int = 10,
-                     ax=None) -> plt.Figure:
+def aoa_vs_frequency(df: pd.DataFrame, x: str = "log_freq", y: str = "aoa_gam", bins: int = 10, ax=None) -> plt.Figure:
   """Scatter of a per-token metric (default GAM age of acquisition, log10 steps) against `x`
   (default log10 unigram frequency in the training data), with the binned mean as a line."""
   fig, ax = _axes(ax)
@@ -81,8 +79,7 @@ def aoa_vs_frequency(df: pd.DataFrame, x: str = "log_freq", y: str = "aoa_gam", 
   return fig
 
 
-def trend_fractions_vs_ppl(da: xr.DataArray, window_frac: float = 0.2, max_points: int = 20,
-                           ax=None) -> plt.Figure:
+def trend_fractions_vs_ppl(da: xr.DataArray, window_frac: float = 0.2, max_points: int = 20, ax=None) -> plt.Figure:
   """Share of tokens per Xia trend class (curves.trend_classes over the checkpoints up to each
   window end) against the run's probe-set perplexity at that end; one line per (run, class)."""
   fig, ax = _axes(ax)
@@ -91,17 +88,24 @@ def trend_fractions_vs_ppl(da: xr.DataArray, window_frac: float = 0.2, max_point
     run = da.isel(run=r)
     ok_C = np.isfinite(run.values).all(axis=1)
     steps_C, y_CxT, ppl_C = run.step.values[ok_C], run.values[ok_C], run.val_ppl.values[ok_C]
-    ends = [e for e in range(steps_C.size) if np.sum(steps_C[:e + 1] > 0) >= 3]
+    ends = [e for e in range(steps_C.size) if np.sum(steps_C[: e + 1] > 0) >= 3]
     if len(ends) > max_points:
       ends = sorted(set(np.linspace(ends[0], ends[-1], max_points).round().astype(int).tolist()))
     frac = {name: [] for name in curves.TREND_NAMES.values()}
     for e in ends:
-      tr = curves.trend_classes(y_CxT[:e + 1].T, steps_C[:e + 1], window_frac, kind="surprisal", unit=unit)
+      tr = curves.trend_classes(y_CxT[: e + 1].T, steps_C[: e + 1], window_frac, kind="surprisal", unit=unit)
       for name, f in curves.class_fractions(tr.class_T).items():
         frac[name].append(f)
     for name in ("upward", "downward", "stagnated"):
-      ax.plot(ppl_C[ends], frac[name], marker="o", ms=3, color=TREND_COLORS[name],
-              ls=["-", "--", ":", "-."][r % 4], label=f"{da.run.values[r]}: {name}")
+      ax.plot(
+        ppl_C[ends],
+        frac[name],
+        marker="o",
+        ms=3,
+        color=TREND_COLORS[name],
+        ls=["-", "--", ":", "-."][r % 4],
+        label=f"{da.run.values[r]}: {name}",
+      )
   ax.set_xscale("log")
   ax.invert_xaxis()  # training moves right, towards lower perplexity
   ax.set_xlabel("validation perplexity (probe set)")
@@ -125,8 +129,15 @@ def class_ppl_vs_val_ppl(da: xr.DataArray, classes: np.ndarray | pd.Series, ax=N
       if not sel.any():
         continue
       ppl_C = np.exp(run.values[ok_C][:, sel].mean(axis=1) * to_nats)
-      ax.plot(run.val_ppl.values[ok_C], ppl_C, marker="o", ms=3, color=TREND_COLORS[name],
-              ls=["-", "--", ":", "-."][r % 4], label=f"{da.run.values[r]}: {name} ({sel.sum()})")
+      ax.plot(
+        run.val_ppl.values[ok_C],
+        ppl_C,
+        marker="o",
+        ms=3,
+        color=TREND_COLORS[name],
+        ls=["-", "--", ":", "-."][r % 4],
+        label=f"{da.run.values[r]}: {name} ({sel.sum()})",
+      )
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.invert_xaxis()

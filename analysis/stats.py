@@ -19,13 +19,19 @@ from scipy import stats as sps
 
 # Chang's sequential LRT order (analysis/run_regressions.py).
 CHANG_SEQUENTIAL_ORDER = (
-  "unigram", "ngram", "context_loglen", "context_logprob", "contextual_div", "pos",
+  "unigram",
+  "ngram",
+  "context_loglen",
+  "context_logprob",
+  "contextual_div",
+  "pos",
   "interactions",
 )
 
 
-def _design(X: np.ndarray | pd.DataFrame | None, n: int, names: Sequence[str] | None,
-            add_const: bool) -> tuple[np.ndarray, list[str]]:
+def _design(
+  X: np.ndarray | pd.DataFrame | None, n: int, names: Sequence[str] | None, add_const: bool
+) -> tuple[np.ndarray, list[str]]:
   if X is None:
     X_NxF, cols = np.empty((n, 0)), []
   elif isinstance(X, pd.DataFrame):
@@ -45,7 +51,9 @@ def _design(X: np.ndarray | pd.DataFrame | None, n: int, names: Sequence[str] | 
 
 
 def ols(
-  y: np.ndarray, X: np.ndarray | pd.DataFrame | None, names: Sequence[str] | None = None,
+  y: np.ndarray,
+  X: np.ndarray | pd.DataFrame | None,
+  names: Sequence[str] | None = None,
   add_const: bool = True,
 ) -> dict:
   """OLS with statsmodels' summary numbers: params, se, t, p (two-sided t), R^2,
@@ -79,10 +87,18 @@ def ols(
   llf = -0.5 * n * (np.log(2.0 * np.pi) + np.log(rss / n) + 1.0)
   table = pd.DataFrame({"coef": beta, "se": se, "t": t, "p": p}, index=cols)
   return {
-    "params": pd.Series(beta, index=cols), "se": pd.Series(se, index=cols),
-    "t": pd.Series(t, index=cols), "p": pd.Series(p, index=cols), "r2": r2,
-    "adj_r2": adj, "llf": float(llf), "nobs": n, "df_model": df_model,
-    "df_resid": df_resid, "resid": resid, "table": table,
+    "params": pd.Series(beta, index=cols),
+    "se": pd.Series(se, index=cols),
+    "t": pd.Series(t, index=cols),
+    "p": pd.Series(p, index=cols),
+    "r2": r2,
+    "adj_r2": adj,
+    "llf": float(llf),
+    "nobs": n,
+    "df_model": df_model,
+    "df_resid": df_resid,
+    "resid": resid,
+    "table": table,
   }
 
 
@@ -103,26 +119,30 @@ def sequential_lrt(
   number of columns (the LRT df), log-likelihood, R^2, adjusted R^2 and its gain,
   the chi^2 statistic and p-value.
   """
-  blocks = list(predictor_blocks.items()) if isinstance(predictor_blocks, Mapping) else list(
-    predictor_blocks
-  )
+  blocks = list(predictor_blocks.items()) if isinstance(predictor_blocks, Mapping) else list(predictor_blocks)
   y_N = np.asarray(y, dtype=np.float64).ravel()
   base = ols(y_N, None)
-  rows = [dict(block="intercept", df=0, llf=base["llf"], r2=0.0, adj_r2=0.0,
-               delta_adj_r2=np.nan, lr_stat=np.nan, p=np.nan)]
+  rows = [dict(block="intercept", df=0, llf=base["llf"], r2=0.0, adj_r2=0.0, delta_adj_r2=np.nan, lr_stat=np.nan, p=np.nan)]
   cols: list[np.ndarray] = []
   prev = base
   for name, block in blocks:
-    b = block.to_numpy(dtype=np.float64) if isinstance(block, pd.DataFrame) else np.asarray(
-      block, dtype=np.float64
-    )
+    b = block.to_numpy(dtype=np.float64) if isinstance(block, pd.DataFrame) else np.asarray(block, dtype=np.float64)
     b = b[:, None] if b.ndim == 1 else b
     cols.append(b)
     fit = ols(y_N, np.column_stack(cols))
     stat, p = lrt(prev["llf"], fit["llf"], b.shape[1])
-    rows.append(dict(block=name, df=b.shape[1], llf=fit["llf"], r2=fit["r2"],
-                     adj_r2=fit["adj_r2"], delta_adj_r2=fit["adj_r2"] - prev["adj_r2"],
-                     lr_stat=stat, p=p))
+    rows.append(
+      dict(
+        block=name,
+        df=b.shape[1],
+        llf=fit["llf"],
+        r2=fit["r2"],
+        adj_r2=fit["adj_r2"],
+        delta_adj_r2=fit["adj_r2"] - prev["adj_r2"],
+        lr_stat=stat,
+        p=p,
+      )
+    )
     prev = fit
   return pd.DataFrame(rows)
 

@@ -77,6 +77,7 @@ class IncompatibleProbes(errors.AnalysisError):
 class ProbeSpec:
   """Which probes: the first `sequences` validation documents (per group), `positions` random
   target positions per document (0 = all), drawn with `seed`."""
+
   sequences: int = 64
   positions: int = 0
   seed: int = 0
@@ -91,13 +92,14 @@ class ProbeSpec:
 @dataclasses.dataclass
 class ProbeSet:
   """The probe tokens of a run's data: rows (one document each) and the (row, position) pairs."""
+
   spec: ProbeSpec
-  rows: dict[str, np.ndarray]       # ROW_FIELDS, each int32 [S, L]
-  doc_S: np.ndarray                 # document index in its group's validation split
-  group_S: np.ndarray               # group index
-  row_T: np.ndarray                 # probe -> row
-  position_T: np.ndarray            # probe -> target position in the row (0 = first word after BOS)
-  true_logprob_T: np.ndarray        # exact log p(target) in nats (NaN when the data has none)
+  rows: dict[str, np.ndarray]  # ROW_FIELDS, each int32 [S, L]
+  doc_S: np.ndarray  # document index in its group's validation split
+  group_S: np.ndarray  # group index
+  row_T: np.ndarray  # probe -> row
+  position_T: np.ndarray  # probe -> target position in the row (0 = first word after BOS)
+  true_logprob_T: np.ndarray  # exact log p(target) in nats (NaN when the data has none)
   vocab_size: int
   tokenizer: list[dict]
   group_names: list[str]
@@ -112,10 +114,15 @@ class ProbeSet:
 
   def token_columns(self) -> dict[str, np.ndarray]:
     """Per-probe descriptors (what the loaders put on the token axis)."""
-    return {"doc": self.doc_S[self.row_T], "group": self.group_S[self.row_T], "row": self.row_T,
-            "position": self.position_T, "context_len": self.position_T + 1,
-            "token": self.rows["targets"][self.row_T, self.position_T],
-            "true_logprob": self.true_logprob_T}
+    return {
+      "doc": self.doc_S[self.row_T],
+      "group": self.group_S[self.row_T],
+      "row": self.row_T,
+      "position": self.position_T,
+      "context_len": self.position_T + 1,
+      "token": self.rows["targets"][self.row_T, self.position_T],
+      "true_logprob": self.true_logprob_T,
+    }
 
   def hashes(self) -> dict[str, str]:
     """Fingerprint parts, compared one by one to say *why* two probe sets differ."""
@@ -126,8 +133,7 @@ class ProbeSet:
     data += [i64(self.rows[k]) for k in ("mask", "inputs", "targets")]
     vocab = json.dumps({"vocab_size": self.vocab_size, "tokenizer": self.tokenizer}, sort_keys=True).encode()
     spec = json.dumps(dataclasses.asdict(self.spec), sort_keys=True).encode()
-    return {"vocab": h(vocab), "spec": h(spec), "data": h(*data),
-            "probes": h(i64(self.row_T), i64(self.position_T))}
+    return {"vocab": h(vocab), "spec": h(spec), "data": h(*data), "probes": h(i64(self.row_T), i64(self.position_T))}
 
   def meta(self) -> dict:
     """probes.json: spec, vocabulary and fingerprint (cached: hashing 1M probes takes a while)."""
@@ -137,16 +143,24 @@ class ProbeSet:
 
   def _meta(self) -> dict:
     parts = self.hashes()
-    return {"spec": dataclasses.asdict(self.spec), "vocab_size": self.vocab_size, "tokenizer": self.tokenizer,
-            "groups": self.group_names, "seq_len": self.seq_len, "num_tokens": self.num_tokens,
-            "num_rows": int(self.doc_S.size), "hashes": parts,
-            "fingerprint": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]}
+    return {
+      "spec": dataclasses.asdict(self.spec),
+      "vocab_size": self.vocab_size,
+      "tokenizer": self.tokenizer,
+      "groups": self.group_names,
+      "seq_len": self.seq_len,
+      "num_tokens": self.num_tokens,
+      "num_rows": int(self.doc_S.size),
+      "hashes": parts,
+      "fingerprint": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16],
+    }
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     arrays = {f"row_{k}": v for k, v in self.rows.items()}
-    arrays.update(doc_S=self.doc_S, group_S=self.group_S, row_T=self.row_T, position_T=self.position_T,
-                  true_logprob_T=self.true_logprob_T)
+    arrays.update(
+      doc_S=self.doc_S, group_S=self.group_S, row_T=self.row_T, position_T=self.position_T, true_logprob_T=self.true_logprob_T
+    )
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     _atomic_write(os.path.join(directory, PROBES_NPZ), buf.getvalue())
@@ -157,14 +171,28 @@ class ProbeSet:
     meta = read_probe_meta(directory)
     with np.load(os.path.join(directory, PROBES_NPZ)) as z:
       rows = {k: z[f"row_{k}"] for k in ROW_FIELDS}
-      return cls(ProbeSpec(**meta["spec"]), rows, z["doc_S"], z["group_S"], z["row_T"], z["position_T"],
-                 z["true_logprob_T"], int(meta["vocab_size"]), meta["tokenizer"], list(meta["groups"]))
+      return cls(
+        ProbeSpec(**meta["spec"]),
+        rows,
+        z["doc_S"],
+        z["group_S"],
+        z["row_T"],
+        z["position_T"],
+        z["true_logprob_T"],
+        int(meta["vocab_size"]),
+        meta["tokenizer"],
+        list(meta["groups"]),
+      )
 
 
 def _tokenizer_id(group: sources.Group, spec) -> dict:
   spec = dict(spec) if spec is not None else {}
-  return {"group": group.name, "kind": spec.get("kind", group.info.get("kind", "")),
-          "tokenizer": str(spec.get("tokenizer", "")), "vocab_size": int(group.vocab_size)}
+  return {
+    "group": group.name,
+    "kind": spec.get("kind", group.info.get("kind", "")),
+    "tokenizer": str(spec.get("tokenizer", "")),
+    "vocab_size": int(group.vocab_size),
+  }
 
 
 def _read_docs(source, n: int) -> list[dict]:
@@ -209,9 +237,18 @@ def build_probe_set(data_cfg, spec: ProbeSpec, seq_len: int | None = None) -> Pr
   if not rows:
     raise dp.DataError("the validation split is empty: no probe documents")
   stacked = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in ROW_FIELDS}
-  return ProbeSet(spec, stacked, np.asarray(doc_S, np.int32), np.asarray(group_S, np.int32),
-                  np.concatenate(row_T), np.concatenate(pos_T), np.concatenate(true_T), int(groups[0].vocab_size),
-                  [_tokenizer_id(g, specs.get(g.name)) for g in groups], [g.name for g in groups])
+  return ProbeSet(
+    spec,
+    stacked,
+    np.asarray(doc_S, np.int32),
+    np.asarray(group_S, np.int32),
+    np.concatenate(row_T),
+    np.concatenate(pos_T),
+    np.concatenate(true_T),
+    int(groups[0].vocab_size),
+    [_tokenizer_id(g, specs.get(g.name)) for g in groups],
+    [g.name for g in groups],
+  )
 
 
 def read_probe_meta(directory: str) -> dict:
@@ -226,13 +263,16 @@ def incompatibility(a: dict, b: dict) -> str | None:
   """Why probe sets with metas a and b cannot be combined (None if they can)."""
   ha, hb = a["hashes"], b["hashes"]
   if ha["vocab"] != hb["vocab"]:
-    return (f"different vocabulary/tokenizer (vocab_size {a['vocab_size']} vs {b['vocab_size']}; "
-            f"{a['tokenizer']} vs {b['tokenizer']})")
+    return (
+      f"different vocabulary/tokenizer (vocab_size {a['vocab_size']} vs {b['vocab_size']}; {a['tokenizer']} vs {b['tokenizer']})"
+    )
   if ha["spec"] != hb["spec"]:
     return f"different probe spec (sequences/positions/seed {a['spec']} vs {b['spec']})"
   if ha["data"] != hb["data"]:
-    return ("different validation data (the probe documents' tokens differ: another language, data seed or "
-            f"seq_len; seq_len {a['seq_len']} vs {b['seq_len']})")
+    return (
+      "different validation data (the probe documents' tokens differ: another language, data seed or "
+      f"seq_len; seq_len {a['seq_len']} vs {b['seq_len']})"
+    )
   if ha["probes"] != hb["probes"]:
     return "different probe positions for the same spec and data (made by another version of this code)"
   return None
@@ -260,8 +300,9 @@ class SurprisalFn:
     sh = sharding.batch_sharding(mesh)
     self.batches = []
     for a in range(0, S_pad, B):
-      self.batches.append({k: jax.make_array_from_callback((B, v.shape[1]), sh, lambda idx, x=v[a:a + B]: x[idx])
-                           for k, v in padded.items()})
+      self.batches.append(
+        {k: jax.make_array_from_callback((B, v.shape[1]), sh, lambda idx, x=v[a : a + B]: x[idx]) for k, v in padded.items()}
+      )
     self.fn = jax.jit(functools.partial(_loss, model), out_shardings=sharding.replicated(mesh))
 
   def __call__(self, params) -> np.ndarray:
@@ -307,8 +348,10 @@ class Store:
     if old is not None:
       why = incompatibility(old, probes.meta())
       if why:
-        raise IncompatibleProbes(f"the store {self.dir} was made with another probe set: {why}. Use another "
-                                 f"--store name, or delete {self.dir} to start over.")
+        raise IncompatibleProbes(
+          f"the store {self.dir} was made with another probe set: {why}. Use another "
+          f"--store name, or delete {self.dir} to start over."
+        )
       return
     if write:
       probes.save(self.dir)
@@ -321,8 +364,9 @@ class Store:
     return sorted(int(n[:-4]) for n in names if n.endswith(".npy") and n[:-4].isdigit() and f"{n[:-4]}.json" in names)
 
   def has(self, step: int) -> bool:
-    return os.path.exists(os.path.join(self.steps_dir, f"{int(step)}.npy")) and \
-        os.path.exists(os.path.join(self.steps_dir, f"{int(step)}.json"))
+    return os.path.exists(os.path.join(self.steps_dir, f"{int(step)}.npy")) and os.path.exists(
+      os.path.join(self.steps_dir, f"{int(step)}.json")
+    )
 
   def write(self, step: int, surprisal_T: np.ndarray, row: dict) -> None:
     os.makedirs(self.steps_dir, exist_ok=True)
@@ -345,17 +389,32 @@ class Store:
 
 
 def _run_info(workdir: str, run_cfg: dict, model, name: str | None) -> dict:
-  return {"run": name or os.path.basename(os.path.abspath(workdir).rstrip("/")), "workdir": os.path.abspath(workdir),
-          "seed": int(run_cfg.get("seed", 0)), "n_params": int(M.param_count(model)),
-          "preset": run_cfg.get("model", {}).get("preset", "")}
+  return {
+    "run": name or os.path.basename(os.path.abspath(workdir).rstrip("/")),
+    "workdir": os.path.abspath(workdir),
+    "seed": int(run_cfg.get("seed", 0)),
+    "n_params": int(M.param_count(model)),
+    "preset": run_cfg.get("model", {}).get("preset", ""),
+  }
 
 
-def _record(info: dict, step: int, tokens_seen: int, surprisal_T: np.ndarray, source: str, fingerprint: str,
-            mesh, batch: int) -> dict:
+def _record(
+  info: dict, step: int, tokens_seen: int, surprisal_T: np.ndarray, source: str, fingerprint: str, mesh, batch: int
+) -> dict:
   loss = float(np.mean(surprisal_T, dtype=np.float64))
-  return dict(info, step=int(step), tokens_seen=int(tokens_seen), flops=6.0 * info["n_params"] * float(tokens_seen),
-              probe_loss=loss, probe_ppl=float(math.exp(loss)), source=source, fingerprint=fingerprint,
-              mesh=dict(mesh.shape), batch_rows=int(batch), time=time.time())
+  return dict(
+    info,
+    step=int(step),
+    tokens_seen=int(tokens_seen),
+    flops=6.0 * info["n_params"] * float(tokens_seen),
+    probe_loss=loss,
+    probe_ppl=float(math.exp(loss)),
+    source=source,
+    fingerprint=fingerprint,
+    mesh=dict(mesh.shape),
+    batch_rows=int(batch),
+    time=time.time(),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,8 +428,18 @@ class ProbeHook:
   params sharded on the training mesh; recorded steps are skipped, so a resumed run adds only new ones.
   """
 
-  def __init__(self, workdir: str, cfg, model, mesh, total_steps: int, *, store: str = STORE,
-               batch_size: int = DEFAULT_BATCH, name: str | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    cfg,
+    model,
+    mesh,
+    total_steps: int,
+    *,
+    store: str = STORE,
+    batch_size: int = DEFAULT_BATCH,
+    name: str | None = None,
+  ):
     self.steps = set(schedules.analysis_steps(schedules.parse_schedules(cfg.probes.schedule), total_steps))
     self.probes = build_probe_set(cfg.data, ProbeSpec.from_config(cfg.probes))
     self.store = Store.of(workdir, store)
@@ -388,8 +457,7 @@ class ProbeHook:
       return False
     s_T = self.fn(params)
     if jax.process_index() == 0:
-      self.store.write(step, s_T, _record(self.info, step, tokens_seen, s_T, "hook", self.fingerprint,
-                                          self.mesh, self.fn.B))
+      self.store.write(step, s_T, _record(self.info, step, tokens_seen, s_T, "hook", self.fingerprint, self.mesh, self.fn.B))
     return True
 
 
@@ -400,12 +468,13 @@ class ProbeHook:
 @dataclasses.dataclass
 class Report:
   """What `extract` did: newly computed steps, steps already stored, and skipped (step, reason)."""
+
   workdirs: dict[str, str] = dataclasses.field(default_factory=dict)  # run name -> workdir
   computed: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   present: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
-  setup_s: float = 0.0    # opening runs, building and checking probe sets
-  loop_s: float = 0.0     # per run: placing probe batches, compiling once, then restore -> compute -> write
+  setup_s: float = 0.0  # opening runs, building and checking probe sets
+  loop_s: float = 0.0  # per run: placing probe batches, compiling once, then restore -> compute -> write
 
 
 @dataclasses.dataclass
@@ -444,10 +513,12 @@ class _Restorer:
 
   def __init__(self, workdir: str, model, mesh):
     import orbax.checkpoint as ocp
+
     self.workdir = os.path.abspath(workdir)
     shapes, _ = M.abstract_params(model)
-    self.target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                               M.param_shardings(model, mesh))
+    self.target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, M.param_shardings(model, mesh)
+    )
     self.new = ocp.StandardCheckpointer
     self.ckptr = self.new()
 
@@ -485,8 +556,17 @@ def parse_mesh(text: str | None):
   return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
 
 
-def extract(workdirs: str | Sequence[str], *, steps=None, spec: dict | None = None, batch_size: int = DEFAULT_BATCH,
-            mesh=None, names: Sequence[str] | None = None, store: str = STORE, progress: bool = True) -> Report:
+def extract(
+  workdirs: str | Sequence[str],
+  *,
+  steps=None,
+  spec: dict | None = None,
+  batch_size: int = DEFAULT_BATCH,
+  mesh=None,
+  names: Sequence[str] | None = None,
+  store: str = STORE,
+  progress: bool = True,
+) -> Report:
   """Surprisal of the shared probe set at the checkpoints of each workdir, into its store.
 
   Streams checkpoint by checkpoint (restoring the next while the current one computes); steps
@@ -494,6 +574,7 @@ def extract(workdirs: str | Sequence[str], *, steps=None, spec: dict | None = No
   `spec` overrides probe spec fields (sequences, positions, seed) of each run's store or config.
   """
   from tqdm.auto import tqdm
+
   t0 = time.time()
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
   names = list(names or [])
@@ -563,12 +644,19 @@ def unigram_counts(data_cfg, max_docs: int = 100_000) -> np.ndarray:
   counts = np.zeros(groups[0].vocab_size, np.int64)
   for g in groups:
     for d in _read_docs(sources.select_split(g, "train"), max_docs):
-      counts += np.bincount(np.asarray(d["tokens"][1:]), minlength=counts.size)[:counts.size]
+      counts += np.bincount(np.asarray(d["tokens"][1:]), minlength=counts.size)[: counts.size]
   return counts
 
 
-def write_token_metrics(workdirs: str | Sequence[str], *, unit: str = "nats", store: str = STORE,
-                        out: str | None = None, freq_docs: int = 100_000, **metric_kw):
+def write_token_metrics(
+  workdirs: str | Sequence[str],
+  *,
+  unit: str = "nats",
+  store: str = STORE,
+  out: str | None = None,
+  freq_docs: int = 100_000,
+  **metric_kw,
+):
   """curves.token_metrics over the runs' common checkpoints -> W/analysis/token_metrics.parquet.
 
   One row per probe token: the probe descriptors, `log_freq` (log10 add-one unigram frequency of
@@ -577,6 +665,7 @@ def write_token_metrics(workdirs: str | Sequence[str], *, unit: str = "nats", st
   """
   from analysis import curves
   from analysis import load as LD
+
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
   da = LD.load_trajectories(workdirs, unit=unit, store=store)
   ok_C = np.isfinite(da.values).all(axis=(0, 2))  # checkpoints every run has
@@ -600,9 +689,17 @@ def write_token_metrics(workdirs: str | Sequence[str], *, unit: str = "nats", st
   tmp = f"{path}.tmp{os.getpid()}"
   df.to_parquet(tmp, index=False)
   os.replace(tmp, path)
-  C.save_json(os.path.splitext(path)[0] + ".json", {"runs": list(map(str, da.run.values)), "workdirs": workdirs,
-                                                     "steps": steps_C.tolist(), "unit": unit, "chance": chance,
-                                                     "fingerprint": da.attrs["fingerprint"]})
+  C.save_json(
+    os.path.splitext(path)[0] + ".json",
+    {
+      "runs": list(map(str, da.run.values)),
+      "workdirs": workdirs,
+      "steps": steps_C.tolist(),
+      "unit": unit,
+      "chance": chance,
+      "fingerprint": da.attrs["fingerprint"],
+    },
+  )
   return df, path
 
 
@@ -630,8 +727,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   sharding.enable_compilation_cache()
   try:
     spec = {"sequences": a.sequences, "positions": a.positions, "seed": a.probe_seed}
-    rep = extract(a.workdir, steps=a.steps, spec=spec, batch_size=a.batch_size, mesh=parse_mesh(a.mesh),
-                  names=a.name, store=a.store, progress=not a.quiet)
+    rep = extract(
+      a.workdir,
+      steps=a.steps,
+      spec=spec,
+      batch_size=a.batch_size,
+      mesh=parse_mesh(a.mesh),
+      names=a.name,
+      store=a.store,
+      progress=not a.quiet,
+    )
     scale = 1.0 / math.log(2.0) if a.unit == "bits" else 1.0
     for name, w in rep.workdirs.items():
       st = Store.of(w, a.store)
@@ -645,8 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.metrics:
       df, path = write_token_metrics(a.workdir, unit=a.unit, store=a.store, freq_docs=a.freq_docs)
       print(f"token metrics for {len(df)} probe tokens -> {path}")
-  except (IncompatibleProbes, C.CheckpointError, dp.DataError, sharding.ShardingError, ValueError,
-          FileNotFoundError) as e:
+  except (IncompatibleProbes, C.CheckpointError, dp.DataError, sharding.ShardingError, ValueError, FileNotFoundError) as e:
     print(f"lmtrace trajectories: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -102,8 +102,15 @@ def main(argv: list[str] | None = None) -> None:
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   df = cv.token_metrics(
-    data, steps_C, CHANCE_BITS, unit="bits", sigmoid=not args.no_sigmoid,
-    rank_subsample=args.rank_subsample, chunk=args.chunk, seed=args.seed, timings=timings,
+    data,
+    steps_C,
+    CHANCE_BITS,
+    unit="bits",
+    sigmoid=not args.no_sigmoid,
+    rank_subsample=args.rank_subsample,
+    chunk=args.chunk,
+    seed=args.seed,
+    timings=timings,
   )
   wall = time.perf_counter() - t0
   gen = data.gen_seconds
@@ -140,10 +147,11 @@ def main(argv: list[str] | None = None) -> None:
   cls = df["trend_class"].to_numpy()
   print("\nsanity: trend class fractions (run 0):", cv.class_fractions(cls))
   print(
-    "sanity: median final surprisal {:.2f}, median AoA gam {:.2f} / sigmoid {:.2f} log10 steps,"
-    " flagged rows {}".format(
-      np.nanmedian(df["final_surprisal"]), np.nanmedian(df["aoa_gam"]),
-      np.nanmedian(df["aoa_sigmoid"]), int((df["flags"] != 0).sum()),
+    "sanity: median final surprisal {:.2f}, median AoA gam {:.2f} / sigmoid {:.2f} log10 steps, flagged rows {}".format(
+      np.nanmedian(df["final_surprisal"]),
+      np.nanmedian(df["aoa_gam"]),
+      np.nanmedian(df["aoa_sigmoid"]),
+      int((df["flags"] != 0).sum()),
     )
   )
 

@@ -33,6 +33,7 @@ def train_tiny(workdir: str, data_dir: str, steps: int) -> None:
   """A small run with a Pythia-style schedule (log-spaced, then every steps/4)."""
   import train
   from configs import base
+
   c = base.get_config()
   c.model = base.model_config("tiny")
   c.model.vocab_size = -1
@@ -71,8 +72,7 @@ def main() -> None:
 
     # Warm-up (untimed): one extraction step compiles the per-token loss for these shapes, so neither
     # timed side pays XLA compilation (each still traces its own jit once).
-    TJ.extract(w, steps=[steps[0]], spec=spec, batch_size=a.batch_size, mesh=mesh, store=store + "_warm",
-               progress=False)
+    TJ.extract(w, steps=[steps[0]], spec=spec, batch_size=a.batch_size, mesh=mesh, store=store + "_warm", progress=False)
     shutil.rmtree(TJ.store_dir(w, store + "_warm"), ignore_errors=True)
 
     # Bare: the same probe batches and the same jitted per-token loss, params already in memory.
@@ -96,12 +96,16 @@ def main() -> None:
     rep = TJ.extract(w, spec=spec, batch_size=a.batch_size, mesh=mesh, store=store, progress=False)
     assert sum(map(len, rep.computed.values())) == len(steps) and not rep.skipped, rep
     T = r.probes.num_tokens
-    print(f"{len(steps)} checkpoints x {T:,} probe tokens ({r.probes.doc_S.size} sequences x L={r.probes.seq_len}), "
-          f"{M.param_count(r.model):,} params, mesh {dict(mesh.shape)}, {jax.devices()[0].device_kind}")
+    print(
+      f"{len(steps)} checkpoints x {T:,} probe tokens ({r.probes.doc_S.size} sequences x L={r.probes.seq_len}), "
+      f"{M.param_count(r.model):,} params, mesh {dict(mesh.shape)}, {jax.devices()[0].device_kind}"
+    )
     print(f"bare forward (params in memory): {bare:.3f}s  ({bare / len(steps) * 1e3:.1f} ms/ckpt)")
     print(f"restore alone (sequential):      {restore_s:.3f}s  ({restore_s / len(steps) * 1e3:.1f} ms/ckpt)")
-    print(f"extraction (restore included):   {rep.loop_s:.3f}s  ({rep.loop_s / len(steps) * 1e3:.1f} ms/ckpt); "
-          f"+ probe-set setup {rep.setup_s:.3f}s once")
+    print(
+      f"extraction (restore included):   {rep.loop_s:.3f}s  ({rep.loop_s / len(steps) * 1e3:.1f} ms/ckpt); "
+      f"+ probe-set setup {rep.setup_s:.3f}s once"
+    )
     print(f"ratio extraction / bare: {rep.loop_s / bare:.2f} (target <= 1.5)")
     shutil.rmtree(TJ.store_dir(w, store), ignore_errors=True)
   finally:

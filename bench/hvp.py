@@ -65,9 +65,13 @@ def bench(preset: str, batch: int, seq_len: int, reps: int, probes: int, sweep: 
   model = M.make(cfg)
   params = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
   x_Bx1pL = np.random.default_rng(0).integers(4, vocab, (batch, seq_len + 1)).astype(np.int32)
-  b = {"inputs": jnp.asarray(x_Bx1pL[:, :-1]), "targets": jnp.asarray(x_Bx1pL[:, 1:]),
-       "mask": jnp.ones((batch, seq_len), jnp.int32), "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
-       "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))}
+  b = {
+    "inputs": jnp.asarray(x_Bx1pL[:, :-1]),
+    "targets": jnp.asarray(x_Bx1pL[:, 1:]),
+    "mask": jnp.ones((batch, seq_len), jnp.int32),
+    "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
+  }
   loss_fn = lambda p, bb: M.mean_loss(model, p, bb)  # noqa: E731
   v = H.probe_like(jax.random.key(1), params)
 
@@ -80,15 +84,21 @@ def bench(preset: str, batch: int, seq_len: int, reps: int, probes: int, sweep: 
   chunk = H._hutchinson_chunk(mv, params, "rademacher", None, probes, True)
   key = jax.random.key(2)
   amort = f"HVP per probe, amortised ({probes}/linearisation)"
-  fns = {"loss+grad": (grad, (params, b)), "HVP fwd-over-rev": (fwd_rev, (params, v, b)),
-         "HVP rev-over-fwd": (rev_fwd, (params, v, b)), amort: (chunk, (params, key, 0, mv.operands)),
-         "GGN-vp (jvp, CE Hessian, vjp)": (ggn, (params, v, b))}
+  fns = {
+    "loss+grad": (grad, (params, b)),
+    "HVP fwd-over-rev": (fwd_rev, (params, v, b)),
+    "HVP rev-over-fwd": (rev_fwd, (params, v, b)),
+    amort: (chunk, (params, key, 0, mv.operands)),
+    "GGN-vp (jvp, CE Hessian, vjp)": (ggn, (params, v, b)),
+  }
   per_call = {name: 1 for name in fns} | {amort: probes}
   reps = reps if M.param_count(model) > 10_000_000 else 6 * reps  # small models: cheap rounds, more of them
   ts = interleaved_times(fns, reps)
   fl_g = flops(grad, params, b)
-  print(f"\n{preset} ({M.param_count(model):,} params, batch {batch}x{seq_len}, fp32, {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPU threads, {reps} interleaved rounds; ratio = median over rounds of time / loss+grad time)")
+  print(
+    f"\n{preset} ({M.param_count(model):,} params, batch {batch}x{seq_len}, fp32, {jax.devices()[0].device_kind}, "
+    f"{os.cpu_count()} CPU threads, {reps} interleaved rounds; ratio = median over rounds of time / loss+grad time)"
+  )
   for name, (f, args) in fns.items():
     t_med = float(np.median(ts[name])) / per_call[name]
     r = ts[name] / per_call[name] / ts["loss+grad"]
@@ -98,8 +108,10 @@ def bench(preset: str, batch: int, seq_len: int, reps: int, probes: int, sweep: 
   if sweep[0]:
     per_probe = float(np.median(ts[amort])) / probes
     n_ckpt, n_probe = sweep
-    print(f"  sweep: {n_ckpt} checkpoints x {n_probe} Hutchinson probes on this {batch}x{seq_len} batch = "
-          f"{n_ckpt * n_probe * per_probe / 60:.1f} min (restores not included)")
+    print(
+      f"  sweep: {n_ckpt} checkpoints x {n_probe} Hutchinson probes on this {batch}x{seq_len} batch = "
+      f"{n_ckpt * n_probe * per_probe / 60:.1f} min (restores not included)"
+    )
 
 
 def main():
@@ -109,8 +121,11 @@ def main():
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--probes", type=int, default=8, help="probes per linearisation in the amortised row")
-  ap.add_argument("--matmul_precision", default="highest", help="as analysis.flatness: 'highest' = true fp32 "
-                  "(its default), 'default' = TF32 on GPUs")
+  ap.add_argument(
+    "--matmul_precision",
+    default="highest",
+    help="as analysis.flatness: 'highest' = true fp32 (its default), 'default' = TF32 on GPUs",
+  )
   ap.add_argument("--sweep_checkpoints", type=int, default=0, help="also print the cost of a flatness sweep")
   ap.add_argument("--sweep_probes", type=int, default=32)
   args = ap.parse_args()

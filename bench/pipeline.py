@@ -36,8 +36,15 @@ def bench_one(path: str, n: int) -> None:
   groups = sources.make_groups(cfg.data)
   names = [g.name for g in groups]
   B, L = cfg.train.batch_size, cfg.data.seq_len
-  pipe = dp.Pipeline([sources.select_split(g, "train") for g in groups], seed=0, global_batch=B, seq_len=L,
-                     objective=cfg.data.objective, vocab_size=groups[0].vocab_size, group_names=names)
+  pipe = dp.Pipeline(
+    [sources.select_split(g, "train") for g in groups],
+    seed=0,
+    global_batch=B,
+    seq_len=L,
+    objective=cfg.data.objective,
+    vocab_size=groups[0].vocab_size,
+    group_names=names,
+  )
   ctrl = mixture.make(cfg.mixture, names)
   st = ctrl.init()
   p_fn = (lambda s: ctrl.proportions(st, s)) if len(groups) > 1 else None
@@ -59,10 +66,16 @@ def bench_one(path: str, n: int) -> None:
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     params = M.init_params(model, jax.random.key(0), mesh)
-    state = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros((), jax.numpy.int32),
-             "rng": jax.random.PRNGKey(0), "mixture": {}}
-    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=sched, num_groups=len(groups)),
-                 donate_argnums=(0,))
+    state = {
+      "params": params,
+      "opt_state": tx.init(params),
+      "step": jax.numpy.zeros((), jax.numpy.int32),
+      "rng": jax.random.PRNGKey(0),
+      "mixture": {},
+    }
+    fn = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, schedule=sched, num_groups=len(groups)), donate_argnums=(0,)
+    )
     batch = sharding.global_batch_from_local(mesh, b, B)
     state, m = fn(state, batch)
     jax.block_until_ready(m)
@@ -72,9 +85,11 @@ def bench_one(path: str, n: int) -> None:
       state, m = fn(state, batch)
     jax.block_until_ready(m)
     consume = k / (time.perf_counter() - t0)
-  print(f"{path}: batch {B}x{L}, {len(groups)} group(s) | pipeline {direct:,.1f} batches/s (direct), "
-        f"{threaded:,.1f} (grain, {cfg.data.num_threads} threads) | trainer consumes {consume:,.1f} steps/s | "
-        f"ratio pipeline/trainer = {threaded / consume:.1f}x")
+  print(
+    f"{path}: batch {B}x{L}, {len(groups)} group(s) | pipeline {direct:,.1f} batches/s (direct), "
+    f"{threaded:,.1f} (grain, {cfg.data.num_threads} threads) | trainer consumes {consume:,.1f} steps/s | "
+    f"ratio pipeline/trainer = {threaded / consume:.1f}x"
+  )
 
 
 def main():

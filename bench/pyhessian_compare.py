@@ -39,8 +39,9 @@ def torch_model(cfg: M.ModelConfig):
       super().__init__()
       self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
       self.pos = nn.Embedding(cfg.max_len + 2, cfg.d_model)
-      layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_ff, dropout=0.0, activation="gelu",
-                                         batch_first=True, norm_first=True)
+      layer = nn.TransformerEncoderLayer(
+        cfg.d_model, cfg.n_heads, cfg.d_ff, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+      )
       self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
       self.norm = nn.LayerNorm(cfg.d_model)
       for p in self.parameters():
@@ -67,6 +68,7 @@ def main():
   args = ap.parse_args()
   import torch
   from pyhessian import hessian as pyhessian
+
   torch.set_num_threads(os.cpu_count() or 2)
 
   cfg = M.preset(args.preset, vocab_size=args.vocab, max_len=args.seq_len, mlp="gelu")
@@ -81,6 +83,7 @@ def main():
   crit = torch.nn.CrossEntropyLoss()
   data = (torch.as_tensor(inputs), torch.as_tensor(targets.reshape(-1)))
   from torch.nn.attention import SDPBackend, sdpa_kernel
+
   with sdpa_kernel([SDPBackend.MATH]):  # CPU flash attention has no double-backward
     t0 = time.perf_counter()
     hc = pyhessian(tm, crit, data=data, cuda=False)  # builds and keeps the first-order graph
@@ -96,9 +99,13 @@ def main():
   model = M.make(cfg)
   params = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
   n_jax = M.param_count(model)
-  batch = {"inputs": jnp.asarray(inputs, jnp.int32), "targets": jnp.asarray(targets, jnp.int32),
-           "mask": jnp.ones(inputs.shape, jnp.int32), "segment_ids": jnp.ones(inputs.shape, jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), inputs.shape)}
+  batch = {
+    "inputs": jnp.asarray(inputs, jnp.int32),
+    "targets": jnp.asarray(targets, jnp.int32),
+    "mask": jnp.ones(inputs.shape, jnp.int32),
+    "segment_ids": jnp.ones(inputs.shape, jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), inputs.shape),
+  }
   loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
   matvec = H.make_hvp(loss_fn, [batch])
   run = lambda n, seed: H.hutchinson_trace(matvec, params, jax.random.key(seed), n)  # noqa: E731
@@ -109,13 +116,19 @@ def main():
   jax.block_until_ready(getattr(res, "estimate", res))
   jax_probe = (time.perf_counter() - t0) / args.probes
 
-  print(f"model {args.preset}: lmtrace {n_jax:,} params, torch {n_torch:,} params; batch {args.batch}x{args.seq_len}, "
-        f"{os.cpu_count()} CPU threads")
-  print(f"PyHessian (torch {torch.__version__}, double-backward, graph kept): {torch_probe * 1e3:.1f} ms/probe "
-        f"(setup {setup:.2f} s; {len(samples)} probes; trace ≈ {np.mean(samples):.1f})")
+  print(
+    f"model {args.preset}: lmtrace {n_jax:,} params, torch {n_torch:,} params; batch {args.batch}x{args.seq_len}, "
+    f"{os.cpu_count()} CPU threads"
+  )
+  print(
+    f"PyHessian (torch {torch.__version__}, double-backward, graph kept): {torch_probe * 1e3:.1f} ms/probe "
+    f"(setup {setup:.2f} s; {len(samples)} probes; trace ≈ {np.mean(samples):.1f})"
+  )
   print(f"lmtrace ({how}): {jax_probe * 1e3:.1f} ms/probe")
-  print(f"ratio lmtrace / PyHessian time per probe = {jax_probe / torch_probe:.2f}  "
-        f"(< 1: lmtrace is faster; {math.log2(torch_probe / jax_probe):+.2f} doublings)")
+  print(
+    f"ratio lmtrace / PyHessian time per probe = {jax_probe / torch_probe:.2f}  "
+    f"(< 1: lmtrace is faster; {math.log2(torch_probe / jax_probe):+.2f} doublings)"
+  )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from lib import optim, sharding, steps  # noqa: E402
 
 def load_config(path: str):
   import importlib.util
+
   path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("cfgmod", path)
   mod = importlib.util.module_from_spec(spec)
@@ -84,14 +85,20 @@ def main():
   mcfg = M.ModelConfig(**{**vars(M.ModelConfig.from_config(cfg.model)), "vocab_size": vocab})
   model = M.make(mcfg)
   tx, sched = optim.make_optimizer(cfg.opt, args.steps)
-  pipe = dp.Pipeline([sources.select_split(g, "train") for g in groups], seed=0, global_batch=args.batch,
-                     seq_len=args.seq_len, vocab_size=vocab)
+  pipe = dp.Pipeline(
+    [sources.select_split(g, "train") for g in groups], seed=0, global_batch=args.batch, seq_len=args.seq_len, vocab_size=vocab
+  )
   batch = sharding.global_batch_from_local(mesh, pipe.batch(0), args.batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     state_sh = train.state_shardings(model, tx, mesh)
     params = M.init_params(model, jax.random.key(0), mesh)
-    state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params),
-             "step": jax.numpy.zeros((), jax.numpy.int32), "rng": jax.random.PRNGKey(0), "mixture": {}}
+    state = {
+      "params": params,
+      "opt_state": jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params),
+      "step": jax.numpy.zeros((), jax.numpy.int32),
+      "rng": jax.random.PRNGKey(0),
+      "mixture": {},
+    }
     step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=sched), donate_argnums=(0,))
     state, m = step_fn(state, batch)
     jax.block_until_ready(m)
@@ -106,10 +113,13 @@ def main():
   tps = args.batch * args.seq_len / bare
   peak = MX.peak_flops_per_device()
   mfu = tps * fpt / (peak * jax.device_count()) if peak else float("nan")
-  print(f"model {args.preset} ({n_params:,} params, {args.dtype}), batch {args.batch}x{args.seq_len}, "
-        f"devices {jax.device_count()} x {jax.devices()[0].device_kind}")
-  print(f"bare jitted step: {bare * 1e3:.1f} ms  {tps:,.0f} tokens/s  MFU {mfu:.1%} "
-        f"(flops/token {fpt:.3g}, peak {peak or 'unknown'})")
+  print(
+    f"model {args.preset} ({n_params:,} params, {args.dtype}), batch {args.batch}x{args.seq_len}, "
+    f"devices {jax.device_count()} x {jax.devices()[0].device_kind}"
+  )
+  print(
+    f"bare jitted step: {bare * 1e3:.1f} ms  {tps:,.0f} tokens/s  MFU {mfu:.1%} (flops/token {fpt:.3g}, peak {peak or 'unknown'})"
+  )
   if args.skip_loop:
     return
   del state
@@ -123,8 +133,10 @@ def main():
     first = min(s for s in t if s >= args.log_every)  # after compilation
     loop = (t[args.steps] - t[first]) / (args.steps - first)
     n_ckpt = len(os.listdir(os.path.join(w, "checkpoints")))
-  print(f"full loop step:  {loop * 1e3:.1f} ms  (steps {first}->{args.steps}, {n_ckpt} analysis checkpoints, "
-        f"log every {args.log_every})")
+  print(
+    f"full loop step:  {loop * 1e3:.1f} ms  (steps {first}->{args.steps}, {n_ckpt} analysis checkpoints, "
+    f"log every {args.log_every})"
+  )
   print(f"ratio full-loop / bare step = {loop / bare:.3f}  (target <= 1.10)")
 
 

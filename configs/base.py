@@ -16,85 +16,88 @@ def model_config(preset: str) -> mlc.ConfigDict:
 def defaults() -> mlc.ConfigDict:
   """Every config key with its default (unlocked, for run cards to edit)."""
   c = mlc.ConfigDict()
-  c.seed = 0                            # model init, dropout and data order all derive from it
+  c.seed = 0  # model init, dropout and data order all derive from it
 
-  c.model = model_config("tiny")        # architecture (lib/model.py ModelConfig fields)
-  c.model.vocab_size = -1               # -1: taken from the data
+  c.model = model_config("tiny")  # architecture (lib/model.py ModelConfig fields)
+  c.model.vocab_size = -1  # -1: taken from the data
 
   c.data = mlc.ConfigDict()
-  c.data.source = mlc.ConfigDict(dict(  # one source: kind + language parameters + split sizes
-      kind="bigram", seed=0, n_terminals=16, n_train=50_000, n_validation=1_000, n_test=1_000))
-  c.data.groups = mlc.ConfigDict()      # optional named groups {name: source spec}; overrides `source`
-  c.data.seed = -1                      # data-order seed (-1 = use the run's `seed`)
-  c.data.data_dir = ""                  # TFDS data_dir ('' = $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)
-  c.data.seq_len = 64                   # tokens per row (packed documents)
-  c.data.packing = True                 # pack documents into rows (segment ids); False: one document per row, padded
-  c.data.docs_per_row = 0               # documents tried per packed row (0 = from the mean length)
-  c.data.objective = "clm"              # clm (causal LM) | mlm (masked LM; set model.causal=False)
-  c.data.num_threads = 2                # grain prefetch threads
-  c.data.cache_tokens = 50_000_000      # decode a training split into memory when it has fewer tokens
+  c.data.source = mlc.ConfigDict(
+    dict(  # one source: kind + language parameters + split sizes
+      kind="bigram", seed=0, n_terminals=16, n_train=50_000, n_validation=1_000, n_test=1_000
+    )
+  )
+  c.data.groups = mlc.ConfigDict()  # optional named groups {name: source spec}; overrides `source`
+  c.data.seed = -1  # data-order seed (-1 = use the run's `seed`)
+  c.data.data_dir = ""  # TFDS data_dir ('' = $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)
+  c.data.seq_len = 64  # tokens per row (packed documents)
+  c.data.packing = True  # pack documents into rows (segment ids); False: one document per row, padded
+  c.data.docs_per_row = 0  # documents tried per packed row (0 = from the mean length)
+  c.data.objective = "clm"  # clm (causal LM) | mlm (masked LM; set model.causal=False)
+  c.data.num_threads = 2  # grain prefetch threads
+  c.data.cache_tokens = 50_000_000  # decode a training split into memory when it has fewer tokens
 
   c.train = mlc.ConfigDict()
-  c.train.steps = 200                   # optimizer updates
-  c.train.batch_size = 16               # global rows per update
-  c.train.grad_accum = 1                # microbatches per update (batch_size must divide)
-  c.train.log_every = 20                # console + metrics.jsonl cadence (steps)
-  c.train.stop_on_nan = True            # stop with the step number on a non-finite loss
-  c.train.stop_at = 0                   # stop (with a resume checkpoint) after this step; 0 = run to the end
+  c.train.steps = 200  # optimizer updates
+  c.train.batch_size = 16  # global rows per update
+  c.train.grad_accum = 1  # microbatches per update (batch_size must divide)
+  c.train.log_every = 20  # console + metrics.jsonl cadence (steps)
+  c.train.stop_on_nan = True  # stop with the step number on a non-finite loss
+  c.train.stop_at = 0  # stop (with a resume checkpoint) after this step; 0 = run to the end
 
   c.opt = mlc.ConfigDict()
-  c.opt.name = "adamw"                  # adamw | sgd | adafactor | lion
-  c.opt.lr = 3e-3                       # peak learning rate
-  c.opt.schedule = "cosine"             # cosine | linear | constant | inverse_sqrt (after warmup)
-  c.opt.warmup_steps = 20               # linear warmup from 0
-  c.opt.final_lr_frac = 0.1             # end of decay as a fraction of lr
-  c.opt.b1 = 0.9                        # Adam/Lion beta1
-  c.opt.b2 = 0.98                       # Adam/Lion beta2
-  c.opt.eps = 1e-8                      # Adam epsilon
-  c.opt.weight_decay = 0.01             # decoupled, matrices only
-  c.opt.momentum = 0.9                  # SGD momentum (0 = plain SGD)
-  c.opt.nesterov = False                # SGD Nesterov momentum
-  c.opt.grad_clip = 1.0                 # global-norm clip (0 = off)
+  c.opt.name = "adamw"  # adamw | sgd | adafactor | lion
+  c.opt.lr = 3e-3  # peak learning rate
+  c.opt.schedule = "cosine"  # cosine | linear | constant | inverse_sqrt (after warmup)
+  c.opt.warmup_steps = 20  # linear warmup from 0
+  c.opt.final_lr_frac = 0.1  # end of decay as a fraction of lr
+  c.opt.b1 = 0.9  # Adam/Lion beta1
+  c.opt.b2 = 0.98  # Adam/Lion beta2
+  c.opt.eps = 1e-8  # Adam epsilon
+  c.opt.weight_decay = 0.01  # decoupled, matrices only
+  c.opt.momentum = 0.9  # SGD momentum (0 = plain SGD)
+  c.opt.nesterov = False  # SGD Nesterov momentum
+  c.opt.grad_clip = 1.0  # global-norm clip (0 = off)
 
   c.ckpt = mlc.ConfigDict()
   c.ckpt.schedule = "pythia:every=100"  # analysis checkpoints: ';'-joined specs (pythia, exponential, log, interval, explicit)
-  c.ckpt.resume_every = 100             # full-state resume checkpoints every k steps
-  c.ckpt.keep_resume = 2                # resume checkpoints kept (latest N)
-  c.ckpt.params_only = False            # analysis checkpoints hold params only (saves disk)
-  c.ckpt.async_save = True              # orbax async saves
+  c.ckpt.resume_every = 100  # full-state resume checkpoints every k steps
+  c.ckpt.keep_resume = 2  # resume checkpoints kept (latest N)
+  c.ckpt.params_only = False  # analysis checkpoints hold params only (saves disk)
+  c.ckpt.async_save = True  # orbax async saves
 
   c.eval = mlc.ConfigDict()
-  c.eval.every = 50                     # held-out eval cadence (steps; also at the end)
-  c.eval.batches = 4                    # fixed validation batches (same tokens for every run)
-  c.eval.batch_size = 16                # rows per eval batch
+  c.eval.every = 50  # held-out eval cadence (steps; also at the end)
+  c.eval.batches = 4  # fixed validation batches (same tokens for every run)
+  c.eval.batch_size = 16  # rows per eval batch
 
   c.mixture = mlc.ConfigDict()
-  c.mixture.method = "stratified"       # stratified | static | aioli (lib/mixture.py)
-  c.mixture.proportions = ""            # static: 'name=p,...' or 'p1,p2,...'
-  c.mixture.update_steps = 250          # aioli: steps per round (U)
-  c.mixture.lp_rounds = 4               # aioli: LearnParams sweeps per round (R)
-  c.mixture.lp_steps = 4                # aioli: training steps per LearnParams sub-phase (s)
-  c.mixture.one_hot_factor = 0.625      # aioli: weight f of the probed group in q^(j)
-  c.mixture.eta = 0.2                   # aioli: step size η
-  c.mixture.ema = 0.0                   # aioli: EMA γ of Â (0 = cumulative multiplicative update)
+  c.mixture.method = "stratified"  # stratified | static | aioli (lib/mixture.py)
+  c.mixture.proportions = ""  # static: 'name=p,...' or 'p1,p2,...'
+  c.mixture.update_steps = 250  # aioli: steps per round (U)
+  c.mixture.lp_rounds = 4  # aioli: LearnParams sweeps per round (R)
+  c.mixture.lp_steps = 4  # aioli: training steps per LearnParams sub-phase (s)
+  c.mixture.one_hot_factor = 0.625  # aioli: weight f of the probed group in q^(j)
+  c.mixture.eta = 0.2  # aioli: step size η
+  c.mixture.ema = 0.0  # aioli: EMA γ of Â (0 = cumulative multiplicative update)
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # device mesh; one axis may be -1
 
   c.probes = mlc.ConfigDict()
-  c.probes.enabled = False              # in-training per-token surprisal hook (analysis/trajectories.py)
-  c.probes.schedule = "log:num=50"      # steps at which probe surprisals are recorded
-  c.probes.sequences = 64               # validation sequences in the probe set
-  c.probes.positions = 0                # random positions per sequence (0 = every position)
-  c.probes.seed = 0                     # probe-set selection seed (recorded with the results)
+  c.probes.enabled = False  # in-training per-token surprisal hook (analysis/trajectories.py)
+  c.probes.schedule = "log:num=50"  # steps at which probe surprisals are recorded
+  c.probes.sequences = 64  # validation sequences in the probe set
+  c.probes.positions = 0  # random positions per sequence (0 = every position)
+  c.probes.seed = 0  # probe-set selection seed (recorded with the results)
 
   c.log = mlc.ConfigDict()
-  c.log.tensorboard = True              # also write TensorBoard event files under WORKDIR/tb
-  c.log.peak_flops = 0.0                # per-device peak FLOP/s for MFU (0 = from the device kind)
+  c.log.tensorboard = True  # also write TensorBoard event files under WORKDIR/tb
+  c.log.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = from the device kind)
 
   c.distributed = mlc.ConfigDict()
-  c.distributed.coordinator = ""        # host:port for jax.distributed.initialize ('' = auto/none)
-  c.distributed.num_processes = 0       # total processes (GPU clusters / local multi-process)
-  c.distributed.process_id = -1         # this process's id
+  c.distributed.coordinator = ""  # host:port for jax.distributed.initialize ('' = auto/none)
+  c.distributed.num_processes = 0  # total processes (GPU clusters / local multi-process)
+  c.distributed.process_id = -1  # this process's id
   return c
 
 

@@ -15,8 +15,9 @@ def get_config(arg: str = "tiny"):
   c = base.defaults()
   c.model = base.model_config(arg or "tiny")
   c.model.vocab_size = -1
-  c.data.source = mlc.ConfigDict(dict(kind="hmm", seed=0, n_states=100, n_tokens=200, length=16,
-                                      n_train=50_000, n_validation=1_000, n_test=1_000))
+  c.data.source = mlc.ConfigDict(
+    dict(kind="hmm", seed=0, n_states=100, n_tokens=200, length=16, n_train=50_000, n_validation=1_000, n_test=1_000)
+  )
   c.data.seq_len = 64
   c.train.steps = 1000
   c.ckpt.schedule = "pythia:every=250"

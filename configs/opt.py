@@ -18,8 +18,9 @@ def get_config(arg: str = "opt-125m"):
   c.model = base.model_config(arg or "opt-125m")
   c.model.vocab_size = -1
   c.model.dtype = "bfloat16"
-  c.data.source = mlc.ConfigDict(dict(kind="text", path="", tokenizer="bytes", doc_tokens=2048, vocab_size=0,
-                                      validation_fraction=0.01, test_fraction=0.01))
+  c.data.source = mlc.ConfigDict(
+    dict(kind="text", path="", tokenizer="bytes", doc_tokens=2048, vocab_size=0, validation_fraction=0.01, test_fraction=0.01)
+  )
   c.data.seq_len = 2048
   c.train.steps = 20_000
   c.train.batch_size = 64

@@ -16,9 +16,9 @@ def get_config(arg: str = "tiny"):
   c = base.defaults()
   c.model = base.model_config(arg or "tiny")
   c.model.vocab_size = -1
-  c.data.source = base.mlc.ConfigDict(dict(
-      kind="pcfg", seed=0, n_nonterminals=50, n_terminals=200,
-      n_train=50_000, n_validation=1_000, n_test=1_000))
+  c.data.source = base.mlc.ConfigDict(
+    dict(kind="pcfg", seed=0, n_nonterminals=50, n_terminals=200, n_train=50_000, n_validation=1_000, n_test=1_000)
+  )
   c.data.seq_len = 64
   c.train.steps = 1000
   c.train.batch_size = 16

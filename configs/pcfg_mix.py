@@ -21,11 +21,13 @@ def get_config(arg: str = "tiny"):
   sizes = dict(n_terminals=200, n_train=20_000, n_validation=500, n_test=500)
   # Same vocabulary, different grammars: smaller, shallower grammars give shorter, lower-entropy
   # sentences (optimal loss ≈ 3.7 / 4.0 / 4.6 nats per token for easy / medium / hard).
-  c.data.groups = mlc.ConfigDict({
+  c.data.groups = mlc.ConfigDict(
+    {
       "easy": dict(kind="pcfg", seed=1, n_nonterminals=12, n_roots=3, levels=2, **sizes),
       "medium": dict(kind="pcfg", seed=2, n_nonterminals=25, n_roots=5, levels=3, **sizes),
       "hard": dict(kind="pcfg", seed=3, n_nonterminals=50, **sizes),
-  })
+    }
+  )
   c.data.seq_len = 64
   c.train.steps = 300
   c.train.batch_size = 16

@@ -35,11 +35,11 @@ def _row_sampler(p_SxK: np.ndarray):
   def draw(rows_N: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     k = np.searchsorted(flat, rows_N + rng.random(len(rows_N)), side="right") - rows_N * K
     return np.minimum(k, last_pos_S[rows_N])  # guards the row + u -> row + 1 rounding edge
+
   return draw
 
 
-def _dirichlet_rows(rng: np.random.Generator, n_rows: int, n_cols: int, concentration: float,
-                    support: int | None) -> np.ndarray:
+def _dirichlet_rows(rng: np.random.Generator, n_rows: int, n_cols: int, concentration: float, support: int | None) -> np.ndarray:
   """[n_rows, n_cols] Dirichlet rows, each on a random support of `support` columns (None = all)."""
   k = n_cols if support is None else int(min(max(support, 1), n_cols))
   out = np.zeros((n_rows, n_cols))
@@ -55,6 +55,7 @@ def _dirichlet_rows(rng: np.random.Generator, n_rows: int, n_cols: int, concentr
 @dataclasses.dataclass(frozen=True, eq=False)
 class HMM:
   """A fixed-length HMM: init_S, trans_SxS (rows sum to 1), emit_SxV (rows sum to 1)."""
+
   init_S: np.ndarray
   trans_SxS: np.ndarray
   emit_SxV: np.ndarray
@@ -76,10 +77,18 @@ class HMM:
     object.__setattr__(self, "length", int(self.length))
 
   @classmethod
-  def random(cls, seed: int = 0, n_states: int = 100, n_tokens: int = 200, length: int = 16,
-             concentration: float = 1.0, emission_concentration: float | None = None,
-             transition_support: int | None = 10, emission_support: int | None = 20,
-             n_terminals: int | None = None) -> HMM:
+  def random(
+    cls,
+    seed: int = 0,
+    n_states: int = 100,
+    n_tokens: int = 200,
+    length: int = 16,
+    concentration: float = 1.0,
+    emission_concentration: float | None = None,
+    transition_support: int | None = 10,
+    emission_support: int | None = 20,
+    n_terminals: int | None = None,
+  ) -> HMM:
     """Seeded random HMM: Dirichlet(concentration) rows on random k-sparse supports (None = dense).
 
     Defaults (each state reaches 10 states and emits 20 tokens) give an optimal masked-LM loss of
@@ -214,13 +223,12 @@ class HMM:
 
   def enumerate_sentences(self, limit: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
     """All V**length sentences and their log-probs (tiny HMMs only)."""
-    if self.n_tokens ** self.length > limit:
+    if self.n_tokens**self.length > limit:
       raise ValueError(f"{self.n_tokens}**{self.length} sentences are too many to enumerate")
     tok_NxL = np.array(list(np.ndindex(*(self.n_tokens,) * self.length)), np.int64)
     return tok_NxL, self.log_prob(tok_NxL)
 
-  def entropy_rate(self, n_samples: int = 2000, seed: int = 0, exact: bool = False,
-                   mlm: bool = True) -> dict:
+  def entropy_rate(self, n_samples: int = 2000, seed: int = 0, exact: bool = False, mlm: bool = True) -> dict:
     """Optimal causal-LM / masked-LM loss in nats per predicted token, as for the PCFG.
 
     causal_loss counts length + 1 predicted tokens per sentence (EOS, with loss 0, included, as
@@ -231,10 +239,17 @@ class HMM:
       tok_NxL, lp_N = self.enumerate_sentences()
       w_N = np.exp(lp_N)
       h = float(np.sum(w_N * -lp_N))
-      res = {"method": "exact", "n_sentences": len(tok_NxL), "mass": float(w_N.sum()),
-             "sentence_entropy": h, "sentence_entropy_se": 0.0,
-             "causal_loss": h / (L + 1), "causal_loss_se": 0.0, "causal_loss_per_word": h / L,
-             "mean_len": float(L)}
+      res = {
+        "method": "exact",
+        "n_sentences": len(tok_NxL),
+        "mass": float(w_N.sum()),
+        "sentence_entropy": h,
+        "sentence_entropy_se": 0.0,
+        "causal_loss": h / (L + 1),
+        "causal_loss_se": 0.0,
+        "causal_loss_per_word": h / L,
+        "mean_len": float(L),
+      }
       res["causal_loss_ci95"] = (res["causal_loss"],) * 2
       if mlm:
         cond_NxLxV = self.masked_conditionals(tok_NxL)
@@ -245,12 +260,18 @@ class HMM:
     tok_NxL, _ = self.sample(n_samples, seed)
     nll_N = -self.log_prob(tok_NxL)
     causal = _ratio_stats(nll_N, np.full(n_samples, L + 1.0))
-    res = {"method": "sampled", "n_sentences": n_samples, "seed": seed,
-           "causal_loss": causal["mean"], "causal_loss_se": causal["se"], "causal_loss_ci95": causal["ci95"],
-           "causal_loss_per_word": causal["mean"] * (L + 1) / L,
-           "sentence_entropy": float(nll_N.mean()),
-           "sentence_entropy_se": float(nll_N.std(ddof=1) / np.sqrt(n_samples)) if n_samples > 1 else float("nan"),
-           "mean_len": float(L)}
+    res = {
+      "method": "sampled",
+      "n_sentences": n_samples,
+      "seed": seed,
+      "causal_loss": causal["mean"],
+      "causal_loss_se": causal["se"],
+      "causal_loss_ci95": causal["ci95"],
+      "causal_loss_per_word": causal["mean"] * (L + 1) / L,
+      "sentence_entropy": float(nll_N.mean()),
+      "sentence_entropy_se": float(nll_N.std(ddof=1) / np.sqrt(n_samples)) if n_samples > 1 else float("nan"),
+      "mean_len": float(L),
+    }
     if mlm:
       tok64 = tok_NxL.astype(np.int64)
       cond_NxLxV = self.masked_conditionals(tok64)
@@ -261,10 +282,17 @@ class HMM:
 
   def describe(self, n_samples: int = 500, seed: int = 0) -> dict:
     """Summary numbers for logging (entropy estimated from n_samples; 0 = skip)."""
+
     def ent(p: np.ndarray) -> float:
       return float(np.mean(-np.sum(p * np.log(np.where(p > 0, p, 1.0)), -1)))
-    d = {"n_states": self.n_states, "n_tokens": self.n_tokens, "length": self.length,
-         "mean_transition_entropy": ent(self.trans_SxS), "mean_emission_entropy": ent(self.emit_SxV)}
+
+    d = {
+      "n_states": self.n_states,
+      "n_tokens": self.n_tokens,
+      "length": self.length,
+      "mean_transition_entropy": ent(self.trans_SxS),
+      "mean_emission_entropy": ent(self.emit_SxV),
+    }
     if n_samples:
       e = self.entropy_rate(n_samples=n_samples, seed=seed)
       d.update({k: e[k] for k in ("causal_loss", "causal_loss_se", "sentence_entropy", "mlm_loss", "mlm_loss_se")})

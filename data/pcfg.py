@@ -58,7 +58,7 @@ def _ratio_stats(num_M: np.ndarray, den_M: np.ndarray) -> dict:
   if m < 2:
     return {"mean": r, "se": float("nan"), "ci95": (float("nan"), float("nan"))}
   resid = num_M - r * den_M
-  se = float(np.sqrt(np.sum(resid ** 2) / (m * (m - 1))) / den_M.mean())
+  se = float(np.sqrt(np.sum(resid**2) / (m * (m - 1))) / den_M.mean())
   return {"mean": r, "se": se, "ci95": (r - 1.96 * se, r + 1.96 * se)}
 
 
@@ -68,7 +68,7 @@ def _groups_by_length(sentences: Sequence[np.ndarray], max_batch: int = _MAX_BAT
   for n in np.unique(lens):
     idx = np.nonzero(lens == n)[0]
     for c in range(0, len(idx), max_batch):
-      sel = idx[c:c + max_batch]
+      sel = idx[c : c + max_batch]
       yield sel, np.stack([np.asarray(sentences[i], np.int64) for i in sel]).reshape(len(sel), n)
 
 
@@ -78,9 +78,10 @@ class PCFG:
 
   For every non-terminal A: sum(binary_NxNxN[A]) + sum(lexical_NxV[A]) + sum(unary_NxN[A]) = 1.
   """
-  binary_NxNxN: np.ndarray   # [A, B, C] = p(A -> B C)
-  lexical_NxV: np.ndarray    # [A, t] = p(A -> t)
-  unary_NxN: np.ndarray      # [A, B] = p(A -> B); must be acyclic (e.g. the root mixture)
+
+  binary_NxNxN: np.ndarray  # [A, B, C] = p(A -> B C)
+  lexical_NxV: np.ndarray  # [A, t] = p(A -> t)
+  unary_NxN: np.ndarray  # [A, B] = p(A -> B); must be acyclic (e.g. the root mixture)
   start: int = 0
   names: tuple[str, ...] = ()
   levels: tuple[int, ...] = ()  # level of each non-terminal (random grammars; informational)
@@ -110,8 +111,10 @@ class PCFG:
     child_NxN = R.sum(2) + R.sum(1) + U
     rho = max(abs(np.linalg.eigvals(child_NxN))) if N else 0.0
     if rho >= 1 - 1e-9:
-      raise ValueError(f"grammar is not subcritical (spectral radius {rho:.4f} >= 1): "
-                       "derivations may be infinite, prefix probabilities would be wrong")
+      raise ValueError(
+        f"grammar is not subcritical (spectral radius {rho:.4f} >= 1): "
+        "derivations may be infinite, prefix probabilities would be wrong"
+      )
     names = tuple(self.names) or tuple(f"N{i}" for i in range(N))
     if len(names) != N:
       raise ValueError(f"{len(names)} names for {N} non-terminals")
@@ -121,8 +124,8 @@ class PCFG:
     put("unary_NxN", U)
     put("names", names)
     eye = np.eye(N)
-    put("_unary_closure_NxN", np.linalg.inv(eye - U))                # (I - U)^-1
-    put("_left_corner_NxN", np.linalg.inv(eye - R.sum(2) - U))       # (I - P_L - U)^-1
+    put("_unary_closure_NxN", np.linalg.inv(eye - U))  # (I - U)^-1
+    put("_left_corner_NxN", np.linalg.inv(eye - R.sum(2) - U))  # (I - P_L - U)^-1
     put("_child_NxN", child_NxN)
     # Restrict charts to parents (P) / children (C) of binary rules: cuts the O(N^3) contraction.
     parents_P = np.nonzero(R.sum((1, 2)) > 0)[0]
@@ -168,11 +171,21 @@ class PCFG:
     return cls(R, lex, U, start=0, names=tuple(names))
 
   @classmethod
-  def random(cls, seed: int = 0, n_nonterminals: int = 50, n_terminals: int = 200,
-             levels: int | Sequence[int] = 4, n_roots: int = 9, binary_rules_per_nt: int = 20,
-             root_rules_per_nt: int = 1, lexical_rules_per_nt: int = 1,
-             deepest_lexical_rules_per_nt: int = 100, lexical_mass: float = 0.2,
-             concentration: float = 1.0, max_len: int = 31) -> PCFG:
+  def random(
+    cls,
+    seed: int = 0,
+    n_nonterminals: int = 50,
+    n_terminals: int = 200,
+    levels: int | Sequence[int] = 4,
+    n_roots: int = 9,
+    binary_rules_per_nt: int = 20,
+    root_rules_per_nt: int = 1,
+    lexical_rules_per_nt: int = 1,
+    deepest_lexical_rules_per_nt: int = 100,
+    lexical_mass: float = 0.2,
+    concentration: float = 1.0,
+    max_len: int = 31,
+  ) -> PCFG:
     """A seeded random levelled grammar in the layout of Liu et al.'s rule_deep_mlm.txt.
 
     Non-terminals: S, S1..S{n_roots}, then `levels` A-levels (an int splits the remaining
@@ -197,8 +210,9 @@ class PCFG:
     if sum(sizes) != n_a or min(sizes, default=0) < 1 or n_roots < 1:
       raise ValueError(f"level sizes {sizes} must be >= 1 and sum to n_nonterminals - 1 - n_roots = {n_a}")
     if 2 ** len(sizes) > max_len:
-      raise ValueError(f"{len(sizes)} levels allow sentences of 2**{len(sizes)} = {2 ** len(sizes)} "
-                       f"tokens > max_len={max_len}; use fewer levels")
+      raise ValueError(
+        f"{len(sizes)} levels allow sentences of 2**{len(sizes)} = {2 ** len(sizes)} tokens > max_len={max_len}; use fewer levels"
+      )
     names = ["S"] + [f"S{k + 1}" for k in range(n_roots)]
     groups = [list(range(1, 1 + n_roots))]
     for l, size in enumerate(sizes):
@@ -225,8 +239,8 @@ class PCFG:
     k = min(deepest_lexical_rules_per_nt, V)
     cover = rng.permutation(V)
     for p, a in enumerate(deep):
-      must = cover[p::len(deep)][:k]  # round-robin: every terminal gets a rule where possible
-      rest = rng.permutation(np.setdiff1d(np.arange(V), must))[:k - len(must)]
+      must = cover[p :: len(deep)][:k]  # round-robin: every terminal gets a rule where possible
+      rest = rng.permutation(np.setdiff1d(np.arange(V), must))[: k - len(must)]
       terms = np.concatenate([must, rest])
       lex[a, terms] = dirichlet(len(terms))
     lev = (0,) + (1,) * n_roots + tuple(l + 2 for l, s in enumerate(sizes) for _ in range(s))
@@ -266,8 +280,7 @@ class PCFG:
       c = np.cumsum(prob[sl]) / prob[sl].sum()
       c[-1] = 1.0
       cum[sl] = a + c
-    return {"lhs": lhs, "kind": kind, "left": left, "right": right, "prob": prob, "cum": cum,
-            "first": first_N, "last": last_N}
+    return {"lhs": lhs, "kind": kind, "left": left, "right": right, "prob": prob, "cum": cum, "first": first_N, "last": last_N}
 
   # ------------------------------------------------------------------ properties
 
@@ -328,7 +341,7 @@ class PCFG:
     """
     rng = np.random.default_rng(seed)
     ru = self._rules
-    val = np.full(n, self.start, np.int64)   # symbol: non-terminal id or terminal id
+    val = np.full(n, self.start, np.int64)  # symbol: non-terminal id or terminal id
     is_nt = np.ones(n, bool)
     sent = np.arange(n)
     history = []  # per round: (nt entry indices, their rules, parent map of the next frontier)
@@ -387,9 +400,9 @@ class PCFG:
     s = np.arange(L)
     inside_BxLxL1xN[:, s, s + 1] = np.moveaxis(self.lexical_NxV[:, tok_BxL], 0, -1) @ ucl_T
     for w in range(2, L + 1):
-      s = np.arange(L - w + 1)[:, None, None]           # span starts   [S, 1, 1]
-      d = np.arange(1, w)[None, :, None]                # split offsets [1, D, 1]
-      left_BxSxDxC = inside_BxLxL1xN[:, s, s + d, C]    # (i, i+d)
+      s = np.arange(L - w + 1)[:, None, None]  # span starts   [S, 1, 1]
+      d = np.arange(1, w)[None, :, None]  # split offsets [1, D, 1]
+      left_BxSxDxC = inside_BxLxL1xN[:, s, s + d, C]  # (i, i+d)
       right_BxSxDxC = inside_BxLxL1xN[:, s + d, s + w, C]  # (i+d, i+w)
       pair_BxSxCxC = np.swapaxes(left_BxSxDxC, -1, -2) @ right_BxSxDxC
       bl_BxSxP = pair_BxSxCxC.reshape(Bn, L - w + 1, -1) @ self._binary_PxCC.T
@@ -443,8 +456,8 @@ class PCFG:
       if i == L:
         break
       m_BxCxC = (h_BxKxN[:, i][:, P] @ self._binary_PxCC).reshape(Bn, nC, nC)
-      span_BxJxC = inside_BxLxL1xN[:, i, i + 1:][:, :, C]  # inside(B, i, j) for j = i+1..L
-      g_BxKxN[:, i + 1:, C] += span_BxJxC @ m_BxCxC
+      span_BxJxC = inside_BxLxL1xN[:, i, i + 1 :][:, :, C]  # inside(B, i, j) for j = i+1..L
+      g_BxKxN[:, i + 1 :, C] += span_BxJxC @ m_BxCxC
     next_BxKxV = h_BxKxN @ self.lexical_NxV
     eos_BxK = np.zeros((Bn, L + 1))  # k = 0: the empty sentence has probability 0
     if L:
@@ -531,16 +544,14 @@ class PCFG:
       raise ValueError("recursive grammar: its sentences are unbounded, pass max_len")
     max_len = int(self.max_len if max_len is None else max_len)
     V = self.n_terminals
-    if sum(V ** n for n in range(1, max_len + 1)) > limit:
+    if sum(V**n for n in range(1, max_len + 1)) > limit:
       raise ValueError(f"{V} terminals up to length {max_len} is too many strings to enumerate")
-    sents = [np.array(t, np.int64).reshape(-1) for n in range(1, max_len + 1)
-             for t in np.ndindex(*(V,) * n)]
+    sents = [np.array(t, np.int64).reshape(-1) for n in range(1, max_len + 1) for t in np.ndindex(*(V,) * n)]
     lp = self.log_prob(sents)
     keep = np.isfinite(lp)
     return [s for s, k in zip(sents, keep) if k], lp[keep]
 
-  def entropy_rate(self, n_samples: int = 2000, seed: int = 0, exact: bool = False,
-                   mlm: bool = True) -> dict:
+  def entropy_rate(self, n_samples: int = 2000, seed: int = 0, exact: bool = False, mlm: bool = True) -> dict:
     """Optimal causal-LM and masked-LM losses (nats per predicted token).
 
     causal_loss = sum_x -log p(x) / sum_x (n_x + 1) (EOS predicted too): the cross-entropy of the
@@ -553,10 +564,16 @@ class PCFG:
       w = np.exp(lp)
       mass = float(w.sum())
       lens = np.array([len(s) for s in sents], np.float64)
-      res = {"method": "exact", "n_sentences": len(sents), "mass": mass,
-             "causal_loss": float(np.sum(w * -lp) / np.sum(w * (lens + 1))), "causal_loss_se": 0.0,
-             "sentence_entropy": float(np.sum(w * -lp)), "sentence_entropy_se": 0.0,
-             "mean_len": float(np.sum(w * lens))}
+      res = {
+        "method": "exact",
+        "n_sentences": len(sents),
+        "mass": mass,
+        "causal_loss": float(np.sum(w * -lp) / np.sum(w * (lens + 1))),
+        "causal_loss_se": 0.0,
+        "sentence_entropy": float(np.sum(w * -lp)),
+        "sentence_entropy_se": 0.0,
+        "mean_len": float(np.sum(w * lens)),
+      }
       res["causal_loss_ci95"] = (res["causal_loss"],) * 2
       if mlm:
         cond = self.masked_conditionals_batch(sents)
@@ -570,12 +587,17 @@ class PCFG:
     nll_M = np.array([-t.sum() for t in tlp])
     lens_M = np.array([len(s) for s in sents], np.float64)
     causal = _ratio_stats(nll_M, lens_M + 1)
-    res = {"method": "sampled", "n_sentences": n_samples, "seed": seed,
-           "causal_loss": causal["mean"], "causal_loss_se": causal["se"],
-           "causal_loss_ci95": causal["ci95"],
-           "sentence_entropy": float(nll_M.mean()),
-           "sentence_entropy_se": float(nll_M.std(ddof=1) / np.sqrt(n_samples)) if n_samples > 1 else float("nan"),
-           "mean_len": float(lens_M.mean())}
+    res = {
+      "method": "sampled",
+      "n_sentences": n_samples,
+      "seed": seed,
+      "causal_loss": causal["mean"],
+      "causal_loss_se": causal["se"],
+      "causal_loss_ci95": causal["ci95"],
+      "sentence_entropy": float(nll_M.mean()),
+      "sentence_entropy_se": float(nll_M.std(ddof=1) / np.sqrt(n_samples)) if n_samples > 1 else float("nan"),
+      "mean_len": float(lens_M.mean()),
+    }
     if mlm:
       cond = self.masked_conditionals_batch(sents)
       mnll_M = np.array([-np.log(c[np.arange(len(s)), s]).sum() for s, c in zip(sents, cond)])
@@ -605,8 +627,14 @@ class PCFG:
     on_rhs = (self.binary_NxNxN.sum((0, 2)) + self.binary_NxNxN.sum((0, 1)) + self.unary_NxN.sum(0)) > 0
     return np.array([a for a in range(N) if a != self.start or on_rhs[self.start]])
 
-  def span_labels(self, sentences: Sequence[np.ndarray], task: str = "B", definition: str = "code",
-                  span_len: int | None = None, span_start: int = 0) -> np.ndarray:
+  def span_labels(
+    self,
+    sentences: Sequence[np.ndarray],
+    task: str = "B",
+    definition: str = "code",
+    span_len: int | None = None,
+    span_start: int = 0,
+  ) -> np.ndarray:
     """[N] int32 labels (indices into `label_classes(task, definition)`; -1 = undefined).
 
     definition='code' (Liu's generate_downstream.py): A = argmax over S_k of inside(S_k, 0, n)
@@ -644,12 +672,16 @@ class PCFG:
   def describe(self, n_samples: int = 500, seed: int = 0) -> dict:
     """Summary numbers for logging; the entropy rate is estimated from n_samples (0 = skip)."""
     ru = self._rules
-    d = {"n_nonterminals": self.n_nonterminals, "n_terminals": self.n_terminals,
-         "n_binary_rules": int(np.sum(ru["kind"] == _BINARY)),
-         "n_lexical_rules": int(np.sum(ru["kind"] == _LEX)),
-         "n_unary_rules": int(np.sum(ru["kind"] == _UNARY)),
-         "max_len": self.max_len, "mean_len": self.expected_length(),
-         "derivation_entropy": self.derivation_entropy()}
+    d = {
+      "n_nonterminals": self.n_nonterminals,
+      "n_terminals": self.n_terminals,
+      "n_binary_rules": int(np.sum(ru["kind"] == _BINARY)),
+      "n_lexical_rules": int(np.sum(ru["kind"] == _LEX)),
+      "n_unary_rules": int(np.sum(ru["kind"] == _UNARY)),
+      "max_len": self.max_len,
+      "mean_len": self.expected_length(),
+      "derivation_entropy": self.derivation_entropy(),
+    }
     if n_samples:
       e = self.entropy_rate(n_samples=n_samples, seed=seed)
       d.update({k: e[k] for k in ("causal_loss", "causal_loss_se", "sentence_entropy", "mlm_loss", "mlm_loss_se")})

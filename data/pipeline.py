@@ -76,8 +76,9 @@ def doc_index(seed: int, i: np.ndarray, n: int) -> np.ndarray:
   return out
 
 
-def pack(docs: Sequence[dict], seq_len: int, shift: bool = True,
-         with_true: bool | None = None) -> tuple[dict[str, np.ndarray], int]:
+def pack(
+  docs: Sequence[dict], seq_len: int, shift: bool = True, with_true: bool | None = None
+) -> tuple[dict[str, np.ndarray], int]:
   """Greedily packs framed documents into one row of `seq_len` positions; returns (row, n_used).
 
   shift=True: causal LM pairs (inputs = tokens[:-1], targets = tokens[1:]).
@@ -101,7 +102,7 @@ def pack(docs: Sequence[dict], seq_len: int, shift: bool = True,
       continue
     sl = slice(pos, pos + n)
     if shift:
-      row["inputs"][sl], row["targets"][sl] = tok[:n], tok[1:n + 1]
+      row["inputs"][sl], row["targets"][sl] = tok[:n], tok[1 : n + 1]
     else:
       row["inputs"][sl], row["targets"][sl] = tok[:n], tok[:n]
     row["mask"][sl] = 1
@@ -178,7 +179,7 @@ class RaggedSource:
     a, b = self.off[i], self.off[i + 1]
     ex = {"tokens": self.tokens[a:b]}
     if self.true is not None:
-      ex["true_logprob"] = self.true[a:b - 1]
+      ex["true_logprob"] = self.true[a : b - 1]
     return ex
 
   def __getitems__(self, ids) -> list[dict]:
@@ -198,9 +199,20 @@ def maybe_cache(source, max_tokens: int, sample: int = 256):
 class Pipeline:
   """Batches for training: `batch(step, p)` -> this host's rows of the global batch at `step`."""
 
-  def __init__(self, sources: Sequence[Any], *, seed: int, global_batch: int, seq_len: int,
-               rows: tuple[int, int] | None = None, docs_per_row: int = 0, objective: str = "clm",
-               vocab_size: int = 0, group_names: Sequence[str] | None = None, cache_tokens: int = 50_000_000):
+  def __init__(
+    self,
+    sources: Sequence[Any],
+    *,
+    seed: int,
+    global_batch: int,
+    seq_len: int,
+    rows: tuple[int, int] | None = None,
+    docs_per_row: int = 0,
+    objective: str = "clm",
+    vocab_size: int = 0,
+    group_names: Sequence[str] | None = None,
+    cache_tokens: int = 50_000_000,
+  ):
     if not sources:
       raise DataError("no data sources")
     for i, s in enumerate(sources):
@@ -254,21 +266,32 @@ class Pipeline:
     keys = set.intersection(*(set(r) for r in rows))
     out = {k: np.stack([r[k] for r in rows]) for k in sorted(keys)}
     if self.num_groups > 1:
-      out["group"] = groups_B[self.lo:self.hi].astype(np.int32)
+      out["group"] = groups_B[self.lo : self.hi].astype(np.int32)
     return out
 
-  def iterator(self, start_step: int, end_step: int, p_fn: Callable[[int], Any] | None = None,
-               num_threads: int = 2, prefetch: int = 4):
+  def iterator(
+    self, start_step: int, end_step: int, p_fn: Callable[[int], Any] | None = None, num_threads: int = 2, prefetch: int = 4
+  ):
     """A grain iterator over steps [start_step, end_step) with background prefetch."""
     import grain
+
     fn = (lambda s: self.batch(s)) if p_fn is None else (lambda s: self.batch(s, p_fn(s)))
     ds = grain.MapDataset.range(start_step, end_step).map(fn)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
 
 
-def eval_batches(source, *, batch_size: int, seq_len: int, num_batches: int, rows: tuple[int, int] | None = None,
-                 objective: str = "clm", vocab_size: int = 0, seed: int = 0,
-                 max_docs_per_row: int | None = None) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  source,
+  *,
+  batch_size: int,
+  seq_len: int,
+  num_batches: int,
+  rows: tuple[int, int] | None = None,
+  objective: str = "clm",
+  vocab_size: int = 0,
+  seed: int = 0,
+  max_docs_per_row: int | None = None,
+) -> list[dict[str, np.ndarray]]:
   """Fixed held-out batches: the source's documents in order, packed greedily (no document is
   skipped or repeated; `max_docs_per_row=1` pads one document per row). Independent of the training
   seed so runs are compared on the same tokens."""

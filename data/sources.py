@@ -29,6 +29,7 @@ SPLITS = ("train", "validation", "test")
 @dataclasses.dataclass
 class Group:
   """One data group: its name, random-access sources per split, and what is known about it."""
+
   name: str
   splits: dict[str, Any]
   vocab_size: int
@@ -55,17 +56,23 @@ class Bigram:
   Sentences: w_1 ~ init, w_{k+1} ~ trans[w_k], stop after each word with prob `stop` (max_len cap).
   Exact: log p(w_k | w_<k) and log p(EOS | w) are read off the parameters.
   """
+
   init_V: np.ndarray
   trans_VxV: np.ndarray
   stop: float
   max_len: int
 
   @classmethod
-  def random(cls, seed: int = 0, n_terminals: int = 16, stop: float = 0.15, max_len: int = 24,
-             concentration: float = 0.3) -> "Bigram":
+  def random(
+    cls, seed: int = 0, n_terminals: int = 16, stop: float = 0.15, max_len: int = 24, concentration: float = 0.3
+  ) -> "Bigram":
     rng = np.random.default_rng(seed)
-    return cls(rng.dirichlet(np.full(n_terminals, concentration)),
-               rng.dirichlet(np.full(n_terminals, concentration), size=n_terminals), stop, max_len)
+    return cls(
+      rng.dirichlet(np.full(n_terminals, concentration)),
+      rng.dirichlet(np.full(n_terminals, concentration), size=n_terminals),
+      stop,
+      max_len,
+    )
 
   @property
   def n_terminals(self) -> int:
@@ -100,16 +107,31 @@ def language(spec) -> Any:
     return Bigram.random(**params)
   if kind == "pcfg":
     from data import pcfg
+
     return pcfg.PCFG.random(**params)
   if kind == "hmm":
     from data import hmm
+
     return hmm.HMM.random(**params)
   raise DataError(f"{kind!r} is not a synthetic language kind")
 
 
 # Keys of a source spec that describe the dataset rather than the language's parameters.
-NON_LANGUAGE_KEYS = {"kind", "n_train", "n_validation", "n_test", "n_downstream", "name", "data_dir", "path", "feature",
-                     "tokenizer", "vocab_size", "split_map", "true_logprob_splits"}
+NON_LANGUAGE_KEYS = {
+  "kind",
+  "n_train",
+  "n_validation",
+  "n_test",
+  "n_downstream",
+  "name",
+  "data_dir",
+  "path",
+  "feature",
+  "tokenizer",
+  "vocab_size",
+  "split_map",
+  "true_logprob_splits",
+}
 
 
 def synthetic_examples(lang, n: int, sample_seed: int, with_true: bool) -> list[dict]:
@@ -142,11 +164,14 @@ def make_group(name: str, spec, data_dir: str | None) -> Group:
     raise DataError(f"data group {name!r}: unknown kind {kind!r}; valid kinds: {KINDS}")
   if kind in ("bigram", "pcfg", "hmm"):
     from data import tfds_builders
+
     return tfds_builders.synthetic_group(name, spec, data_dir)
   if kind == "text":
     from data import text
+
     return text.text_group(name, spec, data_dir)
   from data import tfds_builders
+
   return tfds_builders.catalog_group(name, spec, data_dir)
 
 

@@ -49,13 +49,13 @@ def _documents(files: list[str]) -> list[str]:
 
 
 def _split_of(doc: str, val: float, test: float) -> str:
-  u = int.from_bytes(hashlib.sha1(doc.encode()).digest()[:8], "little") / 2 ** 64
+  u = int.from_bytes(hashlib.sha1(doc.encode()).digest()[:8], "little") / 2**64
   return "validation" if u < val else ("test" if u < val + test else "train")
 
 
 def _chunks(ids: np.ndarray, n: int):
   for i in range(0, max(len(ids), 1), n):
-    yield ids[i:i + n]
+    yield ids[i : i + n]
 
 
 class Tokenizer:
@@ -65,6 +65,7 @@ class Tokenizer:
     self.kind = kind
     if kind == "sentencepiece":
       import sentencepiece as spm
+
       self.sp = spm.SentencePieceProcessor(model_file=model_path)
       self.n = self.sp.get_piece_size()
     elif kind == "bytes":
@@ -90,13 +91,24 @@ class Tokenizer:
 
 def train_sentencepiece(docs: list[str], vocab_size: int, out_prefix: str) -> str:
   import sentencepiece as spm
+
   with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
     f.write("\n".join(d.replace("\n", " ") for d in docs))
     corpus = f.name
   try:
-    spm.SentencePieceTrainer.train(input=corpus, model_prefix=out_prefix, vocab_size=vocab_size, model_type="unigram",
-                                   bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, hard_vocab_limit=False,
-                                   character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+      input=corpus,
+      model_prefix=out_prefix,
+      vocab_size=vocab_size,
+      model_type="unigram",
+      bos_id=-1,
+      eos_id=-1,
+      pad_id=-1,
+      unk_id=0,
+      hard_vocab_limit=False,
+      character_coverage=1.0,
+      minloglevel=2,
+    )
   finally:
     os.unlink(corpus)
   return out_prefix + ".model"
@@ -114,11 +126,15 @@ def _builder(spec: dict, files: list[str]):
 
   class LmtraceText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Documents of local text files, tokenised (bytes or SentencePiece) and framed."""
+
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)}), metadata=tfds.core.MetadataDict())
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32)}),
+        metadata=tfds.core.MetadataDict(),
+      )
 
     def _split_generators(self, dl_manager):
       docs = _documents(files)
@@ -128,17 +144,27 @@ def _builder(spec: dict, files: list[str]):
         by_split[_split_of(d, val, test)].append(d)
       for s, ds in by_split.items():
         if not ds:
-          raise DataError(f"text corpus {spec.get('path')!r} gives no {s} documents ({len(docs)} documents in all); "
-                          "add text or change validation_fraction / test_fraction")
+          raise DataError(
+            f"text corpus {spec.get('path')!r} gives no {s} documents ({len(docs)} documents in all); "
+            "add text or change validation_fraction / test_fraction"
+          )
       kind = spec.get("tokenizer", "bytes")
       model_path = None
       if kind == "sentencepiece":
         os.makedirs(self.data_dir, exist_ok=True)
-        model_path = train_sentencepiece(by_split["train"], int(spec.get("vocab_size") or 1000),
-                                         os.path.join(self._data_dir_root, f"spm_{key}"))
+        model_path = train_sentencepiece(
+          by_split["train"], int(spec.get("vocab_size") or 1000), os.path.join(self._data_dir_root, f"spm_{key}")
+        )
       tok = Tokenizer(kind, model_path)
-      self.info.metadata.update({"vocab_size": tok.vocab_size, "tokenizer": kind, "tokenizer_model": model_path or "",
-                                 "n_documents": len(docs), "files": len(files)})
+      self.info.metadata.update(
+        {
+          "vocab_size": tok.vocab_size,
+          "tokenizer": kind,
+          "tokenizer_model": model_path or "",
+          "n_documents": len(docs),
+          "files": len(files),
+        }
+      )
       n = int(spec.get("doc_tokens", 512))
       return {s: self._generate_examples((tok, ds, n)) for s, ds in by_split.items()}
 
@@ -157,6 +183,7 @@ def text_group(name: str, spec, data_dir: str | None) -> Group:
   import jax
 
   from data import tfds_builders as tb
+
   spec = dict(spec)
   spec["data_dir"] = spec.get("data_dir") or data_dir or tb.default_data_dir()
   files = _files(spec.get("path", ""))
@@ -165,6 +192,7 @@ def text_group(name: str, spec, data_dir: str | None) -> Group:
     b.download_and_prepare()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(f"lmtrace text {b.builder_config.name}")
     b = _builder(spec, files)
   md = b.info.metadata

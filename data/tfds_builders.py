@@ -75,17 +75,22 @@ def _builder_cls():
 
   class LmtraceSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Sentences of a random PCFG / HMM / bigram language with exact per-token log-probs."""
+
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.1.0": "downstream-task splits and the label feature"}
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self,
-          features=tfds.features.FeaturesDict({
-              "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-              "true_logprob": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-              "label": tfds.features.Scalar(dtype=np.int32)}),
-          metadata=tfds.core.MetadataDict())
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "true_logprob": tfds.features.Tensor(shape=(None,), dtype=np.float32),
+            "label": tfds.features.Scalar(dtype=np.int32),
+          }
+        ),
+        metadata=tfds.core.MetadataDict(),
+      )
 
     def _split_generators(self, dl_manager):
       spec = self.builder_config.spec
@@ -100,17 +105,24 @@ def _builder_cls():
       mean = nll.mean()
       # Ratio estimator over iid sentences; delta-method standard error.
       resid = per_sent - mean * lens
-      se = float(np.sqrt(np.sum(resid ** 2) / (len(val) * (len(val) - 1))) / lens.mean()) if len(val) > 1 else float("nan")
-      self.info.metadata.update({"spec": json.dumps(spec, sort_keys=True, default=str),
-                                 "optimal_loss": float(mean), "optimal_loss_stderr": se,
-                                 "vocab_size": vocab.vocab_size(lang.n_terminals),
-                                 "mean_tokens": float(lens.mean())})
+      se = float(np.sqrt(np.sum(resid**2) / (len(val) * (len(val) - 1))) / lens.mean()) if len(val) > 1 else float("nan")
+      self.info.metadata.update(
+        {
+          "spec": json.dumps(spec, sort_keys=True, default=str),
+          "optimal_loss": float(mean),
+          "optimal_loss_stderr": se,
+          "vocab_size": vocab.vocab_size(lang.n_terminals),
+          "mean_tokens": float(lens.mean()),
+        }
+      )
       tasks = downstream_tasks(lang, sizes["n_downstream"], 3_000_003)
       self.info.metadata["tasks"] = json.dumps({k: len(v) for k, v in tasks.items()})
-      return {"train": self._generate_examples(("train", lang, sizes["n_train"])),
-              "validation": self._generate_examples(("list", val)),
-              "test": self._generate_examples(("list", test)),
-              **{k: self._generate_examples(("list", v)) for k, v in tasks.items()}}
+      return {
+        "train": self._generate_examples(("train", lang, sizes["n_train"])),
+        "validation": self._generate_examples(("list", val)),
+        "test": self._generate_examples(("list", test)),
+        **{k: self._generate_examples(("list", v)) for k, v in tasks.items()},
+      }
 
     def _generate_examples(self, what):
       empty = np.zeros(0, np.float32)
@@ -160,8 +172,10 @@ def _check_files(builder, split: str) -> None:
   pattern = os.path.join(builder.data_dir, f"{builder.name}-{split}.array_record-*")
   files = sorted(glob.glob(pattern))
   if len(files) != expected:
-    raise DataError(f"{builder.data_dir}: split {split!r} should have {expected} array_record shard(s), "
-                    f"found {len(files)} ({[os.path.basename(f) for f in files]}); delete the directory to rebuild it")
+    raise DataError(
+      f"{builder.data_dir}: split {split!r} should have {expected} array_record shard(s), "
+      f"found {len(files)} ({[os.path.basename(f) for f in files]}); delete the directory to rebuild it"
+    )
   for f in files:
     if os.path.getsize(f) == 0:
       raise DataError(f"data shard {f} is empty (corrupted); delete {builder.data_dir} to rebuild it")
@@ -179,6 +193,7 @@ def _open(builder, name: str) -> dict[str, TfdsSource]:
 def build_synthetic(spec: dict, data_dir: str | None = None):
   """Builds (once) and returns the TFDS builder of a synthetic language spec."""
   import jax
+
   cls, cfg_cls = _builder_cls()
   data_dir = data_dir or spec.get("data_dir") or default_data_dir()
   builder = cls(config=cfg_cls(spec), data_dir=data_dir, file_format="array_record")
@@ -186,6 +201,7 @@ def build_synthetic(spec: dict, data_dir: str | None = None):
     builder.download_and_prepare()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(f"lmtrace data {spec_name(spec)}")
     builder = cls(config=cfg_cls(spec), data_dir=data_dir, file_format="array_record")
   return builder
@@ -195,9 +211,14 @@ def synthetic_group(name: str, spec, data_dir: str | None) -> Group:
   spec = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in dict(spec).items()}
   builder = build_synthetic(spec, data_dir)
   md = builder.info.metadata
-  info = {"optimal_loss": float(md["optimal_loss"]), "optimal_loss_stderr": float(md["optimal_loss_stderr"]),
-          "mean_tokens": float(md["mean_tokens"]), "kind": spec["kind"], "tfds_dir": builder.data_dir,
-          "tasks": json.loads(md.get("tasks", "{}"))}
+  info = {
+    "optimal_loss": float(md["optimal_loss"]),
+    "optimal_loss_stderr": float(md["optimal_loss_stderr"]),
+    "mean_tokens": float(md["mean_tokens"]),
+    "kind": spec["kind"],
+    "tfds_dir": builder.data_dir,
+    "tasks": json.loads(md.get("tasks", "{}")),
+  }
   return Group(name, _open(builder, name), int(md["vocab_size"]), info)
 
 
@@ -208,6 +229,7 @@ def catalog_group(name: str, spec, data_dir: str | None) -> Group:
   (already tokenised, int) or of text (then byte-level tokenised), vocab_size}. Nothing is downloaded.
   """
   import tensorflow_datasets as tfds
+
   spec = dict(spec)
   ds_name = spec.get("name")
   if not ds_name:
@@ -218,8 +240,10 @@ def catalog_group(name: str, spec, data_dir: str | None) -> Group:
   except Exception as e:
     raise DataError(f"data group {name!r}: cannot open TFDS dataset {ds_name!r} in {data_dir}: {e}") from e
   if not builder.is_prepared():
-    raise DataError(f"data group {name!r}: TFDS dataset {ds_name!r} is not prepared in {data_dir}; lmtrace never "
-                    "downloads at run time — prepare it (tfds build) or point data_dir at a prepared copy")
+    raise DataError(
+      f"data group {name!r}: TFDS dataset {ds_name!r} is not prepared in {data_dir}; lmtrace never "
+      "downloads at run time — prepare it (tfds build) or point data_dir at a prepared copy"
+    )
   feature = spec.get("feature", "text")
   split_map = dict(spec.get("split_map") or {"train": "train", "validation": "validation", "test": "test"})
   srcs = builder.as_data_source()
@@ -251,5 +275,4 @@ class _FeatureSource:
 
 
 def describe(group: Group) -> dict[str, Any]:
-  return {"name": group.name, "vocab_size": group.vocab_size, **group.info,
-          **{f"n_{k}": len(v) for k, v in group.splits.items()}}
+  return {"name": group.name, "vocab_size": group.vocab_size, **group.info, **{f"n_{k}": len(v) for k, v in group.splits.items()}}

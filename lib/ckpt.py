@@ -41,8 +41,9 @@ def _abstract(tree, shardings=None):
 
 
 def _manager(path: str, *, read_only: bool = False, max_to_keep: int | None = None, async_: bool = True):
-  opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                      enable_async_checkpointing=async_)
+  opts = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep, create=not read_only, read_only=read_only, enable_async_checkpointing=async_
+  )
   return ocp.CheckpointManager(os.path.abspath(path), options=opts)
 
 
@@ -53,8 +54,9 @@ def _items(step_dir: str) -> set[str]:
 class Checkpointer:
   """Saves analysis and resume checkpoints of a training run (async) and finds where to resume."""
 
-  def __init__(self, workdir: str, *, analysis_steps, resume_every: int, keep_resume: int = 2,
-               params_only: bool = False, async_: bool = True):
+  def __init__(
+    self, workdir: str, *, analysis_steps, resume_every: int, keep_resume: int = 2, params_only: bool = False, async_: bool = True
+  ):
     self.workdir = workdir
     self.analysis_steps = set(int(s) for s in analysis_steps)
     self.resume_every = int(resume_every)
@@ -73,8 +75,12 @@ class Checkpointer:
   def save(self, step: int, state: dict, meta: dict, last: bool = False) -> bool:
     a, r = self.wants(step, last)
     train = {"step": state["step"], "rng": state["rng"], "mixture": state.get("mixture", {})}
-    full = dict(params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
-                train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta))
+    full = dict(
+      params=ocp.args.StandardSave(state["params"]),
+      opt_state=ocp.args.StandardSave(state["opt_state"]),
+      train=ocp.args.StandardSave(train),
+      meta=ocp.args.JsonSave(meta),
+    )
     # A step that already exists was written by the identical (deterministic) earlier pass of a
     # resumed run: keep it rather than overwrite.
     if a and step not in self.analysis.all_steps():
@@ -105,30 +111,46 @@ class Checkpointer:
     for step, sub, mngr in sorted(candidates, key=lambda c: -c[0]):
       try:
         train_t = {"step": target_state["step"], "rng": target_state["rng"], "mixture": target_state.get("mixture", {})}
-        out = mngr.restore(step, args=ocp.args.Composite(
+        out = mngr.restore(
+          step,
+          args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(target_state["params"])),
             opt_state=ocp.args.StandardRestore(_abstract(target_state["opt_state"])),
             train=ocp.args.StandardRestore(_abstract(train_t)),
-            meta=ocp.args.JsonRestore()))
+            meta=ocp.args.JsonRestore(),
+          ),
+        )
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
         if "shape" in str(e).lower() and "mismatch" in str(e).lower():
           raise CheckpointError(f"{self.workdir}/{sub}/{step} holds arrays of other shapes than this model: {e}") from e
         bad = os.path.join(self.workdir, sub, str(step))
         aside = f"{bad}.unreadable"
-        log.warning("skipping unreadable checkpoint %s (%s: %s); moved to %s, trying the previous one",
-                    bad, type(e).__name__, str(e)[:300], aside)
+        log.warning(
+          "skipping unreadable checkpoint %s (%s: %s); moved to %s, trying the previous one",
+          bad,
+          type(e).__name__,
+          str(e)[:300],
+          aside,
+        )
         if jax.process_index() == 0 and os.path.isdir(bad):
           os.replace(bad, aside)
         mngr.reload()
         continue
-      state = dict(target_state, params=out["params"], opt_state=out["opt_state"], step=out["train"]["step"],
-                   rng=out["train"]["rng"], mixture=out["train"]["mixture"])
+      state = dict(
+        target_state,
+        params=out["params"],
+        opt_state=out["opt_state"],
+        step=out["train"]["step"],
+        rng=out["train"]["rng"],
+        mixture=out["train"]["mixture"],
+      )
       return state, dict(out["meta"] or {})
     return None
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading runs (analysis side)
+
 
 def read_config(workdir: str) -> dict:
   path = os.path.join(workdir, "config.json")
@@ -159,6 +181,7 @@ def available_steps(workdir: str, need_full: bool = False) -> dict[int, str]:
 def load_model(workdir: str):
   """(model, ModelConfig, run config dict) of a workdir."""
   from lib import model as M
+
   cfg = read_config(workdir)
   mcfg = M.ModelConfig.from_config(cfg["model"])
   return M.make(mcfg), mcfg, cfg
@@ -184,8 +207,7 @@ def resolve_step(workdir: str, step) -> int:
   step = int(step)
   if step not in steps:
     near = sorted(steps, key=lambda s: abs(s - step))[:5]
-    raise CheckpointError(f"{workdir} has no checkpoint at step {step}; nearest: {sorted(near)} "
-                          f"({len(steps)} steps available)")
+    raise CheckpointError(f"{workdir} has no checkpoint at step {step}; nearest: {sorted(near)} ({len(steps)} steps available)")
   return step
 
 
@@ -196,6 +218,7 @@ def restore_params(workdir: str, step=None, mesh=None):
   """
   from lib import model as M
   from lib import sharding
+
   model, _, _ = load_model(workdir)
   step = resolve_step(workdir, step)
   sub = available_steps(workdir)[step]

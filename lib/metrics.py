@@ -14,17 +14,28 @@ import jax
 import numpy as np
 
 # Dense bf16 peak FLOP/s per device (no sparsity). MFU is reported against these.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
+PEAK_FLOPS = {
+  "H100": 989e12,
+  "H200": 989e12,
+  "A100": 312e12,
+  "L4": 121e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+}
 
 
 def quiet_logs() -> None:
   """Keeps the console to lmtrace's own progress lines (orbax/tfds log every save at INFO)."""
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.ERROR)
   logging.getLogger("lmtrace").setLevel(logging.INFO)
   try:
     import tensorflow_datasets as tfds
+
     tfds.disable_progress_bar()
   except ImportError:
     pass
@@ -67,6 +78,7 @@ class Writer:
     if self.active and tensorboard:
       try:
         from tensorboardX import SummaryWriter
+
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:
         self.tb = None
@@ -92,9 +104,16 @@ class Writer:
 
 def console_line(step: int, total: int, m: dict) -> str:
   parts = [f"step {step:>6d}/{total}"]
-  for key, fmt in (("train/loss", "loss {:.4f}"), ("train/excess_loss", "excess {:.4f}"), ("eval/loss", "eval {:.4f}"),
-                   ("eval/excess_loss", "eval_excess {:.4f}"), ("train/lr", "lr {:.2e}"),
-                   ("train/grad_norm", "gnorm {:.3f}"), ("perf/tokens_per_s", "{:,.0f} tok/s"), ("perf/mfu", "mfu {:.1%}")):
+  for key, fmt in (
+    ("train/loss", "loss {:.4f}"),
+    ("train/excess_loss", "excess {:.4f}"),
+    ("eval/loss", "eval {:.4f}"),
+    ("eval/excess_loss", "eval_excess {:.4f}"),
+    ("train/lr", "lr {:.2e}"),
+    ("train/grad_norm", "gnorm {:.3f}"),
+    ("perf/tokens_per_s", "{:,.0f} tok/s"),
+    ("perf/mfu", "mfu {:.1%}"),
+  ):
     if key in m and m[key] is not None and np.isfinite(m[key]):
       parts.append(fmt.format(m[key]))
   return "  ".join(parts)

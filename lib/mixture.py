@@ -47,11 +47,13 @@ class Controller:
 
 class Stratified(Controller):
   """p = 1/m for every group (the Aioli paper's baseline)."""
+
   name = "stratified"
 
 
 class Static(Controller):
   """Fixed proportions from the config (e.g. a grid-search point or a DML / DoReMi result)."""
+
   name = "static"
 
   def init(self) -> dict:
@@ -69,6 +71,7 @@ class Aioli(Controller):
   p ← p ⊙ exp(η·1ᵀÂ) (cumulative) or, with `ema` γ > 0, Ā = (1−γ)Â + γĀ, p ∝ exp(η·1ᵀĀ). The rest
   of the round trains on p. Config: mixture.{update_steps, lp_rounds, lp_steps, one_hot_factor, eta, ema}.
   """
+
   name = "aioli"
   needs = frozenset({"eval_group_loss"})
 
@@ -79,15 +82,21 @@ class Aioli(Controller):
     self.f, self.eta, self.ema = float(g("one_hot_factor", 0.625)), float(g("eta", 0.2)), float(g("ema", 0.0))
     self.seed = int(g("seed", 0))
     if self.R * self.s * self.m >= self.U:
-      raise ValueError(f"Aioli: LearnParams needs R·s·m = {self.R * self.s * self.m} steps, more than a round "
-                       f"(update_steps={self.U})")
+      raise ValueError(
+        f"Aioli: LearnParams needs R·s·m = {self.R * self.s * self.m} steps, more than a round (update_steps={self.U})"
+      )
     if self.m > 1 and not (1.0 / self.m < self.f <= 1.0):
       raise ValueError(f"Aioli: one_hot_factor={self.f} must be in (1/m, 1]")
 
   def init(self) -> dict:
     m = self.m
-    return {"p": np.full(m, 1.0 / m, np.float32), "G": np.zeros((m, m), np.float32),
-            "A_ema": np.zeros((m, m), np.float32), "ell": np.zeros(m, np.float32), "rounds": np.zeros((), np.int32)}
+    return {
+      "p": np.full(m, 1.0 / m, np.float32),
+      "G": np.zeros((m, m), np.float32),
+      "A_ema": np.zeros((m, m), np.float32),
+      "ell": np.zeros(m, np.float32),
+      "rounds": np.zeros((), np.int32),
+    }
 
   def _q(self, j: int) -> np.ndarray:
     q = np.full(self.m, (1.0 - self.f) / max(self.m - 1, 1))

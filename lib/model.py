@@ -30,22 +30,23 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hashable model description; built from the `model` section of a run config."""
+
   vocab_size: int = 260
   d_model: int = 64
   n_layers: int = 2
   n_heads: int = 4
   d_ff: int = 256
   max_len: int = 128
-  pos: str = "learned"          # learned | rope
-  mlp: str = "gelu"             # relu | gelu | swiglu
-  norm: str = "layernorm"       # layernorm | rmsnorm
+  pos: str = "learned"  # learned | rope
+  mlp: str = "gelu"  # relu | gelu | swiglu
+  norm: str = "layernorm"  # layernorm | rmsnorm
   tied_embeddings: bool = True
   use_bias: bool = True
-  embed_proj_dim: int = 0       # OPT-350m style project_in/out (0 = off)
-  causal: bool = True           # False: bidirectional encoder for the masked-LM objective
-  dtype: str = "float32"        # compute dtype
+  embed_proj_dim: int = 0  # OPT-350m style project_in/out (0 = off)
+  causal: bool = True  # False: bidirectional encoder for the masked-LM objective
+  dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  remat: bool = False           # rematerialise each block in the backward pass
+  remat: bool = False  # rematerialise each block in the backward pass
   dropout: float = 0.0
   rope_base: float = 10000.0
   init_std: float = 0.02
@@ -60,8 +61,13 @@ class ModelConfig:
     return cls(**{k: v for k, v in d.items() if k in names})
 
   def validate(self) -> None:
-    choices = {"pos": ("learned", "rope"), "mlp": ("relu", "gelu", "swiglu"),
-               "norm": ("layernorm", "rmsnorm"), "dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES)}
+    choices = {
+      "pos": ("learned", "rope"),
+      "mlp": ("relu", "gelu", "swiglu"),
+      "norm": ("layernorm", "rmsnorm"),
+      "dtype": tuple(DTYPES),
+      "param_dtype": tuple(DTYPES),
+    }
     for k, ok in choices.items():
       if getattr(self, k) not in ok:
         raise ValueError(f"model.{k}={getattr(self, k)!r} is not one of {ok}")
@@ -76,27 +82,34 @@ class ModelConfig:
 # post-LN; we keep pre-LN, which changes no parameter count).
 OPT_VOCAB = 50272
 PRESETS: dict[str, dict[str, Any]] = {
-    "opt-125m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
-    "opt-350m": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, embed_proj_dim=512),
-    "opt-1.3b": dict(d_model=2048, n_layers=24, n_heads=32, d_ff=8192),
-    "opt-2.7b": dict(d_model=2560, n_layers=32, n_heads=32, d_ff=10240),
-    "opt-6.7b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=16384),
+  "opt-125m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
+  "opt-350m": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, embed_proj_dim=512),
+  "opt-1.3b": dict(d_model=2048, n_layers=24, n_heads=32, d_ff=8192),
+  "opt-2.7b": dict(d_model=2560, n_layers=32, n_heads=32, d_ff=10240),
+  "opt-6.7b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=16384),
 }
 for _p in PRESETS.values():
-  _p.update(vocab_size=OPT_VOCAB, max_len=2048, pos="learned", mlp="relu", norm="layernorm",
-            tied_embeddings=True, use_bias=True)
-PRESETS.update({
+  _p.update(vocab_size=OPT_VOCAB, max_len=2048, pos="learned", mlp="relu", norm="layernorm", tied_embeddings=True, use_bias=True)
+PRESETS.update(
+  {
     # CPU-sized models for tests and the README's default run.
     "nano": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_ff=256),
     "small": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512),
     # A modern variant: RoPE, SwiGLU, RMSNorm, untied head, no biases.
-    "tiny-modern": dict(d_model=64, n_layers=2, n_heads=4, d_ff=172, pos="rope", mlp="swiglu",
-                        norm="rmsnorm", tied_embeddings=False, use_bias=False),
-})
+    "tiny-modern": dict(
+      d_model=64, n_layers=2, n_heads=4, d_ff=172, pos="rope", mlp="swiglu", norm="rmsnorm", tied_embeddings=False, use_bias=False
+    ),
+  }
+)
 # Published (Hugging Face) parameter counts of the OPT checkpoints, for the preset test.
-OPT_PUBLISHED_PARAMS = {"opt-125m": 125_239_296, "opt-350m": 331_196_416, "opt-1.3b": 1_315_758_080,
-                        "opt-2.7b": 2_651_596_800, "opt-6.7b": 6_658_473_984}
+OPT_PUBLISHED_PARAMS = {
+  "opt-125m": 125_239_296,
+  "opt-350m": 331_196_416,
+  "opt-1.3b": 1_315_758_080,
+  "opt-2.7b": 2_651_596_800,
+  "opt-6.7b": 6_658_473_984,
+}
 
 
 def preset(name: str, **overrides) -> ModelConfig:
@@ -125,10 +138,15 @@ class Norm(nn.Module):
     c = self.cfg
     pd = DTYPES[c.param_dtype]
     if c.norm == "rmsnorm":
-      return nn.RMSNorm(epsilon=1e-6, dtype=DTYPES[c.dtype], param_dtype=pd,
-                        scale_init=_ones(("act_embed",)))(x_BxLxD)
-    return nn.LayerNorm(epsilon=1e-5, dtype=DTYPES[c.dtype], param_dtype=pd, use_bias=c.use_bias,
-                        scale_init=_ones(("act_embed",)), bias_init=_zeros(("act_embed",)))(x_BxLxD)
+      return nn.RMSNorm(epsilon=1e-6, dtype=DTYPES[c.dtype], param_dtype=pd, scale_init=_ones(("act_embed",)))(x_BxLxD)
+    return nn.LayerNorm(
+      epsilon=1e-5,
+      dtype=DTYPES[c.dtype],
+      param_dtype=pd,
+      use_bias=c.use_bias,
+      scale_init=_ones(("act_embed",)),
+      bias_init=_zeros(("act_embed",)),
+    )(x_BxLxD)
 
 
 def rope(x_BxLxHxK: Array, positions_BxL: Array, base: float) -> Array:
@@ -144,6 +162,7 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, base: float) -> Array:
 class Proj(nn.Module):
   """y = einsum(x, kernel) + bias with explicit logical axes (nn.DenseGeneral initialises a flattened
   kernel, which does not carry multi-axis logical partitioning)."""
+
   cfg: ModelConfig
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -156,7 +175,7 @@ class Proj(nn.Module):
     k = self.param("kernel", _init(self.std, self.names), self.in_shape + self.out_shape, DTYPES[c.param_dtype])
     n_in, n_out = len(self.in_shape), len(self.out_shape)
     letters = "abcdefgh"
-    ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
+    ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
     y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(DTYPES[c.dtype]), k.astype(DTYPES[c.dtype]))
     if c.use_bias:
       y = y + self.param("bias", _zeros(self.names[n_in:]), self.out_shape, DTYPES[c.param_dtype]).astype(y.dtype)
@@ -177,13 +196,11 @@ class Attention(nn.Module):
       k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, c.rope_base)
     q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "act_heads", "kv"))
     # Document-aware mask for packed rows: a token attends only within its own segment.
-    mask_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-    o_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, is_causal=c.causal)
+    mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, is_causal=c.causal)
     if c.dropout and not deterministic:
       o_BxLxHxK = nn.Dropout(c.dropout)(o_BxLxHxK, deterministic=False)
-    return Proj(c, (h, k), (d,), ("heads", "kv", "embed"), c.init_std / math.sqrt(2 * c.n_layers),
-                name="out")(o_BxLxHxK)
+    return Proj(c, (h, k), (d,), ("heads", "kv", "embed"), c.init_std / math.sqrt(2 * c.n_layers), name="out")(o_BxLxHxK)
 
 
 class Mlp(nn.Module):
@@ -192,9 +209,17 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, deterministic: bool):
     c = self.cfg
-    dense = lambda feat, names, name, std=c.init_std: nn.Dense(  # noqa: E731
-        feat, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype], use_bias=c.use_bias,
-        kernel_init=_init(std, names), bias_init=_zeros(names[1:]), name=name)
+    dense = (
+      lambda feat, names, name, std=c.init_std: nn.Dense(  # noqa: E731
+        feat,
+        dtype=DTYPES[c.dtype],
+        param_dtype=DTYPES[c.param_dtype],
+        use_bias=c.use_bias,
+        kernel_init=_init(std, names),
+        bias_init=_zeros(names[1:]),
+        name=name,
+      )
+    )
     h_BxLxF = dense(c.d_ff, ("embed", "mlp"), "wi")(x_BxLxD)
     if c.mlp == "swiglu":
       h_BxLxF = nn.silu(dense(c.d_ff, ("embed", "mlp"), "wi_gate")(x_BxLxD)) * h_BxLxF
@@ -214,19 +239,20 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic: bool = True):
     c = self.cfg
-    x_BxLxD = x_BxLxD + Attention(c, name="attn")(
-        Norm(c, name="ln_attn")(x_BxLxD), positions_BxL, segment_ids_BxL, deterministic)
+    x_BxLxD = x_BxLxD + Attention(c, name="attn")(Norm(c, name="ln_attn")(x_BxLxD), positions_BxL, segment_ids_BxL, deterministic)
     x_BxLxD = x_BxLxD + Mlp(c, name="mlp")(Norm(c, name="ln_mlp")(x_BxLxD), deterministic)
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
 
 class Transformer(nn.Module):
   """Pre-LN transformer LM. `__call__` returns logits_BxLxV (float32), or hidden states."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
-               return_hidden: bool = False):
+  def __call__(
+    self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True, return_hidden: bool = False
+  ):
     c = self.cfg
     dt, pd = DTYPES[c.dtype], DTYPES[c.param_dtype]
     if positions_BxL is None:
@@ -237,8 +263,9 @@ class Transformer(nn.Module):
     embed_VxE = self.param("embed", _init(c.init_std, ("vocab", "embed")), (c.vocab_size, e), pd)
     x_BxLxD = jnp.take(embed_VxE, inputs_BxL, axis=0).astype(dt)
     if c.embed_proj_dim:
-      x_BxLxD = nn.Dense(c.d_model, use_bias=False, dtype=dt, param_dtype=pd,
-                         kernel_init=_init(c.init_std, (None, "embed")), name="proj_in")(x_BxLxD)
+      x_BxLxD = nn.Dense(
+        c.d_model, use_bias=False, dtype=dt, param_dtype=pd, kernel_init=_init(c.init_std, (None, "embed")), name="proj_in"
+      )(x_BxLxD)
     if c.pos == "learned":
       # OPT reserves 2 extra position rows (its offset); keep them so counts match the checkpoints.
       pos_PxD = self.param("pos_embed", _init(c.init_std, ("pos", "embed")), (c.max_len + 2, c.d_model), pd)
@@ -251,15 +278,14 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BxLxD
     if c.embed_proj_dim:
-      x_BxLxD = nn.Dense(e, use_bias=False, dtype=dt, param_dtype=pd,
-                         kernel_init=_init(c.init_std, ("embed", None)), name="proj_out")(x_BxLxD)
+      x_BxLxD = nn.Dense(
+        e, use_bias=False, dtype=dt, param_dtype=pd, kernel_init=_init(c.init_std, ("embed", None)), name="proj_out"
+      )(x_BxLxD)
     if c.tied_embeddings:
-      logits_BxLxV = jnp.einsum("ble,ve->blv", x_BxLxD, embed_VxE.astype(dt),
-                                preferred_element_type=jnp.float32)
+      logits_BxLxV = jnp.einsum("ble,ve->blv", x_BxLxD, embed_VxE.astype(dt), preferred_element_type=jnp.float32)
     else:
       head_ExV = self.param("head", _init(c.init_std, ("embed", "vocab")), (e, c.vocab_size), pd)
-      logits_BxLxV = jnp.einsum("ble,ev->blv", x_BxLxD, head_ExV.astype(dt),
-                                preferred_element_type=jnp.float32)
+      logits_BxLxV = jnp.einsum("ble,ev->blv", x_BxLxD, head_ExV.astype(dt), preferred_element_type=jnp.float32)
     logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "act_vocab"))
     return logits_BxLxV.astype(jnp.float32)
 
@@ -271,14 +297,14 @@ def make(cfg: ModelConfig) -> Transformer:
 
 def logits(model: Transformer, params, batch, *, deterministic: bool = True, rngs=None) -> Array:
   """logits_BxLxV (float32) for a batch dict."""
-  return model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                     deterministic=deterministic, rngs=rngs)
+  return model.apply(
+    {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"), deterministic=deterministic, rngs=rngs
+  )
 
 
 def hidden(model: Transformer, params, batch) -> Array:
   """Final-layer (normed) hidden states h_BxLxD, e.g. for linear probes."""
-  return model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                     return_hidden=True)
+  return model.apply({"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"), return_hidden=True)
 
 
 def per_token_loss(model: Transformer, params, batch, *, deterministic: bool = True, rngs=None) -> Array:
@@ -299,15 +325,19 @@ def mean_loss(model: Transformer, params, batch, **kw) -> Array:
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None = None) -> dict:
   L = seq_len or cfg.max_len
   z = jnp.zeros((batch_size, L), jnp.int32)
-  return {"inputs": z, "targets": z, "mask": jnp.ones_like(z), "segment_ids": jnp.ones_like(z),
-          "positions": jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (batch_size, L))}
+  return {
+    "inputs": z,
+    "targets": z,
+    "mask": jnp.ones_like(z),
+    "segment_ids": jnp.ones_like(z),
+    "positions": jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (batch_size, L)),
+  }
 
 
 def abstract_params(model: Transformer):
   """(ShapeDtypeStruct tree, logical PartitionSpec tree) without allocating anything."""
   b = dummy_batch(model.cfg, 1, min(model.cfg.max_len, 8))
-  boxed = jax.eval_shape(lambda r: model.init(r, b["inputs"], b["positions"], b["segment_ids"]),
-                         jax.random.key(0))["params"]
+  boxed = jax.eval_shape(lambda r: model.init(r, b["inputs"], b["positions"], b["segment_ids"]), jax.random.key(0))["params"]
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
   # unbox without applying sharding constraints (this may run under an active mesh)
   shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
@@ -321,6 +351,7 @@ def param_count(model: Transformer) -> int:
 
 def param_shardings(model: Transformer, mesh):
   from lib import sharding
+
   shapes, logical = abstract_params(model)
   return sharding.logical_to_sharding(logical, shapes, mesh)
 
@@ -339,6 +370,7 @@ def init_params(model: Transformer, key: Array, mesh) -> Any:
 
 def _rules():
   from lib import sharding
+
   return sharding.RULES
 
 

@@ -46,8 +46,10 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     tx = optax.adamw(sched, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=wd, mask=_decay_mask)
   elif name == "sgd":
     m = float(opt_cfg.momentum)
-    tx = optax.chain(optax.add_decayed_weights(wd, _decay_mask) if wd else optax.identity(),
-                     optax.sgd(sched, momentum=m or None, nesterov=bool(opt_cfg.nesterov) and m > 0))
+    tx = optax.chain(
+      optax.add_decayed_weights(wd, _decay_mask) if wd else optax.identity(),
+      optax.sgd(sched, momentum=m or None, nesterov=bool(opt_cfg.nesterov) and m > 0),
+    )
   elif name == "adafactor":
     tx = optax.adafactor(sched, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
   else:

@@ -31,18 +31,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", BATCH_AXES),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("act_embed", None),
-    ("heads", "tensor"),
-    ("act_heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("act_mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("act_vocab", "tensor"),
-    ("pos", None),
+  ("batch", BATCH_AXES),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("act_embed", None),
+  ("heads", "tensor"),
+  ("act_heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("act_mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("act_vocab", "tensor"),
+  ("pos", None),
 )
 
 
@@ -60,13 +60,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   if -1 in sizes:
     if num_devices % known:
       raise ShardingError(
-          f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not divide "
-          f"the {num_devices} available devices.")
+        f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not divide the {num_devices} available devices."
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise ShardingError(
-        f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
-        f"{num_devices} are available; set e.g. --config.mesh.data=-1.")
+      f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+      f"{num_devices} are available; set e.g. --config.mesh.data=-1."
+    )
   return tuple(sizes)
 
 
@@ -77,6 +78,7 @@ def make_mesh(mesh_cfg=None, devices: Sequence[jax.Device] | None = None) -> Mes
   shape = mesh_shape(cfg, len(devices))
   try:
     from jax.experimental import mesh_utils
+
     dev = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # odd device counts or fake CPU devices: plain row-major layout
     dev = np.asarray(devices).reshape(shape)
@@ -119,8 +121,9 @@ def check_batch(mesh: Mesh, global_batch: int, what: str = "batch_size") -> None
   n = batch_size_per_shard(mesh)
   if global_batch % n:
     raise ShardingError(
-        f"{what}={global_batch} is not divisible by the data-parallel mesh size {n} "
-        f"(mesh {dict(mesh.shape)}); use a multiple of {n}.")
+      f"{what}={global_batch} is not divisible by the data-parallel mesh size {n} "
+      f"(mesh {dict(mesh.shape)}); use a multiple of {n}."
+    )
   if global_batch % jax.process_count():
     raise ShardingError(f"{what}={global_batch} is not divisible by the {jax.process_count()} processes.")
 
@@ -177,6 +180,5 @@ def global_batch_from_local(mesh: Mesh, local: dict[str, np.ndarray], global_bat
   """Host-local rows -> global jax.Arrays sharded over the batch axes."""
   out = {}
   for k, v in local.items():
-    out[k] = jax.make_array_from_process_local_data(
-        batch_sharding(mesh, v.ndim), v, (global_batch,) + v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, (global_batch,) + v.shape[1:])
   return out

@@ -24,28 +24,36 @@ def _sums(loss_BxL, batch, num_groups: int) -> dict:
     out["group_loss_sum"] = jax.ops.segment_sum(loss_BxL.sum(1), g_B, num_segments=num_groups)
     out["group_tokens"] = jax.ops.segment_sum(mask_BxL.sum(1), g_B, num_segments=num_groups)
     if "true_logprob" in batch:
-      out["group_true_nll_sum"] = jax.ops.segment_sum(
-          -(batch["true_logprob"] * mask_BxL).sum(1), g_B, num_segments=num_groups)
+      out["group_true_nll_sum"] = jax.ops.segment_sum(-(batch["true_logprob"] * mask_BxL).sum(1), g_B, num_segments=num_groups)
   return out
 
 
-def train_step(state: dict, batch: dict, *, model: M.Transformer, tx: optax.GradientTransformation,
-               schedule, grad_accum: int = 1, num_groups: int = 1) -> tuple[dict, dict]:
+def train_step(
+  state: dict,
+  batch: dict,
+  *,
+  model: M.Transformer,
+  tx: optax.GradientTransformation,
+  schedule,
+  grad_accum: int = 1,
+  num_groups: int = 1,
+) -> tuple[dict, dict]:
   """One optimizer update on the mean per-token loss of the whole (accumulated) batch."""
   rng = jax.random.fold_in(state["rng"], state["step"])
   deterministic = not model.cfg.dropout
 
   def loss_sum(params, mb, key):
-    loss_BxL = M.per_token_loss(model, params, mb, deterministic=deterministic,
-                                rngs=None if deterministic else {"dropout": key})
+    loss_BxL = M.per_token_loss(model, params, mb, deterministic=deterministic, rngs=None if deterministic else {"dropout": key})
     return loss_BxL.sum(), _sums(loss_BxL, mb, num_groups)
 
   grad_fn = jax.grad(loss_sum, has_aux=True)
   if grad_accum == 1:
     grads, sums = grad_fn(state["params"], batch, rng)
   else:
+
     def split(x):  # row i*A + a -> microbatch a, so each device's rows feed every microbatch
       return jnp.swapaxes(x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]), 0, 1)
+
     micro = jax.tree.map(split, batch)
 
     def body(carry, xs):
@@ -53,16 +61,19 @@ def train_step(state: dict, batch: dict, *, model: M.Transformer, tx: optax.Grad
       g, s = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"],
-                                                       jax.tree.map(lambda x: x[0], micro), rng))
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro), rng))
     (grads, sums), _ = jax.lax.scan(body, zero, (micro, jnp.arange(grad_accum)))
   n_tok = jnp.maximum(sums["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / n_tok, grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = {"train/loss": sums["loss_sum"] / n_tok, "train/grad_norm": optax.tree.norm(grads),
-             "train/lr": schedule(state["step"]), "train/tokens": sums["tokens"],
-             "train/param_norm": optax.tree.norm(params)}
+  metrics = {
+    "train/loss": sums["loss_sum"] / n_tok,
+    "train/grad_norm": optax.tree.norm(grads),
+    "train/lr": schedule(state["step"]),
+    "train/tokens": sums["tokens"],
+    "train/param_norm": optax.tree.norm(params),
+  }
   if "true_nll_sum" in sums:
     metrics["train/excess_loss"] = (sums["loss_sum"] - sums["true_nll_sum"]) / n_tok
   if num_groups > 1:

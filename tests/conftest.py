@@ -3,9 +3,7 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Identical programs (the same tiny model in several tests and subprocesses) compile once per run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join("/tmp", f"lmtrace-test-jax-cache-{os.getuid()}"))

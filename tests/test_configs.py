@@ -9,8 +9,9 @@ import pytest
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CARDS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-               if not p.endswith("__init__.py"))
+CARDS = sorted(
+  os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py")
+)
 
 
 def _shrink(c, data_dir, corpus):

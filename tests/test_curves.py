@@ -116,10 +116,7 @@ def test_gcv_picks_large_lambda_for_line_small_for_wiggles():
   smoother = cv.GamSmoother(X_D)
   lines = np.stack([1 + 0.5 * X_D + rng.normal(0, 0.3, X_D.size) for _ in range(20)])
   span = X_D[-1] - X_D[0]
-  wiggles = np.stack(
-    [3 * np.sin(2 * np.pi * 5 * (X_D - X_D[0]) / span) + rng.normal(0, 0.05, X_D.size)
-     for _ in range(20)]
-  )
+  wiggles = np.stack([3 * np.sin(2 * np.pi * 5 * (X_D - X_D[0]) / span) + rng.normal(0, 0.05, X_D.size) for _ in range(20)])
   lam_lines = smoother.lams_L[smoother.fit(lines).lam_idx_N]
   lam_wig = smoother.lams_L[smoother.fit(wiggles).lam_idx_N]
   assert np.all(lam_lines >= 100.0), lam_lines
@@ -172,8 +169,7 @@ def test_aoa_edge_rules_follow_reference():
   assert aoa[1] == pytest.approx(X_D[0], abs=0.01)  # already below y* at the start
   # Threshold uses the best (minimum) smoothed surprisal, not the final one: learned
   # down to 3 at x = 4, then forgotten back up to 8.
-  dip = np.where(X_D < 4.0, 12.0 - 9.0 * (X_D - X_D[0]) / (4.0 - X_D[0]),
-                 3.0 + 5.0 * (X_D - 4.0) / (X_D[-1] - 4.0))
+  dip = np.where(X_D < 4.0, 12.0 - 9.0 * (X_D - X_D[0]) / (4.0 - X_D[0]), 3.0 + 5.0 * (X_D - 4.0) / (X_D[-1] - 4.0))
   sm_dip = cv.smooth_curves(with_step0(dip), STEPS_C, fine_points=1000)
   thr_best = 0.5 * CHANCE + 0.5 * 3.0
   planted = X_D[0] + (12.0 - thr_best) / 9.0 * (4.0 - X_D[0])
@@ -199,7 +195,8 @@ def test_final_surprisal_and_variability_match_hand_computation():
   # last_frac=0.25 of 140 steps: steps >= 105 -> the last 4 checkpoints.
   np.testing.assert_allclose(
     cv.final_surprisal(curves_TxC, steps_C=steps_C, last_frac=0.25),
-    curves_TxC[:, -4:].astype(np.float64).mean(1), rtol=1e-12,
+    curves_TxC[:, -4:].astype(np.float64).mean(1),
+    rtol=1e-12,
   )
   assert np.all(np.isnan(cv.final_surprisal(curves_TxC[:, :5], last_n=11)))
 
@@ -212,8 +209,7 @@ def test_forgettability_zero_for_monotone_and_planted_rise_for_v_shape():
   assert cv.forgettability(smooth.smooth_TxD)[0] == pytest.approx(0.0, abs=1e-9)
   rng = np.random.default_rng(6)
   kink, rise = 4.0, 3.0
-  v_D = np.where(X_D < kink, 4 + 6 * (kink - X_D) / (kink - X_D[0]),
-                 4 + rise * (X_D - kink) / (X_D[-1] - kink))
+  v_D = np.where(X_D < kink, 4 + 6 * (kink - X_D) / (kink - X_D[0]), 4 + rise * (X_D - kink) / (X_D[-1] - kink))
   smooth = cv.smooth_curves(with_step0(v_D + rng.normal(0, 0.02, X_D.size)), STEPS_C)
   assert cv.forgettability(smooth.smooth_TxD)[0] == pytest.approx(rise, abs=0.15)
 
@@ -342,9 +338,7 @@ def test_align_to_ppl_recovers_known_function():
   spiky = np.array([300.0, 120.0, 80.0, 150.0, 50.0, 40.0])
   metric = np.log(spiky) * 2
   metric[3] = 999.0
-  np.testing.assert_allclose(
-    cv.align_to_ppl(metric, spiky, [100.0, 60.0]), 2 * np.log([100.0, 60.0]), rtol=1e-12
-  )
+  np.testing.assert_allclose(cv.align_to_ppl(metric, spiky, [100.0, 60.0]), 2 * np.log([100.0, 60.0]), rtol=1e-12)
   with pytest.raises(ValueError):
     cv.align_to_ppl(metric, spiky, [100.0], monotone="strict")
   # Runs/model sizes with different checkpoint counts.
@@ -359,8 +353,9 @@ def _small_runs(rng, n_runs=3, n_tok=40):
   xmid_T = rng.uniform(2.5, 5.5, n_tok)
   curves = []
   for _ in range(n_runs):
-    d = logistic_surprisal(X_D[None], CHANCE, rng.uniform(2, 6, (n_tok, 1)), xmid_T[:, None],
-                           0.3) + rng.normal(0, 0.3, (n_tok, X_D.size))
+    d = logistic_surprisal(X_D[None], CHANCE, rng.uniform(2, 6, (n_tok, 1)), xmid_T[:, None], 0.3) + rng.normal(
+      0, 0.3, (n_tok, X_D.size)
+    )
     curves.append(with_step0(d))
   return np.stack(curves).astype(np.float32)
 
@@ -370,22 +365,19 @@ def test_token_metrics_agrees_with_standalone_functions():
   surpr_RxTxC = _small_runs(rng)
   df = cv.token_metrics(surpr_RxTxC, STEPS_C, CHANCE, per_run=True, rank_subsample=None)
   assert len(df) == 40 and (df["flags"] == 0).all()
-  np.testing.assert_allclose(
-    df["final_surprisal"], cv.final_surprisal(surpr_RxTxC).mean(0), rtol=1e-10
-  )
-  np.testing.assert_allclose(
-    df["var_steps"], cv.within_run_variability(surpr_RxTxC).mean(0), rtol=1e-10
-  )
+  np.testing.assert_allclose(df["final_surprisal"], cv.final_surprisal(surpr_RxTxC).mean(0), rtol=1e-10)
+  np.testing.assert_allclose(df["var_steps"], cv.within_run_variability(surpr_RxTxC).mean(0), rtol=1e-10)
   smooth = [cv.smooth_curves(s, STEPS_C, fine_points=1000) for s in surpr_RxTxC]
   aoa_R = np.stack([cv.aoa_gam(s.fine_TxG, s.x_G, CHANCE) for s in smooth])
   np.testing.assert_allclose(df["aoa_gam"], aoa_R.mean(0), atol=1e-6)
   sm_RxTxD = np.stack([s.smooth_TxD for s in smooth])
   np.testing.assert_allclose(df["var_runs"], cv.crossrun_variability(sm_RxTxD), rtol=1e-4)
-  np.testing.assert_allclose(df["var_runs_raw"], cv.crossrun_variability(surpr_RxTxC),
-                             rtol=1e-6)
+  np.testing.assert_allclose(df["var_runs_raw"], cv.crossrun_variability(surpr_RxTxC), rtol=1e-6)
   np.testing.assert_allclose(
-    df["forgettability"], np.mean([cv.forgettability(s.smooth_TxD) for s in smooth], 0),
-    rtol=1e-4, atol=1e-5,
+    df["forgettability"],
+    np.mean([cv.forgettability(s.smooth_TxD) for s in smooth], 0),
+    rtol=1e-4,
+    atol=1e-5,
   )
   sig = cv.aoa_sigmoid(surpr_RxTxC[1], STEPS_C, CHANCE)
   np.testing.assert_allclose(df["aoa_sigmoid_r1"], sig.aoa_T, atol=1e-3)

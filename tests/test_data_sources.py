@@ -41,8 +41,9 @@ def test_byte_level_text_group(corpus, tmp_path):
 
 
 def test_sentencepiece_text_group(corpus, tmp_path):
-  g = sources.make_group("sp", {"kind": "text", "path": os.path.join(corpus, "*.txt"), "tokenizer": "sentencepiece",
-                                "vocab_size": 40}, str(tmp_path))
+  g = sources.make_group(
+    "sp", {"kind": "text", "path": os.path.join(corpus, "*.txt"), "tokenizer": "sentencepiece", "vocab_size": 40}, str(tmp_path)
+  )
   tok = text.tokenizer_for(g)
   assert g.vocab_size == tok.n + vocab.N_SPECIAL and 20 <= tok.n <= 60
   ex = g.splits["validation"][0]["tokens"]
@@ -57,8 +58,7 @@ def test_bad_sources(tmp_path):
     sources.make_group("x", {"kind": "text", "path": str(tmp_path / "nothing*.txt")}, str(tmp_path))
   with pytest.raises(dp.DataError, match="not prepared.*never downloads"):
     sources.make_group("x", {"kind": "tfds", "name": "lm1b"}, str(tmp_path))
-  g = sources.make_group("b", {"kind": "bigram", "seed": 0, "n_train": 50, "n_validation": 10, "n_test": 10},
-                         str(tmp_path))
+  g = sources.make_group("b", {"kind": "bigram", "seed": 0, "n_train": 50, "n_validation": 10, "n_test": 10}, str(tmp_path))
   with pytest.raises(dp.DataError, match="has no split 'dev'.*'validation'"):
     sources.select_split(g, "dev")
 
@@ -90,10 +90,14 @@ def test_optimal_loss_metadata_matches_exact_conditionals(tmp_path):
 def test_multi_group_training_reports_groups_and_exact_counts(tmp_path):
   import train
   from tests.helpers import tiny_cfg
+
   cfg = tiny_cfg(str(tmp_path / "data"))
-  cfg.data.groups = mlc.ConfigDict({
+  cfg.data.groups = mlc.ConfigDict(
+    {
       n: dict(kind="bigram", seed=s, n_terminals=16, n_train=500, n_validation=60, n_test=10)
-      for n, s in (("easy", 1), ("mid", 2), ("hard", 3))})
+      for n, s in (("easy", 1), ("mid", 2), ("hard", 3))
+    }
+  )
   cfg.mixture.method = "static"
   cfg.mixture.proportions = "easy=0.5,mid=0.25,hard=0.25"
   cfg.train.steps = 4
@@ -117,8 +121,7 @@ def test_multi_group_training_reports_groups_and_exact_counts(tmp_path):
 
 
 def test_describe(tmp_path):
-  g = sources.make_group("b", {"kind": "bigram", "seed": 0, "n_train": 50, "n_validation": 10, "n_test": 10},
-                         str(tmp_path))
+  g = sources.make_group("b", {"kind": "bigram", "seed": 0, "n_train": 50, "n_validation": 10, "n_test": 10}, str(tmp_path))
   d = tfds_builders.describe(g)
   assert d["n_train"] == 50 and d["vocab_size"] == 20 and "optimal_loss" in d
 
@@ -126,8 +129,10 @@ def test_describe(tmp_path):
 def test_downstream_task_splits(tmp_path):
   from data import hmm as H
   from data import pcfg as P
-  g = sources.make_group("p", {"kind": "pcfg", "seed": 0, "n_train": 100, "n_validation": 50, "n_test": 10,
-                               "n_downstream": 300}, str(tmp_path))
+
+  g = sources.make_group(
+    "p", {"kind": "pcfg", "seed": 0, "n_train": 100, "n_validation": 50, "n_test": 10, "n_downstream": 300}, str(tmp_path)
+  )
   assert {"task_A", "task_B", "task_C", "task_span8"} <= set(g.splits)
   lang = P.PCFG.random(seed=0)
   ex = [g.splits["task_B"][i] for i in range(20)]
@@ -135,8 +140,11 @@ def test_downstream_task_splits(tmp_path):
   assert all(4 < len(s) < 32 for s in sents)
   np.testing.assert_array_equal([e["label"] for e in ex], lang.span_labels(sents, "B", definition="code"))
   assert g.info["tasks"]["task_B"] == len(g.splits["task_B"])
-  h = sources.make_group("h", {"kind": "hmm", "seed": 0, "length": 12, "n_train": 100, "n_validation": 20,
-                               "n_test": 10, "n_downstream": 50}, str(tmp_path))
+  h = sources.make_group(
+    "h",
+    {"kind": "hmm", "seed": 0, "length": 12, "n_train": 100, "n_validation": 20, "n_test": 10, "n_downstream": 50},
+    str(tmp_path),
+  )
   assert {"task_state6", "task_state10"} <= set(h.splits)
   labels = [h.splits["task_state6"][i]["label"] for i in range(50)]
   assert 0 <= min(labels) and max(labels) < H.HMM.random(seed=0, length=12).n_states
@@ -145,15 +153,17 @@ def test_downstream_task_splits(tmp_path):
 
 def test_aioli_controller_schedule_and_update():
   from lib import mixture
-  cfg = mlc.ConfigDict(dict(method="aioli", update_steps=20, lp_rounds=2, lp_steps=2, one_hot_factor=0.75, eta=1.0,
-                            ema=0.0, seed=0))
+
+  cfg = mlc.ConfigDict(
+    dict(method="aioli", update_steps=20, lp_rounds=2, lp_steps=2, one_hot_factor=0.75, eta=1.0, ema=0.0, seed=0)
+  )
   c = mixture.make(cfg, ["a", "b", "c"])
   st = c.init()
   # LearnParams: R·m = 6 sub-phases of 2 steps, each on q^(j); every group probed R times per round
   probed = [int(np.argmax(c.proportions(st, t))) for t in range(0, 12, 2)]
   assert sorted(probed) == [0, 0, 1, 1, 2, 2]
   assert np.allclose(c.proportions(st, 0)[probed[0]], 0.75)
-  np.testing.assert_allclose(c.proportions(st, 15), [1 / 3] * 3)   # after LearnParams: p
+  np.testing.assert_allclose(c.proportions(st, 15), [1 / 3] * 3)  # after LearnParams: p
   assert [t for t in range(20) if c.wants_eval(st, t)] == [0, 2, 4, 6, 8, 10, 12]
   # a planted world where training on group 1 lowers every loss most: p must move towards group 1
   st = c.update(st, 0, {"eval/group_loss": np.array([3.0, 3.0, 3.0])})
@@ -173,20 +183,25 @@ def test_aioli_training_run_resumes_identically(tmp_path):
 
   def cfg_(stop=0):
     cfg = tiny_cfg(str(tmp_path / "data"))
-    cfg.data.groups = mlc.ConfigDict({n: dict(kind="bigram", seed=s, n_terminals=16, n_train=300, n_validation=40,
-                                              n_test=10) for n, s in (("a", 1), ("b", 2))})
+    cfg.data.groups = mlc.ConfigDict(
+      {n: dict(kind="bigram", seed=s, n_terminals=16, n_train=300, n_validation=40, n_test=10) for n, s in (("a", 1), ("b", 2))}
+    )
     cfg.mixture.update(dict(method="aioli", update_steps=8, lp_rounds=1, lp_steps=2, one_hot_factor=0.75, eta=5.0))
     cfg.train.steps, cfg.train.stop_at, cfg.eval.every, cfg.ckpt.resume_every = 12, stop, 0, 3
     return cfg
+
   train.train_and_evaluate(cfg_(), str(tmp_path / "straight"))
   rows = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
   p = {r["step"]: r["mixture/p/a"] for r in rows if "mixture/p/a" in r}
   # logged p at step t is the p of the batch of step t-1; U=8, R·s·m=4
-  assert all(p[t] in (0.75, 0.25) for t in (1, 2, 3, 4, 9, 10))   # LearnParams sub-phases probe q^(j)
+  assert all(p[t] in (0.75, 0.25) for t in (1, 2, 3, 4, 9, 10))  # LearnParams sub-phases probe q^(j)
   assert p[5] == p[6] == p[7] == p[8] and abs(p[5] - 0.5) > 1e-3  # then the learned p for the rest of the round
   train.train_and_evaluate(cfg_(stop=5), str(tmp_path / "resumed"))
   train.train_and_evaluate(cfg_(), str(tmp_path / "resumed"))
   import jax
-  for x, y in zip(jax.tree.leaves(C.restore_params(str(tmp_path / "straight"), 12)),
-                  jax.tree.leaves(C.restore_params(str(tmp_path / "resumed"), 12))):
+
+  for x, y in zip(
+    jax.tree.leaves(C.restore_params(str(tmp_path / "straight"), 12)),
+    jax.tree.leaves(C.restore_params(str(tmp_path / "resumed"), 12)),
+  ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

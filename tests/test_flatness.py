@@ -21,8 +21,10 @@ from tests.helpers import tiny_cfg
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("flat")
   w = str(root / "w")
-  cfg = tiny_cfg(str(root / "data"), **{"train.steps": 8, "ckpt.resume_every": 8, "eval.every": 0,
-                                       "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  cfg = tiny_cfg(
+    str(root / "data"),
+    **{"train.steps": 8, "ckpt.resume_every": 8, "eval.every": 0, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+  )
   train.train_and_evaluate(cfg, w)  # trained on 8 devices; flatness reads it on 1 (and on 8)
   return w
 
@@ -35,8 +37,10 @@ def _args(**kw):
 
 
 def test_rows_per_checkpoint_and_estimator(run, capsys):
-  df = F.run(run, _args(steps="0,8", estimator="hutchinson,fisher,ggn,lanczos,slq", probes=6, blocks=True,
-                        lanczos_steps=6, topk=2, slq_runs=3))
+  df = F.run(
+    run,
+    _args(steps="0,8", estimator="hutchinson,fisher,ggn,lanczos,slq", probes=6, blocks=True, lanczos_steps=6, topk=2, slq_runs=3),
+  )
   bars = capsys.readouterr().err  # progress: checkpoints, and probes within each estimator
   assert "2/2" in bars and "step 8 hutchinson" in bars and "6/6" in bars and "step 0 lanczos" in bars
   assert set(df["step"]) == {0, 8}
@@ -84,11 +88,13 @@ def test_resumable_and_same_table_after_interruption(run, tmp_path):
   assert len(again) == len(part) == len(C.available_steps(w))
   whole = F.run(str(shutil.copytree(run, str(tmp_path / "fresh"), ignore=shutil.ignore_patterns("analysis"))), a)
   cols = ["step", "estimator", "quantity", "estimate", "stderr", "n_hvps", "loss"]
-  pd.testing.assert_frame_equal(part[cols].sort_values("step").reset_index(drop=True),
-                                whole[cols].sort_values("step").reset_index(drop=True))
+  pd.testing.assert_frame_equal(
+    part[cols].sort_values("step").reset_index(drop=True), whole[cols].sort_values("step").reset_index(drop=True)
+  )
   df = load.load_flatness([w])
   assert df["run"].iloc[0] == "copy"
   import analysis
+
   pd.testing.assert_frame_equal(analysis.load_flatness(w), df)  # the package-level loader, one workdir
   assert plots.flatness(df) is not None
 
@@ -114,8 +120,10 @@ def test_bad_input(run, tmp_path, monkeypatch):
     F.run(run, _args(mesh="4,1,2", batch_size=6))
   with pytest.raises(ValueError, match="matches no parameter"):
     F.run(run, _args(steps="8", filter="no_such_param"))
-  only = F.run(str(shutil.copytree(run, str(tmp_path / "f"), ignore=shutil.ignore_patterns("analysis"))),
-               _args(steps="8", filter="layer_0/mlp", probes=2))
+  only = F.run(
+    str(shutil.copytree(run, str(tmp_path / "f"), ignore=shutil.ignore_patterns("analysis"))),
+    _args(steps="8", filter="layer_0/mlp", probes=2),
+  )
   assert only["n_params"].iloc[0] == 2 * (32 * 64) + 64 + 32  # nano: wi, wo kernels and biases
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -129,6 +137,7 @@ def test_bad_input(run, tmp_path, monkeypatch):
 
   def nan_trace(*a, **k):
     raise FloatingPointError("non-finite value (nan) in Hutchinson probe 0")
+
   monkeypatch.setattr(H, "hutchinson_trace", nan_trace)
   w = str(tmp_path / "nan")
   shutil.copytree(run, w, ignore=shutil.ignore_patterns("analysis"))
@@ -139,8 +148,10 @@ def test_bad_input(run, tmp_path, monkeypatch):
 def test_masked_lm_workdir(tmp_path):
   """Liu et al.'s setting: a bidirectional masked LM; the loss, HVPs and Fisher count masked tokens only."""
   w = str(tmp_path / "mlm")
-  cfg = tiny_cfg(str(tmp_path / "data"), **{"train.steps": 4, "ckpt.resume_every": 4, "eval.every": 0,
-                                            "model.causal": False, "data.objective": "mlm"})
+  cfg = tiny_cfg(
+    str(tmp_path / "data"),
+    **{"train.steps": 4, "ckpt.resume_every": 4, "eval.every": 0, "model.causal": False, "data.objective": "mlm"},
+  )
   train.train_and_evaluate(cfg, w)
   df = F.run(w, _args(steps="4", estimator="hutchinson,fisher,ggn", probes=4))
   assert df["valid"].all() and len(df) == 3 and (df[df.estimator == "ggn"]["estimate"] > 0).all()

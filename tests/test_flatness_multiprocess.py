@@ -14,8 +14,16 @@ from tests.test_multiprocess import _free_port
 from tests.test_train import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--steps=8", "--estimator=hutchinson,fisher,power", "--probes=4", "--lanczos_steps=4", "--blocks",
-         "--batches=2", "--batch_size=8", "--seed=3"]
+FLAGS = [
+  "--steps=8",
+  "--estimator=hutchinson,fisher,power",
+  "--probes=4",
+  "--lanczos_steps=4",
+  "--blocks",
+  "--batches=2",
+  "--batch_size=8",
+  "--seed=3",
+]
 
 
 def _cli(workdir, extra=()):
@@ -29,23 +37,35 @@ def _rows(workdir):
 
 def test_two_processes_match_one(tmp_path):
   w = str(tmp_path / "w")  # trained on ONE device; read on 8 (one process) and on 2 x 4 (two processes)
-  r = cli(w, str(tmp_path / "data"), "--config.train.steps=8", "--config.ckpt.resume_every=8", "--config.eval.every=0",
-          devices=1)
+  r = cli(w, str(tmp_path / "data"), "--config.train.steps=8", "--config.ckpt.resume_every=8", "--config.eval.every=0", devices=1)
   assert r.returncode == 0, r.stderr[-3000:]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   one_dir = str(tmp_path / "one")
   two_dir = str(tmp_path / "two")
   for d in (one_dir, two_dir):
     shutil.copytree(w, d)
-  one = subprocess.run(_cli(one_dir, ["--mesh=2,2,2"]), capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  one = subprocess.run(
+    _cli(one_dir, ["--mesh=2,2,2"]),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+    env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+  )
   assert one.returncode == 0, one.stderr[-3000:]
   port = _free_port()
   env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [subprocess.Popen(_cli(two_dir, ["--mesh=2,2,2", f"--coordinator=localhost:{port}", "--num_processes=2",
-                                           f"--process_id={i}"]),
-                            env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _cli(two_dir, ["--mesh=2,2,2", f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}"]),
+      env=env2,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

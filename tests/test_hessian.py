@@ -38,14 +38,19 @@ def mlp_loss(p, b):
 
 def make_params(seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
-  return {"l1": {"w": jax.random.normal(k[0], (D, HID)) / np.sqrt(D), "b": 0.1 * jax.random.normal(k[1], (HID,))},
-          "l2": {"w": jax.random.normal(k[2], (HID, V)), "b": jnp.zeros(V)}}
+  return {
+    "l1": {"w": jax.random.normal(k[0], (D, HID)) / np.sqrt(D), "b": 0.1 * jax.random.normal(k[1], (HID,))},
+    "l2": {"w": jax.random.normal(k[2], (HID, V)), "b": jnp.zeros(V)},
+  }
 
 
 def make_batch(seed=0, mask_p=0.8):
   rng = np.random.default_rng(seed)
-  return {"x": jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32), "y": jnp.asarray(rng.integers(0, V, (B, L))),
-          "mask": jnp.asarray((rng.random((B, L)) < mask_p).astype(np.float32))}
+  return {
+    "x": jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32),
+    "y": jnp.asarray(rng.integers(0, V, (B, L))),
+    "mask": jnp.asarray((rng.random((B, L)) < mask_p).astype(np.float32)),
+  }
 
 
 def exact_hessian(loss, params):
@@ -70,6 +75,7 @@ def within(r, exact, n_se=4.0):
 # ------------------------------------------------------------------------------------------------
 # 1. HVP
 
+
 def test_hvp_equals_exact_hessian_times_v(mlp):
   params, batch, hess = mlp
   u, v = H.gaussian_like(jax.random.key(1), params), H.rademacher_like(jax.random.key(2), params)
@@ -90,8 +96,8 @@ def test_make_hvp_weights_batches_by_loss_tokens(mlp):
   mask[:2, 3:] = 0  # the first half has far fewer loss tokens than the second
   masked = {**batch, "mask": jnp.asarray(mask)}
   ref = exact_hessian(lambda p: mlp_loss(p, masked), params) @ flat(v)
-  ragged = [{k: x[:1] for k, x in masked.items()}, {k: x[1:] for k, x in masked.items()}]   # unequal shapes: loop
-  halves = [{k: x[:2] for k, x in masked.items()}, {k: x[2:] for k, x in masked.items()}]   # equal shapes: scan
+  ragged = [{k: x[:1] for k, x in masked.items()}, {k: x[1:] for k, x in masked.items()}]  # unequal shapes: loop
+  halves = [{k: x[:2] for k, x in masked.items()}, {k: x[2:] for k, x in masked.items()}]  # equal shapes: scan
   for parts in (ragged, halves):
     mv = H.make_hvp(mlp_loss, parts)
     assert mv.stacked == (parts is halves)
@@ -107,6 +113,7 @@ def test_make_hvp_weights_batches_by_loss_tokens(mlp):
 
 # ------------------------------------------------------------------------------------------------
 # 2. Hutchinson, blocks, filters, Hutch++ on the MLP
+
 
 def test_hutchinson_trace_blocks_and_stderr_scaling(mlp):
   params, batch, hess = mlp
@@ -161,6 +168,7 @@ def test_hutchpp_on_the_mlp(mlp):
 # ------------------------------------------------------------------------------------------------
 # 3-4. Known spectra: quadratic f(x) = ½ xᵀAx, matvec given as a plain traceable function
 
+
 def quadratic(eigs, seed=0):
   n = len(eigs)
   q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
@@ -190,7 +198,7 @@ def test_lanczos_power_and_slq_on_a_known_spectrum():
   dx = d.grid[1] - d.grid[0]
   assert abs(d.density.sum() * dx - 1.0) < 1e-3
   # its mean is n⁻¹ × Hutchinson over the 8 Rademacher starts: SE from Var zᵀAz = 2(‖A‖²_F − Σ A_ii²)
-  se = np.sqrt(2 * ((A ** 2).sum() - (np.diag(A) ** 2).sum()) / 8) / n
+  se = np.sqrt(2 * ((A**2).sum() - (np.diag(A) ** 2).sum()) / 8) / n
   mean = (d.grid * d.density).sum() * dx
   assert abs(mean - eigs.mean()) < 4 * se, (mean, eigs.mean(), se)
   assert abs(d.estimate - n * mean) < 1e-3 * n * max(abs(mean), se)
@@ -201,8 +209,8 @@ def test_lanczos_power_and_slq_on_a_known_spectrum():
   nr = H.slq_density(mv, params, jax.random.key(2), num_runs=8, num_steps=40, reorth="none")
   np.testing.assert_allclose(nr.samples, d.samples, rtol=1e-5)  # first moment = α₁ = zᵀAz/n, orthogonality aside
   assert abs(nr.nodes.max() - 10.0) < 1e-3  # extreme Ritz values converge even without reorthogonalisation
-  sq = H.slq_trace_f(mv, params, jax.random.key(3), lambda t: t ** 2, num_runs=16, num_steps=20)
-  within(sq, (eigs ** 2).sum())
+  sq = H.slq_trace_f(mv, params, jax.random.key(3), lambda t: t**2, num_runs=16, num_steps=20)
+  within(sq, (eigs**2).sum())
 
 
 def test_lanczos_survives_an_exhausted_krylov_space():
@@ -227,11 +235,14 @@ def test_hutchpp_has_lower_variance_than_hutchinson_on_a_decaying_spectrum():
 # ------------------------------------------------------------------------------------------------
 # 5. Fisher trace
 
+
 def exact_fisher_trace(params, batches):
   """(1/T) Σ_t Σ_y p(y|x_t) ‖∇ log p(y|x_t)‖² by explicit per-token, per-label gradients."""
+
   def sq(x_D, y):
     g = jax.grad(lambda q: -jax.nn.log_softmax(mlp_logits(q, {"x": x_D}))[y])(params)
     return H.tree_dot(g, g)
+
   num, T = 0.0, 0.0
   for b in batches:
     x_TxD, m_T = b["x"].reshape(-1, D), b["mask"].reshape(-1)
@@ -252,8 +263,9 @@ def test_fisher_trace_equals_exact_per_token_fisher(mlp):
   # a single batch-level gradient of the mean loss would estimate tr(F)/T: far outside the error bar
   assert abs(r.estimate - exact / r.extra["n_tokens"]) > 10 * r.stderr
   seen = []
-  early = H.fisher_trace(mlp_logits, params, ragged, jax.random.key(0), 400, chunk=10, target_rel_err=0.05,
-                         min_samples=20, progress=seen.append)
+  early = H.fisher_trace(
+    mlp_logits, params, ragged, jax.random.key(0), 400, chunk=10, target_rel_err=0.05, min_samples=20, progress=seen.append
+  )
   assert 20 <= len(early.samples) < 400 and early.stderr < 0.05 * early.estimate
   assert sum(seen) == len(early.samples) and early.n_matvecs == 2 * len(early.samples)
   np.testing.assert_allclose(early.samples, r.samples[: len(early.samples)], rtol=1e-5)  # sample i: (key, i) only
@@ -261,16 +273,16 @@ def test_fisher_trace_equals_exact_per_token_fisher(mlp):
 
 def test_fisher_trace_matches_hessian_trace_when_labels_follow_the_model():
   params = make_params(seed=3)
-  big = {"x": jnp.asarray(np.random.default_rng(4).normal(size=(8, 16, D)), jnp.float32),
-         "mask": jnp.ones((8, 16), jnp.float32)}
+  big = {"x": jnp.asarray(np.random.default_rng(4).normal(size=(8, 16, D)), jnp.float32), "mask": jnp.ones((8, 16), jnp.float32)}
   logits = mlp_logits(params, big)
   # E_{y~model}[tr ∇²L(y)] = tr F: average exact Hessian traces over label sets drawn from the model
-  tr_hess = jax.jit(lambda y: jnp.trace(jax.hessian(lambda f: mlp_loss(ravel_pytree(params)[1](f), {**big, "y": y}))(
-      ravel_pytree(params)[0])))
+  tr_hess = jax.jit(
+    lambda y: jnp.trace(jax.hessian(lambda f: mlp_loss(ravel_pytree(params)[1](f), {**big, "y": y}))(ravel_pytree(params)[0]))
+  )
   ys = [jax.random.categorical(jax.random.key(1000 + i), logits) for i in range(24)]
   traces = np.array([float(tr_hess(y)) for y in ys])
   f = H.fisher_trace(mlp_logits, params, [big], jax.random.key(1), 200, chunk=50)
-  se = np.sqrt(traces.var(ddof=1) / len(traces) + f.stderr ** 2)
+  se = np.sqrt(traces.var(ddof=1) / len(traces) + f.stderr**2)
   assert abs(traces.mean() - f.estimate) < 4 * se, (traces.mean(), f.estimate, se)
   assert abs(traces.mean() - exact_fisher_trace(params, [big])) < 4 * traces.std(ddof=1) / np.sqrt(len(traces))
   # softmax regression: the loss Hessian does not depend on the labels, so tr F = tr H exactly
@@ -313,8 +325,11 @@ def test_ggn_operator_against_the_explicit_gauss_newton_matrix(mlp):
 
 
 def test_ggn_equals_the_hessian_when_logits_are_linear_in_the_parameters():
-  big = {"x": jnp.asarray(np.random.default_rng(6).normal(size=(4, 8, D)), jnp.float32),
-         "y": jnp.asarray(np.random.default_rng(7).integers(0, V, (4, 8))), "mask": jnp.ones((4, 8), jnp.float32)}
+  big = {
+    "x": jnp.asarray(np.random.default_rng(6).normal(size=(4, 8, D)), jnp.float32),
+    "y": jnp.asarray(np.random.default_rng(7).integers(0, V, (4, 8))),
+    "mask": jnp.ones((4, 8), jnp.float32),
+  }
   W = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(D, V)), jnp.float32), "b": jnp.zeros(V)}
   lin = lambda p, b: b["x"] @ p["w"] + p["b"]  # noqa: E731
   loss = lambda p, b: -jnp.take_along_axis(jax.nn.log_softmax(lin(p, b)), b["y"][..., None], -1).mean()  # noqa: E731
@@ -327,6 +342,7 @@ def test_ggn_equals_the_hessian_when_logits_are_linear_in_the_parameters():
 
 # ------------------------------------------------------------------------------------------------
 # 6. Sharding: same numbers on a (2,2,2) mesh and on one device; results carry the params' shardings
+
 
 def mesh222():
   return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -345,14 +361,16 @@ def test_estimators_agree_on_a_mesh_and_one_device(mlp):
     mv = H.make_hvp(mlp_loss, b)  # two equal-shaped batches: the scanned, token-weighted operator
     assert mv.stacked
     k = jax.random.key(11)
-    return {"hutchinson": H.hutchinson_trace(mv, p, k, 8, blocks=[(r"^(l\d)/", r"\1")]).samples,
-            "hutchinson_plain": H.hutchinson_trace(mv, p, k, 4, amortise=False, filter="l1").samples,
-            "hutchpp": H.hutchpp_trace(mv, p, k, 12).estimate,
-            "top": H.top_eigenvalues(mv, p, k, k=2, num_steps=12).eigenvalues,
-            "power": H.power_iteration(mv, p, k, num_iters=15, tol=0.0).estimate,
-            "slq": H.slq_density(mv, p, k, num_runs=2, num_steps=12).nodes,  # same compiled Lanczos as "top"
-            "fisher": H.fisher_trace(mlp_logits, p, b, k, 4).samples,
-            "ggn": H.hutchinson_trace(H.make_ggn(mlp_logits, b), p, k, 4).samples}, mv
+    return {
+      "hutchinson": H.hutchinson_trace(mv, p, k, 8, blocks=[(r"^(l\d)/", r"\1")]).samples,
+      "hutchinson_plain": H.hutchinson_trace(mv, p, k, 4, amortise=False, filter="l1").samples,
+      "hutchpp": H.hutchpp_trace(mv, p, k, 12).estimate,
+      "top": H.top_eigenvalues(mv, p, k, k=2, num_steps=12).eigenvalues,
+      "power": H.power_iteration(mv, p, k, num_iters=15, tol=0.0).estimate,
+      "slq": H.slq_density(mv, p, k, num_runs=2, num_steps=12).nodes,  # same compiled Lanczos as "top"
+      "fisher": H.fisher_trace(mlp_logits, p, b, k, 4).samples,
+      "ggn": H.hutchinson_trace(H.make_ggn(mlp_logits, b), p, k, 4).samples,
+    }, mv
 
   one, _ = run(single, halves)
   eight, mv8 = run(sharded, sbatch)
@@ -370,11 +388,17 @@ def test_transformer_hutchinson_on_a_mesh_matches_one_device():
 
   from lib import model as M
   from lib import sharding
+
   model = M.make(M.preset("nano", vocab_size=24, max_len=16, n_heads=2))
   single = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
   x = np.random.default_rng(0).integers(4, 24, (8, 16)).astype(np.int32)
-  b = {"inputs": x, "targets": np.roll(x, -1, 1), "mask": np.ones_like(x), "segment_ids": np.ones_like(x),
-       "positions": np.broadcast_to(np.arange(16, dtype=np.int32), x.shape).copy()}
+  b = {
+    "inputs": x,
+    "targets": np.roll(x, -1, 1),
+    "mask": np.ones_like(x),
+    "segment_ids": np.ones_like(x),
+    "positions": np.broadcast_to(np.arange(16, dtype=np.int32), x.shape).copy(),
+  }
   loss = lambda p, bb: M.mean_loss(model, p, bb)  # noqa: E731
   r1 = H.hutchinson_trace(H.make_hvp(loss, [jax.tree.map(jnp.asarray, b)]), single, jax.random.key(1), 4, blocks=True)
   mesh = mesh222()
@@ -394,18 +418,41 @@ def test_transformer_hutchinson_on_a_mesh_matches_one_device():
 # ------------------------------------------------------------------------------------------------
 # 7. Blocks, errors, NaN reporting
 
+
 def test_param_blocks_are_a_function_of_path_names():
   z = jnp.zeros(1)
-  params = {"embed": z, "pos_embed": z, "layers_3": {"self_attention": {"q": z}, "ffn": {"w1": z}, "ln_1": {"scale": z},
-                                                    "gate": z},
-            "blocks": [{"attn": {"k": z}, "mlp": {"w": z}}], "final_norm": {"scale": z}, "lm_head": z, "misc": z}
+  params = {
+    "embed": z,
+    "pos_embed": z,
+    "layers_3": {"self_attention": {"q": z}, "ffn": {"w1": z}, "ln_1": {"scale": z}, "gate": z},
+    "blocks": [{"attn": {"k": z}, "mlp": {"w": z}}],
+    "final_norm": {"scale": z},
+    "lm_head": z,
+    "misc": z,
+  }
   got = H.param_blocks(params)
-  assert got == {"blocks/0/attn/k": "layer_0/attn", "blocks/0/mlp/w": "layer_0/mlp", "embed": "embeddings",
-                 "final_norm/scale": "head", "layers_3/ffn/w1": "layer_3/mlp", "layers_3/gate": "layer_3/other",
-                 "layers_3/ln_1/scale": "layer_3/norm", "layers_3/self_attention/q": "layer_3/attn",
-                 "lm_head": "head", "misc": "other", "pos_embed": "embeddings"}
+  assert got == {
+    "blocks/0/attn/k": "layer_0/attn",
+    "blocks/0/mlp/w": "layer_0/mlp",
+    "embed": "embeddings",
+    "final_norm/scale": "head",
+    "layers_3/ffn/w1": "layer_3/mlp",
+    "layers_3/gate": "layer_3/other",
+    "layers_3/ln_1/scale": "layer_3/norm",
+    "layers_3/self_attention/q": "layer_3/attn",
+    "lm_head": "head",
+    "misc": "other",
+    "pos_embed": "embeddings",
+  }
   assert set(H.param_blocks(params, lambda p: p.split("/")[0]).values()) == {
-      "embed", "pos_embed", "layers_3", "blocks", "final_norm", "lm_head", "misc"}
+    "embed",
+    "pos_embed",
+    "layers_3",
+    "blocks",
+    "final_norm",
+    "lm_head",
+    "misc",
+  }
 
 
 def test_errors(mlp):
@@ -415,9 +462,11 @@ def test_errors(mlp):
     H.hutchinson_trace(mv, params, jax.random.key(0), 2, filter="layers_0/attn/.*")
   with pytest.raises(ValueError, match="matches no parameter"):
     H.lanczos(mv, params, jax.random.key(0), 3, exclude=".")
-  for call in (lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 2, dist="uniform"),
-               lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6, dist="uniform"),
-               lambda: H.probe_like(jax.random.key(0), params, "uniform")):
+  for call in (
+    lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 2, dist="uniform"),
+    lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6, dist="uniform"),
+    lambda: H.probe_like(jax.random.key(0), params, "uniform"),
+  ):
     with pytest.raises(ValueError, match="distribution 'uniform'"):
       call()
   with pytest.raises(ValueError, match="which"):
@@ -428,11 +477,12 @@ def test_nan_in_an_hvp_is_reported_not_averaged():
   params = {"x": jnp.ones(3)}
   mv = H.make_hvp(lambda p, b: jnp.sum(jnp.sqrt(p["x"] - 2.0)), [{"mask": np.ones(1)}])
   nan_logits = lambda p, b: jnp.log(p["x"] - 2.0)[None, None, :]  # noqa: E731
-  for name, call in (("Hutchinson probe 0", lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 4)),
-                     ("Hutch++", lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6)),
-                     ("Lanczos step 0", lambda: H.top_eigenvalues(mv, params, jax.random.key(0), k=1, num_steps=2)),
-                     ("power iteration", lambda: H.power_iteration(mv, params, jax.random.key(0), 3)),
-                     ("Fisher sample 0", lambda: H.fisher_trace(nan_logits, params, [{"mask": jnp.ones((1, 1))}],
-                                                                jax.random.key(0), 2))):
+  for name, call in (
+    ("Hutchinson probe 0", lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 4)),
+    ("Hutch++", lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6)),
+    ("Lanczos step 0", lambda: H.top_eigenvalues(mv, params, jax.random.key(0), k=1, num_steps=2)),
+    ("power iteration", lambda: H.power_iteration(mv, params, jax.random.key(0), 3)),
+    ("Fisher sample 0", lambda: H.fisher_trace(nan_logits, params, [{"mask": jnp.ones((1, 1))}], jax.random.key(0), 2)),
+  ):
     with pytest.raises(FloatingPointError, match=f"non-finite.*{re.escape(name)}"):
       call()

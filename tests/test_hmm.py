@@ -9,10 +9,10 @@ from scipy import stats
 from data.hmm import HMM
 
 TINY = dict(
-    init_S=np.array([0.5, 0.3, 0.2]),
-    trans_SxS=np.array([[0.1, 0.6, 0.3], [0.4, 0.4, 0.2], [0.7, 0.0, 0.3]]),
-    emit_SxV=np.array([[0.8, 0.1, 0.1], [0.2, 0.5, 0.3], [0.0, 0.3, 0.7]]),
-    length=4,
+  init_S=np.array([0.5, 0.3, 0.2]),
+  trans_SxS=np.array([[0.1, 0.6, 0.3], [0.4, 0.4, 0.2], [0.7, 0.0, 0.3]]),
+  emit_SxV=np.array([[0.8, 0.1, 0.1], [0.2, 0.5, 0.3], [0.0, 0.3, 0.7]]),
+  length=4,
 )
 
 
@@ -61,7 +61,7 @@ def test_log_prob_and_token_logprobs_match_enumeration(tiny, brute):
   for x, row in zip(xs, tl):
     if pre[tuple(x)] == 0:
       continue
-    want = [np.log(pre[tuple(x[:k + 1])] / pre[tuple(x[:k])]) for k in range(4)]
+    want = [np.log(pre[tuple(x[: k + 1])] / pre[tuple(x[:k])]) for k in range(4)]
     np.testing.assert_allclose(row[:4], want, rtol=1e-12)
   # The single-sentence form (as the data pipeline calls it: one [1, L] row).
   np.testing.assert_allclose(tiny.token_logprobs(xs[5][None]).reshape(-1), tl[5])
@@ -96,7 +96,7 @@ def test_masked_conditionals_and_posteriors_match_enumeration(tiny, brute):
   post = tiny.posterior_states(xs[sel])
   for x, c, q, i in zip(xs[sel], cond, post, sel):
     for t in range(4):
-      m = np.array([px[tuple(x[:t]) + (v,) + tuple(x[t + 1:])] for v in range(3)])
+      m = np.array([px[tuple(x[:t]) + (v,) + tuple(x[t + 1 :])] for v in range(3)])
       np.testing.assert_allclose(c[t], m / m.sum(), rtol=1e-12, atol=1e-15)
       want = np.array([joint[i][paths[:, t] == s].sum() for s in range(3)]) / joint[i].sum()
       np.testing.assert_allclose(q[t], want, rtol=1e-10, atol=1e-15)
@@ -124,10 +124,12 @@ def test_entropy_exact_and_sampled(tiny, brute):
 def test_sample_chi2(tiny):
   tok, st = tiny.sample(20000, seed=0)
   assert tok.shape == st.shape == (20000, 4) and tok.dtype == st.dtype == np.int32
+
   def check(counts, probs):
     mask = probs > 0
     assert np.all(counts[~mask] == 0)  # impossible events never happen
     return stats.chisquare(counts[mask], probs[mask] * counts.sum()).pvalue
+
   assert check(np.bincount(st[:, 0], minlength=3), TINY["init_S"]) > 1e-3
   trans = np.zeros((3, 3))
   np.add.at(trans, (st[:, :-1].ravel(), st[:, 1:].ravel()), 1)

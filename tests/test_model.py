@@ -17,10 +17,15 @@ def _batch(cfg, B=8, L=16, seed=0, segments=False):
   seg = np.ones((B, L), np.int32)
   pos = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
   if segments:  # two documents per row, split at L//2
-    seg[:, L // 2:] = 2
-    pos[:, L // 2:] -= L // 2
-  return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(np.roll(inputs, -1, 1)),
-          "mask": jnp.ones((B, L), jnp.int32), "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos)}
+    seg[:, L // 2 :] = 2
+    pos[:, L // 2 :] -= L // 2
+  return {
+    "inputs": jnp.asarray(inputs),
+    "targets": jnp.asarray(np.roll(inputs, -1, 1)),
+    "mask": jnp.ones((B, L), jnp.int32),
+    "segment_ids": jnp.asarray(seg),
+    "positions": jnp.asarray(pos),
+  }
 
 
 @pytest.fixture(scope="module", params=["nano", "tiny-modern"])
@@ -51,8 +56,8 @@ def test_causality(setup):
   t = 9
   changed = dict(b, inputs=b["inputs"].at[:, t + 1].set((b["inputs"][:, t + 1] + 1 - 4) % (cfg.vocab_size - 4) + 4))
   new = f(params, changed)
-  np.testing.assert_allclose(new[:, :t + 1], base[:, :t + 1], atol=1e-6)
-  assert np.abs(np.asarray(new[:, t + 1:]) - np.asarray(base[:, t + 1:])).max() > 1e-4
+  np.testing.assert_allclose(new[:, : t + 1], base[:, : t + 1], atol=1e-6)
+  assert np.abs(np.asarray(new[:, t + 1 :]) - np.asarray(base[:, t + 1 :])).max() > 1e-4
 
 
 def test_document_mask(setup):

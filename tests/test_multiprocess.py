@@ -12,11 +12,25 @@ import numpy as np
 from lib import ckpt as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64", "--config.data.seq_len=32",
-        "--config.model.max_len=32", "--config.train.steps=3", "--config.train.batch_size=8", "--config.train.log_every=1",
-        "--config.eval.every=3", "--config.eval.batch_size=8", "--config.eval.batches=1", "--config.log.tensorboard=False",
-        "--config.data.source.n_train=2000", "--config.data.source.n_validation=100", "--config.data.source.n_test=20",
-        "--config.mesh.data=4", "--config.mesh.fsdp=2"]
+ARGS = [
+  "--config.model.d_model=32",
+  "--config.model.n_heads=2",
+  "--config.model.d_ff=64",
+  "--config.data.seq_len=32",
+  "--config.model.max_len=32",
+  "--config.train.steps=3",
+  "--config.train.batch_size=8",
+  "--config.train.log_every=1",
+  "--config.eval.every=3",
+  "--config.eval.batch_size=8",
+  "--config.eval.batches=1",
+  "--config.log.tensorboard=False",
+  "--config.data.source.n_train=2000",
+  "--config.data.source.n_validation=100",
+  "--config.data.source.n_test=20",
+  "--config.mesh.data=4",
+  "--config.mesh.fsdp=2",
+]
 
 
 def _free_port():
@@ -26,8 +40,15 @@ def _free_port():
 
 
 def _cmd(workdir, data_dir, extra=()):
-  return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/base.py", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", *ARGS, *extra]
+  return [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--config={ROOT}/configs/base.py",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    *ARGS,
+    *extra,
+  ]
 
 
 def _losses(workdir):
@@ -39,15 +60,36 @@ def _losses(workdir):
 def test_two_processes_match_one(tmp_path):
   data_dir = str(tmp_path / "data")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  one = subprocess.run(_cmd(tmp_path / "one", data_dir), env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+  one = subprocess.run(
+    _cmd(tmp_path / "one", data_dir),
+    env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert one.returncode == 0, one.stderr[-3000:]
   port = _free_port()
   env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [subprocess.Popen(_cmd(tmp_path / "two", data_dir, [f"--config.distributed.coordinator=localhost:{port}",
-                                                               "--config.distributed.num_processes=2",
-                                                               f"--config.distributed.process_id={i}"]),
-                            env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _cmd(
+        tmp_path / "two",
+        data_dir,
+        [
+          f"--config.distributed.coordinator=localhost:{port}",
+          "--config.distributed.num_processes=2",
+          f"--config.distributed.process_id={i}",
+        ],
+      ),
+      env=env2,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

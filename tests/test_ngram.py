@@ -46,8 +46,7 @@ def brute_surprisal(tables, vocab_size, seq, n):
   for i, tok in enumerate(seq):
     val = None
     for order in range(n, 0, -1):
-      ctx = tuple(([vocab_size] * (order - 1) + [int(t) for t in seq[:i]])[-(order - 1):]) \
-        if order > 1 else ()
+      ctx = tuple(([vocab_size] * (order - 1) + [int(t) for t in seq[:i]])[-(order - 1) :]) if order > 1 else ()
       c = tables[order - 1].get(ctx, Counter())
       if c.get(int(tok), 0) > 0:
         val = -np.log2(c[int(tok)] / sum(c.values()))

@@ -17,19 +17,32 @@ from data.pcfg import PCFG
 # Levelled, ambiguous, with Liu-style unary root mixture S -> S1 | S2 and an inner unary B -> D
 # (so unary closures matter for one-token spans too). Max length 4.
 TINY_RULES = [
-    ("S", ("S1",), 0.6), ("S", ("S2",), 0.4),
-    ("S1", ("A", "B"), 1.0),
-    ("S2", ("B", "A"), 0.5), ("S2", ("A", "A"), 0.5),
-    ("A", ("C", "D"), 0.5), ("A", ("C", "C"), 0.2), ("A", (0,), 0.3),
-    ("B", ("D", "C"), 0.3), ("B", (1,), 0.3), ("B", (2,), 0.3), ("B", ("D",), 0.1),
-    ("C", (0,), 0.5), ("C", (1,), 0.5),
-    ("D", (1,), 0.7), ("D", (2,), 0.3),
+  ("S", ("S1",), 0.6),
+  ("S", ("S2",), 0.4),
+  ("S1", ("A", "B"), 1.0),
+  ("S2", ("B", "A"), 0.5),
+  ("S2", ("A", "A"), 0.5),
+  ("A", ("C", "D"), 0.5),
+  ("A", ("C", "C"), 0.2),
+  ("A", (0,), 0.3),
+  ("B", ("D", "C"), 0.3),
+  ("B", (1,), 0.3),
+  ("B", (2,), 0.3),
+  ("B", ("D",), 0.1),
+  ("C", (0,), 0.5),
+  ("C", (1,), 0.5),
+  ("D", (1,), 0.7),
+  ("D", (2,), 0.3),
 ]
 # Left-recursive (S -> S A, A -> A B): unbounded lengths, exercises the left-corner closure.
 RECURSIVE_RULES = [
-    ("S", ("S", "A"), 0.25), ("S", ("A", "B"), 0.15), ("S", (0,), 0.6),
-    ("A", ("A", "B"), 0.2), ("A", (1,), 0.8),
-    ("B", (0,), 0.5), ("B", (1,), 0.5),
+  ("S", ("S", "A"), 0.25),
+  ("S", ("A", "B"), 0.15),
+  ("S", (0,), 0.6),
+  ("A", ("A", "B"), 0.2),
+  ("A", (1,), 0.8),
+  ("B", (0,), 0.5),
+  ("B", (1,), 0.5),
 ]
 
 
@@ -60,6 +73,7 @@ def brute_inside(rules):
                 out[s1 + s2] += p * q1 * q2
       memo[(sym, n)] = dict(out)
     return memo[(sym, n)]
+
   return D
 
 
@@ -170,7 +184,7 @@ def test_token_logprobs_are_prefix_ratios(tiny, tiny_lang):
   sents = [np.array(s) for s in tiny_lang]
   batch = tiny.token_logprobs_batch(sents)
   for s, tl in zip(tiny_lang, batch):
-    want = [np.log(pre[s[:k + 1]] / pre[s[:k]]) for k in range(len(s))] + [np.log(tiny_lang[s] / pre[s])]
+    want = [np.log(pre[s[: k + 1]] / pre[s[:k]]) for k in range(len(s))] + [np.log(tiny_lang[s] / pre[s])]
     np.testing.assert_allclose(tl, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(tiny.token_logprobs(np.array(s)), tl, rtol=1e-12)
     assert tl.sum() == pytest.approx(np.log(tiny_lang[s]), rel=1e-10)
@@ -197,7 +211,7 @@ def _masked_brute(lang, s, V):
   out = np.zeros((len(s), V))
   for i in range(len(s)):
     for v in range(V):
-      out[i, v] = lang.get(s[:i] + (v,) + s[i + 1:], 0.0)
+      out[i, v] = lang.get(s[:i] + (v,) + s[i + 1 :], 0.0)
   return out / out.sum(1, keepdims=True)
 
 
@@ -360,8 +374,7 @@ def test_span_labels_paper_definition(tiny, tiny_lang):
   sents = list(tiny_lang)
   n_defined = 0
   for start, span_len in ((0, 1), (0, 2), (1, 2), (1, 3), (0, 4)):
-    labels = tiny.span_labels([np.array(s) for s in sents], task="B", definition="paper",
-                              span_len=span_len, span_start=start)
+    labels = tiny.span_labels([np.array(s) for s in sents], task="B", definition="paper", span_len=span_len, span_start=start)
     for s, lab in zip(sents, labels):
       if start + span_len > len(s):
         assert lab == -1

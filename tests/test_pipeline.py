@@ -23,11 +23,11 @@ def test_pack_segments_positions_and_true_logprobs(src):
     if pos + n > 40:
       continue
     seg = row["segment_ids"][pos]
-    np.testing.assert_array_equal(row["inputs"][pos:pos + n], d["tokens"][:-1])
-    np.testing.assert_array_equal(row["targets"][pos:pos + n], d["tokens"][1:])
-    np.testing.assert_array_equal(row["positions"][pos:pos + n], np.arange(n))
-    np.testing.assert_allclose(row["true_logprob"][pos:pos + n], d["true_logprob"])
-    assert np.all(row["segment_ids"][pos:pos + n] == seg)
+    np.testing.assert_array_equal(row["inputs"][pos : pos + n], d["tokens"][:-1])
+    np.testing.assert_array_equal(row["targets"][pos : pos + n], d["tokens"][1:])
+    np.testing.assert_array_equal(row["positions"][pos : pos + n], np.arange(n))
+    np.testing.assert_allclose(row["true_logprob"][pos : pos + n], d["true_logprob"])
+    assert np.all(row["segment_ids"][pos : pos + n] == seg)
     pos += n
   assert used == len(np.unique(row["segment_ids"][row["mask"] > 0]))
   assert row["mask"].sum() == pos and np.all(row["mask"][pos:] == 0)
@@ -61,12 +61,19 @@ def test_batch_is_pure_function_of_seed_and_step_and_split_by_host(src):
 def test_epoch_permutation_visits_every_document_once():
   idx = dp.doc_index(3, np.arange(250), 100)
   for e in range(2):
-    assert sorted(idx[e * 100:(e + 1) * 100]) == list(range(100))
+    assert sorted(idx[e * 100 : (e + 1) * 100]) == list(range(100))
 
 
-@pytest.mark.parametrize("p,B,expect", [([0.5, 0.5], 8, [4, 4]), ([1 / 3] * 3, 8, [3, 3, 2]),
-                                        ([0.75, 0.125, 0.125], 8, [6, 1, 1]), ([0.0, 1.0], 5, [0, 5]),
-                                        ([0.7, 0.2, 0.1], 7, [5, 1, 1])])
+@pytest.mark.parametrize(
+  "p,B,expect",
+  [
+    ([0.5, 0.5], 8, [4, 4]),
+    ([1 / 3] * 3, 8, [3, 3, 2]),
+    ([0.75, 0.125, 0.125], 8, [6, 1, 1]),
+    ([0.0, 1.0], 5, [0, 5]),
+    ([0.7, 0.2, 0.1], 7, [5, 1, 1]),
+  ],
+)
 def test_largest_remainder(p, B, expect):
   np.testing.assert_array_equal(dp.largest_remainder(p, B), expect)
 
@@ -128,11 +135,11 @@ def test_ragged_cache_is_identical_to_the_source(src):
 
 def test_padding_mode_one_document_per_row(src):
   b = dp.Pipeline([src], seed=0, global_batch=8, seq_len=32, docs_per_row=1).batch(0)
-  assert (b["segment_ids"].max(1) == 1).all()                       # one document per row
+  assert (b["segment_ids"].max(1) == 1).all()  # one document per row
   n = b["mask"].sum(1)
-  assert (n > 0).all() and (n < 32).any()                            # the rest is padding, masked out
+  assert (n > 0).all() and (n < 32).any()  # the rest is padding, masked out
   for r in range(8):
-    assert (b["segment_ids"][r, n[r]:] == 0).all() and (b["mask"][r, n[r]:] == 0).all()
+    assert (b["segment_ids"][r, n[r] :] == 0).all() and (b["mask"][r, n[r] :] == 0).all()
   ev = dp.eval_batches(src, batch_size=4, seq_len=32, num_batches=3, max_docs_per_row=1)
   assert all((e["segment_ids"].max(1) <= 1).all() for e in ev)
-  np.testing.assert_array_equal(ev[0]["targets"][0, :len(src[0]["tokens"]) - 1], src[0]["tokens"][1:])
+  np.testing.assert_array_equal(ev[0]["targets"][0, : len(src[0]["tokens"]) - 1], src[0]["tokens"][1:])

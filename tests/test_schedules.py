@@ -35,8 +35,22 @@ def test_union_and_parse():
 
 
 def _opt(**kw):
-  c = mlc.ConfigDict(dict(name="adamw", lr=1.0, schedule="cosine", warmup_steps=10, final_lr_frac=0.1, b1=0.9,
-                          b2=0.98, eps=1e-8, weight_decay=0.0, momentum=0.0, nesterov=False, grad_clip=0.0))
+  c = mlc.ConfigDict(
+    dict(
+      name="adamw",
+      lr=1.0,
+      schedule="cosine",
+      warmup_steps=10,
+      final_lr_frac=0.1,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-8,
+      weight_decay=0.0,
+      momentum=0.0,
+      nesterov=False,
+      grad_clip=0.0,
+    )
+  )
   c.update(kw)
   return c
 

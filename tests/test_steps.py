@@ -13,8 +13,22 @@ from lib import optim, sharding, steps
 
 
 def _opt(name, lr):
-  return mlc.ConfigDict(dict(name=name, lr=lr, schedule="constant", warmup_steps=0, final_lr_frac=1.0, b1=0.9,
-                             b2=0.98, eps=1e-8, weight_decay=0.0, momentum=0.9, nesterov=False, grad_clip=1.0))
+  return mlc.ConfigDict(
+    dict(
+      name=name,
+      lr=lr,
+      schedule="constant",
+      warmup_steps=0,
+      final_lr_frac=1.0,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-8,
+      weight_decay=0.0,
+      momentum=0.9,
+      nesterov=False,
+      grad_clip=1.0,
+    )
+  )
 
 
 def _setup(**model_kw):
@@ -24,14 +38,24 @@ def _setup(**model_kw):
   rng = np.random.default_rng(0)
   x = rng.integers(4, 24, (8, 16)).astype(np.int32)
   mask = (rng.random((8, 16)) < 0.8).astype(np.int32)  # ragged masks make the weighting matter
-  batch = {"inputs": x, "targets": np.roll(x, -1, 1), "mask": mask, "segment_ids": np.ones_like(x),
-           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), x.shape).copy()}
+  batch = {
+    "inputs": x,
+    "targets": np.roll(x, -1, 1),
+    "mask": mask,
+    "segment_ids": np.ones_like(x),
+    "positions": np.broadcast_to(np.arange(16, dtype=np.int32), x.shape).copy(),
+  }
   return model, params, jax.tree.map(jnp.asarray, batch)
 
 
 def _state(params, tx):
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.PRNGKey(0), "mixture": {}}
+  return {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "rng": jax.random.PRNGKey(0),
+    "mixture": {},
+  }
 
 
 def test_gradient_accumulation_equals_full_batch():

@@ -30,13 +30,31 @@ def metrics(workdir):
 
 def cli(workdir, data_dir, *extra, devices=8):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  args = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/base.py", f"--workdir={workdir}",
-          "--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2", "--config.model.d_ff=64",
-          "--config.model.max_len=32", "--config.data.seq_len=32", f"--config.data.data_dir={data_dir}",
-          "--config.data.source.n_train=2000", "--config.data.source.n_validation=200", "--config.data.source.n_test=50",
-          "--config.train.batch_size=8", "--config.train.log_every=1", "--config.eval.every=6", "--config.eval.batches=1",
-          "--config.eval.batch_size=8", "--config.ckpt.schedule=pythia:every=4", "--config.ckpt.resume_every=3",
-          "--config.log.tensorboard=False", *extra]
+  args = [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--config={ROOT}/configs/base.py",
+    f"--workdir={workdir}",
+    "--config.model.d_model=32",
+    "--config.model.n_layers=2",
+    "--config.model.n_heads=2",
+    "--config.model.d_ff=64",
+    "--config.model.max_len=32",
+    "--config.data.seq_len=32",
+    f"--config.data.data_dir={data_dir}",
+    "--config.data.source.n_train=2000",
+    "--config.data.source.n_validation=200",
+    "--config.data.source.n_test=50",
+    "--config.train.batch_size=8",
+    "--config.train.log_every=1",
+    "--config.eval.every=6",
+    "--config.eval.batches=1",
+    "--config.eval.batch_size=8",
+    "--config.ckpt.schedule=pythia:every=4",
+    "--config.ckpt.resume_every=3",
+    "--config.log.tensorboard=False",
+    *extra,
+  ]
   return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -44,8 +62,7 @@ def cli(workdir, data_dir, *extra, devices=8):
 def straight(tmp_path_factory, data_dir):
   """12 steps straight on a (2,2,2) mesh."""
   w = str(tmp_path_factory.mktemp("straight"))
-  cfg = tiny_cfg(data_dir, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.d_model": 32,
-                              "model.n_heads": 2})
+  cfg = tiny_cfg(data_dir, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.d_model": 32, "model.n_heads": 2})
   train.train_and_evaluate(cfg, w)
   return w, cfg
 
@@ -59,7 +76,7 @@ def test_run_writes_metrics_checkpoints_and_config(straight):
   assert all(abs(r["eval/excess_loss"] - (r["eval/loss"] - r["eval/optimal_loss"])) < 1e-9 for r in ev)
   assert ev[-1]["eval/loss"] < ev[0]["eval/loss"]
   steps = C.available_steps(w)
-  assert {0, 1, 2, 4, 8, 12} <= set(steps)          # pythia schedule incl. the initialisation
+  assert {0, 1, 2, 4, 8, 12} <= set(steps)  # pythia schedule incl. the initialisation
   assert steps[0] == "checkpoints"
   assert json.load(open(os.path.join(w, "config.json")))["model"]["d_model"] == 32
 
@@ -70,8 +87,7 @@ def test_resume_in_fresh_process_is_bit_for_bit(straight, tmp_path, data_dir):
   cfg = tiny_cfg(data_dir, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.stop_at": 5})
   train.train_and_evaluate(cfg, w)
   assert max(C.available_steps(w)) == 5
-  r = cli(w, data_dir, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-          "--config.train.steps=12")
+  r = cli(w, data_dir, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.train.steps=12")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "steps 5->12" in r.stdout
   a = C.restore_params(w_straight, 12)
@@ -140,8 +156,9 @@ def test_mesh_that_does_not_divide(tmp_path, data_dir):
 
 def test_nan_stops_with_step_and_keeps_checkpoints(tmp_path, data_dir):
   w = str(tmp_path / "nan")
-  cfg = tiny_cfg(data_dir, **{"opt.name": "sgd", "opt.lr": 1e12, "opt.grad_clip": 0.0, "opt.warmup_steps": 0,
-                              "opt.momentum": 0.0})
+  cfg = tiny_cfg(
+    data_dir, **{"opt.name": "sgd", "opt.lr": 1e12, "opt.grad_clip": 0.0, "opt.warmup_steps": 0, "opt.momentum": 0.0}
+  )
   with pytest.raises(train.TrainingDiverged, match=r"at step \d+"):
     train.train_and_evaluate(cfg, w)
   steps = C.available_steps(w)

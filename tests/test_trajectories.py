@@ -30,11 +30,24 @@ def data_dir(tmp_path_factory):
 
 def tiny_cfg(data_dir, **over):
   """The shared tiny card, with probes on and the 8-step schedule these tests expect."""
-  return helpers.tiny_cfg(data_dir, **{
-      "data.source.n_train": 500, "data.source.n_validation": 40, "data.source.n_test": 10, "train.steps": 8,
-      "train.log_every": 4, "eval.every": 4, "ckpt.resume_every": 4, "ckpt.async_save": False,
-      "probes.enabled": True, "probes.schedule": "pythia:every=4", "probes.sequences": SEQS, "probes.positions": 0,
-      **over})
+  return helpers.tiny_cfg(
+    data_dir,
+    **{
+      "data.source.n_train": 500,
+      "data.source.n_validation": 40,
+      "data.source.n_test": 10,
+      "train.steps": 8,
+      "train.log_every": 4,
+      "eval.every": 4,
+      "ckpt.resume_every": 4,
+      "ckpt.async_save": False,
+      "probes.enabled": True,
+      "probes.schedule": "pythia:every=4",
+      "probes.sequences": SEQS,
+      "probes.positions": 0,
+      **over,
+    },
+  )
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +110,7 @@ def test_probe_set_definition(run):
   assert np.all(per_doc == np.minimum(3, np.asarray(n_S) - 1))
   assert np.all(k3.position_T < np.asarray(n_S)[k3.row_T])
   assert not np.array_equal(k3.position_T, k3b.position_T)
-  assert np.array_equal(k3_more.position_T[:k3.num_tokens], k3.position_T)
+  assert np.array_equal(k3_more.position_T[: k3.num_tokens], k3.position_T)
   assert k3.meta()["fingerprint"] != every.meta()["fingerprint"]
   assert TJ.build_probe_set(cfg.data, TJ.ProbeSpec(SEQS, 3, 0)).meta() == k3.meta()
 
@@ -109,7 +122,7 @@ def test_mean_surprisal_equals_model_loss(run, offline1):
   L = 32
   batch = {k: np.zeros((SEQS, L), np.int32) for k in ("inputs", "targets", "mask", "segment_ids", "positions")}
   for i in range(SEQS):
-    tok = docs[i]["tokens"][:L + 1]
+    tok = docs[i]["tokens"][: L + 1]
     n = len(tok) - 1
     batch["inputs"][i, :n], batch["targets"][i, :n] = tok[:-1], tok[1:]
     batch["mask"][i, :n], batch["segment_ids"][i, :n], batch["positions"][i, :n] = 1, 1, np.arange(n)
@@ -282,6 +295,7 @@ def test_loader_shapes_and_coords(two_runs, tmp_path):
 
 def test_token_metrics_and_plots(two_runs):
   from analysis import curves, plots
+
   w, w2 = two_runs
   assert TJ.main([f"--workdir={w}", f"--workdir={w2}", "--store=one", "--metrics", "--freq_docs=500", "--quiet"]) == 0
   T = TJ.ProbeSet.load(TJ.store_dir(w)).num_tokens
@@ -311,6 +325,7 @@ def test_token_metrics_and_plots(two_runs):
   assert len(fig.axes[0].lines) == 2 * 3
   fig = plots.cross_run_scatter(loaded, "aoa_gam", 0, 1)
   assert fig.axes[0].collections[0].get_offsets().shape[0] == int(
-      (np.isfinite(loaded["aoa_gam_r0"]) & np.isfinite(loaded["aoa_gam_r1"])).sum())
+    (np.isfinite(loaded["aoa_gam_r0"]) & np.isfinite(loaded["aoa_gam_r1"])).sum()
+  )
   fig = plots.class_ppl_vs_val_ppl(da, loaded["trend_class"])
   assert len(fig.axes[0].lines) == 2 * loaded["trend_class"].nunique()
