@@ -42,12 +42,12 @@ else
        "--preset=opt-1.3b --seq_len=2048 --batch=8 --dtype=bfloat16 --steps=20 --remat")
 fi
 echo "== HVP cost (bench/hvp.py ${HVP[*]})"
-timeout 240 $PY bench/hvp.py "${HVP[@]}" --sweep_checkpoints=100 --sweep_probes=32
+timeout 240 $PY -m bench.hvp "${HVP[@]}" --sweep_checkpoints=100 --sweep_probes=32
 echo "== training-step MFU (bench/train_step.py --skip_loop)"
 if $PY -c "import ml_collections, grain, tensorflow_datasets, array_record" 2>/dev/null; then
   for m in "${MFU[@]}"; do
     # shellcheck disable=SC2086
-    timeout 120 $PY bench/train_step.py $m --skip_loop
+    timeout 120 $PY -m bench.train_step $m --skip_loop
   done
 else
   echo "skipped: ml_collections / grain / tensorflow_datasets / array_record are not importable here; carry their wheels"

@@ -1,7 +1,7 @@
 """HVP cost relative to a gradient, on the project's transformer (`lib.model`).
 
-  python bench/hvp.py                                  # tiny and opt-125m presets, 4x128 tokens
-  python bench/hvp.py --presets=small --batch=8 --seq_len=256 --reps=7
+  python -m bench.hvp                                  # tiny and opt-125m presets, 4x128 tokens
+  python -m bench.hvp --presets=small --batch=8 --seq_len=256 --reps=7
 
 Every computation is one jitted, fp32 function of (params, probe) on the same batch, compiled before
 timing; the rows are timed round-robin for `--reps` rounds and each ratio is the median over rounds
@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,7 +1,7 @@
 """Data-pipeline benchmark: batches/s produced vs batches/s the trainer consumes, per default config.
 
-  python bench/pipeline.py                       # configs/pcfg.py, configs/hmm.py, configs/pcfg_mix.py
-  python bench/pipeline.py --configs=configs/pcfg.py --batches=100
+  python -m bench.pipeline                       # configs/pcfg.py, configs/hmm.py, configs/pcfg_mix.py
+  python -m bench.pipeline --configs=configs/pcfg.py --batches=100
 
 For each run card: the pipeline alone (this host's rows, packing included) in the calling thread
 and through the grain iterator (background threads), then the bare jitted train step of the card's
@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402

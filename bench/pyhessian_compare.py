@@ -1,7 +1,7 @@
 """Side by side on this CPU: time per Hutchinson probe, lmtrace (JAX) vs PyHessian (PyTorch).
 
   pip install torch==2.13.0 pyhessian        # benchmark-only; not in requirements.txt
-  python bench/pyhessian_compare.py [--preset=small --batch=8 --seq_len=128 --probes=20]
+  python -m bench.pyhessian_compare [--preset=small --batch=8 --seq_len=128 --probes=20]
 
 The same architecture on both sides (pre-LN GPT: learned positions, GELU MLP, tied embeddings,
 LayerNorm, biases; lmtrace's `lib.model` vs an equivalent torch.nn module), the same batch shape and
@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,8 +1,8 @@
 """Training-step benchmark: bare jitted step vs the full loop (data + logging + async checkpoints).
 
-  python bench/train_step.py                                   # tiny model, bigram data, CPU
-  python bench/train_step.py --config=configs/pcfg.py --preset=small --steps=300
-  python bench/train_step.py --preset=opt-125m --seq_len=2048 --batch=16 --dtype=bfloat16 --steps=60  # GPU MFU
+  python -m bench.train_step                                   # tiny model, bigram data, CPU
+  python -m bench.train_step --config=configs/pcfg.py --preset=small --steps=300
+  python -m bench.train_step --preset=opt-125m --seq_len=2048 --batch=16 --dtype=bfloat16 --steps=60  # GPU MFU
 
 Prints step time, tokens/s and MFU (6N + 12·n_layers·d_model·seq_len FLOPs per token against the
 device's dense bf16 peak), and the ratio (full-loop step time) / (bare jitted step time), both
@@ -16,11 +16,8 @@ import argparse
 import functools
 import json
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402

@@ -1,14 +1,12 @@
 """Test setup: 8 fake CPU devices, forced before jax is imported anywhere."""
 
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Identical programs (the same tiny model in several tests and subprocesses) compile once per run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join("/tmp", f"lmtrace-test-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
