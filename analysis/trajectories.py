@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--ngram_n", type=int, default=DEFAULT_NGRAM_N, help="n-gram predictors n=1..N joined by --metrics (0: none)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   a = p.parse_args(argv)
+  if a.ngram_n < 0 or a.freq_docs < 1 or a.batch_size < 1:
+    p.error("--ngram_n must be >= 0, --freq_docs and --batch_size >= 1")
   MX.quiet_logs()  # orbax and tfds log every read at INFO
   sharding.enable_compilation_cache()
   try:

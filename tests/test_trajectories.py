@@ -450,3 +450,17 @@ def test_ngram_predictors_joined(two_runs, tmp_path):
   reg = TJ.chang_regressions(df, metrics=["aoa_gam", "forgettability"])
   assert reg["metric"].unique().tolist() == ["aoa_gam", "forgettability"]
   assert reg["block"].tolist()[:5] == ["intercept", "unigram", "ngram", "context_loglen", "context_logprob"]
+
+
+def test_store_result_marks_nonfinite_invalid_then_clears(tmp_path):
+  """The write path shared by the hook and extraction: a non-finite vector leaves only a marker."""
+  from analysis import probes
+
+  st = TJ.Store(str(tmp_path / "store"))
+  assert len(LD.load_invalid(str(tmp_path / "nowhere"))) == 0
+  row = {"source": "hook", "probe_loss": float("nan"), "step": 3}
+  why = probes._store_result(st, 3, np.array([1.0, np.nan, np.inf], np.float32), row)
+  assert why.startswith("2 of 3 probe surprisals are not finite")
+  assert st.steps() == [] and [(r["step"], r["source"], r["reason"]) for r in st.invalid()] == [(3, "hook", why)]
+  assert probes._store_result(st, 3, np.array([1.0, 2.0, 3.0], np.float32), dict(row, probe_loss=2.0)) is None
+  assert st.steps() == [3] and st.invalid() == [] and st.read(3).tolist() == [1.0, 2.0, 3.0]
