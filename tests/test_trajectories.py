@@ -375,6 +375,7 @@ def test_packed_equals_unpacked_per_token(run):
     np.testing.assert_allclose(packed(params), unpacked(params), rtol=0, atol=2e-6)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop after a failed read
 def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monkeypatch, capsys):
   """Unrestorable (CheckpointError) and non-finite checkpoints: no result stored, an invalid marker with
   its reason (visible in the loaders), the others measured; a rerun retries exactly those."""
