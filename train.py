@@ -196,9 +196,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     mix_state = jax.tree.map(np.asarray, state["mixture"])
     hook = None
     if cfg.probes.enabled:
-      from analysis import trajectories
+      from analysis import probes
 
-      hook = trajectories.ProbeHook(workdir, cfg, model, mesh, total)
+      hook = probes.ProbeHook(workdir, cfg, model, mesh, total)
 
     p_train = jax.jit(
       functools.partial(

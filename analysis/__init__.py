@@ -2,7 +2,15 @@
 (`from analysis import load_flatness`); they are imported on first use, so `import analysis`
 stays cheap."""
 
-_LOADERS = ("load_flatness", "load_metrics", "load_trajectories", "load_token_metrics", "load_probes", "load_index")
+_LOADERS = (
+  "load_flatness",
+  "load_metrics",
+  "load_trajectories",
+  "load_token_metrics",
+  "load_probes",
+  "load_index",
+  "load_invalid",
+)
 __all__ = list(_LOADERS)
 
 
