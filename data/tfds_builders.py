@@ -24,35 +24,10 @@ from typing import Any
 import numpy as np
 
 from data import vocab
-from data.pipeline import DataError
-from data.sources import Group, language, synthetic_examples
+from data.languages import downstream_tasks, language, synthetic_examples
+from data.types import DataError, Group
 
 DEFAULT_SIZES = {"n_train": 50_000, "n_validation": 1_000, "n_test": 1_000, "n_downstream": 2_000}
-
-
-def downstream_tasks(lang, n: int, seed: int) -> dict[str, list[dict]]:
-  """{split name: [{tokens, label}]} for a language's latent-structure tasks (none for bigram)."""
-  kind = type(lang).__name__
-  out = {}
-  if n <= 0 or kind not in ("PCFG", "HMM"):
-    return out
-  if kind == "HMM":
-    toks, states = lang.sample(n, seed)
-    for pos in (6, 10):
-      if pos <= toks.shape[1]:
-        lab = lang.hidden_state_labels(states, pos)
-        out[f"task_state{pos}"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(toks, lab)]
-    return out
-  sents = [s for s in lang.sample(n, seed) if 4 < len(s) < 32]
-  for task in ("A", "B", "C"):
-    try:
-      lab = lang.span_labels(sents, task, definition="code")
-    except ValueError:  # e.g. a grammar without unary root rules has no code task A
-      continue
-    out[f"task_{task}"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(sents, lab) if y >= 0]
-  lab = lang.span_labels(sents, "C", definition="paper", span_len=8)
-  out["task_span8"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(sents, lab) if y >= 0]
-  return {k: v for k, v in out.items() if v}
 
 
 def default_data_dir() -> str:
@@ -181,7 +156,8 @@ def _check_files(builder, split: str) -> None:
       raise DataError(f"data shard {f} is empty (corrupted); delete {builder.data_dir} to rebuild it")
 
 
-def _open(builder, name: str) -> dict[str, TfdsSource]:
+def open_splits(builder, name: str) -> dict[str, TfdsSource]:
+  """Every split of a prepared builder as a checked random-access source."""
   splits = {}
   sources = builder.as_data_source()
   for split in builder.info.splits:
@@ -219,7 +195,7 @@ def synthetic_group(name: str, spec, data_dir: str | None) -> Group:
     "tfds_dir": builder.data_dir,
     "tasks": json.loads(md.get("tasks", "{}")),
   }
-  return Group(name, _open(builder, name), int(md["vocab_size"]), info)
+  return Group(name, open_splits(builder, name), int(md["vocab_size"]), info)
 
 
 def catalog_group(name: str, spec, data_dir: str | None) -> Group:
