@@ -123,18 +123,20 @@ def pack_rows(
   operation is vectorised over rows. Returns FIELDS (+ true_logprob when `true` is given and shift) [R, L].
   """
   L = int(seq_len)
-  start_RxK, n_RxK = np.asarray(start_RxK, np.int64), np.asarray(len_RxK, np.int64) - (1 if shift else 0)
-  R, K = n_RxK.shape
-  pos_R, used_R = np.zeros(R, np.int64), np.zeros(R, np.int64)
-  at_RxK, seg_RxK, take_RxK = np.zeros((R, K), np.int64), np.zeros((R, K), np.int64), np.zeros((R, K), bool)
-  for k in range(K):
-    n = n_RxK[:, k]
-    long = n > L
-    ok = np.where(long, pos_R == 0, pos_R + n <= L)
-    n_RxK[:, k] = np.minimum(n, L)
-    at_RxK[:, k], seg_RxK[:, k], take_RxK[:, k] = pos_R, used_R + 1, ok
-    pos_R += np.where(ok, n_RxK[:, k], 0)
-    used_R += ok
+  start_RxK = np.asarray(start_RxK, np.int64)
+  # A document longer than a row is cut to L pairs, and then fits exactly when the row is empty.
+  n_KxR = np.minimum(np.asarray(len_RxK, np.int64) - (1 if shift else 0), L).T.copy()
+  K, R = n_KxR.shape
+  pos_R = np.zeros(R, np.int64)
+  take_KxR = np.zeros((K, R), bool)
+  for k in range(K):  # the only sequential part: does document k fit after those taken before it?
+    ok = pos_R + n_KxR[k] <= L
+    take_KxR[k] = ok
+    pos_R += n_KxR[k] * ok
+  n_RxK, take_RxK = n_KxR.T, take_KxR.T
+  taken_RxK = n_RxK * take_RxK
+  at_RxK = np.cumsum(taken_RxK, 1) - taken_RxK  # start position of each taken document
+  seg_RxK = np.cumsum(take_RxK, 1)  # its segment id (1-based)
   r, k = np.nonzero(take_RxK)
   m = n_RxK[r, k]
   within = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
