@@ -128,6 +128,7 @@ def _builder(spec: dict, files: list[str]):
     """Documents of local text files, tokenised (bytes or SentencePiece) and framed."""
 
     VERSION = tfds.core.Version("1.0.0")
+    _log_download_bytes, _log_download_done = tb.log_building, tb.log_built  # nothing is downloaded
 
     def _info(self):
       return tfds.core.DatasetInfo(

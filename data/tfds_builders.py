@@ -19,6 +19,8 @@ import glob
 import hashlib
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,22 @@ def spec_name(spec: dict) -> str:
   return f"{spec['kind']}_{h}"
 
 
+def log_building(builder) -> None:
+  """Replaces TFDS's "Downloading and preparing dataset Unknown size ..." line: nothing is downloaded.
+  Off a terminal, TFDS's progress bars are turned off too (their escape codes would fill log files)."""
+  if not sys.stderr.isatty():
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+  builder._lmtrace_t0 = time.perf_counter()
+  print(f"lmtrace: building dataset {builder.builder_config.name} in {builder.data_dir} (generated locally)...", flush=True)
+
+
+def log_built(builder) -> None:
+  dt = time.perf_counter() - getattr(builder, "_lmtrace_t0", time.perf_counter())
+  print(f"lmtrace: built {builder.builder_config.name} in {dt:.1f} s; later runs reuse it", flush=True)
+
+
 def _builder_cls():
   import tensorflow_datasets as tfds
 
@@ -53,6 +71,7 @@ def _builder_cls():
 
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.1.0": "downstream-task splits and the label feature"}
+    _log_download_bytes, _log_download_done = log_building, log_built  # TFDS's own lines speak of downloads
 
     def _info(self):
       return tfds.core.DatasetInfo(
