@@ -99,3 +99,16 @@ def test_languages_are_bit_identical():
 
 def test_batches_are_bit_identical(group_sources):
   assert batch_fingerprints(group_sources) == GOLDEN_BATCHES
+
+
+def test_every_language_implements_the_protocol():
+  from data.types import Language
+
+  for kind, spec in SPECS.items():
+    lang = sources.language(spec)
+    assert isinstance(lang, Language), kind
+    sents = lang.sentences(5, 0)
+    assert all(s.dtype == np.int32 and s.ndim == 1 for s in sents)
+    assert [len(lp) for lp in lang.token_logprobs_batch(sents)] == [len(s) + 1 for s in sents]
+  with pytest.raises(dp.DataError, match="not a synthetic language kind"):
+    sources.language({"kind": "text"})
