@@ -19,9 +19,9 @@ import tempfile
 
 import numpy as np
 
+from data import tfds_builders as tb
 from data import vocab
-from data.pipeline import DataError
-from data.sources import Group
+from data.types import DataError, Group
 
 
 def _files(path: str) -> list[str]:
@@ -128,6 +128,7 @@ def _builder(spec: dict, files: list[str]):
     """Documents of local text files, tokenised (bytes or SentencePiece) and framed."""
 
     VERSION = tfds.core.Version("1.0.0")
+    _log_download_bytes, _log_download_done = tb.log_building, tb.log_built  # nothing is downloaded
 
     def _info(self):
       return tfds.core.DatasetInfo(
@@ -182,8 +183,6 @@ def _builder(spec: dict, files: list[str]):
 def text_group(name: str, spec, data_dir: str | None) -> Group:
   import jax
 
-  from data import tfds_builders as tb
-
   spec = dict(spec)
   spec["data_dir"] = spec.get("data_dir") or data_dir or tb.default_data_dir()
   files = _files(spec.get("path", ""))
@@ -197,7 +196,7 @@ def text_group(name: str, spec, data_dir: str | None) -> Group:
     b = _builder(spec, files)
   md = b.info.metadata
   info = {"kind": "text", "tokenizer": md["tokenizer"], "tokenizer_model": md["tokenizer_model"], "tfds_dir": b.data_dir}
-  return Group(name, tb._open(b, name), int(md["vocab_size"]), info)
+  return Group(name, tb.open_splits(b, name), int(md["vocab_size"]), info)
 
 
 def tokenizer_for(group: Group) -> Tokenizer:
