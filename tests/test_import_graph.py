@@ -8,15 +8,10 @@ from lib import import_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Cycles outside data/ and lib/ that another branch removes (analysis.load <-> analysis.trajectories: engineer
-# B's split, already on main). Once both branches are merged this list must be empty: delete the entry.
-KNOWN_CYCLES = [["analysis.load", "analysis.trajectories", "analysis.load"]]
-
 
 def test_no_import_cycles():
   cyc = import_graph.cycles(import_graph.graph(ROOT))
-  assert [c for c in cyc if c[0].startswith(("lib.", "data."))] == []
-  assert [c for c in cyc if c not in KNOWN_CYCLES] == [], f"import cycles: {cyc}"
+  assert cyc == [], f"import cycles: {cyc}"
 
 
 def test_no_import_from_a_higher_layer():
