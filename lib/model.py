@@ -80,7 +80,9 @@ class ModelConfig:
     if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
       raise ValueError("model.pos='rope' needs an even head dimension")
     if self.rotary_dim and (self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_heads):
-      raise ValueError(f"model.rotary_dim={self.rotary_dim} must be even and at most the head dimension {self.d_model // self.n_heads}")
+      raise ValueError(
+        f"model.rotary_dim={self.rotary_dim} must be even and at most the head dimension {self.d_model // self.n_heads}"
+      )
 
 
 # OPT family (Zhang et al. 2022): learned positions (2 offset rows), ReLU, pre-LN, tied embeddings,
@@ -258,7 +260,9 @@ class Block(nn.Module):
     attn, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
     ln_attn, ln_mlp = Norm(c, name="ln_attn"), Norm(c, name="ln_mlp")
     if c.parallel_residual:
-      x_BxLxD = x_BxLxD + attn(ln_attn(x_BxLxD), positions_BxL, segment_ids_BxL, deterministic) + mlp(ln_mlp(x_BxLxD), deterministic)
+      x_BxLxD = (
+        x_BxLxD + attn(ln_attn(x_BxLxD), positions_BxL, segment_ids_BxL, deterministic) + mlp(ln_mlp(x_BxLxD), deterministic)
+      )
     elif c.post_ln:
       x_BxLxD = ln_attn(x_BxLxD + attn(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic))
       x_BxLxD = ln_mlp(x_BxLxD + mlp(x_BxLxD, deterministic))
