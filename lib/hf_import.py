@@ -427,8 +427,9 @@ def check_recipes(rec: dict, model, src: str) -> None:
   for k, s in flat_s.items():
     r = flat_r[k]
     if tuple(r.shape) != tuple(s.shape):
+      where = jax.tree_util.keystr(k)
       raise errors.CheckpointError(
-        f"{src}: tensor {r.name} of shape {r.src_shape} gives {tuple(r.shape)} for {jax.tree_util.keystr(k)}, the config implies {tuple(s.shape)}"
+        f"{src}: tensor {r.name} of shape {r.src_shape} gives {tuple(r.shape)} for {where}, the config implies {tuple(s.shape)}"
       )
 
 
@@ -520,8 +521,7 @@ def import_series(
 ) -> dict:
   """Converts revisions `srcs` into `workdir` (must not exist or be empty). Returns the run config."""
   from data.tokenizer import HFTokenizer
-  from lib import ckpt
-  from lib import sharding
+  from lib import ckpt, sharding
 
   srcs = [s for s in srcs if s]
   if not srcs:

@@ -9,11 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import ckpt
-from lib import errors
+from lib import ckpt, errors, sharding
 from lib import hf_import as H
 from lib import model as M
-from lib import sharding
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 EXPECTED = json.load(open(os.path.join(FIX, "expected.json")))
