@@ -568,7 +568,7 @@ def import_series(
       for s, st in zip(srcs, step_list):
         t0 = time.time()
         params, _, _ = load_params(s, mesh)
-        meta = {"step": st, "source": os.path.abspath(s), "imported": True, "tokens_seen": None}
+        meta = {"step": st, "source": os.path.abspath(s), "imported": True}
         ck.save(st, {"params": params, "opt_state": {}, "step": st, "rng": jax.random.key(0)}, meta)
         ck.wait()
         log.info("imported %s as step %d (%.1fs)", s, st, time.time() - t0)
