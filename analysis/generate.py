@@ -362,7 +362,6 @@ def _prompts(run_cfg: dict, num: int, prompt_len: int, seed: int, max_len: int) 
   from data import sources, vocab
 
   data = ml_collections.ConfigDict(run_cfg["data"])
-  spec = dict(data.source)
   special = {"bos": vocab.BOS, "eos": vocab.EOS, "pad": vocab.PAD}
   imp = run_cfg.get("import") or {}
   if imp.get("special_ids"):
