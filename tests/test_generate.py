@@ -2,6 +2,7 @@
 samples of an exact-optimum model match the language's sentence probabilities; Xia's mixture; the job."""
 
 import collections
+import json
 import os
 
 import jax
@@ -192,3 +193,28 @@ def test_prompt_too_long_is_one_clear_error():
 def test_repetition_metrics():
   assert G.distinct_n([1, 2, 1, 2, 1], 2) == 2 / 4
   assert G.repeated_ngram_rate([1, 2, 3, 1, 2, 3, 1], 3) == 2 / 5
+
+
+def test_job_on_a_trained_bigram_run_scores_by_the_grammar(tmp_path):
+  import train
+  from tests import helpers
+
+  w = str(tmp_path / "run")
+  cfg = helpers.tiny_cfg(
+    str(tmp_path / "tfds"), **{"train.steps": 8, "ckpt.schedule": "explicit:steps=0/8", "ckpt.async_save": False}
+  )
+  train.train_and_evaluate(cfg, w)
+  assert G.main([f"--workdir={w}", "--num=16", "--max_new=24", "--top_k=5"]) == 0
+  df = G.load_generations(w)
+  summ = G.load_generations(w, summary=True)
+  steps = sorted(set(df.step))  # analysis and resume checkpoints
+  assert {0, 8} <= set(steps) and len(df) == 16 * len(steps)
+  assert {"in_language", "true_logprob", "distinct_2", "repeated_3gram_rate"} <= set(df.columns)
+  lang = G._language(json.load(open(os.path.join(w, "config.json"))))
+  for _, r in df[df.in_language].iterrows():  # exact scores recomputed independently
+    words = np.asarray(r.tokens[:-1]) - vocab.N_SPECIAL
+    assert r.true_logprob == pytest.approx(float(np.sum(lang.token_logprobs(words))))
+  assert summ.fraction_in_language.between(0, 1).all() and summ.length_tv.between(0, 1).all()
+  # learning the chain: more samples are sentences of the language after 8 steps than at init
+  frac = summ.set_index("step").fraction_in_language
+  assert frac[8] > frac[0]
