@@ -517,7 +517,14 @@ def run_config(cfg: M.ModelConfig, hf: dict, srcs: list[str], steps: list[int], 
 
 
 def import_series(
-  srcs: Sequence[str], workdir: str, *, steps: str | None = None, tokenizer: str | None = None, probe_text: str = "", mesh=None
+  srcs: Sequence[str],
+  workdir: str,
+  *,
+  steps: str | None = None,
+  tokenizer: str | None = None,
+  probe_text: str = "",
+  mesh=None,
+  tokens_per_step: int = 0,
 ) -> dict:
   """Converts revisions `srcs` into `workdir` (must not exist or be empty). Returns the run config."""
   from data.tokenizer import HFTokenizer
@@ -569,6 +576,8 @@ def import_series(
         t0 = time.time()
         params, _, _ = load_params(s, mesh)
         meta = {"step": st, "source": os.path.abspath(s), "imported": True}
+        if tokens_per_step > 0:  # e.g. Pythia: 1024 x 2048 tokens per step
+          meta["tokens_seen"] = st * int(tokens_per_step)
         ck.save(st, {"params": params, "opt_state": {}, "step": st, "rng": jax.random.key(0)}, meta)
         ck.wait()
         log.info("imported %s as step %d (%.1fs)", s, st, time.time() - t0)
@@ -596,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--probe_text", default="", help="local text file for probe sets (trajectories), tokenized by the model's tokenizer"
   )
   ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes to load onto (default: one device)")
+  ap.add_argument("--tokens_per_step", type=int, default=0, help="recorded as tokens seen per step (Pythia: 2097152; 0 = none)")
   a = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
@@ -605,7 +615,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
       mesh = parse_mesh(a.mesh)
     cfg = import_series(
-      a.src.split(","), a.workdir, steps=a.steps or None, tokenizer=a.tokenizer, probe_text=a.probe_text, mesh=mesh
+      a.src.split(","),
+      a.workdir,
+      steps=a.steps or None,
+      tokenizer=a.tokenizer,
+      probe_text=a.probe_text,
+      mesh=mesh,
+      tokens_per_step=a.tokens_per_step,
     )
   except errors.LmtraceError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -116,3 +116,31 @@ def test_steps_from_names():
   with pytest.raises(errors.ConfigError, match="cannot read a step"):
     H._steps(["a", "b"], None)
   assert H._steps(["a", "b"], "3,4") == [3, 4]
+
+
+def test_bfloat16_safetensors_are_read(tmp_path):
+  from safetensors.flax import save_file
+
+  x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+  save_file({"a": x.astype(jnp.bfloat16)}, str(tmp_path / "model.safetensors"))
+  tf = H.TensorFiles(str(tmp_path))
+  np.testing.assert_array_equal(tf.read("a", (slice(1, 3), slice(0, 2))), np.asarray(x)[1:3, 0:2])
+
+
+def test_pytorch_bin_weights_equal_safetensors(tmp_path):
+  torch = pytest.importorskip("torch")  # optional: .bin import needs torch (not in requirements)
+  from safetensors.numpy import load_file
+
+  src = _copy(PYTHIA[1], tmp_path / "step100")
+  t = load_file(os.path.join(src, "model.safetensors"))
+  torch.save({k: torch.from_numpy(v.copy()) for k, v in t.items()}, os.path.join(src, "pytorch_model.bin"))
+  os.remove(os.path.join(src, "model.safetensors"))
+  params, cfg, _ = H.load_params(src)
+  e = EXPECTED["pythia/step100"]
+  np.testing.assert_allclose(_logprobs(cfg, params, np.asarray(e["ids"])), e["logprobs"], atol=1e-4)
+
+
+def test_tokens_per_step_recorded(tmp_path):
+  w = str(tmp_path / "w")
+  H.import_series(PYTHIA[1:2], w, tokens_per_step=1000)
+  assert ckpt.read_meta(w, 100)["tokens_seen"] == 100_000
