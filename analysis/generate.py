@@ -405,7 +405,12 @@ def run_job(
   seed: int = 0,
   mesh=None,
   true_samples: int = 2000,
+  mix_workdir: str | None = None,
+  mix_step=None,
+  weights: Sequence[float] = (1.0, -1.0),
 ):
+  """Samples per checkpoint of `workdir`. With `mix_workdir`, every checkpoint is decoded in Xia's
+  mixture with that run's checkpoint `mix_step` (latest by default): p = weights[0]·p_W + weights[1]·p_mix."""
   import pandas as pd
 
   from analysis.trajectories import _atomic_write
@@ -427,6 +432,17 @@ def run_job(
     tok = HFTokenizer(tk_path)
   from data import vocab
 
+  mix = []
+  if mix_workdir:
+    _, cfg2, _ = ckpt.load_model(mix_workdir)
+    if cfg2.vocab_size != cfg.vocab_size:
+      raise errors.AnalysisError(f"{mix_workdir} has vocabulary {cfg2.vocab_size}, {workdir} has {cfg.vocab_size}: cannot mix")
+    mix = [(cfg2, ckpt.restore_params(mix_workdir, mix_step, mesh))]
+    if len(weights) != 2:
+      raise errors.AnalysisError(
+        f"--weights needs two mixture weights (lambda for W, lambda for --mix_with), got {list(weights)}"
+      )
+    max_new = min(max_new, cfg2.max_len - max(prompt_len, 1))
   true_len = None
   if lang is not None:
     sents = lang.sample(true_samples, seed + 1)
@@ -435,7 +451,16 @@ def run_job(
   rows, summary = [], []
   for st in steps:
     params = ckpt.restore_params(workdir, st, mesh)
-    g = generate([(cfg, params)], prompts, max_new, sampling=sampling, seed=seed, eos_id=special["eos"], pad_id=special["pad"])
+    g = generate(
+      [(cfg, params)] + mix,
+      prompts,
+      max_new,
+      sampling=sampling,
+      seed=seed,
+      eos_id=special["eos"],
+      pad_id=special["pad"],
+      weights=list(weights) if mix else None,
+    )
     step_rows = []
     for i in range(len(prompts)):
       seq = g.tokens[i, : g.lengths[i]].tolist()
@@ -451,6 +476,8 @@ def run_job(
         "distinct_3": distinct_n(seq, 3),
         "repeated_3gram_rate": repeated_ngram_rate(seq, 3),
         "text": tok.decode(seq) if tok else "",
+        "mix_with": f"{os.path.abspath(mix_workdir)}@{mix_step or 'latest'}" if mix else "",
+        "mix_weights": list(weights) if mix else [],
       }
       if lang is not None:
         inl, lp = grammar_score(lang, g.tokens[i], int(g.lengths[i]), vocab.EOS, vocab.N_SPECIAL)
@@ -508,11 +535,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--top_p", type=float, default=1.0)
   ap.add_argument("--prompt_len", type=int, default=0, help="0: prompts are [BOS]; else the first tokens of validation docs")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--mix_with", default="", help="WORKDIR[@STEP]: decode each checkpoint mixed with this model (Xia)")
+  ap.add_argument("--weights", default="1,-1", help="mixture weights lambda_W,lambda_mix (e.g. 1,-1: large minus small)")
   a = ap.parse_args(argv)
   try:
     steps = None if a.steps == "all" else [int(s) for s in a.steps.split(",")]
     s = Sampling(0.0 if a.method == "greedy" else a.temperature, a.top_k, a.top_p)
-    _, summ = run_job(a.workdir, steps, a.num, a.max_new, s, a.prompt_len, a.seed)
+    mw, _, ms = a.mix_with.partition("@")
+    wts = [float(x) for x in a.weights.split(",")]
+    _, summ = run_job(
+      a.workdir, steps, a.num, a.max_new, s, a.prompt_len, a.seed, mix_workdir=mw or None, mix_step=ms or None, weights=wts
+    )
   except errors.LmtraceError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -218,3 +218,22 @@ def test_job_on_a_trained_bigram_run_scores_by_the_grammar(tmp_path):
   # learning the chain: more samples are sentences of the language after 8 steps than at init
   frac = summ.set_index("step").fraction_in_language
   assert frac[8] > frac[0]
+
+
+def test_mixture_job_on_two_imported_workdirs(tmp_path):
+  large, small = str(tmp_path / "large"), str(tmp_path / "small")
+  H.import_series([os.path.join(FIX, "pythia", "step200")], large)
+  H.import_series([os.path.join(FIX, "pythia", "step0")], small)
+  assert (
+    G.main([f"--workdir={large}", f"--mix_with={small}@0", "--weights=1,-1", "--num=3", "--max_new=6", "--method=greedy"]) == 0
+  )
+  df = G.load_generations(large)
+  assert all(list(w) == [1.0, -1.0] for w in df.mix_weights) and df.mix_with.str.endswith("@0").all()
+  # the same decode through the library (no job) gives the same tokens
+  from lib import ckpt
+
+  models = [ckpt.load_model(w)[1] for w in (large, small)]
+  params = [ckpt.restore_params(large), ckpt.restore_params(small, 0)]
+  g = G.generate(list(zip(models, params)), [np.array([0])] * 3, 6, sampling=G.Sampling(0.0), eos_id=0, pad_id=1, weights=[1, -1])
+  for i in range(3):
+    assert df.tokens[i].tolist() == g.tokens[i, : g.lengths[i]].tolist()
