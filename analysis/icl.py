@@ -255,6 +255,10 @@ def _tokenizer(run_cfg: dict):
 
     return HFTokenizer(imp["tokenizer"])
   src = dict(run_cfg["data"]["source"])
+  if src.get("kind") == "text" and src.get("tokenizer") == "hf":
+    from data.tokenizer import HFTokenizer
+
+    return HFTokenizer(src.get("tokenizer_model") or "")
   if src.get("kind") == "text":
     from data import text
 

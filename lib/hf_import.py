@@ -46,7 +46,6 @@ from lib import model as M
 
 log = logging.getLogger("lmtrace")
 
-ImportError_ = errors.CheckpointError
 FAMILIES = ("opt", "gpt_neox", "gpt2")
 
 
