@@ -413,7 +413,6 @@ def run_job(
   mixture with that run's checkpoint `mix_step` (latest by default): p = weights[0]·p_W + weights[1]·p_mix."""
   import pandas as pd
 
-  from analysis.trajectories import _atomic_write
   from lib import ckpt
 
   model, cfg, run_cfg = ckpt.load_model(workdir)
@@ -505,12 +504,15 @@ def run_job(
   out_dir = os.path.join(workdir, "analysis")
   os.makedirs(out_dir, exist_ok=True)
   for name, tbl in (("generations.parquet", rows), ("generations_summary.parquet", summary)):
-    import io
-
-    buf = io.BytesIO()
-    pd.DataFrame(tbl).to_parquet(buf, index=False)
-    _atomic_write(os.path.join(out_dir, name), buf.getvalue())
+    write_parquet(pd.DataFrame(tbl), os.path.join(out_dir, name))
   return pd.DataFrame(rows), pd.DataFrame(summary)
+
+
+def write_parquet(df, path: str) -> None:
+  """Atomically (temporary file + rename): a reader never sees a half-written table."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  df.to_parquet(tmp, index=False)
+  os.replace(tmp, path)
 
 
 def load_generations(workdir: str, summary: bool = False):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import io
 import json
 import logging
 import os
@@ -298,7 +297,7 @@ def _val_loss(workdir: str) -> dict:
 def run_job(workdir: str, tasks_path: str, k: int = 2, seed: int = 0, steps=None, max_examples: int = 0, mesh=None):
   import pandas as pd
 
-  from analysis.trajectories import _atomic_write
+  from analysis.generate import write_parquet
   from lib import ckpt
 
   _, cfg, run_cfg = ckpt.load_model(workdir)
@@ -319,9 +318,7 @@ def run_job(workdir: str, tasks_path: str, k: int = 2, seed: int = 0, steps=None
       rows.append({"step": st, "task": name, "k": k, "seed": seed, **r, "val_loss": vl.get(st, float("nan"))})
   df = pd.DataFrame(rows)
   os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
-  buf = io.BytesIO()
-  df.to_parquet(buf, index=False)
-  _atomic_write(os.path.join(workdir, "analysis", "icl.parquet"), buf.getvalue())
+  write_parquet(df, os.path.join(workdir, "analysis", "icl.parquet"))
   return df
 
 

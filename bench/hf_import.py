@@ -79,9 +79,7 @@ def main(argv=None) -> None:
     nbytes = write_neox(src, a.d, a.layers, a.vocab)
     mesh = None
     if a.mesh:
-      from analysis.trajectories import parse_mesh
-
-      mesh = parse_mesh(a.mesh)
+      mesh = hf_import.parse_mesh(a.mesh)
     t0 = time.perf_counter()
     hf_import.import_series([src], os.path.join(tmp, "w"), mesh=mesh)
     dt = time.perf_counter() - t0
