@@ -14,7 +14,15 @@ _LOADERS = (
 __all__ = list(_LOADERS)
 
 
+_OTHER = {"load_icl": "icl", "load_generations": "generate"}  # loaders living next to their jobs
+__all__ += list(_OTHER)
+
+
 def __getattr__(name):
+  if name in _OTHER:
+    import importlib
+
+    return getattr(importlib.import_module(f"analysis.{_OTHER[name]}"), name)
   if name in _LOADERS:
     from analysis import load
 
