@@ -144,12 +144,12 @@ def test_filter_gives_the_diagonal_block(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
   h22, h11 = hess[N1:, N1:], hess[:N1, :N1]
-  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, filter=r"^l2/", chunk=32)
+  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, select=r"^l2/", chunk=32)
   within(r, np.trace(h22))
-  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, filter=H.ParamFilter(exclude=r"^l2/"), chunk=32)
+  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, select=H.ParamSelection(exclude=r"^l2/"), chunk=32)
   within(r, np.trace(h11))
   # exact checks of the block operator: Lanczos on H_22 (36 dims, 36 steps) recovers its spectrum
-  top = H.top_eigenvalues(mv, params, jax.random.key(8), k=2, num_steps=40, include=r"^l2/")
+  top = H.top_eigenvalues(mv, params, jax.random.key(8), k=2, num_steps=40, select=H.ParamSelection(include=r"^l2/"))
   assert top.n_matvecs == h22.shape[0]
   np.testing.assert_allclose(top.eigenvalues, np.linalg.eigvalsh(h22)[::-1][:2], rtol=1e-4)
   assert set(H.param_blocks(params)) == {"l1/w", "l1/b", "l2/w", "l2/b"}
@@ -161,7 +161,7 @@ def test_hutchpp_on_the_mlp(mlp):
   r = H.hutchpp_trace(mv, params, jax.random.key(9), 90)
   assert r.n_matvecs == 90 and r.extra["sketch_rank"] == 30 and len(r.samples) == 30
   within(r, np.trace(hess))
-  f = H.hutchpp_trace(mv, params, jax.random.key(9), 30, filter=r"^l2/")
+  f = H.hutchpp_trace(mv, params, jax.random.key(9), 30, select=r"^l2/")
   within(f, np.trace(hess[N1:, N1:]))
 
 
@@ -363,7 +363,7 @@ def test_estimators_agree_on_a_mesh_and_one_device(mlp):
     k = jax.random.key(11)
     return {
       "hutchinson": H.hutchinson_trace(mv, p, k, 8, blocks=[(r"^(l\d)/", r"\1")]).samples,
-      "hutchinson_plain": H.hutchinson_trace(mv, p, k, 4, amortise=False, filter="l1").samples,
+      "hutchinson_plain": H.hutchinson_trace(mv, p, k, 4, amortise=False, select="l1").samples,
       "hutchpp": H.hutchpp_trace(mv, p, k, 12).estimate,
       "top": H.top_eigenvalues(mv, p, k, k=2, num_steps=12).eigenvalues,
       "power": H.power_iteration(mv, p, k, num_iters=15, tol=0.0).estimate,
@@ -459,9 +459,9 @@ def test_errors(mlp):
   params, batch, _ = mlp
   mv = H.make_hvp(mlp_loss, [batch])
   with pytest.raises(ValueError, match=r"include='layers_0/attn/\.\*'.*matches no parameter.*'l1/w'"):
-    H.hutchinson_trace(mv, params, jax.random.key(0), 2, filter="layers_0/attn/.*")
+    H.hutchinson_trace(mv, params, jax.random.key(0), 2, select="layers_0/attn/.*")
   with pytest.raises(ValueError, match="matches no parameter"):
-    H.lanczos(mv, params, jax.random.key(0), 3, exclude=".")
+    H.lanczos(mv, params, jax.random.key(0), 3, select=H.ParamSelection(exclude="."))
   for call in (
     lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 2, dist="uniform"),
     lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6, dist="uniform"),
