@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from analysis import hessian as H
+from lib import errors
 
 D, HID, V, B, L = 8, 8, 4, 4, 10
 N1 = D * HID + HID  # parameters of l1 (first in ravel order)
@@ -211,6 +212,72 @@ def test_lanczos_power_and_slq_on_a_known_spectrum():
   assert abs(nr.nodes.max() - 10.0) < 1e-3  # extreme Ritz values converge even without reorthogonalisation
   sq = H.slq_trace_f(mv, params, jax.random.key(3), lambda t: t**2, num_runs=16, num_steps=20)
   within(sq, (eigs**2).sum())
+
+
+def lanczos_f64(A, q, m):
+  """Reference: m Lanczos steps with full reorthogonalisation, float64, on an explicit matrix."""
+  Q = [q / np.linalg.norm(q)]
+  alphas, betas = [], []
+  for j in range(m):
+    w = A @ Q[j]
+    alphas.append(Q[j] @ w)
+    Qm = np.array(Q)
+    for _ in range(2):
+      w = w - Qm.T @ (Qm @ w)
+    betas.append(np.linalg.norm(w))
+    Q.append(w / betas[-1])
+  return np.array(alphas), np.array(betas)
+
+
+def test_flat_lanczos_matches_a_float64_reference(mlp):
+  """The flat-vector Lanczos (one x_N, unravelled only for the HVP) is the Lanczos process of the exact
+  Hessian: same tridiagonal as float64 Lanczos from the same start, on the whole and on a selection."""
+  params, batch, hess = mlp
+  mv = H.make_hvp(mlp_loss, [batch])
+  v0 = H.probe_like(jax.random.key(3), params)
+  scale = np.abs(np.linalg.eigvalsh(hess)).max()
+  for select, block in ((None, slice(None)), ("^l2/", slice(N1, None))):
+    T = H.lanczos(mv, params, jax.random.key(0), 8, start=v0, select=select)
+    a, b = lanczos_f64(hess[block, block], flat(v0)[block], 8)
+    np.testing.assert_allclose(T.alphas, a, atol=1e-4 * scale)
+    np.testing.assert_allclose(np.append(T.betas, T.beta_last), b, atol=1e-4 * scale)
+    assert T.n == hess[block, block].shape[0]
+  T = H.lanczos(mv, params, jax.random.key(0), 8, start=v0, reorth="none")
+  np.testing.assert_allclose(T.alphas[:4], lanczos_f64(hess, flat(v0), 4)[0], atol=1e-4 * scale)  # early steps: no loss yet
+
+
+def test_residual_bounds_are_floored_at_float32_rounding():
+  eigs = np.concatenate([[10.0, 7.0, 5.0, -12.0], np.linspace(-1, 1, 196)])
+  _, params, mv = quadratic(eigs)
+  top = H.top_eigenvalues(mv, params, jax.random.key(0), k=3, num_steps=80)
+  floor = H.FLOAT32_EPS * 12.0 * np.sqrt(200)  # ε₃₂ · ‖T‖ · √n
+  T = H.lanczos(mv, params, jax.random.key(0), 80)
+  theta, S = T.ritz()
+  raw = np.abs(T.beta_last * S[-1, :])
+  assert raw.min() < 1e-12  # the exact-arithmetic bound of converged Ritz values means nothing in float32 ...
+  assert np.all(top.residuals >= floor * (1 - 1e-6)) and top.extra["lambda_min"][1] >= floor * (1 - 1e-6)  # ... floored
+  assert np.all(np.abs(top.eigenvalues - [10.0, 7.0, 5.0]) <= top.residuals)  # and still a bound
+  assert abs(top.extra["lambda_min"][0] + 12.0) <= top.extra["lambda_min"][1]
+
+
+def test_power_iteration_reports_convergence_and_its_cap():
+  eigs = np.concatenate([[10.0, -12.0], np.linspace(-1, 1, 98)])
+  _, params, mv = quadratic(eigs)
+  capped = H.power_iteration(mv, params, jax.random.key(1), num_iters=3, tol=1e-6)
+  assert capped.n_matvecs == 3 and capped.extra == {"converged": False, "iterations": 3}
+  done = H.power_iteration(mv, params, jax.random.key(1), num_iters=1000, tol=1e-6)
+  assert done.extra["converged"] and done.n_matvecs < 1000
+  assert abs(done.estimate + 12.0) < 1e-3  # the largest MAGNITUDE, not the top eigenvalue (+10)
+
+
+def test_param_selection():
+  params = make_params()
+  assert H.ParamSelection.of(None).mask(params) is None and H.ParamSelection.of("").mask(params) is None
+  assert H.ParamSelection.of("^l2/") == H.ParamSelection(include="^l2/")
+  assert H.ParamSelection(include="l1", exclude="/b$").mask(params) == (False, True, False, False)  # leaf order: l1/b, l1/w, ...
+  assert H.ParamSelection(exclude="^l1/").count(params) == HID * V + V
+  with pytest.raises(errors.AnalysisError, match="select must be"):
+    H.ParamSelection.of(3)
 
 
 def test_lanczos_survives_an_exhausted_krylov_space():
