@@ -480,6 +480,7 @@ def _lanczos_fn(matvec: MatVec, view: FlatView, m: int, reorth: str, return_basi
 
   def full(p, v0, key, ops):
     hv = view.operator(fn, p, ops)
+    salt = jax.random.key_data(key).reshape(-1)[-1]  # restarts from hashed signs, not threefry (compile time)
     basis_mxN = view.constrain(jnp.zeros((m, view.n), jnp.float32).at[0].set(start(v0)))
 
     def reorthogonalise(w_N, basis_mxN):  # two block Gram-Schmidt passes (CGS2): matvecs, not a sequential loop
@@ -499,7 +500,7 @@ def _lanczos_fn(matvec: MatVec, view: FlatView, m: int, reorth: str, return_basi
       broke = b <= 1e-6 * scale
 
       def fresh():
-        r_N = view.mask(view.constrain(jax.random.rademacher(jax.random.fold_in(key, j), (view.n,), jnp.float32)))
+        r_N = view.hashed_signs(salt + jnp.uint32(j))
         r_N = reorthogonalise(r_N, basis_mxN)
         return r_N / jnp.maximum(flat_norm(r_N), 1e-30)
 

@@ -470,6 +470,17 @@ class FlatView:
       keep_N = keep_N | ((i_N >= a) & (i_N < b))
     return jnp.where(keep_N, x, jnp.zeros_like(x))
 
+  def hashed_signs(self, salt: jax.Array) -> jax.Array:
+    """±1 float32 x_N (zero outside the selection) from an integer hash of (index, salt): a generic
+    restart vector that compiles to a few elementwise ops, where jax.random's threefry costs seconds of
+    compile time; a function of the index only, so the same numbers on every mesh."""
+    x = lax.iota(jnp.uint32, self.n) * jnp.uint32(0x9E3779B1) + jnp.asarray(salt).astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):  # a murmur-style finaliser
+      x = x ^ (x >> shift)
+      if mult is not None:
+        x = x * jnp.uint32(mult)
+    return self.mask(self.constrain(jnp.where((x & 1) == 1, 1.0, -1.0).astype(jnp.float32)))
+
   def operator(self, fn: Callable, params: PyTree, ops) -> Callable[[jax.Array], jax.Array]:
     """x_N -> C x_N (float32, restricted to the selection) for a traceable fn(params, v, operands)."""
     return lambda x_N: self.ravel(fn(params, self.unravel(x_N), ops))
