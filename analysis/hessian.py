@@ -70,10 +70,7 @@ from analysis.hessian_ops import (  # noqa: F401  (re-exported: the estimators' 
   param_paths,
   probe_like,
   rademacher_like,
-  tree_add,
   tree_dot,
-  tree_norm,
-  tree_scale,
 )
 from lib import errors
 

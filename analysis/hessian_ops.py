@@ -50,19 +50,6 @@ def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
   return sum((_leaf_dot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), jnp.float32(0))
 
 
-def tree_add(a: PyTree, b: PyTree, alpha: float | jax.Array = 1.0) -> PyTree:
-  """a + alpha b."""
-  return jax.tree.map(lambda x, y: x + (alpha * y).astype(x.dtype), a, b)
-
-
-def tree_scale(a: PyTree, s: float | jax.Array) -> PyTree:
-  return jax.tree.map(lambda x: (x * s).astype(x.dtype), a)
-
-
-def tree_norm(a: PyTree) -> jax.Array:
-  return jnp.sqrt(tree_dot(a, a))
-
-
 def _leaf_keys(key, tree: PyTree) -> PyTree:
   """One key per leaf, from the tree structure only: the same numbers on every mesh."""
   leaves, treedef = jax.tree.flatten(tree)
