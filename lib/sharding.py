@@ -182,3 +182,19 @@ def global_batch_from_local(mesh: Mesh, local: dict[str, np.ndarray], global_bat
   for k, v in local.items():
     out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, (global_batch,) + v.shape[1:])
   return out
+
+
+def mesh_from_flag(spec: str | None = "", flag: str = "--mesh") -> Mesh:
+  """The analysis CLIs' `--mesh=data,fsdp,tensor` (e.g. '2,2,2'; one size may be -1). Empty: one device,
+  or every device (data-parallel) in a multi-process job, where one device would leave processes idle."""
+  if spec:
+    try:
+      sizes = [int(x) for x in str(spec).split(",")]
+    except ValueError:
+      sizes = []
+    if len(sizes) != len(MESH_AXES):
+      raise ShardingError(f"{flag}={spec!r} needs {len(MESH_AXES)} integer sizes ({','.join(MESH_AXES)}), e.g. {flag}=2,2,2")
+    return make_mesh(dict(zip(MESH_AXES, sizes)))
+  if jax.process_count() > 1:
+    return make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
+  return single_device_mesh()
