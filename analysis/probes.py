@@ -336,19 +336,6 @@ def parse_steps(text: str | Iterable[int] | None) -> list[int] | None:
   return sorted({int(s) for s in text})
 
 
-def parse_mesh(text: str | None):
-  """'2,2,2' -> a (data, fsdp, tensor) mesh; None/'' -> one device."""
-  if not text:
-    return sharding.single_device_mesh()
-  try:
-    sizes = [int(x) for x in text.split(",")]
-  except ValueError:
-    sizes = []
-  if len(sizes) != 3:
-    raise errors.ConfigError(f"--mesh takes data,fsdp,tensor sizes (one may be -1), got {text!r}")
-  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
-
-
 def extract(
   workdirs: str | Sequence[str],
   *,

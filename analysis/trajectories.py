@@ -49,7 +49,6 @@ from analysis.probes import (  # noqa: F401 - re-exported
   check_runs,
   extract,
   open_run,
-  parse_mesh,
   parse_steps,
 )
 from analysis.token_table import (  # noqa: F401 - re-exported
@@ -91,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       steps=a.steps,
       spec=spec,
       batch_size=a.batch_size,
-      mesh=parse_mesh(a.mesh),
+      mesh=sharding.mesh_from_flag(a.mesh),
       names=a.name,
       store=a.store,
       progress=not a.quiet,

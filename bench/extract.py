@@ -27,6 +27,7 @@ from analysis import trajectories as TJ  # noqa: E402
 from lib import ckpt as C  # noqa: E402
 from lib import metrics as MX  # noqa: E402
 from lib import model as M  # noqa: E402
+from lib import sharding  # noqa: E402
 
 
 def train_tiny(workdir: str, data_dir: str, steps: int) -> None:
@@ -67,7 +68,7 @@ def main() -> None:
       print(f"trained {w} in {time.time() - t:.1f}s")
     store = f"bench_{os.getpid()}"
     spec = {"sequences": a.sequences, "positions": 0}
-    mesh = TJ.parse_mesh(a.mesh)
+    mesh = sharding.mesh_from_flag(a.mesh)
     steps = [s for s, sub in C.available_steps(w).items() if sub == C.ANALYSIS_DIR]
 
     # Warm-up (untimed): one extraction step builds the probe set and runs the per-token loss once

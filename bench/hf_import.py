@@ -71,7 +71,7 @@ def main(argv=None) -> None:
   ap.add_argument("--vocab", type=int, default=50304)
   ap.add_argument("--mesh", default="")
   a = ap.parse_args(argv)
-  from lib import hf_import
+  from lib import hf_import, sharding
 
   tmp = tempfile.mkdtemp(prefix="lmtrace-bench-import-")
   try:
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     nbytes = write_neox(src, a.d, a.layers, a.vocab)
     mesh = None
     if a.mesh:
-      mesh = hf_import.parse_mesh(a.mesh)
+      mesh = sharding.mesh_from_flag(a.mesh)
     t0 = time.perf_counter()
     hf_import.import_series([src], os.path.join(tmp, "w"), mesh=mesh)
     dt = time.perf_counter() - t0

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from lib import errors
+from lib import errors, sharding
 from lib import model as M
 
 log = logging.getLogger("lmtrace")
@@ -594,19 +594,6 @@ def import_series(
   return run_cfg
 
 
-def parse_mesh(text: str):
-  """'data,fsdp,tensor' sizes (e.g. '1,8,1'; one may be -1) -> a Mesh over this process's devices."""
-  from lib import sharding
-
-  try:
-    sizes = [int(x) for x in text.split(",")]
-  except ValueError as e:
-    raise errors.ShardingError(f"--mesh={text!r}: expected data,fsdp,tensor sizes such as 1,8,1") from e
-  if len(sizes) != 3:
-    raise errors.ShardingError(f"--mesh={text!r}: expected three sizes data,fsdp,tensor")
-  return sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), sizes)))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m lib.hf_import", description=__doc__.split("\n\n")[0])
   ap.add_argument("--src", required=True, help="comma-separated local HF model directories, one per revision")
@@ -623,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     mesh = None
     if a.mesh:
-      mesh = parse_mesh(a.mesh)
+      mesh = sharding.mesh_from_flag(a.mesh)
     cfg = import_series(
       a.src.split(","),
       a.workdir,
