@@ -58,8 +58,10 @@ def _opt(**kw):
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant", "inverse_sqrt"])
 def test_lr_schedules(name):
   f = optim.lr_schedule(_opt(schedule=name), 110)
-  assert float(f(0)) == 0.0
-  assert abs(float(f(5)) - 0.5) < 1e-6
+  # warmup starts above 0 (issue 10): update k = count+1 uses lr·k/warmup, reaching lr at update 10
+  assert abs(float(f(0)) - 0.1) < 1e-7
+  assert abs(float(f(4)) - 0.5) < 1e-6
+  assert abs(float(f(9)) - 1.0) < 1e-6
   assert abs(float(f(10)) - 1.0) < 1e-6
   end = float(f(110))
   expect = {"cosine": 0.1, "linear": 0.1, "constant": 1.0, "inverse_sqrt": np.sqrt(10 / 110)}[name]
@@ -69,3 +71,11 @@ def test_lr_schedules(name):
 def test_unknown_optimizer():
   with pytest.raises(ValueError, match="opt.name"):
     optim.make_optimizer(_opt(name="adam_w"), 10)
+
+
+@pytest.mark.parametrize("text", ["interval:every=0", "explicit:steps=a/b", "pythia:every=-1", "bogus:every=3", "explicit:"])
+def test_bad_schedule_strings_are_config_errors(text):
+  from lib import errors
+
+  with pytest.raises(errors.ConfigError, match="schedule"):
+    schedules.analysis_steps(schedules.parse_schedules(text), 100)
