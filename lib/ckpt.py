@@ -72,6 +72,23 @@ class Checkpointer:
     self.analysis = _manager(os.path.join(workdir, ANALYSIS_DIR), async_=async_)
     self.resume = _manager(os.path.join(workdir, RESUME_DIR), max_to_keep=max(1, keep_resume), async_=async_)
     self._unsealed: list[tuple[str, int]] = []  # (subdir, step) saved by this process, manifest not yet written
+    self._seal_leftovers()
+
+  def _seal_leftovers(self) -> None:
+    """Seals checkpoints an earlier, killed pass committed but did not live to seal (Orbax's commit
+    means their files are complete), so they are listed and resumable again."""
+    if jax.process_index() == 0:
+      for sub in (ANALYSIS_DIR, RESUME_DIR):
+        root = os.path.join(self.workdir, sub)
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+          d = os.path.join(root, name)
+          if name.isdigit() and is_committed(d) and not integrity.sealed_or_legacy(d):
+            log.info("sealing %s, committed by a run that stopped before sealing it", d)
+            integrity.seal(d)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("lmtrace: leftover checkpoints sealed")
 
   def wants(self, step: int, last: bool = False) -> tuple[bool, bool]:
     """(save an analysis checkpoint, save a resume checkpoint) at `step`."""

@@ -140,7 +140,7 @@ def test_kill9_at_random_points_resumes_bit_identical(straight, tmp_path, data_d
     p = start_until_step(argv(w, data_dir), max(k, done + 1))
     p.kill()  # SIGKILL: no handler, no cleanup, maybe mid-save
     p.wait()
-    done = max(s for s in C.available_steps(w))
+    done = max(C.available_steps(w), default=0)
   r = run_cli(argv(w, data_dir))
   assert r.returncode == 0, r.stderr[-3000:]
   for s in (8, 16, 24, STEPS):
@@ -234,9 +234,10 @@ def test_changed_optimizer_on_resume_is_refused_and_nothing_touched(straight, tm
 def test_changed_lr_on_resume_is_recorded(straight, tmp_path, data_dir):
   w = str(tmp_path / "w")
   shutil.copytree(straight, w)
-  train.train_and_evaluate(cfg_(data_dir, **{"opt.lr": 1e-3, "train.steps": STEPS + 2}), w)
+  train.train_and_evaluate(cfg_(data_dir, **{"eval.every": 5, "ckpt.keep_resume": 3}), w)  # nothing left to train
   (h,) = [json.loads(line) for line in open(os.path.join(w, config_check.RESUME_HISTORY))]
-  assert h["step"] == STEPS and h["changed"] == {"opt.lr": [3e-3, 1e-3], "train.steps": [STEPS, STEPS + 2]}
+  assert h["step"] == STEPS and h["changed"] == {"eval.every": [6, 5], "ckpt.keep_resume": [2, 3]}
+  assert config_check.resume_differences({"opt": {"lr": 3e-3}}, {"opt": {"lr": 1e-3}}) == {"opt.lr": [3e-3, 1e-3]}
 
 
 def test_second_trainer_refused_then_sigterm_saves_and_resumes_identically(straight, tmp_path, data_dir):
@@ -312,7 +313,6 @@ def test_failed_start_leaves_no_workdir(tmp_path, data_dir):
 
 CLI_BAD = [
   (["--config.train.steps=-5"], "train.steps=-5 must be > 0"),
-  (["--config.ckpt.schedule=explicit:steps=a/b"], "is not integers"),
   (["--config=configs/nope.py"], "nope.py"),
   (["--config=configs/base.py:no-such-preset"], "no-such-preset"),
   (
@@ -327,7 +327,7 @@ CLI_BAD = [
 ]
 
 
-@pytest.mark.parametrize("extra,msg", CLI_BAD, ids=["steps", "schedule", "missing-card", "preset", "coordinator"])
+@pytest.mark.parametrize("extra,msg", CLI_BAD, ids=["steps", "missing-card", "preset", "coordinator"])
 def test_bad_input_on_the_command_line_is_one_line(tmp_path, data_dir, extra, msg):
   w = str(tmp_path / "w")
   r = run_cli(argv(w, data_dir, *extra), timeout=120)
