@@ -376,7 +376,7 @@ def main(argv=None) -> None:
   argv = sys.argv if argv is None else argv
   try:
     flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:  # OSError: the card failed to load
     msg = _one_line(str(e))
     print(
       f"lmtrace: error in the command line: {msg}\n(config keys are listed with comments in configs/base.py; "

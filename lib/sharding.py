@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import time
 from typing import Sequence
 
 import jax
@@ -102,6 +104,8 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
     if coordinator == "auto":
       jax.distributed.initialize(initialization_timeout=int(timeout_s))
       return
+    if process_id != 0:  # XLA's client aborts the process (no Python error) when it cannot connect: look first
+      _wait_for_coordinator(coordinator, num_processes, process_id, timeout_s)
     # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends). Must not touch the
     # backend before initialize(), so no jax.default_backend() here.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -114,6 +118,27 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
       f"could not join the job at coordinator {coordinator!r} as process {process_id} of {num_processes} within "
       f"{timeout_s}s ({first}); check the address and that process 0 runs (distributed.timeout_s sets the wait)"
     ) from None
+
+
+def _wait_for_coordinator(coordinator: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+  """Returns once a TCP connection to `coordinator` (host:port) succeeds; ShardingError after timeout_s."""
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit():
+    raise ShardingError(f"distributed.coordinator={coordinator!r} is not host:port (or 'auto')")
+  deadline, err = time.monotonic() + float(timeout_s), None
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+        return
+    except OSError as e:
+      err = e
+    if time.monotonic() >= deadline:
+      raise ShardingError(
+        f"could not join the job at coordinator {coordinator!r} as process {process_id} of {num_processes} within "
+        f"{timeout_s}s ({type(err).__name__}: {err}); check the address and that process 0 runs "
+        "(distributed.timeout_s sets the wait)"
+      )
+    time.sleep(0.5)
 
 
 def enable_compilation_cache(path: str | None = None, min_compile_secs: float = 1.0) -> None:
