@@ -49,7 +49,8 @@ def defaults() -> mlc.ConfigDict:
   c.opt.name = "adamw"  # adamw | sgd | adafactor | lion
   c.opt.lr = 3e-3  # peak learning rate
   c.opt.schedule = "cosine"  # cosine | linear | constant | inverse_sqrt (after warmup)
-  c.opt.warmup_steps = 20  # linear warmup: update k (1-based) uses lr·k/warmup_steps, so step 1 already moves
+  c.opt.warmup_steps = 20  # linear warmup to lr over this many updates
+  c.opt.warmup_from_zero = True  # True: warmup starts at lr 0 (update 1 is a no-op); False: update k uses lr·k/warmup
   c.opt.final_lr_frac = 0.1  # end of decay as a fraction of lr
   c.opt.b1 = 0.9  # Adam/Lion beta1
   c.opt.b2 = 0.98  # Adam/Lion beta2

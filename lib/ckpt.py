@@ -327,7 +327,8 @@ def restore_params(workdir: str, step=None, mesh=None):
   """Parameters of checkpoint `step` (None = latest) placed on `mesh` (None = one device).
 
   Works across meshes: a run trained on 8 devices restores onto 1 and vice versa. The files are
-  verified against the checkpoint's manifest first: damage raises `CheckpointError` naming it.
+  verified against the checkpoint's manifest (beside the read, in a thread, so it costs little wall
+  time); the arrays are returned only if they pass, else `CheckpointError` naming the damage.
   """
   from lib import model as M
   from lib import sharding
@@ -340,13 +341,20 @@ def restore_params(workdir: str, step=None, mesh=None):
   target = _abstract(shapes, M.param_shardings(model, mesh))
   step_dir = os.path.join(os.path.abspath(workdir), sub, str(step))
   path = os.path.join(step_dir, "params")
-  if integrity.verify(step_dir, ("params",)) == "legacy":
-    log.info("note: %s predates integrity manifests; read without verification", step_dir)
-  try:
+
+  def read():
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, target)
-  except Exception as e:  # noqa: BLE001
+
+  try:
+    out, verdict = integrity.read_verified(step_dir, ("params",), read)
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - verified files that still fail to read
     raise CheckpointError(f"cannot restore params from {path}: {type(e).__name__}: {str(e)[:500]}") from e
+  if verdict == "legacy":
+    log.info("note: %s predates integrity manifests; read without verification", step_dir)
+  return out
 
 
 def save_json(path: str, obj: Any) -> None:

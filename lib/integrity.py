@@ -15,7 +15,6 @@ CRC32 detects every single-bit flip and every burst up to 32 bits, and runs at s
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,20 +28,16 @@ _CHUNK = 16 << 20
 
 
 def _crc(path: str) -> tuple[int, int]:
-  """(size, crc32) of a file, read through mmap (no copy into Python buffers)."""
-  with open(path, "rb") as f:
-    size = os.fstat(f.fileno()).st_size
-    if size == 0:
-      return 0, 0
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-      crc = 0
-      view = memoryview(m)
-      try:
-        for i in range(0, size, _CHUNK):
-          crc = zlib.crc32(view[i : i + _CHUNK], crc)  # releases the GIL: threads hash files in parallel
-      finally:
-        view.release()
-      return size, crc
+  """(size, crc32) of a file, read in chunks into one reused buffer (plain reads, not mmap: a file
+  truncated under an mmap kills the reader with SIGBUS)."""
+  buf = bytearray(_CHUNK)
+  view = memoryview(buf)
+  crc, size = 0, 0
+  with open(path, "rb", buffering=0) as f:
+    while n := f.readinto(buf):
+      crc = zlib.crc32(view[:n], crc)  # releases the GIL: threads hash files in parallel
+      size += n
+  return size, crc
 
 
 def _files(step_dir: str, items=None) -> list[str]:
@@ -114,3 +109,19 @@ def verify(step_dir: str, items=None) -> str:
     more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
     raise errors.CheckpointError(f"{step_dir} is damaged: {'; '.join(problems[:3])}{more}")
   return "ok"
+
+
+def read_verified(step_dir: str, items, read):
+  """(read(), verdict): `read` runs while the files of `items` are verified beside it in a thread;
+  its result is returned only if they pass (else the CheckpointError naming the damage, whatever
+  `read` did with the damaged bytes). The verification's wall time hides behind the read's."""
+  with ThreadPoolExecutor(max_workers=1) as ex:
+    fut = ex.submit(verify, step_dir, items)
+    try:
+      out, err = read(), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, once the verdict on the files is known
+      out, err = None, e
+    verdict = fut.result()  # raises CheckpointError for damaged files
+  if err is not None:
+    raise err
+  return out, verdict
