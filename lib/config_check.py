@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from lib import errors, optim, schedules
+from lib import errors, mixture, optim, schedules
 from lib import model as M
 
 OBJECTIVES = ("clm", "mlm")
@@ -68,6 +68,8 @@ def validate(cfg) -> M.ModelConfig:
     _fail(f"opt.name={cfg.opt.name!r} is not one of {optim.OPTIMIZERS}")
   if cfg.opt.schedule not in optim.SCHEDULES:
     _fail(f"opt.schedule={cfg.opt.schedule!r} is not one of {optim.SCHEDULES}")
+  if cfg.get("mixture") is not None and cfg.mixture.method not in mixture.METHODS:
+    _fail(f"mixture.method={cfg.mixture.method!r} is not one of {sorted(mixture.METHODS)}")
   parse_schedule(cfg.ckpt.schedule, "ckpt.schedule", cfg.train.steps)
   if cfg.get("probes") is not None and cfg.probes.enabled:
     parse_schedule(cfg.probes.schedule, "probes.schedule", cfg.train.steps)
