@@ -58,6 +58,7 @@ from tqdm import tqdm
 from analysis import hessian as H
 from lib import ckpt as C
 from lib import errors, sharding
+from lib import io as lib_io
 from lib import metrics as MX
 from lib import model as M
 
@@ -337,10 +338,7 @@ def _invalid_rows(step: int, estimators, reason: str) -> list[dict]:
 
 
 def _write(df: pd.DataFrame, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  df.to_parquet(tmp, index=False)
-  os.replace(tmp, path)  # a kill leaves the previous complete table
+  lib_io.atomic_parquet(df, path)  # a kill leaves the previous complete table
 
 
 def run(workdir: str, job: Job) -> pd.DataFrame:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib import errors
+from lib import io as lib_io
 from lib import model as M
 
 Array = jax.Array
@@ -508,11 +509,7 @@ def run_job(
   return pd.DataFrame(rows), pd.DataFrame(summary)
 
 
-def write_parquet(df, path: str) -> None:
-  """Atomically (temporary file + rename): a reader never sees a half-written table."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  df.to_parquet(tmp, index=False)
-  os.replace(tmp, path)
+write_parquet = lib_io.atomic_parquet  # re-exported
 
 
 def load_generations(workdir: str, summary: bool = False):

@@ -34,6 +34,7 @@ import os
 import numpy as np
 
 from lib import errors
+from lib import io as lib_io
 
 STORE = "trajectories"
 PROBES_NPZ, PROBES_JSON, STEPS_DIR = "probes.npz", "probes.json", "steps"
@@ -46,12 +47,7 @@ class IncompatibleProbes(errors.AnalysisError):
   """Runs (or a run and an existing store) whose probe sets cannot be combined; says why."""
 
 
-def atomic_write(path: str, data: bytes) -> None:
-  """tmp + rename: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+atomic_write = lib_io.atomic_write  # re-exported: the one atomic-write helper
 
 
 def _json_bytes(obj) -> bytes:

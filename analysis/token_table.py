@@ -31,6 +31,7 @@ from analysis.probes import read_docs
 from data import sources
 from lib import ckpt as C
 from lib import errors
+from lib import io as lib_io
 
 DEFAULT_NGRAM_N = 5
 # Chang's regression targets (run-averaged metrics) and predictor blocks, in his LRT order.
@@ -127,10 +128,7 @@ def write_token_metrics(
   if "trend_class" in df:
     df["trend_name"] = df["trend_class"].map(curves.TREND_NAMES)
   path = out or os.path.join(workdirs[0], "analysis", METRICS_FILE)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  df.to_parquet(tmp, index=False)
-  os.replace(tmp, path)
+  lib_io.atomic_parquet(df, path)
   side = {
     "runs": list(map(str, da.run.values)),
     "workdirs": workdirs,

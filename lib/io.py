@@ -7,6 +7,7 @@ and fsync'ed, then renamed over it (rename is atomic on POSIX file systems).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -45,3 +46,11 @@ def atomic_json(path: str, obj: Any, **kw) -> None:
   """`obj` as JSON (indent 1, sorted keys unless overridden), written atomically."""
   kw = {"indent": 1, "sort_keys": True, "default": json_default, **kw}
   atomic_write(path, json.dumps(obj, **kw))
+
+
+def atomic_parquet(df, path: str) -> None:
+  """A pandas DataFrame as a parquet table, written atomically (parent directories made)."""
+  buf = io.BytesIO()
+  df.to_parquet(buf, index=False)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic_write(path, buf.getvalue())
