@@ -44,6 +44,10 @@ class Controller:
   def update(self, state: dict, step: int, obs: dict) -> dict:
     return state
 
+  def log_fields(self, state: dict) -> dict:
+    """Extra flat fields for the logged row (e.g. Aioli's latest Â)."""
+    return {}
+
 
 class Stratified(Controller):
   """p = 1/m for every group (the Aioli paper's baseline)."""
@@ -171,8 +175,95 @@ def parse_proportions(text, group_names) -> np.ndarray:
   return p
 
 
-def make(mixture_cfg, group_names) -> Controller:
+def make(mixture_cfg, group_names, seed: int = 0) -> Controller:
+  """The controller named by `mixture.method`; `seed` (the run's) drives any randomness it has."""
   method = mixture_cfg.method
   if method not in METHODS:
     raise ValueError(f"mixture.method={method!r} is not one of {sorted(METHODS)}")
-  return METHODS[method](group_names, mixture_cfg)
+  c = METHODS[method](group_names, mixture_cfg)
+  c.seed = int(seed)
+  return c
+
+
+class MixtureRunner:
+  """The trainer's one handle on data mixing: the controller, its host state, the data iterator.
+
+  The controller's state lives twice: as numpy here (what `proportions` and `update` read) and as
+  device arrays in the train state's "mixture" entry (what checkpoints save and what on-device
+  controllers such as DoReMi/DoGE update inside the jitted step). `observe` keeps both in step and
+  restarts the data iterator, whose p-function reads a snapshot of the state taken at (re)start, so
+  no closure depends on a variable the loop rebinds later.
+  """
+
+  def __init__(self, controller: Controller, pipe, *, total: int, num_threads: int, sharding=None):
+    self.controller, self.pipe, self.total, self.num_threads = controller, pipe, int(total), num_threads
+    self.names = controller.group_names
+    self.multi = len(self.names) > 1
+    self.sharding = sharding
+    self.state = controller.init()
+    self._it = None
+
+  def load(self, device_state) -> None:
+    """Adopts the (restored or initial) device copy of the controller state."""
+    self.state = {k: np.asarray(v) for k, v in device_state.items()}
+
+  def to_device(self):
+    import jax
+    import jax.numpy as jnp
+
+    tree = {k: jnp.asarray(v) for k, v in self.state.items()}
+    return tree if self.sharding is None else jax.device_put(tree, self.sharding)
+
+  def proportions(self, step: int) -> np.ndarray:
+    return self.controller.proportions(self.state, step)
+
+  def wants_eval(self, step: int) -> bool:
+    return self.multi and self.controller.wants_eval(self.state, step)
+
+  def start(self, step: int) -> None:
+    """(Re)starts the data iterator at `step` with p from the current state."""
+    snap = {k: np.array(v) for k, v in self.state.items()}
+    p_fn = (lambda s: self.controller.proportions(snap, s)) if self.multi else None
+    self._it = self.pipe.iterator(step, self.total, p_fn, num_threads=self.num_threads)
+
+  def next_batch(self) -> dict:
+    return next(self._it)
+
+  def first_eval(self, train_state: dict, evaluate, log_eval: bool) -> dict:
+    """Step 0 of a fresh run: ONE evaluation serves both the log and a controller that wants ℓ⁰
+    (e.g. Aioli's first round; a resumed run saved it already)."""
+    if log_eval or self.wants_eval(0):
+      em = evaluate(0)
+      if self.wants_eval(0):
+        train_state = self.observe(0, em, train_state)
+    return train_state
+
+  def observe(self, step: int, eval_metrics: dict, train_state: dict) -> dict:
+    """Per-group validation losses -> controller update; returns the train state with the new
+    mixture state on device and restarts the iterator at `step` (the next batch is step's)."""
+    loss = eval_metrics["eval/loss"]
+    obs = {"eval/group_loss": np.array([eval_metrics.get(f"eval/{n}/loss", loss) for n in self.names])}
+    self.state = self.controller.update(self.state, step, obs)
+    self.start(step)
+    return dict(train_state, mixture=self.to_device())
+
+  def row_fields(self, step: int, row: dict) -> dict:
+    """Per-group fields of the logged row at `step` (whose batch was step-1's); pops the vectors."""
+    if not self.multi:
+      return {}
+    p = self.proportions(step - 1)
+    counts = np.bincount(self.pipe.group_of_rows(step - 1, p), minlength=len(self.names))
+    out = {}
+    for gi, n in enumerate(self.names):
+      out[f"mixture/p/{n}"] = float(p[gi])
+      out[f"data/rows/{n}"] = int(counts[gi])
+    row.pop("train/group_tokens", None)
+    gl = row.pop("train/group_loss")
+    for gi, n in enumerate(self.names):
+      out[f"train/{n}/loss"] = float(gl[gi])
+    w = row.pop("mixture/w", None)  # on-device controllers' loss weights (DoReMi, DoGE)
+    if w is not None:
+      for gi, n in enumerate(self.names):
+        out[f"mixture/w/{n}"] = float(w[gi])
+    out.update(self.controller.log_fields(self.state))
+    return out
