@@ -246,9 +246,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       hook = trajectories.ProbeHook(workdir, cfg, model, mesh, total)
 
     p_train = jax.jit(
-      functools.partial(
-        steps.train_step, model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum, num_groups=len(groups)
-      ),
+      mix.train_step(model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum),
       out_shardings=(state_sh, None),
       donate_argnums=(0,),
     )
