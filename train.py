@@ -120,6 +120,23 @@ def held_out_batches(groups, split: str, cfg, mesh) -> list:
   return out
 
 
+def test_eval(p_eval, params, groups, cfg, mesh, writer, step) -> dict:
+  """Per-group TEST-split loss and perplexity at the end of a run (controllers only ever see the
+  validation split; the test split is what is reported, as in the Aioli paper). test/avg_ppl is the
+  unweighted mean of the groups' perplexities. Empty (and nothing written) if `step` is None (the run
+  stopped early), cfg.eval.test_at_end is off, or some group has no test split."""
+  if step is None or not cfg.eval.test_at_end or not all("test" in g.splits for g in groups):
+    return {}
+  names = [g.name for g in groups]
+  em = run_eval(p_eval, params, held_out_batches(groups, "test", cfg, mesh), names)
+  out = {"test/" + k.removeprefix("eval/"): v for k, v in em.items()}
+  ppl = [float(np.exp(out.get(f"test/{n}/loss", out["test/loss"]))) for n in names]
+  out.update({f"test/{n}/ppl": v for n, v in zip(names, ppl)})
+  out["test/ppl"], out["test/avg_ppl"] = float(np.exp(out["test/loss"])), float(np.mean(ppl))
+  writer.write(step, out)
+  return out
+
+
 def run_eval(p_eval, params, eval_sets, names) -> dict:
   total = None
   for batch in eval_sets:
@@ -322,6 +339,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             state = mix.observe(step, em, state)
           t_last = time.time()
         save(step, last=step == stop)
+      last_m.update(test_eval(p_eval, state["params"], groups, cfg, mesh, writer, step if step == total else None))
     finally:
       ckpt.wait()
       ckpt.close()

@@ -70,6 +70,7 @@ def defaults() -> mlc.ConfigDict:
   c.eval.every = 50  # held-out eval cadence (steps; also at the end)
   c.eval.batches = 4  # fixed validation batches (same tokens for every run)
   c.eval.batch_size = 16  # rows per eval batch
+  c.eval.test_at_end = True  # after the last step, per-group test-split loss/ppl (test/<group>/ppl, test/avg_ppl)
 
   c.mixture = mlc.ConfigDict()
   c.mixture.method = "stratified"  # stratified | static | aioli | skillit | doremi | doge (lib/mixture.py)
