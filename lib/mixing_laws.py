@@ -162,6 +162,25 @@ def fidelity(A_method, A_true) -> float:
   return 0.5 * cos + 0.5 * float(np.nan_to_num(rho, nan=0.0))
 
 
+def _sweep_impl(step_fn, states, batches):
+  import jax
+
+  return jax.lax.scan(lambda st, b: jax.vmap(step_fn)(st, b), states, batches)
+
+
+def _sweep(step_fn, states, batches):
+  """One compiled program per step function (jit with the function as a static argument)."""
+  import jax
+
+  global _SWEEP
+  if _SWEEP is None:
+    _SWEEP = jax.jit(_sweep_impl, static_argnums=0)
+  return _SWEEP(step_fn, states, batches)
+
+
+_SWEEP = None
+
+
 def run_branches(step_fn, state, batches, *, vectorise: bool = True):
   """Trains K copies of `state`, copy k on batches[:, k], for S steps; returns (states [K, ...], metrics [S, K]).
 
@@ -176,12 +195,7 @@ def run_branches(step_fn, state, batches, *, vectorise: bool = True):
   K = jax.tree.leaves(batches)[0].shape[1]
   if vectorise:
     states = jax.tree.map(lambda x: jnp.broadcast_to(x, (K,) + jnp.shape(x)), state)
-
-    @jax.jit
-    def sweep(states, batches):
-      return jax.lax.scan(lambda st, b: jax.vmap(step_fn)(st, b), states, batches)
-
-    return sweep(states, batches)
+    return _sweep(step_fn, states, batches)
   step = jax.jit(step_fn)
   outs, mets = [], []
   for k in range(K):
