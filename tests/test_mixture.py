@@ -401,3 +401,26 @@ def test_every_controller_resumes_bit_for_bit(tmp_path, name):
       assert {k: v for k, v in resumed[r["step"]].items() if k.startswith("mixture/")} == {
         k: v for k, v in r.items() if k.startswith("mixture/")
       }
+
+
+@pytest.mark.slow
+def test_branch_sweep_from_a_checkpoint_fits_the_dynamic_law(tmp_path):
+  import train
+  from experiments import aioli_fidelity as F
+
+  mix = dict(update_steps=4, lp_rounds=1, lp_steps=1, eta=5.0)
+  w = str(tmp_path / "run")
+  train.train_and_evaluate(_run_cfg(tmp_path, "aioli", **mix), w)
+  P = F.branch_mixtures(2)
+  assert P.shape == (11, 2) and np.allclose(P.sum(1), 1)
+  res = F.branch_sweep(w, 4, branch_steps=2)
+  assert res["A"].shape == (2, 2) and res["L"].shape == (11, 2) and np.all(np.isfinite(res["A"]))
+  # the fit reproduces the branches' losses from ℓ and P, and the sequential branches agree
+  np.testing.assert_allclose(res["ell"][None, :] - res["P"] @ res["A"].T, res["L"], atol=0.05)
+  seq = F.branch_sweep(w, 4, branch_steps=2, mixtures=res["P"][:3], vectorise=False)
+  np.testing.assert_allclose(seq["L"], res["L"][:3], atol=1e-4)
+  A_hat = F.logged_A(w, 8, res["groups"])
+  assert A_hat is not None and -1.0 <= mixing_laws.fidelity(A_hat, res["A"]) <= 1.0
+  assert F.logged_A(w, 1, res["groups"]) is None  # the first round ends at step 2 (R·s·m = 2)
+  with pytest.raises(errors.LmtraceError, match="no full checkpoint"):
+    F.branch_sweep(w, 5, branch_steps=1)
