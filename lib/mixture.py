@@ -3,17 +3,21 @@
 Interface (all methods pure functions of their inputs; the state is a dict of numpy arrays that is
 saved in every checkpoint, so a resumed run continues with the same p):
 
-  init(group_names) -> state
+  init() -> state
   proportions(state, step) -> p [m]          p for the batch at `step` (exact counts are applied by
                                              the pipeline); may vary *within* a round, e.g. Aioli's
                                              LearnParams sweeps q^(j) for s real steps per group
   wants_eval(state, step) -> bool            ask the trainer for per-group validation losses at `step`
-  update(state, step, obs) -> state          obs: {"train/group_loss": [m], "eval/group_loss": [m], ...}
+  update(state, step, obs) -> state          obs: {"eval/group_loss": [m]}
+  log_fields(state) -> dict                  extra flat fields for the logged row (Aioli's Â)
+  mode                                       "" or "doremi"/"doge": the jitted step reweights per-group
+                                             losses/gradients and updates w on device
 
-Online methods plug in here (Aioli, DoReMi, DoGE, Skill-It, data-mixing laws): `needs` declares what
-the trainer must supply ("eval_group_loss", "group_grads", "reference_losses"); methods that spend
-training steps on branches express them through `proportions(state, step)` so those steps count
-towards the budget, as in Aioli's released code.
+`needs` declares what the trainer must supply (NEEDS below; MixtureRunner refuses a method whose
+needs it cannot meet, in one line). Methods that spend training steps on branches express them
+through `proportions(state, step)` so those steps count towards the budget, as in Aioli's released
+code. Implemented: stratified, static, aioli (+ restricted mode), skillit, doremi, doge; GS and DML
+are static runs chosen with lib/mixing_laws.py (dirichlet_cover, fit_static_law, choose_p).
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ import numpy as np
 
 from data.pipeline import check_proportions
 from lib.errors import ConfigError
+
+NEEDS = {
+  "eval_group_loss": "per-group validation losses when wants_eval(step)",
+  "train_group_loss": "per-group training losses inside the jitted step",
+  "group_grads": "per-group gradients inside the jitted step (from the batch's group ids)",
+  "reference_losses": "a reference run's per-group losses (mixture.reference)",
+  "skills_graph": "a skills graph from one-hot runs (mixture.graph)",
+}
 
 
 class Controller:
@@ -384,6 +396,9 @@ class MixtureRunner:
     self.sharding = sharding
     self.state = controller.init()
     self._it = None
+    unmet = sorted(set(controller.needs) - set(NEEDS))
+    if unmet:
+      raise ConfigError(f"mixture.method={controller.name} needs {unmet}, which this trainer cannot supply ({sorted(NEEDS)})")
 
   def train_step(self, *, model, tx, schedule, grad_accum: int):
     """The (unjitted) step function: lib/steps.train_step, or the reweighting step of DoReMi/DoGE."""

@@ -346,6 +346,12 @@ def test_bad_input_is_one_clear_error():
   with pytest.raises(errors.ConfigError, match=r"missing groups \['b'\]"):
     mixture.make(_mcfg(method="doremi", reference="a=3.0"), ["a", "b"])
 
+  class Oracle(mixture.Controller):
+    name, needs = "oracle", frozenset({"test_losses"})
+
+  with pytest.raises(errors.ConfigError, match=r"needs \['test_losses'\], which this trainer cannot supply"):
+    mixture.MixtureRunner(Oracle(["a", "b"]), None, total=4, num_threads=1)
+
 
 # ---------------------------------------------------------------- trainer: every controller resumes bit-for-bit
 
