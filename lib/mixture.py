@@ -104,6 +104,10 @@ class Aioli(Controller):
     prior = g("prior", "")
     self.prior = parse_proportions(prior, group_names) if prior else None
     self.P = int(g("prior_steps", 0)) if self.prior is not None else 0
+    if self.prior is None and int(g("prior_steps", 0)) > 0:
+      raise ConfigError(
+        f"Aioli: mixture.prior_steps={g('prior_steps', 0)} without mixture.prior (the proportions to train on first)"
+      )
     if self.R * self.s * self.m >= self.U:
       raise ConfigError(
         f"Aioli: LearnParams needs R·s·m = {self.R * self.s * self.m} steps, more than a round (update_steps={self.U})"

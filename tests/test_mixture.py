@@ -334,6 +334,8 @@ def test_bad_input_is_one_clear_error():
     mixture.make(_mcfg(method="aioli", update_steps=10, prior="a=0.5,c=0.5", prior_steps=2), ["a", "b"])
   with pytest.raises(errors.DataError, match="sum to 1"):
     mixture.make(_mcfg(method="aioli", update_steps=10, prior="a=0.5,b=0.6", prior_steps=2), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="without mixture.prior"):
+    mixture.make(_mcfg(method="aioli", update_steps=10, prior_steps=2), ["a", "b"])
   with pytest.raises(errors.ConfigError, match="needs a reference run"):
     mixture.make(_mcfg(method="doremi"), ["a", "b"])
   with pytest.raises(errors.ConfigError, match="more than a round"):
