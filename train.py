@@ -83,6 +83,61 @@ def fingerprint(batch_np: dict) -> int:
   return zlib.crc32(b"".join(np.ascontiguousarray(batch_np[k]).tobytes() for k in sorted(batch_np)))
 
 
+def model_config(cfg, vocab_size: int) -> M.ModelConfig:
+  """cfg.model with the data's vocabulary filled in (vocab_size=-1), checked against the data."""
+  mcfg = M.ModelConfig.from_config(cfg.model)
+  if mcfg.vocab_size == -1:
+    mcfg = M.ModelConfig(**{**vars(mcfg), "vocab_size": vocab_size})
+  elif mcfg.vocab_size < vocab_size:
+    raise errors.ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
+  if cfg.data.seq_len > mcfg.max_len:
+    raise errors.ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={mcfg.max_len}")
+  return mcfg
+
+
+def console(step: int, total: int, row: dict) -> None:
+  if jax.process_index() == 0:
+    print(MX.console_line(step, total, row), flush=True)
+
+
+def held_out_batches(groups, split: str, cfg, mesh) -> list:
+  """Global eval batches of every group's `split` (rows tagged with the group id when mixing)."""
+  elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
+  out = []
+  for gi, g in enumerate(groups):
+    for b in dp.eval_batches(
+      sources.select_split(g, split),
+      batch_size=cfg.eval.batch_size,
+      seq_len=cfg.data.seq_len,
+      num_batches=cfg.eval.batches,
+      rows=(elo, ehi),
+      objective=cfg.data.objective,
+      vocab_size=groups[0].vocab_size,
+      max_docs_per_row=None if cfg.data.packing else 1,
+    ):
+      if len(groups) > 1:
+        b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
+      out.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
+  return out
+
+
+def test_eval(p_eval, params, groups, cfg, mesh, writer, step) -> dict:
+  """Per-group TEST-split loss and perplexity at the end of a run (controllers only ever see the
+  validation split; the test split is what is reported, as in the Aioli paper). test/avg_ppl is the
+  unweighted mean of the groups' perplexities. Empty (and nothing written) if `step` is None (the run
+  stopped early), cfg.eval.test_at_end is off, or some group has no test split."""
+  if step is None or not cfg.eval.test_at_end or not all("test" in g.splits for g in groups):
+    return {}
+  names = [g.name for g in groups]
+  em = run_eval(p_eval, params, held_out_batches(groups, "test", cfg, mesh), names)
+  out = {"test/" + k.removeprefix("eval/"): v for k, v in em.items()}
+  ppl = [float(np.exp(out.get(f"test/{n}/loss", out["test/loss"]))) for n in names]
+  out.update({f"test/{n}/ppl": v for n, v in zip(names, ppl)})
+  out["test/ppl"], out["test/avg_ppl"] = float(np.exp(out["test/loss"])), float(np.mean(ppl))
+  writer.write(step, out)
+  return out
+
+
 def run_eval(p_eval, params, eval_sets, names) -> dict:
   total = None
   for batch in eval_sets:
@@ -92,6 +147,33 @@ def run_eval(p_eval, params, eval_sets, names) -> dict:
     else:  # groups without exact log-probs (text) drop the optimum for the whole set
       total = {k: total[k] + s[k] for k in total.keys() & s.keys()}
   return steps.finish_eval(total, names)
+
+
+def check_finite(fetched, workdir: str, stop_on_nan: bool) -> None:
+  for s_, m_ in fetched:
+    if stop_on_nan and not np.isfinite(m_["train/loss"]):
+      raise TrainingDiverged(
+        f"non-finite training loss {m_['train/loss']} at step {s_}; the last good "
+        f"checkpoints in {workdir} are intact ({sorted(C.available_steps(workdir))[-3:]})"
+      )
+
+
+def build_row(step: int, m: dict, batch_np: dict, mix, *, dt: float, n_steps: int, tokens: int, tokens_seen: int, fpt, peak):
+  """The logged row at `step`: the step's metrics, data fingerprint, throughput and per-group fields."""
+  row = dict(m)
+  tps = n_steps * tokens / max(dt, 1e-9)
+  row.update(
+    {
+      "data/fingerprint": fingerprint(batch_np),
+      "perf/tokens_per_s": tps,
+      "perf/step_time": dt / max(n_steps, 1),
+      "perf/tokens_seen": tokens_seen,
+      "perf/flops_per_token": fpt,
+      "perf/mfu": tps * fpt / (peak * jax.device_count()) if peak else None,
+    }
+  )
+  row.update(mix.row_fields(step, row))
+  return row
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
@@ -118,13 +200,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   groups = sources.make_groups(cfg.data)
   names = [g.name for g in groups]
   vocab_size = groups[0].vocab_size
-  mcfg = M.ModelConfig.from_config(cfg.model)
-  if mcfg.vocab_size == -1:
-    mcfg = M.ModelConfig(**{**vars(mcfg), "vocab_size": vocab_size})
-  elif mcfg.vocab_size < vocab_size:
-    raise errors.ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
-  if L > mcfg.max_len:
-    raise errors.ConfigError(f"data.seq_len={L} exceeds model.max_len={mcfg.max_len}")
+  mcfg = model_config(cfg, vocab_size)
   model = M.make(mcfg)
   cfg_dict = json.loads(cfg.to_json_best_effort())
   cfg_dict["model"] = dict(vars(mcfg), preset=cfg.model.get("preset", ""))
@@ -146,29 +222,15 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
     group_names=names,
     cache_tokens=cfg.data.cache_tokens,
   )
-  elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
-  eval_sets = []
-  for gi, g in enumerate(groups):
-    for b in dp.eval_batches(
-      sources.select_split(g, "validation"),
-      batch_size=cfg.eval.batch_size,
-      seq_len=L,
-      num_batches=cfg.eval.batches,
-      rows=(elo, ehi),
-      objective=cfg.data.objective,
-      vocab_size=vocab_size,
-      max_docs_per_row=None if cfg.data.packing else 1,
-    ):
-      if len(groups) > 1:
-        b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
-      eval_sets.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
+  eval_sets = held_out_batches(groups, "validation", cfg, mesh)
 
   # Model, optimizer, mixture controller, sharded state.
   tx, sched = optim.make_optimizer(cfg.opt, total)
-  controller = mixture.make(cfg.mixture, names)
+  controller = mixture.make(cfg.mixture, names, seed=cfg.seed)
   state_sh = state_shardings(model, tx, mesh)
   mix0 = controller.init()
   state_sh["mixture"] = jax.tree.map(lambda _: sharding.replicated(mesh), mix0)
+  mix = mixture.MixtureRunner(controller, pipe, total=total, num_threads=cfg.data.num_threads, sharding=state_sh["mixture"])
   n_params = M.param_count(model)
 
   def init_state(key):
@@ -210,7 +272,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       meta = {}
     step = int(state["step"])
     writer = run.closing(MX.Writer(workdir, cfg.log.tensorboard, keep_upto=step if restored is not None else -1))
-    mix_state = jax.tree.map(np.asarray, state["mixture"])
+    mix.load(state["mixture"])
     hook = None
     if cfg.probes.enabled:
       from analysis import probes
@@ -218,9 +280,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       hook = probes.ProbeHook(workdir, cfg, model, mesh, total)
 
     p_train = jax.jit(
-      functools.partial(
-        steps.train_step, model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum, num_groups=len(groups)
-      ),
+      mix.train_step(model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum),
       out_shardings=(state_sh, None),
       donate_argnums=(0,),
     )
@@ -240,7 +300,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
             "tokens_seen": tokens_seen,
             "data_step": step_,
             "time": time.time(),
-            "mixture_p": controller.proportions(mix_state, step_).tolist(),
+            "mixture_p": mix.proportions(step_).tolist(),
             "group_names": names,
           },
           last=last,
@@ -255,20 +315,8 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
 
     if restored is None:
       save(0)
-      if cfg.eval.every:
-        evaluate(0)
-
-    def observe_groups(step_, em):
-      """Per-group validation losses -> the mixture controller; returns its new state."""
-      obs = {"eval/group_loss": np.array([em.get(f"eval/{n}/loss", em["eval/loss"]) for n in names])}
-      return controller.update(mix_state, step_, obs)
-
-    if restored is None and len(groups) > 1 and controller.wants_eval(mix_state, 0):
-      # e.g. Aioli's first round needs ℓ⁰ at the initialisation (a resumed run saved it already)
-      mix_state = observe_groups(0, evaluate(0))
-      state = dict(state, mixture=jax.device_put(jax.tree.map(jnp.asarray, mix_state), state_sh["mixture"]))
-    p_fn = lambda s: controller.proportions(mix_state, s)  # noqa: E731
-    it = pipe.iterator(step, total, p_fn if len(groups) > 1 else None, num_threads=cfg.data.num_threads)
+      state = mix.first_eval(state, evaluate, log_eval=bool(cfg.eval.every))
+    mix.start(step)
     pending, last_m = [], {}
     t_last, step_last = time.time(), step
     print(
@@ -279,7 +327,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
     stop = min(total, cfg.train.stop_at or total)
     try:
       while step < stop:
-        batch_np = next(it)
+        batch_np = mix.next_batch()
         batch = sharding.global_batch_from_local(mesh, batch_np, B)
         state, m = p_train(state, batch)
         step += 1
@@ -287,59 +335,31 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
         pending.append((step, m))
         at_end = step == stop or run.stop_requested(step)  # a signal stops here, with a resume checkpoint
         do_eval = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == total)
-        do_mix = controller.wants_eval(mix_state, step)
+        do_mix = mix.wants_eval(step)
         a, r = ckpt.wants(step, at_end)
         if step % cfg.train.log_every == 0 or do_eval or do_mix or a or r or at_end:
           fetched = jax.device_get(pending)
-          for s_, m_ in fetched:
-            if cfg.train.stop_on_nan and not np.isfinite(m_["train/loss"]):
-              raise TrainingDiverged(
-                f"non-finite training loss {m_['train/loss']} at step {s_}; the last good "
-                f"checkpoints in {workdir} are intact ({sorted(C.available_steps(workdir))[-3:]})"
-              )
-          dt = time.time() - t_last
-          s_, m_ = fetched[-1]
-          row = dict(m_)
-          tps = (step - step_last) * B * L / max(dt, 1e-9)
-          row.update(
-            {
-              "data/fingerprint": fingerprint(batch_np),
-              "perf/tokens_per_s": tps,
-              "perf/step_time": dt / max(step - step_last, 1),
-              "perf/tokens_seen": tokens_seen,
-              "perf/flops_per_token": fpt,
-              "perf/mfu": tps * fpt / (peak * jax.device_count()) if peak else None,
-            }
-          )
-          if len(groups) > 1:
-            p = controller.proportions(mix_state, step - 1)
-            counts = np.bincount(pipe.group_of_rows(step - 1, p), minlength=len(groups))
-            for gi, n in enumerate(names):
-              row[f"mixture/p/{n}"] = float(p[gi])
-              row[f"data/rows/{n}"] = int(counts[gi])
-            row.pop("train/group_tokens", None)
-            gl = row.pop("train/group_loss")
-            for gi, n in enumerate(names):
-              row[f"train/{n}/loss"] = float(gl[gi])
+          check_finite(fetched, workdir, cfg.train.stop_on_nan)
+          row = build_row(
+            step, fetched[-1][1], batch_np, mix, dt=time.time() - t_last, n_steps=step - step_last, tokens=B * L,
+            tokens_seen=tokens_seen, fpt=fpt, peak=peak,
+          )  # fmt: skip
           writer.write(step, row)
           last_m.update(row)
-          if jax.process_index() == 0:
-            print(MX.console_line(step, total, row), flush=True)
+          console(step, total, row)
           pending = []
           t_last, step_last = time.time(), step
         if do_eval or do_mix:
           em = evaluate(step)
           last_m.update(em)
-          if jax.process_index() == 0:
-            print(MX.console_line(step, total, em), flush=True)
+          console(step, total, em)
           if do_mix:
-            mix_state = observe_groups(step, em)
-            state = dict(state, mixture=jax.device_put(jax.tree.map(jnp.asarray, mix_state), state_sh["mixture"]))
-            it = pipe.iterator(step, total, p_fn, num_threads=cfg.data.num_threads)
+            state = mix.observe(step, em, state)
           t_last = time.time()
         save(step, last=at_end)
         if at_end:
           break
+      last_m.update(test_eval(p_eval, state["params"], groups, cfg, mesh, writer, step if step == total else None))
     finally:
       ckpt.wait()
       ckpt.close()

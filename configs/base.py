@@ -77,16 +77,24 @@ def defaults() -> mlc.ConfigDict:
   c.eval.every = 50  # held-out eval cadence (steps; also at the end)
   c.eval.batches = 4  # fixed validation batches (same tokens for every run)
   c.eval.batch_size = 16  # rows per eval batch
+  c.eval.test_at_end = True  # after the last step, per-group test-split loss/ppl (test/<group>/ppl, test/avg_ppl)
 
   c.mixture = mlc.ConfigDict()
-  c.mixture.method = "stratified"  # stratified | static | aioli (lib/mixture.py)
+  c.mixture.method = "stratified"  # stratified | static | aioli | skillit | doremi | doge (lib/mixture.py)
   c.mixture.proportions = ""  # static: 'name=p,...' or 'p1,p2,...'
-  c.mixture.update_steps = 250  # aioli: steps per round (U)
+  c.mixture.update_steps = 250  # aioli, skillit: steps per round (U)
   c.mixture.lp_rounds = 4  # aioli: LearnParams sweeps per round (R)
   c.mixture.lp_steps = 4  # aioli: training steps per LearnParams sub-phase (s)
   c.mixture.one_hot_factor = 0.625  # aioli: weight f of the probed group in q^(j)
-  c.mixture.eta = 0.2  # aioli: step size η
+  c.mixture.eta = 0.2  # aioli, skillit: step size η
   c.mixture.ema = 0.0  # aioli: EMA γ of Â (0 = cumulative multiplicative update)
+  c.mixture.prior = ""  # aioli restricted mode: proportions 'name=p,...' for the first prior_steps steps
+  c.mixture.prior_steps = 0  # aioli restricted mode: steps trained on the prior before the first round
+  c.mixture.window = 3  # skillit: number of recent evaluations summed in the update
+  c.mixture.graph = ""  # skillit: skills graph 'a,b;c,d' (row i = trained group), see mixture.skills_graph
+  c.mixture.reference = ""  # doremi: reference run dir (its last eval row) or 'name=loss,...'
+  c.mixture.mu = 0.01  # doremi: step size of log w; doge: log w += s/mu
+  c.mixture.smoothing = 1e-3  # doremi: w <- (1-eps) w + eps/m
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # device mesh; one axis may be -1
 

@@ -3,24 +3,37 @@
 Interface (all methods pure functions of their inputs; the state is a dict of numpy arrays that is
 saved in every checkpoint, so a resumed run continues with the same p):
 
-  init(group_names) -> state
+  init() -> state
   proportions(state, step) -> p [m]          p for the batch at `step` (exact counts are applied by
                                              the pipeline); may vary *within* a round, e.g. Aioli's
                                              LearnParams sweeps q^(j) for s real steps per group
   wants_eval(state, step) -> bool            ask the trainer for per-group validation losses at `step`
-  update(state, step, obs) -> state          obs: {"train/group_loss": [m], "eval/group_loss": [m], ...}
+  update(state, step, obs) -> state          obs: {"eval/group_loss": [m]}
+  log_fields(state) -> dict                  extra flat fields for the logged row (Aioli's Â)
+  mode                                       "" or "doremi"/"doge": the jitted step reweights per-group
+                                             losses/gradients and updates w on device
 
-Online methods plug in here (Aioli, DoReMi, DoGE, Skill-It, data-mixing laws): `needs` declares what
-the trainer must supply ("eval_group_loss", "group_grads", "reference_losses"); methods that spend
-training steps on branches express them through `proportions(state, step)` so those steps count
-towards the budget, as in Aioli's released code.
+`needs` declares what the trainer must supply (NEEDS below; MixtureRunner refuses a method whose
+needs it cannot meet, in one line). Methods that spend training steps on branches express them
+through `proportions(state, step)` so those steps count towards the budget, as in Aioli's released
+code. Implemented: stratified, static, aioli (+ restricted mode), skillit, doremi, doge; GS and DML
+are static runs chosen with lib/mixing_laws.py (dirichlet_cover, fit_static_law, choose_p).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lib.errors import ConfigError
 from lib.proportions import check_proportions
+
+NEEDS = {
+  "eval_group_loss": "per-group validation losses when wants_eval(step)",
+  "train_group_loss": "per-group training losses inside the jitted step",
+  "group_grads": "per-group gradients inside the jitted step (from the batch's group ids)",
+  "reference_losses": "a reference run's per-group losses (mixture.reference)",
+  "skills_graph": "a skills graph from one-hot runs (mixture.graph)",
+}
 
 
 class Controller:
@@ -43,6 +56,10 @@ class Controller:
 
   def update(self, state: dict, step: int, obs: dict) -> dict:
     return state
+
+  def log_fields(self, state: dict) -> dict:
+    """Extra flat fields for the logged row (e.g. Aioli's latest Â)."""
+    return {}
 
 
 class Stratified(Controller):
@@ -81,19 +98,31 @@ class Aioli(Controller):
     self.U, self.R, self.s = int(g("update_steps", 250)), int(g("lp_rounds", 4)), int(g("lp_steps", 4))
     self.f, self.eta, self.ema = float(g("one_hot_factor", 0.625)), float(g("eta", 0.2)), float(g("ema", 0.0))
     self.seed = int(g("seed", 0))
+    # Restricted setting: train on `prior` for `prior_steps` steps, then run Aioli's rounds starting
+    # from p = prior. (The released code resets p to uniform after the prior stage, papers.md §4.3.6;
+    # we follow the paper's description, "Aioli adjusts the prior", and document the difference.)
+    prior = g("prior", "")
+    self.prior = parse_proportions(prior, group_names) if prior else None
+    self.P = int(g("prior_steps", 0)) if self.prior is not None else 0
+    if self.prior is None and int(g("prior_steps", 0)) > 0:
+      raise ConfigError(
+        f"Aioli: mixture.prior_steps={g('prior_steps', 0)} without mixture.prior (the proportions to train on first)"
+      )
     if self.R * self.s * self.m >= self.U:
-      raise ValueError(
+      raise ConfigError(
         f"Aioli: LearnParams needs R·s·m = {self.R * self.s * self.m} steps, more than a round (update_steps={self.U})"
       )
     if self.m > 1 and not (1.0 / self.m < self.f <= 1.0):
-      raise ValueError(f"Aioli: one_hot_factor={self.f} must be in (1/m, 1]")
+      raise ConfigError(f"Aioli: one_hot_factor={self.f} must be in (1/m, 1]")
 
   def init(self) -> dict:
     m = self.m
+    p0 = self.prior if self.prior is not None else np.full(m, 1.0 / m)
     return {
-      "p": np.full(m, 1.0 / m, np.float32),
+      "p": p0.astype(np.float32),
       "G": np.zeros((m, m), np.float32),
       "A_ema": np.zeros((m, m), np.float32),
+      "A": np.zeros((m, m), np.float32),  # the latest round's normalised Â (logged)
       "ell": np.zeros(m, np.float32),
       "rounds": np.zeros((), np.int32),
     }
@@ -104,8 +133,10 @@ class Aioli(Controller):
     return q
 
   def _phase(self, step: int) -> tuple[int, int, int]:
-    """(round, sub-phase k or -1 after LearnParams, group j of sub-phase k)."""
-    r, t = divmod(int(step), self.U)
+    """(round, sub-phase k or -1 after LearnParams, group j of sub-phase k); round -1 = prior stage."""
+    if int(step) < self.P:
+      return -1, -1, -1
+    r, t = divmod(int(step) - self.P, self.U)
     k = t // self.s
     if k >= self.R * self.m:
       return r, -1, -1
@@ -117,13 +148,15 @@ class Aioli(Controller):
     return self._q(j) if k >= 0 else np.asarray(state["p"], np.float64)
 
   def wants_eval(self, state: dict, step: int) -> bool:
-    t = int(step) % self.U
+    if int(step) < self.P:
+      return False
+    t = (int(step) - self.P) % self.U
     return t % self.s == 0 and t // self.s <= self.R * self.m
 
   def update(self, state: dict, step: int, obs: dict) -> dict:
     ell = np.asarray(obs["eval/group_loss"], np.float64)
     state = {k: np.array(v) for k, v in state.items()}
-    t = int(step) % self.U
+    t = (int(step) - self.P) % self.U
     if t == 0:  # start of a round: ℓ⁰
       state["ell"], state["G"] = ell.astype(np.float32), np.zeros_like(state["G"])
       return state
@@ -137,6 +170,7 @@ class Aioli(Controller):
       if A.min() < 0:
         A = A - A.min()
       A = A / max(A.sum(), 1e-12)
+      state["A"] = A.astype(np.float32)
       if self.ema > 0:
         A_bar = (1 - self.ema) * A + self.ema * state["A_ema"]
         logits = self.eta * A_bar.sum(0)
@@ -148,8 +182,174 @@ class Aioli(Controller):
       state["rounds"] = np.asarray(state["rounds"] + 1, np.int32)
     return state
 
+  def log_fields(self, state: dict) -> dict:
+    """Â of the latest round (rows: evaluated group i, columns: trained group j), after the first round."""
+    if "A" not in state or int(state["rounds"]) == 0:
+      return {}
+    A = np.asarray(state["A"])
+    return {f"mixture/A/{a}/{b}": float(A[i, j]) for i, a in enumerate(self.group_names) for j, b in enumerate(self.group_names)}
 
-METHODS = {"stratified": Stratified, "static": Static, "aioli": Aioli}
+
+def _matrix(text, m: int, what: str) -> np.ndarray:
+  """'a,b;c,d' (rows split by ';') or a nested sequence -> [m, m] float array (validated)."""
+  if isinstance(text, str):
+    try:
+      rows = [[float(x) for x in r.split(",")] for r in text.split(";") if r.strip()]
+    except ValueError as e:
+      raise ConfigError(f"{what}: cannot parse {text!r} as rows 'a,b;c,d' ({e})") from None
+  else:
+    rows = text
+  A = np.asarray(rows, np.float64)
+  if A.shape != (m, m) or not np.all(np.isfinite(A)):
+    raise ConfigError(f"{what} must be a finite {m}x{m} matrix, got shape {A.shape}")
+  return A
+
+
+def skills_graph(loss_start, loss_end) -> np.ndarray:
+  """Skill-It's graph from m one-hot runs: A[i, j] = (L_j(0) − L_j(end of the run trained on i)) / L_j(0).
+
+  loss_start: [m] per-group losses at the start; loss_end: [m, m], row i = losses after training on i.
+  Rows are the trained group, columns the evaluated group (the released notebook uses the transpose
+  for its LMO analysis; the update below reads A[i, :] as "what training on i does to every group").
+  """
+  L0, L1 = np.asarray(loss_start, np.float64), np.asarray(loss_end, np.float64)
+  return (L0[None, :] - L1) / L0[None, :]
+
+
+class SkillIt(Controller):
+  """Skill-It (Chen et al. 2023), online: every U steps, p_i ∝ exp(η Σ_j A[i, j] Σ_{τ ∈ last w evals} ℓ_j^τ).
+
+  Not cumulative (restarts from uniform every update, as released). A = `mixture.graph` ('a,b;c,d',
+  rows = trained group; build it with `skills_graph` from m one-hot runs: the method's m extra runs).
+  """
+
+  name = "skillit"
+  needs = frozenset({"eval_group_loss", "skills_graph"})
+
+  def __init__(self, group_names, cfg=None):
+    super().__init__(group_names, cfg)
+    g = (lambda k, d: cfg.get(k, d)) if cfg is not None else (lambda k, d: d)  # noqa: E731
+    graph = g("graph", "")
+    if not graph:
+      raise ConfigError("mixture.method=skillit needs mixture.graph (its skills graph from m one-hot runs)")
+    self.A = _matrix(graph, self.m, "mixture.graph")
+    self.U, self.eta, self.w = int(g("update_steps", 250)), float(g("eta", 0.2)), int(g("window", 3))
+    if self.w < 1 or self.U < 1:
+      raise ConfigError(f"Skill-It: window={self.w} and update_steps={self.U} must be >= 1")
+
+  def init(self) -> dict:
+    return {
+      "p": np.full(self.m, 1.0 / self.m, np.float32),
+      "hist": np.zeros((self.w, self.m), np.float32),
+      "n": np.zeros((), np.int32),
+    }
+
+  def wants_eval(self, state: dict, step: int) -> bool:
+    return int(step) % self.U == 0
+
+  def update(self, state: dict, step: int, obs: dict) -> dict:
+    ell = np.asarray(obs["eval/group_loss"], np.float64)
+    hist = np.roll(np.asarray(state["hist"], np.float64), 1, axis=0)
+    hist[0] = ell
+    n = int(state["n"]) + 1
+    S = hist[: min(n, self.w)].sum(0)  # Σ over the last w evaluations
+    logits = self.eta * self.A @ S
+    p = np.exp(logits - logits.max())
+    return {"p": (p / p.sum()).astype(np.float32), "hist": hist.astype(np.float32), "n": np.asarray(n, np.int32)}
+
+
+class _Reweighting(Controller):
+  """Shared by DoReMi and DoGE: data stay stratified; the jitted train step reweights per-group losses
+  (or gradients) with w and updates w on device (lib/steps.mixing_train_step). The method's output is
+  the average w over training (`average_weights`), used for a final static run."""
+
+  needs = frozenset({"train_group_loss"})
+  mode = ""
+
+  def __init__(self, group_names, cfg=None):
+    super().__init__(group_names, cfg)
+    g = (lambda k, d: cfg.get(k, d)) if cfg is not None else (lambda k, d: d)  # noqa: E731
+    self.mu, self.eps = float(g("mu", 0.01)), float(g("smoothing", 1e-3))
+    if self.mu <= 0:
+      raise ConfigError(f"{self.name}: mixture.mu={self.mu} must be > 0")
+
+  def init(self) -> dict:
+    m = self.m
+    u = np.full(m, 1.0 / m, np.float32)
+    return {"p": u, "logw": np.zeros(m, np.float32), "w": u.copy(), "w_sum": np.zeros(m, np.float32), "n": np.zeros((), np.int32)}
+
+  @staticmethod
+  def average_weights(state: dict) -> np.ndarray:
+    w = np.asarray(state["w_sum"], np.float64) / max(int(state["n"]), 1)
+    return w / w.sum()
+
+
+class DoReMi(_Reweighting):
+  """DoReMi (Xie et al. 2023) as an LMO method: A^t = diag(max(ℓ_i^t − ℓ_i^ref, 0)).
+
+  Each step (on device, after the step's forward pass): excess = max(ℓ_train − ℓ_ref, 0);
+  log w ← log w + μ·excess; w ← (1−ε)·softmax(log w) + ε/m; the proxy's loss is Σ_i w_i ℓ_i
+  (reweighted, not resampled), with the w of the previous step. ONE optimizer update per step (the
+  released trainer's per-micro-batch optimizer.step() is not copied). ℓ_ref = `mixture.reference`: the
+  per-group validation losses of a same-size stratified reference run ('a=3.1,b=2.0' or a run dir,
+  whose last eval row is read)."""
+
+  name = "doremi"
+  needs = frozenset({"train_group_loss", "reference_losses"})
+  mode = "doremi"
+
+  def __init__(self, group_names, cfg=None):
+    super().__init__(group_names, cfg)
+    ref = cfg.get("reference", "") if cfg is not None else ""
+    if not ref:
+      raise ConfigError("mixture.method=doremi needs a reference run: set mixture.reference to its workdir or 'group=loss,...'")
+    self.ref = reference_losses(ref, self.group_names)
+
+  def init(self) -> dict:
+    return dict(super().init(), ref=self.ref.astype(np.float32))
+
+
+class DoGE(_Reweighting):
+  """DoGE (Fan et al. 2023): A^t_ij = ⟨∇ℓ_i^train, ∇ℓ_j^val⟩, computed inside the jitted step.
+
+  Per-group gradients g_i come from the batch's group ids; the target gradient is the mean over
+  groups of the same batch's per-group gradients (DoGE's universal-generalisation setting: every
+  training group is a target). s_i = clip(lr·⟨g_i, g_val⟩ / mean_i ‖g_i‖, 0, 5·lr); log w ← log w + s/μ;
+  w = softmax(log w); the applied gradient is Σ_i w_i g_i with the new w."""
+
+  name = "doge"
+  needs = frozenset({"group_grads"})
+  mode = "doge"
+
+
+def reference_losses(ref, group_names) -> np.ndarray:
+  """DoReMi's ℓ_ref: 'a=3.1,b=2.0' or a run directory (its last eval row's eval/<group>/loss)."""
+  import json
+  import os
+
+  names = list(group_names)
+  if isinstance(ref, str) and os.path.isdir(ref):
+    path = os.path.join(ref, "metrics.jsonl")
+    rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+    rows = [r for r in rows if all(f"eval/{n}/loss" in r for n in names)]
+    if not rows:
+      raise ConfigError(f"mixture.reference={ref}: no eval row with per-group losses for {names} in {path}")
+    return np.array([rows[-1][f"eval/{n}/loss"] for n in names])
+  if isinstance(ref, str):
+    kv = {}
+    for part in (x for x in ref.split(",") if x.strip()):
+      if "=" not in part:
+        raise ConfigError(f"mixture.reference={ref!r} is neither a run directory nor 'group=loss,...'")
+      k, v = part.split("=", 1)
+      kv[k.strip()] = float(v)
+    missing, unknown = sorted(set(names) - set(kv)), sorted(set(kv) - set(names))
+    if missing or unknown:
+      raise ConfigError(f"mixture.reference: missing groups {missing}, unknown groups {unknown}; groups are {names}")
+    return np.array([kv[n] for n in names])
+  return np.asarray(ref, np.float64)
+
+
+METHODS = {"stratified": Stratified, "static": Static, "aioli": Aioli, "skillit": SkillIt, "doremi": DoReMi, "doge": DoGE}
 
 
 def parse_proportions(text, group_names) -> np.ndarray:
@@ -161,7 +361,7 @@ def parse_proportions(text, group_names) -> np.ndarray:
       kv = dict((k.strip(), float(v)) for k, v in (x.split("=", 1) for x in parts))
       unknown = sorted(set(kv) - set(names))
       if unknown:
-        raise ValueError(f"mixture.proportions names unknown groups {unknown}; groups are {names}")
+        raise ConfigError(f"mixture proportions name unknown groups {unknown}; groups are {names}")
       p = np.array([kv.get(n, 0.0) for n in names])
     else:
       p = np.array([float(x) for x in parts])
@@ -171,8 +371,117 @@ def parse_proportions(text, group_names) -> np.ndarray:
   return p
 
 
-def make(mixture_cfg, group_names) -> Controller:
+def make(mixture_cfg, group_names, seed: int = 0) -> Controller:
+  """The controller named by `mixture.method`; `seed` (the run's) drives any randomness it has."""
   method = mixture_cfg.method
   if method not in METHODS:
-    raise ValueError(f"mixture.method={method!r} is not one of {sorted(METHODS)}")
-  return METHODS[method](group_names, mixture_cfg)
+    raise ConfigError(f"mixture.method={method!r} is not one of {sorted(METHODS)}")
+  c = METHODS[method](group_names, mixture_cfg)
+  c.seed = int(seed)
+  if len(c.group_names) < 2 and c.needs:
+    raise ConfigError(f"mixture.method={method} needs per-group data ({sorted(c.needs)}), but the data has one group")
+  return c
+
+
+class MixtureRunner:
+  """The trainer's one handle on data mixing: the controller, its host state, the data iterator.
+
+  The controller's state lives twice: as numpy here (what `proportions` and `update` read) and as
+  device arrays in the train state's "mixture" entry (what checkpoints save and what on-device
+  controllers such as DoReMi/DoGE update inside the jitted step). `observe` keeps both in step and
+  restarts the data iterator, whose p-function reads a snapshot of the state taken at (re)start, so
+  no closure depends on a variable the loop rebinds later.
+  """
+
+  def __init__(self, controller: Controller, pipe, *, total: int, num_threads: int, sharding=None):
+    self.controller, self.pipe, self.total, self.num_threads = controller, pipe, int(total), num_threads
+    self.names = controller.group_names
+    self.multi = len(self.names) > 1
+    self.sharding = sharding
+    self.state = controller.init()
+    self._it = None
+    unmet = sorted(set(controller.needs) - set(NEEDS))
+    if unmet:
+      raise ConfigError(f"mixture.method={controller.name} needs {unmet}, which this trainer cannot supply ({sorted(NEEDS)})")
+
+  def train_step(self, *, model, tx, schedule, grad_accum: int):
+    """The (unjitted) step function: lib/steps.train_step, or the reweighting step of DoReMi/DoGE."""
+    import functools
+
+    from lib import steps
+
+    mode, m = getattr(self.controller, "mode", ""), len(self.names)
+    if not mode:
+      return functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule, grad_accum=grad_accum, num_groups=m)
+    if grad_accum != 1:
+      raise ConfigError(f"mixture.method={self.controller.name} reweights per-group losses in one pass: set train.grad_accum=1")
+    c = self.controller
+    return functools.partial(
+      steps.mixing_train_step, model=model, tx=tx, schedule=schedule, num_groups=m, mode=mode, mu=c.mu, eps=c.eps
+    )
+
+  def load(self, device_state) -> None:
+    """Adopts the (restored or initial) device copy of the controller state."""
+    self.state = {k: np.asarray(v) for k, v in device_state.items()}
+
+  def to_device(self):
+    import jax
+    import jax.numpy as jnp
+
+    tree = {k: jnp.asarray(v) for k, v in self.state.items()}
+    return tree if self.sharding is None else jax.device_put(tree, self.sharding)
+
+  def proportions(self, step: int) -> np.ndarray:
+    return self.controller.proportions(self.state, step)
+
+  def wants_eval(self, step: int) -> bool:
+    return self.multi and self.controller.wants_eval(self.state, step)
+
+  def start(self, step: int) -> None:
+    """(Re)starts the data iterator at `step` with p from the current state."""
+    snap = {k: np.array(v) for k, v in self.state.items()}
+    p_fn = (lambda s: self.controller.proportions(snap, s)) if self.multi else None
+    self._it = self.pipe.iterator(step, self.total, p_fn, num_threads=self.num_threads)
+
+  def next_batch(self) -> dict:
+    return next(self._it)
+
+  def first_eval(self, train_state: dict, evaluate, log_eval: bool) -> dict:
+    """Step 0 of a fresh run: ONE evaluation serves both the log and a controller that wants ℓ⁰
+    (e.g. Aioli's first round; a resumed run saved it already)."""
+    if log_eval or self.wants_eval(0):
+      em = evaluate(0)
+      if self.wants_eval(0):
+        train_state = self.observe(0, em, train_state)
+    return train_state
+
+  def observe(self, step: int, eval_metrics: dict, train_state: dict) -> dict:
+    """Per-group validation losses -> controller update; returns the train state with the new
+    mixture state on device and restarts the iterator at `step` (the next batch is step's)."""
+    loss = eval_metrics["eval/loss"]
+    obs = {"eval/group_loss": np.array([eval_metrics.get(f"eval/{n}/loss", loss) for n in self.names])}
+    self.state = self.controller.update(self.state, step, obs)
+    self.start(step)
+    return dict(train_state, mixture=self.to_device())
+
+  def row_fields(self, step: int, row: dict) -> dict:
+    """Per-group fields of the logged row at `step` (whose batch was step-1's); pops the vectors."""
+    if not self.multi:
+      return {}
+    p = self.proportions(step - 1)
+    counts = np.bincount(self.pipe.group_of_rows(step - 1, p), minlength=len(self.names))
+    out = {}
+    for gi, n in enumerate(self.names):
+      out[f"mixture/p/{n}"] = float(p[gi])
+      out[f"data/rows/{n}"] = int(counts[gi])
+    row.pop("train/group_tokens", None)
+    gl = row.pop("train/group_loss")
+    for gi, n in enumerate(self.names):
+      out[f"train/{n}/loss"] = float(gl[gi])
+    for key in ("mixture/w", "mixture/w_avg"):  # on-device controllers' loss weights (DoReMi, DoGE)
+      w = row.pop(key, None)
+      if w is not None:
+        for gi, n in enumerate(self.names):
+          out[f"{key}/{n}"] = float(w[gi])
+    out.update(self.controller.log_fields(self.state))
+    return out

@@ -6,6 +6,8 @@ state). Legend: B batch, L length, A gradient-accumulation microbatches, G group
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -103,3 +105,92 @@ def finish_eval(sums: dict, group_names=None) -> dict:
         out[f"eval/{g}/optimal_loss"] = float(sums["group_true_nll_sum"][i]) / gn
         out[f"eval/{g}/excess_loss"] = out[f"eval/{g}/loss"] - out[f"eval/{g}/optimal_loss"]
   return out
+
+
+def _group_losses(params, batch, *, model, num_groups: int, key=None):
+  """Per-group mean token losses ℓ_G and the usual sums (for metrics)."""
+  deterministic = not model.cfg.dropout
+  loss_BxL = M.per_token_loss(model, params, batch, deterministic=deterministic, rngs=None if deterministic else {"dropout": key})
+  sums = _sums(loss_BxL, batch, num_groups)
+  return sums["group_loss_sum"] / jnp.maximum(sums["group_tokens"], 1.0), sums
+
+
+def doremi_weights(logw_G, group_loss_G, ref_G, mu: float, eps: float):
+  """DoReMi's update: log w += μ·max(ℓ − ℓ_ref, 0); w = (1−ε)·softmax(log w) + ε/G. Returns (log w, w)."""
+  logw_G = logw_G + mu * jnp.maximum(group_loss_G - ref_G, 0.0)
+  return logw_G, (1.0 - eps) * jax.nn.softmax(logw_G) + eps / logw_G.shape[0]
+
+
+def doge_weights(logw_G, grads_GxP, lr, mu: float):
+  """DoGE's update from flattened per-group gradients: g_val = mean_g g_g;
+  s = clip(lr·⟨g_G, g_val⟩ / mean_g ‖g_g‖, 0, 5·lr); log w += s/μ; w = softmax(log w). Returns (log w, w)."""
+  g_val_P = grads_GxP.mean(0)
+  norm_mean = jnp.maximum(jnp.linalg.norm(grads_GxP, axis=1).mean(), 1e-12)
+  s_G = jnp.clip(lr * (grads_GxP @ g_val_P) / norm_mean, 0.0, 5.0 * lr)
+  logw_G = logw_G + s_G / mu
+  return logw_G, jax.nn.softmax(logw_G)
+
+
+def mixing_train_step(
+  state: dict,
+  batch: dict,
+  *,
+  model: M.Transformer,
+  tx: optax.GradientTransformation,
+  schedule,
+  num_groups: int,
+  mode: str,
+  mu: float = 0.01,
+  eps: float = 1e-3,
+) -> tuple[dict, dict]:
+  """One optimizer update on group-reweighted losses, with the weights w updated on device.
+
+  mode "doremi": loss Σ_g w_g ℓ_g with w from state["mixture"] (previous step's), then from this
+  step's ℓ_G: log w += μ·max(ℓ_G − ℓ_ref, 0), w = (1−ε)·softmax(log w) + ε/G.
+  mode "doge": per-group gradients g_G (jacrev of ℓ_G; groups from batch["group"]), target
+  g_val = mean_g g_g; s = clip(lr·⟨g_G, g_val⟩ / mean‖g_G‖, 0, 5·lr); log w += s/μ; w = softmax(log w);
+  applied gradient Σ_g w_g g_g. Both accumulate w_sum, n for the averaged weights (lib/mixture).
+  """
+  rng = jax.random.fold_in(state["rng"], state["step"])
+  mix = state["mixture"]
+  params = state["params"]
+  f = functools.partial(_group_losses, model=model, num_groups=num_groups, key=rng)
+  lr = schedule(state["step"])
+  if mode == "doremi":
+
+    def weighted(p):
+      gl_G, sums = f(p, batch)
+      return (mix["w"] * gl_G).sum(), (gl_G, sums)
+
+    grads, (gl_G, sums) = jax.grad(weighted, has_aux=True)(params)
+    logw, w = doremi_weights(mix["logw"], gl_G, mix["ref"], mu, eps)
+  elif mode == "doge":
+
+    def losses(p):
+      gl_G, sums = f(p, batch)
+      return gl_G, (gl_G, sums)
+
+    jac, (gl_G, sums) = jax.jacrev(losses, has_aux=True)(params)  # leaves [G, ...]
+    flat_GxP = jnp.concatenate([x.reshape(num_groups, -1) for x in jax.tree.leaves(jac)], axis=1)
+    logw, w = doge_weights(mix["logw"], flat_GxP, lr, mu)
+    grads = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), jac)
+  else:
+    raise ValueError(f"mixing_train_step: unknown mode {mode!r}")
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  params = optax.apply_updates(params, updates)
+  n_tok = jnp.maximum(sums["tokens"], 1.0)
+  new_mix = dict(mix, logw=logw, w=w, w_sum=mix["w_sum"] + w, n=mix["n"] + 1)
+  metrics = {
+    "train/loss": sums["loss_sum"] / n_tok,
+    "train/grad_norm": optax.tree.norm(grads),
+    "train/lr": lr,
+    "train/tokens": sums["tokens"],
+    "train/param_norm": optax.tree.norm(params),
+    "train/group_loss": gl_G,
+    "train/group_tokens": sums["group_tokens"],
+    "mixture/w": w,
+    "mixture/w_avg": new_mix["w_sum"] / new_mix["n"],  # the method's output p (averaged weights)
+  }
+  if "true_nll_sum" in sums:
+    metrics["train/excess_loss"] = (sums["loss_sum"] - sums["true_nll_sum"]) / n_tok
+  return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1, mixture=new_mix), metrics

@@ -1,0 +1,82 @@
+"""experiments/aioli.py's logic on a planted world: a fake trainer whose final losses follow a known
+static mixing law, so GS, DML and the table can be checked exactly without training (fast). The real
+trainer end-to-end is covered by tests/test_mixture.py (every controller) and the nano run in README."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+
+from experiments import aioli
+from lib import mixing_laws, mixture
+
+C, B, A = np.array([2.0, 1.0]), np.array([1.0, 2.0]), np.array([[3.0, 0.0], [0.5, 2.0]])
+
+
+def _fake_train(calls):
+  def train_and_evaluate(cfg, workdir):
+    calls.append(workdir)
+    names = list(cfg.data.groups)
+    mc = cfg.mixture
+    p = mixture.parse_proportions(mc.proportions, names) if mc.method == "static" else np.full(len(names), 0.5)
+    if mc.method == "aioli":
+      p = np.array([0.3, 0.7])
+    L = mixing_laws.static_law(p, C, B, A)[0]
+    os.makedirs(workdir, exist_ok=True)
+    rows = [{"step": 0, **{f"eval/{n}/loss": 4.0 for n in names}}]
+    row = {"step": cfg.train.steps, "train/loss": 1.0, **{f"mixture/p/{n}": float(x) for n, x in zip(names, p)}}
+    if mc.method in ("doremi", "doge"):
+      row.update({f"mixture/w/{n}": float(x) for n, x in zip(names, (0.6, 0.4))})
+      row.update({f"mixture/w_avg/{n}": float(x) for n, x in zip(names, (0.6, 0.4))})
+    rows.append(row)
+    rows.append({"step": cfg.train.steps, **{f"eval/{n}/loss": float(x) for n, x in zip(names, L)}})
+    test = {f"test/{n}/ppl": float(np.exp(x)) for n, x in zip(names, L)}
+    rows.append({"step": cfg.train.steps, **test, "test/avg_ppl": float(np.mean(list(test.values())))})
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return rows[-1]
+
+  return train_and_evaluate
+
+
+def test_aioli_experiment_on_a_planted_law(tmp_path, monkeypatch):
+  import train
+
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", _fake_train(calls))
+  out = str(tmp_path / "out")
+  assert aioli.main(["--out", out, "--scale", "nano"]) == 0
+  # stratified, aioli, doge proxy, 4 GS points, 2 one-hot, then dml, skillit, doremi proxy, doge, then doremi
+  assert len(calls) == 1 + 1 + 1 + 4 + 2 + 4 + 1
+  df = pd.read_parquet(os.path.join(out, "aioli.parquet"))
+  assert list(df.method) == list(aioli.METHODS)
+  r = df.set_index("method")
+  strat = float(np.mean(np.exp(mixing_laws.static_law([0.5, 0.5], C, B, A)[0])))
+  assert abs(r.loc["stratified", "test_avg_ppl"] - strat) < 1e-9
+  # GS picks the cover point with the lowest average validation loss
+  cover = mixing_laws.dirichlet_cover(2, 4, seed=0)
+  best = cover[np.argmin(mixing_laws.static_law(cover, C, B, A).mean(1))]
+  np.testing.assert_allclose(list(json.loads(r.loc["gs", "p_final"]).values()), best, atol=1e-4)
+  # DML fits the law on those 4 runs and lands on the planted law's argmin of the average loss
+  grid = np.linspace(0, 1, 10001)
+  p_star = grid[np.argmin(mixing_laws.static_law(np.stack([grid, 1 - grid], 1), C, B, A).mean(1))]
+  assert abs(json.loads(r.loc["dml", "p_final"])["easy"] - p_star) < 2e-3
+  p_dml = list(json.loads(r.loc["dml", "p_final"]).values())
+  assert mixing_laws.static_law(p_dml, C, B, A).mean() <= mixing_laws.static_law(best, C, B, A).mean()  # both minimise loss
+  np.testing.assert_allclose(list(json.loads(r.loc["doremi", "p_final"]).values()), [0.6, 0.4])
+  assert (r["diff_vs_stratified"] == r["test_avg_ppl"] - strat).all()
+  assert list(r["extra_runs"]) == [0, 4, 4, 2, 2, 1, 0]
+  report = open(os.path.join(out, "report.md")).read()
+  assert "| Stratified | " in report and "SlimPajama" in report and "| DML | " in report
+  assert os.path.getsize(os.path.join(out, "p_over_time.png")) > 0
+  assert len(pd.read_parquet(os.path.join(out, "p_over_time.parquet")))
+  # finished runs are skipped: a second invocation trains nothing
+  n = len(calls)
+  assert aioli.main(["--out", out, "--scale", "nano"]) == 0
+  assert len(calls) == n
+
+
+def test_aioli_experiment_bad_setting(tmp_path, capsys):
+  assert aioli.main(["--out", str(tmp_path), "--scale", "nano", "--settings", "nope"]) == 2
+  assert "unknown settings ['nope']" in capsys.readouterr().err

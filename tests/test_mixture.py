@@ -1,0 +1,435 @@
+"""Data-mixing methods (lib/mixture.py, lib/steps.py's reweighting step) and mixing laws (lib/mixing_laws.py).
+
+Known answers: one hand-computed round of every method's update; the on-device DoReMi/DoGE steps
+against gradients computed independently; planted mixing laws recovered; vmapped branches equal
+sequential ones; bit-identical resume for every controller; bad input is one clear error.
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from lib import errors, mixing_laws, mixture, steps
+from lib import model as M
+
+
+def _mcfg(**kw):
+  base = dict(
+    method="stratified",
+    proportions="",
+    update_steps=20,
+    lp_rounds=1,
+    lp_steps=1,
+    one_hot_factor=0.75,
+    eta=1.0,
+    ema=0.0,
+    prior="",
+    prior_steps=0,
+    window=3,
+    graph="",
+    reference="",
+    mu=0.01,
+    smoothing=1e-3,
+  )
+  base.update(kw)
+  return mlc.ConfigDict(base)
+
+
+# ---------------------------------------------------------------- Aioli
+
+
+def _aioli_round(c, st, start, ell0, drops):
+  """Feeds one round's evaluations: ℓ⁰ at `start`, then ℓ drops by drops[j] after probing group j."""
+  st = c.update(st, start, {"eval/group_loss": np.asarray(ell0)})
+  ell = np.asarray(ell0, np.float64)
+  for k in range(c.R * c.m):
+    t = start + (k + 1) * c.s
+    _, _, j = c._phase(t - 1)
+    ell = ell - np.asarray(drops[j])
+    st = c.update(st, t, {"eval/group_loss": ell})
+  return st
+
+
+def test_aioli_hand_computed_round():
+  c = mixture.make(_mcfg(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, one_hot_factor=0.75, eta=1.0), ["a", "b"])
+  # probing group 0 lowers the losses by (0.2, 0.1), probing group 1 by (0.05, 0.3): G = [[.2, .05], [.1, .3]]
+  st = _aioli_round(c, c.init(), 0, [3.0, 3.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
+  # W = [[.75, .25], [.25, .75]], W⁻¹ = [[1.5, -.5], [-.5, 1.5]]; Â rows = W⁻¹ G[i, :]:
+  # [0.275, -0.025], [0, 0.4]; shift by 0.025 -> [[.3, 0], [.025, .425]]; / 0.75
+  A = np.array([[0.3, 0.0], [0.025, 0.425]]) / 0.75
+  np.testing.assert_allclose(st["A"], A, rtol=1e-5, atol=1e-7)
+  # p = softmax(log(1/2) + η·1ᵀÂ) with column sums (13/30, 17/30)
+  p0 = 1 / (1 + np.exp(4 / 30))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+  assert int(st["rounds"]) == 1
+  fields = c.log_fields(st)
+  assert abs(fields["mixture/A/b/b"] - 0.425 / 0.75) < 1e-6 and len(fields) == 4
+  # a second, identical round multiplies again (cumulative): p ∝ exp(2·η·1ᵀÂ)
+  st = _aioli_round(c, st, 4, [2.0, 2.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
+  p0 = 1 / (1 + np.exp(8 / 30))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+
+
+def test_aioli_ema_round():
+  c = mixture.make(_mcfg(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, eta=1.0, ema=0.5), ["a", "b"])
+  st = _aioli_round(c, c.init(), 0, [3.0, 3.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
+  # Ā = 0.5·Â + 0.5·0, p ∝ exp(η·1ᵀĀ) (not cumulative)
+  p0 = 1 / (1 + np.exp(0.5 * 4 / 30))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+
+
+def test_aioli_permutation_depends_on_the_run_seed():
+  cfg = _mcfg(method="aioli", update_steps=100, lp_rounds=4, lp_steps=1)
+  perms = []
+  for seed in (0, 1):
+    c = mixture.make(cfg, list("abcd"), seed=seed)
+    perms.append([c._phase(t)[2] for t in range(16)])
+    assert sorted(perms[-1]) == sorted(list(range(4)) * 4)
+  assert perms[0] != perms[1]
+  c0 = mixture.make(cfg, list("abcd"), seed=0)
+  assert perms[0] == [c0._phase(t)[2] for t in range(16)]  # deterministic per seed
+
+
+def test_aioli_restricted_mode_starts_from_the_prior():
+  c = mixture.make(
+    _mcfg(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, prior="a=0.8,b=0.2", prior_steps=3, eta=1.0), ["a", "b"]
+  )
+  st = c.init()
+  np.testing.assert_allclose(st["p"], [0.8, 0.2], rtol=1e-6)
+  assert [t for t in range(12) if c.wants_eval(st, t)] == [3, 4, 5, 7, 8, 9, 11]
+  for t in range(3):
+    np.testing.assert_allclose(c.proportions(st, t), [0.8, 0.2])
+  assert c.proportions(st, 3).max() == 0.75  # LearnParams starts at prior_steps
+  st = _aioli_round(c, st, 3, [3.0, 3.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
+  # p = prior ⊙ exp(η·1ᵀÂ), renormalised (the dynamic stage adjusts the prior)
+  q = np.array([0.8, 0.2]) * np.exp([13 / 30, 17 / 30])
+  np.testing.assert_allclose(st["p"], q / q.sum(), rtol=1e-5)
+  np.testing.assert_allclose(c.proportions(st, 6), q / q.sum(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- Skill-It
+
+
+def test_skills_graph_from_one_hot_runs():
+  L0 = np.array([4.0, 2.0])
+  L1 = np.array([[3.0, 1.8], [3.6, 1.0]])  # row i: losses after training on group i
+  np.testing.assert_allclose(mixture.skills_graph(L0, L1), [[0.25, 0.1], [0.1, 0.5]])
+
+
+def test_skillit_hand_computed_updates():
+  c = mixture.make(_mcfg(method="skillit", graph="0.5,0.1;0.2,0.4", eta=0.2, window=2, update_steps=5), ["a", "b"])
+  st = c.init()
+  assert [t for t in range(12) if c.wants_eval(st, t)] == [0, 5, 10]
+  st = c.update(st, 0, {"eval/group_loss": np.array([3.0, 2.0])})
+  # logits = 0.2·A·[3, 2] = 0.2·[1.7, 1.4]
+  p0 = 1 / (1 + np.exp(0.2 * (1.4 - 1.7)))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+  st = c.update(st, 5, {"eval/group_loss": np.array([2.0, 1.0])})
+  # window 2: S = [5, 3]; logits = 0.2·[2.8, 2.2] (restarts from uniform: not cumulative)
+  p0 = 1 / (1 + np.exp(0.2 * (2.2 - 2.8)))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+  st = c.update(st, 10, {"eval/group_loss": np.array([1.0, 1.0])})
+  # the oldest evaluation ([3, 2]) left the window: S = [3, 2]
+  p0 = 1 / (1 + np.exp(0.2 * (1.4 - 1.7)))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+  np.testing.assert_allclose(c.proportions(st, 11), st["p"])
+
+
+# ---------------------------------------------------------------- DoReMi / DoGE updates
+
+
+def test_doremi_hand_computed_update():
+  logw, w = steps.doremi_weights(jnp.zeros(2), jnp.array([3.0, 2.0]), jnp.array([2.5, 2.5]), mu=0.1, eps=0.01)
+  # excess = (0.5, 0) -> log w = (0.05, 0); w = 0.99·softmax + 0.005
+  np.testing.assert_allclose(logw, [0.05, 0.0], rtol=1e-6)
+  s0 = 1 / (1 + np.exp(-0.05))
+  np.testing.assert_allclose(w, [0.99 * s0 + 0.005, 0.99 * (1 - s0) + 0.005], rtol=1e-6)
+
+
+def test_doge_hand_computed_update():
+  g = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  logw, w = steps.doge_weights(jnp.zeros(2), g, 0.1, mu=1.0)
+  # g_val = (0.5, 1); ⟨g_i, g_val⟩ = (0.5, 2); mean norm 1.5; s = 0.1·(0.5, 2)/1.5 (under the 5·lr clip)
+  np.testing.assert_allclose(logw, [0.1 * 0.5 / 1.5, 0.1 * 2 / 1.5], rtol=1e-6)
+  np.testing.assert_allclose(w, jax.nn.softmax(jnp.array([0.1 / 3, 0.4 / 3])), rtol=1e-6)
+  logw, _ = steps.doge_weights(jnp.zeros(2), jnp.array([[2.0, 0.0], [-1.0, 0.0]]), 0.1, mu=1.0)
+  assert float(logw[1]) == 0.0  # negative alignment clipped at 0
+  logw, _ = steps.doge_weights(jnp.zeros(2), jnp.array([[100.0, 0.0], [0.0, 0.01]]), 0.1, mu=1.0)
+  assert abs(float(logw[0]) - 0.5) < 1e-6  # clipped at 5·lr
+
+
+def _tiny():
+  cfg = M.preset("nano", vocab_size=24, max_len=16)
+  model = M.make(cfg)
+  from lib import sharding
+
+  params = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
+  rng = np.random.default_rng(0)
+  x = rng.integers(4, 24, (8, 16)).astype(np.int32)
+  batch = {
+    "inputs": x,
+    "targets": np.roll(x, -1, 1),
+    "mask": (rng.random((8, 16)) < 0.8).astype(np.int32),
+    "segment_ids": np.ones_like(x),
+    "positions": np.broadcast_to(np.arange(16, dtype=np.int32), x.shape).copy(),
+    "group": np.array([0, 1, 1, 0, 1, 0, 0, 1], np.int32),
+  }
+  return model, params, jax.tree.map(jnp.asarray, batch)
+
+
+def _group_loss_fn(model, params, batch, g):
+  loss = M.per_token_loss(model, params, batch)
+  sel = (batch["group"] == g).astype(jnp.float32)[:, None] * batch["mask"]
+  return (loss * sel).sum() / sel.sum()
+
+
+@pytest.mark.parametrize("method", ["doremi", "doge"])
+def test_reweighting_step_matches_independent_gradients(method):
+  model, params, batch = _tiny()
+  lr = 0.1
+  tx = optax.sgd(lr)
+  c = mixture.make(_mcfg(method=method, reference="a=3.0,b=3.2", mu=0.5), ["a", "b"])
+  mix = jax.tree.map(jnp.asarray, c.init())
+  mix["logw"] = jnp.array([0.3, -0.2])
+  mix["w"] = jax.nn.softmax(mix["logw"])
+  state = {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "rng": jax.random.PRNGKey(0),
+    "mixture": mix,
+  }
+  fn = jax.jit(
+    functools.partial(
+      steps.mixing_train_step, model=model, tx=tx, schedule=lambda s: lr, num_groups=2, mode=method, mu=0.5, eps=1e-3
+    )
+  )
+  new, m = fn(state, batch)
+  vg = jax.jit(jax.value_and_grad(lambda p, g: _group_loss_fn(model, p, batch, g)))
+  gl, grads = zip(*(vg(params, g) for g in (0, 1)))
+  gl = np.array(gl)
+  np.testing.assert_allclose(m["train/group_loss"], gl, rtol=1e-5)
+  if method == "doremi":  # the previous step's w weights the loss; then w moves with the excess loss
+    w_used = np.asarray(mix["w"])
+    logw, w_new = steps.doremi_weights(mix["logw"], jnp.asarray(gl), jnp.array([3.0, 3.2]), 0.5, 1e-3)
+  else:  # the new w weights the per-group gradients
+    flat = jnp.stack([jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in grads])
+    logw, w_new = steps.doge_weights(mix["logw"], flat, lr, 0.5)
+    w_used = np.asarray(w_new)
+  np.testing.assert_allclose(new["mixture"]["w"], w_new, rtol=1e-5)
+  np.testing.assert_allclose(new["mixture"]["w_sum"], np.asarray(w_new), rtol=1e-5)
+  assert int(new["mixture"]["n"]) == 1
+  expect = jax.tree.map(lambda p, a, b: p - lr * (w_used[0] * a + w_used[1] * b), params, grads[0], grads[1])
+  for x, y in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(expect)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_average_weights():
+  st = {"w_sum": np.array([1.2, 0.8]), "n": np.array(2)}
+  np.testing.assert_allclose(mixture.DoReMi.average_weights(st), [0.6, 0.4])
+
+
+# ---------------------------------------------------------------- mixing laws
+
+
+def test_dirichlet_cover_spreads_over_the_simplex():
+  X = mixing_laws.dirichlet_cover(3, 10, seed=0)
+  assert X.shape == (10, 3) and np.all(X >= 0)
+  np.testing.assert_allclose(X.sum(1), 1.0)
+  np.testing.assert_array_equal(X, mixing_laws.dirichlet_cover(3, 10, seed=0))
+  # covers better than 10 plain Dirichlet draws: a smaller worst distance to a dense test set
+  T = np.random.default_rng(9).dirichlet(np.ones(3), 2000)
+
+  def worst(S):
+    return np.sqrt(((T[:, None] - S[None]) ** 2).sum(-1)).min(1).max()
+
+  plain = [worst(np.random.default_rng(s).dirichlet(np.ones(3), 10)) for s in range(5)]
+  assert worst(X) < np.median(plain)
+
+
+def test_static_law_fit_recovers_planted_parameters_and_choose_p():
+  rng = np.random.default_rng(0)
+  m = 3
+  c, b = np.array([2.0, 3.0, 2.5]), np.array([1.5, 1.0, 2.0])
+  A = rng.normal(0, 1.5, (m, m)) + 2 * np.eye(m)
+  P = mixing_laws.dirichlet_cover(m, 20, seed=1)
+  L = mixing_laws.static_law(P, c, b, A)
+  fit = mixing_laws.fit_static_law(P, L)
+  assert fit["mse"] < 1e-8 and fit["r2"] > 0.9999
+  np.testing.assert_allclose(fit["c"], c, atol=2e-2)
+  np.testing.assert_allclose(mixing_laws.centre_rows(fit["A"]), mixing_laws.centre_rows(A), atol=5e-2)
+  Q = np.random.default_rng(5).dirichlet(np.ones(m), 50)  # held-out mixtures
+  np.testing.assert_allclose(
+    mixing_laws.static_law(Q, fit["c"], fit["b"], fit["A"]), mixing_laws.static_law(Q, c, b, A), atol=1e-3
+  )
+  # choose_p against brute force on a fine simplex grid
+  p = mixing_laws.choose_p(fit)
+  k = 200
+  grid = np.array([(i / k, j / k, (k - i - j) / k) for i in range(k + 1) for j in range(k + 1 - i)])
+  avg = mixing_laws.static_law(grid, c, b, A).mean(1)
+  assert mixing_laws.static_law(p, c, b, A).mean() <= avg.min() + 1e-4
+
+
+def test_dynamic_law_fit_recovers_planted_A_and_resists_an_outlier():
+  rng = np.random.default_rng(1)
+  m, K = 3, 11
+  A = np.abs(rng.normal(0.05, 0.03, (m, m)))
+  ell = np.array([3.0, 2.5, 4.0])
+  P = np.vstack([np.eye(m), rng.dirichlet(np.ones(m), K - m)])
+  L = ell[None, :] - P @ A.T
+  fit = mixing_laws.fit_dynamic_law(ell, P, L)
+  np.testing.assert_allclose(fit["A"], A, atol=1e-6)
+  assert fit["mse"] < 1e-12
+  L_bad = L.copy()
+  L_bad[5, 0] += 1.0  # one diverged branch
+  huber = mixing_laws.fit_dynamic_law(ell, P, L_bad)["A"]
+  lstsq = (np.linalg.lstsq(P, ell[None, :] - L_bad, rcond=None)[0]).T
+  assert np.abs(huber - A).max() < np.abs(lstsq - A).max() / 3
+
+
+def test_fidelity_known_values():
+  A = np.array([[1.0, 0.0, 2.0], [0.0, 2.0, 1.0]])  # column sums (1, 2, 3)
+  assert abs(mixing_laws.fidelity(A, A) - 1.0) < 1e-12
+  R = np.array([[3.0, 2.0, 1.0]])  # column sums (3, 2, 1): cos = 10/14, Spearman = -1
+  assert abs(mixing_laws.fidelity(A, R) - (0.5 * 10 / 14 - 0.5)) < 1e-12
+
+
+def test_vectorised_branches_equal_sequential():
+  model, params, batch = _tiny()
+  tx = optax.adam(1e-2)
+  state = {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "rng": jax.random.PRNGKey(0),
+    "mixture": {},
+  }
+  fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=lambda s: 1e-2, num_groups=2)
+  S, K = 2, 3
+  rng = np.random.default_rng(3)
+  batches = jax.tree.map(lambda x: jnp.stack([jnp.stack([x[rng.permutation(8)] for _ in range(K)]) for _ in range(S)]), batch)
+  vs, vm = mixing_laws.run_branches(fn, state, batches, vectorise=True)
+  ss, sm = mixing_laws.run_branches(fn, state, batches, vectorise=False)
+  assert vm["train/loss"].shape == (S, K)
+  np.testing.assert_allclose(vm["train/loss"], sm["train/loss"], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(vs["params"]), jax.tree.leaves(ss["params"])):
+    # atol: parameters whose exact gradient is 0 (e.g. attention key biases, softmax shift-invariance)
+    # hold only float noise, whose summation order differs between the vmapped and the single program
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
+  assert not np.allclose(vm["train/loss"][1, 0], vm["train/loss"][1, 1])  # branches differ
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_clear_error():
+  with pytest.raises(errors.ConfigError, match=r"unknown groups \['c'\]"):
+    mixture.make(_mcfg(method="aioli", update_steps=10, prior="a=0.5,c=0.5", prior_steps=2), ["a", "b"])
+  with pytest.raises(errors.DataError, match="sum to 1"):
+    mixture.make(_mcfg(method="aioli", update_steps=10, prior="a=0.5,b=0.6", prior_steps=2), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="without mixture.prior"):
+    mixture.make(_mcfg(method="aioli", update_steps=10, prior_steps=2), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="needs a reference run"):
+    mixture.make(_mcfg(method="doremi"), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="more than a round"):
+    mixture.make(_mcfg(method="aioli", update_steps=8, lp_rounds=2, lp_steps=2), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="needs mixture.graph"):
+    mixture.make(_mcfg(method="skillit"), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="2x2"):
+    mixture.make(_mcfg(method="skillit", graph="1,2,3;4,5,6"), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="one group"):
+    mixture.make(_mcfg(method="doge"), ["a"])
+  with pytest.raises(errors.ConfigError, match=r"missing groups \['b'\]"):
+    mixture.make(_mcfg(method="doremi", reference="a=3.0"), ["a", "b"])
+
+  class Oracle(mixture.Controller):
+    name, needs = "oracle", frozenset({"test_losses"})
+
+  with pytest.raises(errors.ConfigError, match=r"needs \['test_losses'\], which this trainer cannot supply"):
+    mixture.MixtureRunner(Oracle(["a", "b"]), None, total=4, num_threads=1)
+
+
+# ---------------------------------------------------------------- trainer: every controller resumes bit-for-bit
+
+
+def _run_cfg(tmp_path, method, stop=0, **mix):
+  from tests.helpers import tiny_cfg
+
+  cfg = tiny_cfg(str(tmp_path / "data"))
+  cfg.data.groups = mlc.ConfigDict(
+    {n: dict(kind="bigram", seed=s, n_terminals=16, n_train=300, n_validation=40, n_test=10) for n, s in (("a", 1), ("b", 2))}
+  )
+  cfg.mixture.update(dict(method=method, **mix))
+  cfg.train.steps, cfg.train.stop_at, cfg.eval.every, cfg.ckpt.resume_every = 8, stop, 0, 2
+  return cfg
+
+
+MIXES = {
+  "aioli_prior": ("aioli", dict(update_steps=4, lp_rounds=1, lp_steps=1, prior="a=0.75,b=0.25", prior_steps=2, eta=5.0)),
+  "skillit": ("skillit", dict(graph="0.5,0.1;0.2,0.4", update_steps=3, eta=2.0, window=2)),
+  "doremi": ("doremi", dict(reference="a=2.0,b=2.0", mu=1.0)),
+  "doge": ("doge", dict(mu=0.01)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MIXES))
+def test_every_controller_resumes_bit_for_bit(tmp_path, name):
+  import train
+  from lib import ckpt as C
+
+  method, mix = MIXES[name]
+  train.train_and_evaluate(_run_cfg(tmp_path, method, **mix), str(tmp_path / "straight"))
+  train.train_and_evaluate(_run_cfg(tmp_path, method, stop=3, **mix), str(tmp_path / "resumed"))
+  train.train_and_evaluate(_run_cfg(tmp_path, method, **mix), str(tmp_path / "resumed"))
+  for x, y in zip(
+    jax.tree.leaves(C.restore_params(str(tmp_path / "straight"), 8)),
+    jax.tree.leaves(C.restore_params(str(tmp_path / "resumed"), 8)),
+  ):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  rows = [json.loads(x) for x in open(os.path.join(tmp_path, "straight", "metrics.jsonl"))]
+  tr = [r for r in rows if "train/loss" in r]
+  if method in ("doremi", "doge"):  # weights move away from uniform and are logged with their average
+    assert abs(tr[-1]["mixture/w/a"] - 0.5) > 1e-4 and "mixture/w_avg/a" in tr[-1]
+    assert all(r["data/rows/a"] == 4 for r in tr)  # data stay stratified
+  else:  # proportions move
+    assert len({round(r["mixture/p/a"], 6) for r in tr}) > 2
+  resumed = {
+    r["step"]: r for r in (json.loads(x) for x in open(os.path.join(tmp_path, "resumed", "metrics.jsonl"))) if "train/loss" in r
+  }
+  for r in tr:
+    if r["step"] > 3:
+      assert resumed[r["step"]]["train/loss"] == r["train/loss"]
+      assert {k: v for k, v in resumed[r["step"]].items() if k.startswith("mixture/")} == {
+        k: v for k, v in r.items() if k.startswith("mixture/")
+      }
+
+
+@pytest.mark.slow
+def test_branch_sweep_from_a_checkpoint_fits_the_dynamic_law(tmp_path):
+  import train
+  from experiments import aioli_fidelity as F
+
+  mix = dict(update_steps=4, lp_rounds=1, lp_steps=1, eta=5.0)
+  w = str(tmp_path / "run")
+  train.train_and_evaluate(_run_cfg(tmp_path, "aioli", **mix), w)
+  P = F.branch_mixtures(2)
+  assert P.shape == (11, 2) and np.allclose(P.sum(1), 1)
+  res = F.branch_sweep(w, 4, branch_steps=2)
+  assert res["A"].shape == (2, 2) and res["L"].shape == (11, 2) and np.all(np.isfinite(res["A"]))
+  # the fit reproduces the branches' losses from ℓ and P, and the sequential branches agree
+  np.testing.assert_allclose(res["ell"][None, :] - res["P"] @ res["A"].T, res["L"], atol=0.05)
+  seq = F.branch_sweep(w, 4, branch_steps=2, mixtures=res["P"][:3], vectorise=False)
+  np.testing.assert_allclose(seq["L"], res["L"][:3], atol=1e-4)
+  A_hat = F.logged_A(w, 8, res["groups"])
+  assert A_hat is not None and -1.0 <= mixing_laws.fidelity(A_hat, res["A"]) <= 1.0
+  assert F.logged_A(w, 1, res["groups"]) is None  # the first round ends at step 2 (R·s·m = 2)
+  with pytest.raises(errors.LmtraceError, match="no full checkpoint"):
+    F.branch_sweep(w, 5, branch_steps=1)
