@@ -25,7 +25,7 @@ from flax import linen as nn
 from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
-from lib import errors, mixture, optim, schedules, sharding, steps
+from lib import errors, mixture, multirun, optim, schedules, sharding, steps
 from lib import metrics as MX
 from lib import model as M
 
@@ -94,7 +94,13 @@ def run_eval(p_eval, params, eval_sets, names) -> dict:
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
-  """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final metrics."""
+  """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final metrics.
+
+  With `train.seeds` set, trains those seeds as one vectorised group (lib/multirun.py) in
+  `workdir/seed_<s>` and returns {seed: final metrics}.
+  """
+  if seeds := multirun.parse_seeds(cfg.train.get("seeds", "")):
+    return multirun.train_group(cfg, workdir, seeds=seeds, state_shardings=state_shardings, check_workdir=check_workdir)
   d = cfg.distributed
   sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
   os.makedirs(workdir, exist_ok=True)
