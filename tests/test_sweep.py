@@ -4,6 +4,7 @@ sweep resumes, launch scripts name every job, bad sweep files are one clear line
 import json
 import os
 
+import pandas as pd
 import pytest
 
 import train
@@ -78,6 +79,15 @@ def test_grid_runs_once_and_loads_labelled(tmp_path, data_dir, monkeypatch):
   assert df.groupby("lr")["final/eval/loss"].nunique().tolist() == [2, 2]  # seeds really differ
   full = load_sweep(out)  # no analysis tables yet: one row per run
   assert len(full) == 4 and full["table"].isna().all()
+  # an analysis table in one run: its rows carry that run's axes and final metrics, the others stay one row each
+  w = df.set_index("run").loc["runs/lr=0.003/seed_1", "workdir"]
+  os.makedirs(os.path.join(w, "analysis"))
+  pd.DataFrame({"step": [0, 6], "trace": [1.0, 2.0], "seed": [9, 9]}).to_parquet(os.path.join(w, "analysis", "flatness.parquet"))
+  full = load_sweep(out)
+  t = full[full["table"] == "flatness"]
+  assert len(full) == 5 and len(t) == 2 and (t["lr"] == 3e-3).all() and (t["seed"] == 1).all()
+  assert t["flatness/seed"].tolist() == [9, 9] and t["trace"].tolist() == [1.0, 2.0] and (t["final/step"] == 6).all()
+  assert load_sweep(out, table="flatness")["trace"].tolist() == [1.0, 2.0]
 
 
 def test_dry_run_and_launch_scripts(tmp_path, data_dir, capsys):
