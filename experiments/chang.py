@@ -208,7 +208,7 @@ def report(out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, eff: pd.Da
     "",
     "## Frequency effects beside the paper (papers.md §2.4)",
     "",
-    "| metric | paper | corr(metric, log freq) here | unigram coef (full model, standardised) | p | agrees |",
+    "| metric | paper | corr(metric, log freq) here | unigram coef (full model, standardised) | p | agrees (p < 0.05) |",
     "|---|---|---|---|---|---|",
   ]
   for m, (sign, claim) in PAPER_SIGNS.items():
@@ -218,7 +218,10 @@ def report(out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, eff: pd.Da
     r = float(np.corrcoef(d[m], d["log_freq"])[0, 1]) if len(d) > 2 and d[m].std() > 0 else float("nan")
     e = eff[(eff.metric == m) & (eff.predictor == "unigram")] if len(eff) else pd.DataFrame()
     coef, p = (float(e.coef.iloc[0]), float(e.p.iloc[0])) if len(e) else (float("nan"), float("nan"))
-    ok = "yes" if (np.sign(r) == sign and (not math.isnan(p) and p < 0.05)) else ("no" if not math.isnan(r) else "n/a")
+    if math.isnan(r) or math.isnan(p):
+      ok = "n/a"
+    else:
+      ok = ("yes" if np.sign(coef) == sign else "opposite") if p < 0.05 else "n.s."
     lines.append(f"| {m} | {claim} (sign {'−' if sign < 0 else '+'}) | {r:+.3f} | {coef:+.3f} | {p:.2g} | {ok} |")
   lines += [
     "",
