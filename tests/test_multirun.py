@@ -37,12 +37,26 @@ def group(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
+def group_vmap(tmp_path_factory, data_dir):
+  """The same group with jax.vmap over the run axis (batched matmuls: the accelerator path)."""
+  w = str(tmp_path_factory.mktemp("group_vmap"))
+  train.train_and_evaluate(tiny_cfg(data_dir, **OVER, **{"train.seeds": "0,1", "train.seeds_mode": "vmap"}), w)
+  return w
+
+
+@pytest.fixture(scope="module")
 def singles(tmp_path_factory, data_dir):
   ws = {}
   for s in (0, 1):
     ws[s] = str(tmp_path_factory.mktemp(f"single{s}"))
     train.train_and_evaluate(tiny_cfg(data_dir, **OVER, seed=s), ws[s])
   return ws
+
+
+def test_mode():
+  assert multirun.run_mode("auto") == "map"  # the tests run on CPU
+  with pytest.raises(errors.ConfigError, match="train.seeds_mode='scan'"):
+    multirun.run_mode("scan")
 
 
 def test_parse_seeds():
@@ -67,8 +81,9 @@ def test_group_writes_ordinary_workdirs(group):
     assert sorted(rows(wd, "train/loss")) == list(range(1, STEPS + 1))
 
 
-def test_each_run_equals_its_seed_trained_alone(group, singles):
-  w, _ = group
+@pytest.mark.parametrize("mode", ["map", "vmap"])
+def test_each_run_equals_its_seed_trained_alone(mode, request, singles):
+  w = request.getfixturevalue("group")[0] if mode == "map" else request.getfixturevalue("group_vmap")
   for s, ws in singles.items():
     wd = os.path.join(w, f"seed_{s}")
     for key in ("train/loss", "train/grad_norm", "eval/loss"):
