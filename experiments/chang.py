@@ -36,7 +36,7 @@ from lib import errors
 
 SCALES = {
   "nano": dict(
-    preset="nano", steps=60, batch=8, seq_len=32, n_train=3000, sequences=40, schedule="exponential:s0=1,s1=4", ngram_docs=3000
+    preset="nano", steps=60, batch=8, seq_len=32, n_train=1000, sequences=40, schedule="exponential:s0=1,s1=4", ngram_docs=1000
   ),
   "quick": dict(
     preset="tiny",
@@ -75,7 +75,7 @@ def sweep_spec(scale: str, data_dir: str = "") -> dict:
     "data.seq_len": s["seq_len"],
     "model.max_len": max(s["seq_len"], 32),
     "data.source.n_train": s["n_train"],
-    "data.source.n_validation": max(200, s["sequences"]),
+    "data.source.n_validation": max(100 if small else 1000, s["sequences"]),
     "data.source.n_test": 50 if small else 1000,
     "ckpt.schedule": s["schedule"],
     "ckpt.resume_every": max(s["steps"] // 4, 1),

@@ -30,7 +30,7 @@ from experiments.sweep import Sweep
 from lib import errors
 
 SCALES = {
-  "nano": dict(presets=["nano", "tiny"], steps=60, batch=8, seq_len=32, n_train=3000, sequences=30, every=4),
+  "nano": dict(presets=["nano", "tiny"], steps=60, batch=8, seq_len=32, n_train=1000, sequences=30, every=4),
   "quick": dict(presets=["nano", "tiny", "small"], steps=1500, batch=16, seq_len=64, n_train=50_000, sequences=200, every=50),
   "paper": dict(
     presets=["opt-125m", "opt-350m", "opt-1.3b"],
@@ -56,7 +56,7 @@ def sweep_spec(scale: str, data_dir: str = "") -> dict:
     "data.seq_len": s["seq_len"],
     "model.max_len": max(s["seq_len"], 32),
     "data.source.n_train": s["n_train"],
-    "data.source.n_validation": max(200, s["sequences"]),
+    "data.source.n_validation": max(100 if small else 1000, s["sequences"]),
     "data.source.n_test": 50 if small else 1000,
     "data.seed": 0,  # every size sees the same data in the same order
     "ckpt.schedule": f"interval:every={s['every']}",
