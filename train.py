@@ -96,11 +96,13 @@ def run_eval(p_eval, params, eval_sets, names) -> dict:
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final metrics.
 
-  With `train.seeds` set, trains those seeds as one vectorised group (lib/multirun.py) in
+  With `train.seeds` set, trains those seeds as one vectorised group (train_group.py) in
   `workdir/seed_<s>` and returns {seed: final metrics}.
   """
   if seeds := multirun.parse_seeds(cfg.train.get("seeds", "")):
-    return multirun.train_group(cfg, workdir, seeds=seeds, state_shardings=state_shardings, check_workdir=check_workdir)
+    import train_group
+
+    return train_group.train_group(cfg, workdir, seeds=seeds, state_shardings=state_shardings, check_workdir=check_workdir)
   d = cfg.distributed
   sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
   os.makedirs(workdir, exist_ok=True)
