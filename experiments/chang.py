@@ -100,6 +100,11 @@ def train_and_extract(sw: Sweep, sequences: int, positions: int, unit: str = "bi
   return wds, None if len(wds) < 2 else TJ.write_token_metrics(wds, unit=unit)[0]
 
 
+def _read_docs(source, n: int) -> list[dict]:
+  """The first n documents of a random-access source."""
+  return [source[i] for i in range(min(n, len(source)))]
+
+
 def join_ngrams(df: pd.DataFrame, workdir: str, train_docs: int, max_n: int = 5) -> pd.DataFrame:
   """Adds Chang's predictors to a token-metrics frame: unigram (= −unigram surprisal, bits), ngram (5-gram
   log-prob residualised on unigram by OLS), context_loglen (log2 #context tokens), context_logprob.
@@ -110,7 +115,6 @@ def join_ngrams(df: pd.DataFrame, workdir: str, train_docs: int, max_n: int = 5)
 
   from analysis import ngram as NG
   from analysis import stats as ST
-  from analysis import trajectories as TJ
   from data import sources
   from lib import ckpt as C
 
@@ -119,10 +123,8 @@ def join_ngrams(df: pd.DataFrame, workdir: str, train_docs: int, max_n: int = 5)
   if len(groups) != 1:
     raise errors.AnalysisError("the Chang experiment's n-gram join handles one data group")
   g = groups[0]
-  train_seqs = [np.asarray(d["tokens"], np.int64) for d in TJ._read_docs(sources.select_split(g, "train"), train_docs)]
-  val = [
-    np.asarray(d["tokens"], np.int64) for d in TJ._read_docs(sources.select_split(g, "validation"), int(df["doc"].max()) + 1)
-  ]
+  train_seqs = [np.asarray(d["tokens"], np.int64) for d in _read_docs(sources.select_split(g, "train"), train_docs)]
+  val = [np.asarray(d["tokens"], np.int64) for d in _read_docs(sources.select_split(g, "validation"), int(df["doc"].max()) + 1)]
   model = NG.build_ngram_model(train_seqs, g.vocab_size, max_n=max_n)
   # probe at row position p predicts document token p+1 from tokens 0..p
   pos = np.stack([df["doc"].to_numpy(), df["position"].to_numpy() + 1], axis=1).astype(np.int64)

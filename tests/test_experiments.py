@@ -26,12 +26,11 @@ def test_chang_nano(tmp_path, data_dir):
   # the join is aligned: unigram predictor == log2 relative frequency of the probe's target, by brute force
   import ml_collections
 
-  from analysis import trajectories as TJ
   from data import sources
   from lib import ckpt as C
 
   g = sources.make_groups(ml_collections.ConfigDict(C.read_config(res["workdirs"][0])).data)[0]
-  docs = TJ._read_docs(sources.select_split(g, "train"), chang.SCALES["nano"]["ngram_docs"])
+  docs = chang._read_docs(sources.select_split(g, "train"), chang.SCALES["nano"]["ngram_docs"])
   counts = np.bincount(np.concatenate([d["tokens"] for d in docs]), minlength=g.vocab_size)
   np.testing.assert_allclose(tm["unigram"], np.log2(counts[tm["token"]] / counts.sum()), rtol=1e-9)
   np.testing.assert_allclose(tm["context_loglen"], np.log2(tm["position"] + 1.0))  # context = BOS .. probe input
