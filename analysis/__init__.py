@@ -7,12 +7,12 @@ __all__ = list(_LOADERS)
 
 
 def __getattr__(name):
-  if name == "load_sweep":  # a sweep directory (experiments/sweep.py) as one DataFrame
-    from analysis.sweeps import load_sweep
-
-    return load_sweep
   if name in _LOADERS:
     from analysis import load
 
     return getattr(load, name)
+  if name == "load_sweep":  # a sweep directory (experiments/sweep.py) as one DataFrame
+    from analysis.sweeps import load_sweep
+
+    return load_sweep
   raise AttributeError(f"module 'analysis' has no attribute {name!r}")
