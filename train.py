@@ -25,9 +25,10 @@ from flax import linen as nn
 from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
-from lib import errors, mixture, multirun, optim, schedules, sharding, steps
+from lib import config_check, errors, mixture, multirun, optim, preempt, schedules, sharding, steps
 from lib import metrics as MX
 from lib import model as M
+from lib import session as RS
 
 log = logging.getLogger("lmtrace")
 IDENTITY_SECTIONS = ("model", "data", "seed")  # must match to resume in an existing workdir
@@ -96,22 +97,28 @@ def run_eval(p_eval, params, eval_sets, names) -> dict:
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final metrics.
 
+  The whole config is validated before anything is written; the run then holds the workdir's lock,
+  saves a resume checkpoint and stops on SIGTERM/SIGINT (raising preempt.Preempted), and a start
+  that fails before its first checkpoint leaves no workdir behind (lib/session.py).
   With `train.seeds` set, trains those seeds as one vectorised group (train_group.py) in
   `workdir/seed_<s>` and returns {seed: final metrics}.
   """
+  d = cfg.distributed
+  sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id, timeout_s=d.get("timeout_s", 300))
+  config_check.validate(cfg)
   if seeds := multirun.parse_seeds(cfg.train.get("seeds", "")):
     import train_group
 
     return train_group.train_group(cfg, workdir, seeds=seeds, state_shardings=state_shardings, check_workdir=check_workdir)
-  d = cfg.distributed
-  sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
-  os.makedirs(workdir, exist_ok=True)
+  with RS.RunSession(workdir) as run:
+    return _train_and_evaluate(cfg, workdir, run)
+
+
+def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   B, L, total = cfg.train.batch_size, cfg.data.seq_len, cfg.train.steps
   sharding.check_batch(mesh, B, "train.batch_size")
   sharding.check_batch(mesh, cfg.eval.batch_size, "eval.batch_size")
-  if B % cfg.train.grad_accum:
-    raise ValueError(f"train.batch_size={B} is not divisible by train.grad_accum={cfg.train.grad_accum}")
 
   # Data: groups of random-access sources; the batch at step s is a pure function of (seed, s, p).
   groups = sources.make_groups(cfg.data)
@@ -121,13 +128,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if mcfg.vocab_size == -1:
     mcfg = M.ModelConfig(**{**vars(mcfg), "vocab_size": vocab_size})
   elif mcfg.vocab_size < vocab_size:
-    raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
+    raise errors.ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
   if L > mcfg.max_len:
-    raise ValueError(f"data.seq_len={L} exceeds model.max_len={mcfg.max_len}")
+    raise errors.ConfigError(f"data.seq_len={L} exceeds model.max_len={mcfg.max_len}")
   model = M.make(mcfg)
   cfg_dict = json.loads(cfg.to_json_best_effort())
   cfg_dict["model"] = dict(vars(mcfg), preset=cfg.model.get("preset", ""))
   check_workdir(workdir, cfg_dict)
+  old_cfg = C.read_config(workdir) if os.path.exists(os.path.join(workdir, "config.json")) else None
   if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
     C.save_json(os.path.join(workdir, "config.json"), cfg_dict)
   lo, hi = sharding.local_rows(mesh, B)
@@ -180,33 +188,40 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     }
 
   analysis_steps = schedules.analysis_steps(schedules.parse_schedules(cfg.ckpt.schedule), total)
-  ckpt = C.Checkpointer(
-    workdir,
-    analysis_steps=analysis_steps,
-    resume_every=cfg.ckpt.resume_every,
-    keep_resume=cfg.ckpt.keep_resume,
-    params_only=cfg.ckpt.params_only,
-    async_=cfg.ckpt.async_save,
+  ckpt = run.closing(
+    C.Checkpointer(
+      workdir,
+      analysis_steps=analysis_steps,
+      resume_every=cfg.ckpt.resume_every,
+      keep_resume=cfg.ckpt.keep_resume,
+      params_only=cfg.ckpt.params_only,
+      async_=cfg.ckpt.async_save,
+    )
   )
-  writer = MX.Writer(workdir, cfg.log.tensorboard)
   rules = nn.logical_axis_rules(sharding.RULES)
   with jax.set_mesh(mesh), rules:
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(cfg.seed))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
-    restored = ckpt.restore_latest(target)
+    changed = config_check.resume_differences(old_cfg, cfg_dict) if old_cfg else {}
+    restored = ckpt.restore_latest(target, mismatch_hint=config_check.summary(changed))
     if restored is not None:
       state, meta = restored
       log.info("resumed from step %d in %s", int(state["step"]), workdir)
+      if changed:
+        log.warning("resuming with changed settings (see %s): %s", config_check.RESUME_HISTORY, config_check.summary(changed))
+      if jax.process_index() == 0:
+        config_check.record_resume(workdir, int(state["step"]), changed)
     else:
       state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(cfg.seed))
       meta = {}
     step = int(state["step"])
+    writer = run.closing(MX.Writer(workdir, cfg.log.tensorboard, keep_upto=step if restored is not None else -1))
     mix_state = jax.tree.map(np.asarray, state["mixture"])
     hook = None
     if cfg.probes.enabled:
-      from analysis import trajectories
+      from analysis import probes
 
-      hook = trajectories.ProbeHook(workdir, cfg, model, mesh, total)
+      hook = probes.ProbeHook(workdir, cfg, model, mesh, total)
 
     p_train = jax.jit(
       functools.partial(
@@ -276,10 +291,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         step += 1
         tokens_seen += B * L
         pending.append((step, m))
+        at_end = step == stop or run.stop_requested(step)  # a signal stops here, with a resume checkpoint
         do_eval = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == total)
         do_mix = controller.wants_eval(mix_state, step)
-        a, r = ckpt.wants(step, step == stop)
-        if step % cfg.train.log_every == 0 or do_eval or do_mix or a or r or step == stop:
+        a, r = ckpt.wants(step, at_end)
+        if step % cfg.train.log_every == 0 or do_eval or do_mix or a or r or at_end:
           fetched = jax.device_get(pending)
           for s_, m_ in fetched:
             if cfg.train.stop_on_nan and not np.isfinite(m_["train/loss"]):
@@ -327,13 +343,33 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             state = dict(state, mixture=jax.device_put(jax.tree.map(jnp.asarray, mix_state), state_sh["mixture"]))
             it = pipe.iterator(step, total, p_fn, num_threads=cfg.data.num_threads)
           t_last = time.time()
-        save(step, last=step == stop)
+        save(step, last=at_end)
+        if at_end:
+          break
     finally:
       ckpt.wait()
       ckpt.close()
       writer.close()
+  if step < stop:  # left the loop early: stopped by a signal
+    raise run.guard.preempted(step, workdir)
   last_m["step"] = step
   return last_m
+
+
+def _one_line(msg: str) -> str:
+  """A flag-parsing message (config_flags embeds the loader's traceback) as its first line plus the
+  final 'SomeError: reason' line, without the traceback."""
+  lines = [ln.strip() for ln in msg.replace("\\n", "\n").splitlines() if ln.strip()]
+  if not lines:
+    return msg
+  last = lines[-1]
+  for ln in reversed(lines):
+    head, sep, rest = ln.partition(": ")
+    if sep and (head.endswith("Error") or head.endswith("Exception")) and head.replace(".", "").isidentifier():
+      last = rest
+      break
+  first = lines[0].rstrip(":")
+  return first if last == lines[0] else f"{first}: {last}"
 
 
 def main(argv=None) -> None:
@@ -346,8 +382,8 @@ def main(argv=None) -> None:
   argv = sys.argv if argv is None else argv
   try:
     flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    msg = str(e).replace("\\n", " ")
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:  # OSError: the card failed to load
+    msg = _one_line(str(e))
     print(
       f"lmtrace: error in the command line: {msg}\n(config keys are listed with comments in configs/base.py; "
       "overrides look like --config.opt.lr=1e-3)",
@@ -357,13 +393,22 @@ def main(argv=None) -> None:
   if not flags.FLAGS.config or not flags.FLAGS.workdir:
     print("usage: python train.py --config=configs/pcfg.py --workdir=DIR [--config.section.key=value ...]", file=sys.stderr)
     sys.exit(2)
+  try:
+    cfg = flags.FLAGS.config
+    cfg.get("seed")  # a lazy proxy: raises here if the card failed to load
+  except OSError as e:  # config_flags defers a missing or unloadable run card to the first access
+    print(
+      f"lmtrace: error: cannot load --config={flags.FLAGS['config'].serialize().partition('=')[2]}: {_one_line(str(e))}",
+      file=sys.stderr,
+    )
+    sys.exit(2)
   MX.quiet_logs()
   sharding.enable_compilation_cache()  # a resumed or repeated run skips recompiling
   try:
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, C.CheckpointError, TrainingDiverged, sharding.ShardingError, dp.DataError) as e:
+    train_and_evaluate(cfg, flags.FLAGS.workdir)
+  except errors.LmtraceError as e:  # bad input or state: one line; anything else is a bug and keeps its traceback
     print(f"lmtrace: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(3 if isinstance(e, preempt.Preempted) else 2)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,27 @@
 (`from analysis import load_flatness`); they are imported on first use, so `import analysis`
 stays cheap."""
 
-_LOADERS = ("load_flatness", "load_metrics", "load_trajectories", "load_token_metrics", "load_probes", "load_index")
+_LOADERS = (
+  "load_flatness",
+  "load_metrics",
+  "load_trajectories",
+  "load_token_metrics",
+  "load_probes",
+  "load_index",
+  "load_invalid",
+)
 __all__ = list(_LOADERS)
 
 
+_OTHER = {"load_icl": "icl", "load_generations": "generate"}  # loaders living next to their jobs
+__all__ += list(_OTHER)
+
+
 def __getattr__(name):
+  if name in _OTHER:
+    import importlib
+
+    return getattr(importlib.import_module(f"analysis.{_OTHER[name]}"), name)
   if name in _LOADERS:
     from analysis import load
 

@@ -5,9 +5,14 @@
 Writes W/analysis/flatness.parquet, one row per (checkpoint, estimator, quantity): step, tokens seen,
 loss on the fixed batches, estimate, its standard error, number of HVPs, batches, tokens and parameters
 (of the filtered set; estimate / n_params is the mean curvature, though Liu et al. caution that
-traces of different widths are not directly comparable), wall time,
-validity (with the reason when an HVP produced NaN). Rerunning skips rows already computed with
-the same settings (resumable); `analysis.load.load_flatness(W)` returns the table.
+traces of different widths are not directly comparable), wall time, `converged` (power iteration and
+Lanczos; empty for trace estimators), validity with the reason: an HVP that produced NaN, or a
+checkpoint that could not be read (its rows are written invalid, the job goes on to the next one, and
+a rerun retries it). Rerunning skips rows already computed with the same settings (resumable; the
+settings key is every field of `Settings`); `analysis.load.load_flatness(W)` returns the table.
+
+`--steps=all` measures the analysis checkpoints (`checkpoints/`) only: the trainer rotates `resume/`
+ones away mid-job. `--include_resume` adds them; explicit `--steps=...` may name either kind.
 
 Every checkpoint is measured on the *same* tokens: `--batches` batches of the run's validation split,
 documents chosen by `--data_seed` and recorded (token fingerprint in every row). Dropout is off and
@@ -25,7 +30,9 @@ Estimators (analysis/hessian.py):
               Hutchinson probe per batch with the true labels: use hutchinson --dist=gaussian
   ggn         Hutchinson trace of the generalised Gauss-Newton matrix (PSD, label-free; its trace is the
               Fisher trace, which `fisher` estimates by sampling labels; per-block with --blocks)
-  power       λ_max (largest magnitude) by power iteration
+  power       lambda_absmax: the eigenvalue of largest MAGNITUDE by power iteration (it is the top
+              eigenvalue only when that is positive and dominant; at init it is often negative), capped
+              at --power_iters, stopping at relative change --power_tol; `converged` says which
   lanczos     top-k eigenvalues (eig_0..) and the smallest (eig_min) by Lanczos with full reorthogonalisation
   slq         spectral density by stochastic Lanczos quadrature (a JSON `density` column) and its trace
 """
@@ -33,9 +40,9 @@ Estimators (analysis/hessian.py):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -96,29 +103,58 @@ def fixed_batches(
   return [{k: place(v) for k, v in b.items()} for b in out], fp
 
 
-def _settings(args) -> dict:
-  keys = (
-    "probes",
-    "dist",
-    "filter",
-    "exclude",
-    "blocks",
-    "batches",
-    "batch_size",
-    "data_seed",
-    "seed",
-    "lanczos_steps",
-    "topk",
-    "slq_runs",
-    "dtype",
-    "matmul_precision",
-    "target_rel_err",
-  )
-  return {k: getattr(args, k) for k in keys}
+UNREADABLE = "unreadable checkpoint: "  # reason prefix of rows a rerun retries
+PRIMARY = {  # the quantity an invalid row stands in for, per estimator
+  "hutchinson": "trace",
+  "hutchpp": "trace",
+  "fisher": "fisher_trace",
+  "ggn": "ggn_trace",
+  "power": "lambda_absmax",
+  "lanczos": "eig_0",
+  "slq": "trace",
+}
 
 
-def _settings_key(settings: dict) -> str:
-  return json.dumps(settings, sort_keys=True)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a measurement's numbers depend on. Every field goes into the rows' resume key (and a
+  `cfg_<field>` column): rows computed under other settings are not reused."""
+
+  probes: int = 32  # Hutchinson probes / Fisher samples / Hutch++ HVP budget
+  dist: str = "rademacher"  # probe distribution: rademacher | gaussian
+  filter: str = ""  # regex of '/'-joined parameter paths to include ('' = all)
+  exclude: str = ""  # regex of parameter paths to exclude
+  blocks: bool = False  # also per-block traces
+  batches: int = 4  # fixed evaluation batches
+  batch_size: int = 16  # rows per batch
+  data_seed: int = 0  # selects the evaluation documents
+  seed: int = 0  # probe seed
+  lanczos_steps: int = 30  # Lanczos steps (lanczos, slq)
+  topk: int = 5  # Ritz values reported by lanczos
+  slq_runs: int = 4  # SLQ start vectors
+  power_iters: int = 100  # power iteration's cap
+  power_tol: float = 1e-5  # power iteration stops at relative change ≤ this
+  dtype: str = "float32"  # model dtype for the measurement
+  matmul_precision: str = "highest"  # float32 matmul precision: highest | high | default
+  target_rel_err: float = 0.0  # stop probing once stderr/|trace| < this (0 = off)
+
+  @property
+  def selection(self) -> H.ParamSelection:
+    return H.ParamSelection(self.filter or None, self.exclude or None)
+
+  def key(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """What to measure where: the estimators and checkpoints of one workdir, under `settings`."""
+
+  settings: Settings = Settings()
+  estimators: tuple[str, ...] = ("hutchinson",)
+  steps: str = "all"  # 'all' or comma-separated steps
+  include_resume: bool = False  # 'all' also takes resume/ checkpoints
+  mesh: str = ""  # data,fsdp,tensor sizes ('' = one device; every device of a multi-process job)
 
 
 class Measurer:
@@ -126,47 +162,48 @@ class Measurer:
   on the fixed batches and the jitted loss. Built once per run, so the estimators' jitted bodies (cached
   on the operator and the logits function) compile once, not once per checkpoint."""
 
-  def __init__(self, workdir: str, batches: list[dict], args):
+  def __init__(self, workdir: str, batches: list[dict], settings: Settings):
     self.batches = batches
     model, mcfg, _ = C.load_model(workdir)
-    if args.dtype != mcfg.dtype:
-      model = M.make(M.ModelConfig(**{**vars(mcfg), "dtype": args.dtype}))
+    if settings.dtype != mcfg.dtype:
+      model = M.make(M.ModelConfig(**{**vars(mcfg), "dtype": settings.dtype}))
     self.loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
     self.logits_fn = lambda p, b: M.logits(model, p, b)  # noqa: E731
     self.loss_sum = jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())
     self.n_tokens = float(sum(H._num_tokens(b) for b in batches))
     self.matvec = H.make_hvp(self.loss_fn, batches)
     shapes, _ = M.abstract_params(model)
-    leaves, keep = jax.tree.leaves(shapes), H.selected(shapes, args.filter or None, args.exclude or None)
-    self.n_params = sum(math.prod(x.shape) for i, x in enumerate(leaves) if keep is None or keep[i])  # measured ones
+    self.n_params = settings.selection.count(shapes)  # the measured ones
 
   @functools.cached_property
   def ggn(self) -> H.HVPOperator:
     return H.make_ggn(self.logits_fn, self.batches)
 
 
-def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh, measurer: Measurer | None = None) -> list[dict]:
-  """All requested estimators at one checkpoint -> rows."""
-  ms = measurer or Measurer(workdir, batches, args)
+def measure_checkpoint(
+  workdir: str, step: int, estimators, st: Settings, batches, mesh, measurer: Measurer | None = None
+) -> list[dict]:
+  """All requested estimators at one checkpoint -> rows. An unreadable checkpoint raises CheckpointError."""
+  ms = measurer or Measurer(workdir, batches, st)
   params = C.restore_params(workdir, step, mesh=mesh)
   rows = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), jax.default_matmul_precision(args.matmul_precision):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), jax.default_matmul_precision(st.matmul_precision):
     n_tok = ms.n_tokens
     loss = float(sum(float(ms.loss_sum(params, b)) for b in batches) / n_tok)
-    key = jax.random.key(args.seed)
+    key = jax.random.key(st.seed)
     for est in estimators:
       t0 = time.time()
       bar = tqdm(
-        total=_budget(est, args),
+        total=_budget(est, st),
         desc=f"  step {step} {est}",
         unit="hvp" if est != "fisher" else "sample",
         leave=False,
         disable=jax.process_index() != 0,
       )
       try:
-        res = run_estimator(est, ms, params, key, args, progress=bar.update)
+        res = run_estimator(est, ms, params, key, st, progress=bar.update)
       except FloatingPointError as e:  # NaN in an HVP: the row is invalid, with the reason
-        res = [dict(quantity="trace", estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
+        res = [dict(quantity=PRIMARY[est], estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
       wall = time.time() - t0
       bar.close()
       for r in res:
@@ -183,32 +220,35 @@ def measure_checkpoint(workdir: str, step: int, estimators, args, batches, mesh,
             wall_time=wall,
             valid=valid,
             reason=r.get("reason", "" if valid else "non-finite estimate"),
-            **{k: v for k, v in r.items() if k not in ("valid", "reason")},
+            converged=r.get("converged"),
+            **{k: v for k, v in r.items() if k not in ("valid", "reason", "converged")},
           )
         )
   return rows
 
 
-def _budget(est: str, args) -> int:
+def _budget(est: str, st: Settings) -> int:
   """HVPs (Fisher: samples) an estimator will run, for its progress bar."""
   if est in ("hutchinson", "ggn", "hutchpp", "fisher"):
-    return args.probes
+    return st.probes
   if est == "slq":
-    return args.slq_runs * args.lanczos_steps
-  return args.lanczos_steps
+    return st.slq_runs * st.lanczos_steps
+  if est == "power":
+    return st.power_iters
+  return st.lanczos_steps
 
 
-def run_estimator(est: str, ms: Measurer, params, key, args, progress=None) -> list[dict[str, Any]]:
+def run_estimator(est: str, ms: Measurer, params, key, st: Settings, progress=None) -> list[dict[str, Any]]:
   """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian.
   `progress(n)` hears of finished probes (chunk by chunk for Hutchinson and Fisher, at the end otherwise)."""
-  rows = _run_estimator(est, ms, params, key, args, progress)
+  rows = _run_estimator(est, ms, params, key, st, progress)
   if progress is not None and est not in ("hutchinson", "ggn", "fisher"):
     progress(max(r["n_hvps"] for r in rows))
   return rows
 
 
-def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[dict[str, Any]]:
-  flt = dict(include=args.filter or None, exclude=args.exclude or None)
+def _run_estimator(est: str, ms: Measurer, params, key, st: Settings, progress) -> list[dict[str, Any]]:
+  flt = dict(select=st.selection)
   matvec = ms.matvec
   if est in ("hutchinson", "ggn"):  # the same Hutchinson loop on the Hessian or the Gauss-Newton operator
     op, q = (matvec, "trace") if est == "hutchinson" else (ms.ggn, "ggn_trace")
@@ -216,10 +256,10 @@ def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[
       op,
       params,
       key,
-      args.probes,
-      dist=args.dist,
-      target_rel_err=args.target_rel_err or None,
-      blocks=args.blocks,
+      st.probes,
+      dist=st.dist,
+      target_rel_err=st.target_rel_err or None,
+      blocks=st.blocks,
       progress=progress,
       **flt,
     )
@@ -229,29 +269,36 @@ def _run_estimator(est: str, ms: Measurer, params, key, args, progress) -> list[
       for qq, e, se in [(q, r.estimate, r.stderr), *blocks]
     ]
   if est == "hutchpp":
-    r = H.hutchpp_trace(matvec, params, key, args.probes, dist=args.dist, **flt)
+    r = H.hutchpp_trace(matvec, params, key, st.probes, dist=st.dist, **flt)
     return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
   if est == "fisher":
     r = H.fisher_trace(
-      ms.logits_fn, params, ms.batches, key, args.probes, target_rel_err=args.target_rel_err or None, progress=progress, **flt
+      ms.logits_fn, params, ms.batches, key, st.probes, target_rel_err=st.target_rel_err or None, progress=progress, **flt
     )
     return [dict(quantity="fisher_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
-  if est == "power":
-    r = H.power_iteration(matvec, params, key, num_iters=args.lanczos_steps)
+  if est == "power":  # the largest-magnitude eigenvalue, named for what it is
+    r = H.power_iteration(matvec, params, key, num_iters=st.power_iters, tol=st.power_tol, **flt)
     return [
-      dict(quantity="lambda_max", estimate=float(r.estimate), stderr=float(getattr(r, "stderr", np.nan)), n_hvps=int(r.n_matvecs))
+      dict(
+        quantity="lambda_absmax",
+        estimate=float(r.estimate),
+        stderr=float(r.stderr),
+        n_hvps=int(r.n_matvecs),
+        converged=bool(r.extra["converged"]),
+      )
     ]
   if est == "lanczos":
-    r = H.top_eigenvalues(matvec, params, key, k=args.topk, num_steps=args.lanczos_steps)
-    vals = np.asarray(r.eigenvalues)
-    res = np.asarray(getattr(r, "residuals", np.full(len(vals), np.nan)))
+    r = H.top_eigenvalues(matvec, params, key, k=st.topk, num_steps=st.lanczos_steps, **flt)
+    vals, res, conv = np.asarray(r.eigenvalues), np.asarray(r.residuals), np.asarray(r.extra["converged"])
     lo, lo_bound = r.extra["lambda_min"]
     return [
-      dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs))
-      for i, (v, e) in enumerate(zip(vals, res))
-    ] + [dict(quantity="eig_min", estimate=lo, stderr=lo_bound, n_hvps=int(r.n_matvecs))]
+      dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs), converged=bool(c))
+      for i, (v, e, c) in enumerate(zip(vals, res, conv))
+    ] + [
+      dict(quantity="eig_min", estimate=lo, stderr=lo_bound, n_hvps=int(r.n_matvecs), converged=bool(lo_bound < 1e-3 * abs(lo)))
+    ]
   if est == "slq":
-    r = H.slq_density(matvec, params, key, num_runs=args.slq_runs, num_steps=args.lanczos_steps)
+    r = H.slq_density(matvec, params, key, num_runs=st.slq_runs, num_steps=st.lanczos_steps, **flt)
     grid, dens = np.asarray(r.grid), np.asarray(r.density)
     # the SLQ trace (n · Σ w θ per run) with its stderr across runs; the smoothed density rides along as JSON
     return [
@@ -270,80 +317,89 @@ def table_path(workdir: str) -> str:
   return os.path.join(workdir, "analysis", "flatness.parquet")
 
 
-def default_mesh(spec: str = ""):
-  """`--mesh=data,fsdp,tensor`; by default one device, or every device of a multi-process job."""
-  if spec:
-    try:
-      sizes = [int(x) for x in spec.split(",")]
-    except ValueError:
-      sizes = []
-    if len(sizes) != len(sharding.MESH_AXES):
-      raise FlatnessError(
-        f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} integer sizes ({','.join(sharding.MESH_AXES)}), e.g. --mesh=2,2,2"
-      )
-    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
-  if jax.process_count() > 1:
-    return sharding.make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
-  return sharding.single_device_mesh()
+def _todo(workdir: str, job: Job) -> list[int]:
+  available = C.available_steps(workdir)
+  if job.steps not in ("all", ""):
+    return [C.resolve_step(workdir, int(s)) for s in str(job.steps).split(",") if s.strip()]
+  steps = sorted(s for s, sub in available.items() if job.include_resume or sub == C.ANALYSIS_DIR)
+  if not steps:
+    where = f"{C.ANALYSIS_DIR}/ or {C.RESUME_DIR}/" if job.include_resume else f"{C.ANALYSIS_DIR}/"
+    more = f"; {len(available)} resume checkpoint(s) exist: add --include_resume" if available and not job.include_resume else ""
+    raise FlatnessError(f"{workdir} has no checkpoints (looked in {where}){more}")
+  return steps
 
 
-def run(workdir: str, args) -> pd.DataFrame:
-  """Measures every requested checkpoint not yet in the table; returns the whole table."""
-  estimators = [e.strip() for e in args.estimator.split(",") if e.strip()]
-  bad = [e for e in estimators if e not in ESTIMATORS]
+def _invalid_rows(step: int, estimators, reason: str) -> list[dict]:
+  return [
+    dict(step=step, estimator=e, quantity=PRIMARY[e], estimate=np.nan, stderr=np.nan, n_hvps=0, valid=False, reason=reason)
+    for e in estimators
+  ]
+
+
+def _write(df: pd.DataFrame, path: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  df.to_parquet(tmp, index=False)
+  os.replace(tmp, path)  # a kill leaves the previous complete table
+
+
+def run(workdir: str, job: Job) -> pd.DataFrame:
+  """Measures every requested checkpoint not yet in the table; returns the whole table. A checkpoint that
+  cannot be read gives invalid rows (reason 'unreadable checkpoint: ...') and the job goes on."""
+  bad = [e for e in job.estimators if e not in ESTIMATORS]
   if bad:
     raise FlatnessError(f"unknown estimator(s) {bad}; valid: {', '.join(ESTIMATORS)}")
+  st = job.settings
   C.read_config(workdir)  # a missing directory or a non-lmtrace one: one clear error
-  available = C.available_steps(workdir)
-  if not available:
-    raise FlatnessError(f"{workdir} has no checkpoints (looked in {C.ANALYSIS_DIR}/ and {C.RESUME_DIR}/)")
-  if args.steps in ("all", ""):
-    todo = sorted(available)
-  else:
-    todo = [C.resolve_step(workdir, int(s)) for s in str(args.steps).split(",") if s.strip()]
-  mesh = default_mesh(args.mesh)
-  sharding.check_batch(mesh, args.batch_size, "--batch_size")  # before any batch is placed on the mesh
-  batches, fp = fixed_batches(workdir, batches=args.batches, batch_size=args.batch_size, seed=args.data_seed, mesh=mesh)
-  settings = _settings(args)
-  key = _settings_key(settings)
+  todo = _todo(workdir, job)
+  mesh = sharding.mesh_from_flag(job.mesh)
+  sharding.check_batch(mesh, st.batch_size, "--batch_size")  # before any batch is placed on the mesh
+  batches, fp = fixed_batches(workdir, batches=st.batches, batch_size=st.batch_size, seed=st.data_seed, mesh=mesh)
+  key = st.key()
   path = table_path(workdir)
   old = pd.read_parquet(path) if os.path.exists(path) else pd.DataFrame()
   done = set()
   if len(old):
-    same = old[old["settings"] == key]
+    same = old[(old["settings"] == key) & ~old["reason"].fillna("").str.startswith(UNREADABLE)]
     done = set(zip(same["step"], same["estimator"]))
-  pending = [(s, [e for e in estimators if (s, e) not in done]) for s in todo]
+  pending = [(s, [e for e in job.estimators if (s, e) not in done]) for s in todo]
   pending = [(s, es) for s, es in pending if es]
-  measurer = Measurer(workdir, batches, args)
+  measurer = Measurer(workdir, batches, st)
   writer = jax.process_index() == 0  # every process computes (collectives); one writes the table
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("flatness: table read")  # nobody writes before all have read it
+  cfg_cols = {f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in dataclasses.asdict(st).items()}
   for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt", disable=not writer):
+    try:
+      rows = measure_checkpoint(workdir, step, ests, st, batches, mesh, measurer)
+    except C.CheckpointError as e:  # damaged or vanished: mark it, measure the others; a rerun retries it
+      if writer:
+        print(f"lmtrace flatness: skipping step {step}: {e}", file=sys.stderr)
+      rows = _invalid_rows(step, ests, UNREADABLE + str(e))
     meta = C.read_meta(workdir, step)
-    rows = measure_checkpoint(workdir, step, ests, args, batches, mesh, measurer)
     for r in rows:
-      r.update(
-        tokens_seen=meta.get("tokens_seen", np.nan),
-        data_fingerprint=fp,
-        settings=key,
-        **{f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()},
-      )
+      r.update(tokens_seen=meta.get("tokens_seen", np.nan), data_fingerprint=fp, settings=key, **cfg_cols)
     new = pd.DataFrame(rows)
+    if len(old):  # earlier rows of these (step, estimator) pairs under these settings: failed reads, replaced
+      stale = (old["settings"] == key) & pd.Series(list(zip(old["step"], old["estimator"])), index=old.index).isin(
+        set(zip(new["step"], new["estimator"]))
+      )
+      old = old[~stale]
     old = pd.concat([old, new], ignore_index=True) if len(old) else new
+    if "converged" in old:
+      old["converged"] = old["converged"].astype("boolean")  # True/False for eigenvalue rows, empty otherwise
     if writer:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + ".tmp"
-      old.to_parquet(tmp, index=False)
-      os.replace(tmp, path)  # a kill leaves the previous complete table
+      _write(old, path)
   return old
 
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", required=True, action="append", help="run directory (repeatable)")
-  ap.add_argument("--steps", default="all", help="'all' or comma-separated checkpoint steps")
+  ap.add_argument("--steps", default="all", help="'all' (analysis checkpoints) or comma-separated checkpoint steps")
+  ap.add_argument("--include_resume", action="store_true", help="--steps=all also measures resume/ checkpoints")
   ap.add_argument("--estimator", default="hutchinson", help=f"comma-separated: {', '.join(ESTIMATORS)}")
   ap.add_argument("--probes", type=int, default=32, help="probes (Hutchinson/Fisher samples) or HVP budget (Hutch++)")
   ap.add_argument("--dist", default="rademacher", choices=("rademacher", "gaussian"))
@@ -355,9 +411,11 @@ def parse_args(argv=None):
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--data_seed", type=int, default=0, help="selects the evaluation documents (recorded)")
   ap.add_argument("--seed", type=int, default=0, help="probe seed")
-  ap.add_argument("--lanczos_steps", type=int, default=30)
+  ap.add_argument("--lanczos_steps", type=int, default=30, help="Lanczos steps (lanczos, slq)")
   ap.add_argument("--topk", type=int, default=5)
   ap.add_argument("--slq_runs", type=int, default=4)
+  ap.add_argument("--power_iters", type=int, default=100, help="power iteration's iteration cap")
+  ap.add_argument("--power_tol", type=float, default=1e-5, help="power iteration stops at relative change ≤ this")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument(
     "--matmul_precision",
@@ -378,18 +436,26 @@ def parse_args(argv=None):
   return ap.parse_args(argv)
 
 
+def job_from_args(args: argparse.Namespace) -> Job:
+  """The typed job of parsed flags (the library functions never see the Namespace)."""
+  settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+  estimators = tuple(e.strip() for e in args.estimator.split(",") if e.strip())
+  return Job(settings, estimators, str(args.steps), args.include_resume, args.mesh)
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   MX.quiet_logs()
   sharding.enable_compilation_cache()
   try:
+    job = job_from_args(args)
     for w in args.workdir:
-      df = run(w, args)
+      df = run(w, job)
       ok = df[df["valid"]] if len(df) else df
       if jax.process_index() == 0:
         print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
-  except (FlatnessError, C.CheckpointError, ValueError) as e:
+  except errors.LmtraceError as e:  # bad input or state: one line; anything else is a bug and keeps its traceback
     print(f"lmtrace flatness: error: {e}", file=sys.stderr)
     sys.exit(2)
 

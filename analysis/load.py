@@ -3,6 +3,7 @@
   from analysis import load
   da = load.load_trajectories(["runs/s0", "runs/s1"], unit="bits")   # [run, step, token]
   df = load.load_token_metrics("runs/s0")                             # one row per probe token
+  bad = load.load_invalid("runs/s0")                                  # checkpoints that could not be measured
   m = load.load_metrics("runs/s0")                                    # one row per step
 
 Shape legend: R runs, C checkpoints (steps), T probe tokens.
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analysis import trajectories as TJ
+from analysis import probe_store as PS
 
 UNITS = {"nats": 1.0, "bits": 1.0 / math.log(2.0)}
 
@@ -58,17 +59,31 @@ def load_metrics(workdir: str) -> pd.DataFrame:
 # Per-token trajectories (analysis/trajectories.py)
 
 
-def load_probes(workdir: str, store: str = TJ.STORE) -> pd.DataFrame:
+def load_probes(workdir: str, store: str = PS.STORE) -> pd.DataFrame:
   """One row per probe token: doc, group, row, position, context_len, token, true_logprob (nats)."""
-  return pd.DataFrame(TJ.ProbeSet.load(TJ.store_dir(workdir, store)).token_columns())
+  return pd.DataFrame(PS.ProbeSet.load(PS.store_dir(workdir, store)).token_columns())
 
 
-def load_index(workdir: str, store: str = TJ.STORE) -> pd.DataFrame:
+def load_invalid(workdir: str, store: str = PS.STORE) -> pd.DataFrame:
+  """One row per checkpoint the trajectory job could not measure: step, reason (an unreadable or
+  damaged checkpoint, or non-finite surprisals), source ('offline' | 'hook'), time. A rerun of
+  python -m analysis.trajectories retries them; a success removes the row."""
+  rows = PS.Store.of(workdir, store).invalid()
+  cols = ["step", "reason", "source", "time"]
+  df = pd.DataFrame(rows)
+  df = df.reindex(columns=cols + [c for c in df.columns if c not in cols])
+  return df.astype({"step": np.int64})
+
+
+def load_index(workdir: str, store: str = PS.STORE, include_invalid: bool = False) -> pd.DataFrame:
   """One row per stored checkpoint: run, seed, n_params, step, tokens_seen, flops, probe_loss and
   probe_ppl (nats / perplexity on the probe set), source ('offline' | 'hook'), and eval_loss /
-  eval_ppl from metrics.jsonl at that step where it was evaluated (else NaN)."""
-  st = TJ.Store.of(workdir, store)
+  eval_ppl from metrics.jsonl at that step where it was evaluated (else NaN). With include_invalid,
+  also the checkpoints marked invalid (`load_invalid`), and columns `valid` and `reason`."""
+  st = PS.Store.of(workdir, store)
   rows = [st.row(s) for s in st.steps()]
+  if include_invalid:
+    rows = [dict(r, valid=True, reason="") for r in rows] + [dict(r, valid=False) for r in st.invalid()]
   df = pd.DataFrame(rows)
   if df.empty:
     return df
@@ -93,7 +108,7 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 def load_trajectories(
-  workdirs: str | Sequence[str], unit: str = "nats", store: str = TJ.STORE, steps: Sequence[int] | None = None
+  workdirs: str | Sequence[str], unit: str = "nats", store: str = PS.STORE, steps: Sequence[int] | None = None
 ) -> xr.DataArray:
   """Probe surprisal of one or several runs as a DataArray [run, step, token] (float32, `unit`).
 
@@ -102,19 +117,21 @@ def load_trajectories(
   probe surprisal, `unit`), `val_ppl` (probe perplexity), `eval_loss` (nats, metrics.jsonl) and
   `eval_ppl`; per token `doc`, `group`, `position`, `context_len`, `token` (target id) and
   `true_surprisal` (exact -log p in `unit`, NaN if unknown). Runs with other probe sets are refused.
+  Checkpoints marked invalid (`load_invalid`) hold no values; `attrs["invalid"]` lists them as JSON
+  {run: [[step, reason], ...]}.
   """
   scale = _scale(unit)
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
-  stores = [TJ.Store.of(w, store) for w in workdirs]
+  stores = [PS.Store.of(w, store) for w in workdirs]
   metas = []
   for w, st in zip(workdirs, stores):
     meta = st.probe_meta()
     if meta is None:
       raise FileNotFoundError(f"{w} has no trajectory store {st.dir}; run python -m analysis.trajectories --workdir={w}")
     metas.append(meta)
-    why = TJ.incompatibility(metas[0], meta)
+    why = PS.incompatibility(metas[0], meta)
     if why:
-      raise TJ.IncompatibleProbes(f"cannot combine {workdirs[0]} and {w}: {why}")
+      raise PS.IncompatibleProbes(f"cannot combine {workdirs[0]} and {w}: {why}")
   idx = [load_index(w, store) for w in workdirs]
   all_steps = sorted(set().union(*(set(i["step"]) if len(i) else set() for i in idx)))
   steps_C = np.asarray(all_steps if steps is None else sorted(set(int(s) for s in steps)), np.int64)
@@ -135,7 +152,7 @@ def load_trajectories(
       per["tokens_seen"][r, c], per["flops"][r, c] = row["tokens_seen"], row["flops"]
       per["val_loss"][r, c], per["val_ppl"][r, c] = row["probe_loss"] * scale, row["probe_ppl"]
       per["eval_loss"][r, c], per["eval_ppl"][r, c] = row["eval_loss"], row["eval_ppl"]
-  probes = TJ.ProbeSet.load(stores[0].dir).token_columns()
+  probes = PS.ProbeSet.load(stores[0].dir).token_columns()
   coords = {
     "run": _unique_names(names),
     "step": steps_C,
@@ -159,6 +176,7 @@ def load_trajectories(
       "vocab_size": metas[0]["vocab_size"],
       "spec": json.dumps(metas[0]["spec"]),
       "store": store,
+      "invalid": json.dumps({n: [[r["step"], r["reason"]] for r in st.invalid()] for n, st in zip(_unique_names(names), stores)}),
     },
   )
 
@@ -166,7 +184,7 @@ def load_trajectories(
 def load_token_metrics(workdir: str, path: str | None = None) -> pd.DataFrame:
   """W/analysis/token_metrics.parquet (written by `python -m analysis.trajectories --metrics`): one
   row per probe token; `.attrs` holds the runs, steps and unit it was computed from."""
-  path = path or os.path.join(workdir, "analysis", TJ.METRICS_FILE)
+  path = path or os.path.join(workdir, "analysis", PS.METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist; run python -m analysis.trajectories --workdir={workdir} --metrics")
   df = pd.read_parquet(path)

@@ -3,9 +3,12 @@
   python -m bench.extract                              # trains a small run in a tmp dir first (~1 min)
   python -m bench.extract --workdir=runs/pcfg --sequences=256
 
-Both sides place the probe batches once and compile once; the extraction additionally restores each
-checkpoint (the next one in a background thread while the current one computes), reads its
-metadata and writes the store. Printed: both times and their ratio (target <= 1.5).
+The bare forward runs the same packed probe rows (several documents per row, as extraction does) with
+the same jitted per-token loss, params already in memory; the extraction additionally restores each
+checkpoint (the next one in a background thread while the current one computes), reads its metadata
+and writes the store. Printed, all measured in this one run: the bare forward over one document per
+row (the layout before packing) and over packed rows, their ratio (the padding waste packing
+removes), the share of real tokens in each layout, and extraction / packed bare (target <= 1.5).
 
 Shape legend: C checkpoints, S probe sequences, L row length.
 """
@@ -24,6 +27,7 @@ from analysis import trajectories as TJ  # noqa: E402
 from lib import ckpt as C  # noqa: E402
 from lib import metrics as MX  # noqa: E402
 from lib import model as M  # noqa: E402
+from lib import sharding  # noqa: E402
 
 
 def train_tiny(workdir: str, data_dir: str, steps: int) -> None:
@@ -64,23 +68,29 @@ def main() -> None:
       print(f"trained {w} in {time.time() - t:.1f}s")
     store = f"bench_{os.getpid()}"
     spec = {"sequences": a.sequences, "positions": 0}
-    mesh = TJ.parse_mesh(a.mesh)
+    mesh = sharding.mesh_from_flag(a.mesh)
     steps = [s for s, sub in C.available_steps(w).items() if sub == C.ANALYSIS_DIR]
 
-    # Warm-up (untimed): one extraction step compiles the per-token loss for these shapes, so neither
-    # timed side pays XLA compilation (each still traces its own jit once).
+    # Warm-up (untimed): one extraction step builds the probe set and runs the per-token loss once
+    # (data and XLA caches warm); each timed side below still traces and compiles its own jit once.
     TJ.extract(w, steps=[steps[0]], spec=spec, batch_size=a.batch_size, mesh=mesh, store=store + "_warm", progress=False)
     shutil.rmtree(TJ.store_dir(w, store + "_warm"), ignore_errors=True)
 
-    # Bare: the same probe batches and the same jitted per-token loss, params already in memory.
+    # Bare: the same probe rows and the same jitted per-token loss, params already in memory; one
+    # document per row (before packing) and packed. Each side builds its batches and compiles once
+    # (first checkpoint), then runs the rest; "steady" is the mean over checkpoints after the first.
     r = TJ.open_run(w, spec)
     params_C = [C.restore_params(w, s, mesh=mesh) for s in steps]
     jax.block_until_ready(params_C)
-    t = time.time()
-    fn = TJ.SurprisalFn(r.model, r.probes, mesh, a.batch_size)
-    for params in params_C:
-      fn(params)
-    bare = time.time() - t
+    bare = {}
+    for packed in (False, True):
+      t = time.time()
+      fn = TJ.SurprisalFn(r.model, r.probes, mesh, a.batch_size, packed=packed)
+      fn(params_C[0])
+      t1 = time.time()
+      for params in params_C[1:]:
+        fn(params)
+      bare[packed] = (time.time() - t, (time.time() - t1) / max(len(steps) - 1, 1), fn.num_rows)
     del params_C
 
     restore = TJ._Restorer(w, r.model, mesh)
@@ -97,13 +107,21 @@ def main() -> None:
       f"{len(steps)} checkpoints x {T:,} probe tokens ({r.probes.doc_S.size} sequences x L={r.probes.seq_len}), "
       f"{M.param_count(r.model):,} params, mesh {dict(mesh.shape)}, {jax.devices()[0].device_kind}"
     )
-    print(f"bare forward (params in memory): {bare:.3f}s  ({bare / len(steps) * 1e3:.1f} ms/ckpt)")
+    T_real = int(r.probes.rows["mask"].sum())
+    for packed, label in ((False, "one document per row"), (True, "packed rows         ")):
+      total, steady, rows = bare[packed]
+      print(
+        f"bare forward, {label}: {total:.3f}s ({steady * 1e3:.1f} ms/ckpt steady; {rows} rows x L, "
+        f"{T_real / (rows * r.probes.seq_len):.0%} real tokens)"
+      )
+    print(f"packing speed-up (steady ms/ckpt, unpacked / packed): {bare[False][1] / bare[True][1]:.2f}x")
     print(f"restore alone (sequential):      {restore_s:.3f}s  ({restore_s / len(steps) * 1e3:.1f} ms/ckpt)")
     print(
       f"extraction (restore included):   {rep.loop_s:.3f}s  ({rep.loop_s / len(steps) * 1e3:.1f} ms/ckpt); "
       f"+ probe-set setup {rep.setup_s:.3f}s once"
     )
-    print(f"ratio extraction / bare: {rep.loop_s / bare:.2f} (target <= 1.5)")
+    print(f"ratio extraction / packed bare forward: {rep.loop_s / bare[True][0]:.2f} (target <= 1.5)")
+    print(f"load average: {open('/proc/loadavg').read().split()[:3]}" if os.path.exists("/proc/loadavg") else "")
     shutil.rmtree(TJ.store_dir(w, store), ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

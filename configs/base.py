@@ -1,5 +1,11 @@
 """Defaults shared by every lmtrace run card. Run cards call `base.defaults()` and edit it; used as a
-run card itself (`--config=configs/base.py`) it trains on a tiny bigram language (seconds)."""
+run card itself it trains the tiny preset on a 16-word bigram language:
+
+  python train.py --config=configs/base.py --workdir=runs/base
+
+Expected (measured, seed 0, 200 steps): eval excess loss 0.083 nats/token at step 50, 0.022 at step
+200 (eval loss 2.132 vs the exact optimum 2.110). Runtime: 4.6 min wall on a 2-core CPU shared with
+other jobs (load average ~18; dataset build and compilation included)."""
 
 import ml_collections as mlc
 
@@ -51,7 +57,8 @@ def defaults() -> mlc.ConfigDict:
   c.opt.name = "adamw"  # adamw | sgd | adafactor | lion
   c.opt.lr = 3e-3  # peak learning rate
   c.opt.schedule = "cosine"  # cosine | linear | constant | inverse_sqrt (after warmup)
-  c.opt.warmup_steps = 20  # linear warmup from 0
+  c.opt.warmup_steps = 20  # linear warmup to lr over this many updates
+  c.opt.warmup_from_zero = True  # True: warmup starts at lr 0 (update 1 is a no-op); False: update k uses lr·k/warmup
   c.opt.final_lr_frac = 0.1  # end of decay as a fraction of lr
   c.opt.b1 = 0.9  # Adam/Lion beta1
   c.opt.b2 = 0.98  # Adam/Lion beta2
@@ -100,6 +107,7 @@ def defaults() -> mlc.ConfigDict:
   c.distributed.coordinator = ""  # host:port for jax.distributed.initialize ('' = auto/none)
   c.distributed.num_processes = 0  # total processes (GPU clusters / local multi-process)
   c.distributed.process_id = -1  # this process's id
+  c.distributed.timeout_s = 300  # give up (one clear line) when the coordinator is not reachable within this
   return c
 
 

@@ -6,6 +6,9 @@
 
 15% of word tokens are selected (80% -> [MASK], 10% random, 10% unchanged) and predicted; the loss is
 the mean over selected tokens. (Exact masked conditionals: data/pcfg.py PCFG.masked_conditionals.)
+Expected (measured, tiny, seed 0, 1000 steps): eval masked-token loss 4.716 nats at step 250, 4.557
+at step 1000. Runtime: 3.7 min of training wall on a 2-core CPU shared with other jobs (load average
+~18), after a first-use build of the default PCFG dataset (330 s at that load; later runs reuse it).
 """
 
 from configs import pcfg

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from data.pcfg import _ratio_stats
+from data.estimates import ratio_stats
 
 
 def _row_sampler(p_SxK: np.ndarray):
@@ -133,6 +133,23 @@ class HMM:
         states_NxL[:, t] = draw_t(states_NxL[:, t - 1], rng)
       tokens_NxL[:, t] = draw_e(states_NxL[:, t], rng)
     return tokens_NxL.astype(np.int32), states_NxL.astype(np.int32)
+
+  # The Language protocol (data/types.py): sentences, token_logprobs_batch, downstream_tasks.
+
+  def sentences(self, n: int, seed: int) -> list[np.ndarray]:
+    return list(self.sample(n, seed)[0])
+
+  def token_logprobs_batch(self, sentences) -> list[np.ndarray]:
+    return list(self.token_logprobs(np.stack(sentences)))
+
+  def downstream_tasks(self, n: int, seed: int) -> dict[str, list[tuple[np.ndarray, int]]]:
+    """Liu's hidden-state tasks: the state at 1-based position 6 / 10 (where the length allows)."""
+    toks, states = self.sample(n, seed)
+    out = {}
+    for pos in (6, 10):
+      if pos <= toks.shape[1]:
+        out[f"task_state{pos}"] = [(t, int(y)) for t, y in zip(toks, self.hidden_state_labels(states, pos))]
+    return {k: v for k, v in out.items() if v}
 
   # ------------------------------------------------------------------ exact inference
 
@@ -259,7 +276,7 @@ class HMM:
       return res
     tok_NxL, _ = self.sample(n_samples, seed)
     nll_N = -self.log_prob(tok_NxL)
-    causal = _ratio_stats(nll_N, np.full(n_samples, L + 1.0))
+    causal = ratio_stats(nll_N, np.full(n_samples, L + 1.0))
     res = {
       "method": "sampled",
       "n_sentences": n_samples,
@@ -276,7 +293,7 @@ class HMM:
       tok64 = tok_NxL.astype(np.int64)
       cond_NxLxV = self.masked_conditionals(tok64)
       mnll_N = -np.log(np.take_along_axis(cond_NxLxV, tok64[..., None], -1)[..., 0]).sum(1)
-      m = _ratio_stats(mnll_N, np.full(n_samples, float(L)))
+      m = ratio_stats(mnll_N, np.full(n_samples, float(L)))
       res.update({"mlm_loss": m["mean"], "mlm_loss_se": m["se"], "mlm_loss_ci95": m["ci95"]})
     return res
 

@@ -44,22 +44,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from data.estimates import ratio_stats
+
 _LEX, _UNARY, _BINARY = 0, 1, 2
 _MAX_BATCH = 256  # sentences per chart batch: bounds chart memory (B*L*L1*N*8 bytes)
 PAPER_SPAN_LEN = {"A": 32, "B": 16, "C": 8}  # Liu et al.'s text: "spans of length 32, 16, 8"
 CODE_PREFIX_LEN = {"B": 4, "C": 2}  # generate_downstream.py: inside of the first 4 / 2 tokens
-
-
-def _ratio_stats(num_M: np.ndarray, den_M: np.ndarray) -> dict:
-  """Ratio estimator sum(num)/sum(den) over iid units with a delta-method standard error."""
-  num_M, den_M = np.asarray(num_M, np.float64), np.asarray(den_M, np.float64)
-  m = len(num_M)
-  r = float(num_M.sum() / den_M.sum())
-  if m < 2:
-    return {"mean": r, "se": float("nan"), "ci95": (float("nan"), float("nan"))}
-  resid = num_M - r * den_M
-  se = float(np.sqrt(np.sum(resid**2) / (m * (m - 1))) / den_M.mean())
-  return {"mean": r, "se": se, "ci95": (r - 1.96 * se, r + 1.96 * se)}
 
 
 def _groups_by_length(sentences: Sequence[np.ndarray], max_batch: int = _MAX_BATCH):
@@ -383,6 +373,26 @@ class PCFG:
     trees = np.split(rows[:, 1:].astype(np.int32), np.cumsum(np.bincount(rows[:, 0], minlength=n))[:-1])
     return sentences, trees
 
+  # The Language protocol (data/types.py): sentences, token_logprobs_batch, downstream_tasks.
+
+  def sentences(self, n: int, seed: int) -> list[np.ndarray]:
+    return self.sample(n, seed)
+
+  def downstream_tasks(self, n: int, seed: int) -> dict[str, list[tuple[np.ndarray, int]]]:
+    """Liu's tasks A, B, C (code definitions) and task_span8 (paper definition of C, span [0, 8)) on
+    the sampled sentences with 4 < n < 32; sentences whose label is undefined are dropped."""
+    sents = [s for s in self.sample(n, seed) if 4 < len(s) < 32]
+    out = {}
+    for task in ("A", "B", "C"):
+      try:
+        lab = self.span_labels(sents, task, definition="code")
+      except ValueError:  # e.g. a grammar without unary root rules has no code task A
+        continue
+      out[f"task_{task}"] = [(t, int(y)) for t, y in zip(sents, lab) if y >= 0]
+    lab = self.span_labels(sents, "C", definition="paper", span_len=8)
+    out["task_span8"] = [(t, int(y)) for t, y in zip(sents, lab) if y >= 0]
+    return {k: v for k, v in out.items() if v}
+
   # ------------------------------------------------------------------ charts
 
   def _check_tokens(self, tok_BxL: np.ndarray) -> None:
@@ -586,7 +596,7 @@ class PCFG:
     tlp = self.token_logprobs_batch(sents)
     nll_M = np.array([-t.sum() for t in tlp])
     lens_M = np.array([len(s) for s in sents], np.float64)
-    causal = _ratio_stats(nll_M, lens_M + 1)
+    causal = ratio_stats(nll_M, lens_M + 1)
     res = {
       "method": "sampled",
       "n_sentences": n_samples,
@@ -601,7 +611,7 @@ class PCFG:
     if mlm:
       cond = self.masked_conditionals_batch(sents)
       mnll_M = np.array([-np.log(c[np.arange(len(s)), s]).sum() for s, c in zip(sents, cond)])
-      m = _ratio_stats(mnll_M, lens_M)
+      m = ratio_stats(mnll_M, lens_M)
       res.update({"mlm_loss": m["mean"], "mlm_loss_se": m["se"], "mlm_loss_ci95": m["ci95"]})
     return res
 

@@ -27,38 +27,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from data import vocab
-from lib import errors
+from lib import errors, proportions
 
 FIELDS = ("inputs", "targets", "mask", "segment_ids", "positions")
 
 
 DataError = errors.DataError  # re-exported: callers use dp.DataError
-
-
-def largest_remainder(p: Sequence[float], total: int) -> np.ndarray:
-  """Exact integer counts summing to `total`, as close as possible to p·total (Hamilton's method)."""
-  p = np.asarray(p, dtype=np.float64)
-  check_proportions(p)
-  raw = p * total
-  counts = np.floor(raw).astype(np.int64)
-  short = total - counts.sum()
-  # Largest fractional parts first; stable sort keeps lower group indices first on ties.
-  order = np.argsort(-(raw - counts), kind="stable")
-  counts[order[:short]] += 1
-  return counts
-
-
-def check_proportions(p, names: Sequence[str] | None = None, atol: float = 1e-6) -> None:
-  p = np.asarray(p, dtype=np.float64)
-  shown = dict(zip(names, p.tolist())) if names is not None else p.tolist()
-  if p.ndim != 1 or p.size == 0:
-    raise DataError(f"proportions must be a non-empty vector, got {shown}")
-  if names is not None and len(names) != p.size:
-    raise DataError(f"{p.size} proportions for {len(names)} groups {list(names)}")
-  if np.any(~np.isfinite(p)) or np.any(p < 0):
-    raise DataError(f"proportions must be finite and non-negative, got {shown}")
-  if abs(p.sum() - 1.0) > atol:
-    raise DataError(f"proportions must sum to 1, got sum {p.sum():.6g} for {shown}")
+largest_remainder = proportions.largest_remainder  # re-exported (lives in lib/ for lib/mixture.py)
+check_proportions = proportions.check_proportions
 
 
 @functools.lru_cache(maxsize=8)
@@ -113,6 +89,69 @@ def pack(
     pos += n
     used += 1
   return row, used
+
+
+def flat_documents(source, ids_RxK: np.ndarray, with_true: bool):
+  """(tokens [T] int32, true [T] float32 or None, start_RxK, len_RxK): documents ids_RxK of a source
+  as slices tokens[start : start + len] of one flat array (true_logprob aligned with tokens). A
+  RaggedSource is sliced in place; any other source is read once per distinct document."""
+  if isinstance(source, RaggedSource):
+    return source.tokens, source.true, source.off[ids_RxK], source.off[ids_RxK + 1] - source.off[ids_RxK]
+  ids, inv = np.unique(ids_RxK, return_inverse=True)
+  exs = read_many(source, ids)
+  toks = [np.asarray(ex["tokens"], np.int32) for ex in exs]
+  lens = np.array([len(t) for t in toks], np.int64)
+  off = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+  tokens = np.concatenate(toks) if toks else np.zeros(0, np.int32)
+  true = None
+  if with_true:
+    tl = [
+      np.concatenate([np.asarray(ex["true_logprob"], np.float32)[: n - 1], np.zeros(1, np.float32)]) for ex, n in zip(exs, lens)
+    ]
+    true = np.concatenate(tl).astype(np.float32)
+  inv = inv.reshape(ids_RxK.shape)
+  return tokens, true, off[inv], lens[inv]
+
+
+def pack_rows(
+  tokens: np.ndarray, true: np.ndarray | None, start_RxK: np.ndarray, len_RxK: np.ndarray, seq_len: int, shift: bool = True
+) -> dict[str, np.ndarray]:
+  """`pack` for R rows at once: row r packs documents tokens[start_RxK[r, k] : + len_RxK[r, k]], k = 0..K-1.
+
+  Same greedy rule as `pack` (a document that does not fit is skipped; one longer than a row is cut to
+  seq_len pairs when the row is still empty); the loop runs over the K document slots, every
+  operation is vectorised over rows. Returns FIELDS (+ true_logprob when `true` is given and shift) [R, L].
+  """
+  L = int(seq_len)
+  start_RxK = np.asarray(start_RxK, np.int64)
+  # A document longer than a row is cut to L pairs, and then fits exactly when the row is empty.
+  n_KxR = np.minimum(np.asarray(len_RxK, np.int64) - (1 if shift else 0), L).T.copy()
+  K, R = n_KxR.shape
+  pos_R = np.zeros(R, np.int64)
+  take_KxR = np.zeros((K, R), bool)
+  for k in range(K):  # the only sequential part: does document k fit after those taken before it?
+    ok = pos_R + n_KxR[k] <= L
+    take_KxR[k] = ok
+    pos_R += n_KxR[k] * ok
+  n_RxK, take_RxK = n_KxR.T, take_KxR.T
+  taken_RxK = n_RxK * take_RxK
+  at_RxK = np.cumsum(taken_RxK, 1) - taken_RxK  # start position of each taken document
+  seg_RxK = np.cumsum(take_RxK, 1)  # its segment id (1-based)
+  r, k = np.nonzero(take_RxK)
+  m = n_RxK[r, k]
+  within = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+  dst = np.repeat(r * L + at_RxK[r, k], m) + within
+  src = np.repeat(start_RxK[r, k], m) + within
+  out = {f: np.zeros(R * L, np.int32) for f in FIELDS}
+  out["inputs"][dst] = tokens[src]
+  out["targets"][dst] = tokens[src + 1] if shift else tokens[src]
+  out["mask"][dst] = 1
+  out["segment_ids"][dst] = np.repeat(seg_RxK[r, k], m)
+  out["positions"][dst] = within
+  if shift and true is not None:
+    out["true_logprob"] = np.zeros(R * L, np.float32)
+    out["true_logprob"][dst] = true[src]
+  return {f: v.reshape(R, L) for f, v in out.items()}
 
 
 def mlm_mask(row: dict[str, np.ndarray], rng: np.random.Generator, vocab_size: int, prob: float = 0.15) -> dict:
@@ -247,6 +286,40 @@ class Pipeline:
     return doc_index(self.seed + 1000003 * group, np.arange(pos * K, pos * K + K), len(src))
 
   def batch(self, step: int, p: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """This host's rows [lo, hi) of the global batch at `step` (vectorised over rows: `pack_rows`)."""
+    groups_B = self.group_of_rows(step, p)
+    rank_B = np.zeros(self.B, np.int64)  # rank of each row within its group
+    for g in range(self.num_groups):
+      sel = groups_B == g
+      rank_B[sel] = np.arange(int(sel.sum()))
+    rows_R = np.arange(self.lo, self.hi)
+    groups_R = groups_B[rows_R]
+    present = [int(g) for g in np.unique(groups_R)]
+    with_true = self.shift and all(self.with_true[g] for g in present)
+    out = {k: np.zeros((len(rows_R), self.L), np.int32) for k in FIELDS}
+    if with_true:
+      out["true_logprob"] = np.zeros((len(rows_R), self.L), np.float32)
+    for g in present:
+      local = np.nonzero(groups_R == g)[0]
+      K = self.K[g]
+      pos_R = int(step) * self.B + rank_B[rows_R[local]]  # this group's stream positions
+      ids_RxK = doc_index(self.seed + 1000003 * g, (pos_R[:, None] * K + np.arange(K)).ravel(), len(self.sources[g]))
+      tokens, true, start_RxK, len_RxK = flat_documents(self.sources[g], ids_RxK.reshape(len(local), K), with_true)
+      for k, v in pack_rows(tokens, true if with_true else None, start_RxK, len_RxK, self.L, self.shift).items():
+        out[k][local] = v
+    if self.objective == "mlm":
+      for i, r in enumerate(rows_R):
+        row = mlm_mask(
+          {k: v[i] for k, v in out.items()}, np.random.default_rng([self.seed, int(step), int(r), 0x3A5]), self.vocab_size
+        )
+        out["inputs"][i], out["mask"][i] = row["inputs"], row["mask"]
+    out = {k: out[k] for k in sorted(out)}
+    if self.num_groups > 1:
+      out["group"] = groups_R.astype(np.int32)
+    return out
+
+  def batch_reference(self, step: int, p: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """`batch` computed row by row with `pack` (the exact reference for tests and bench/pipeline.py)."""
     groups_B = self.group_of_rows(step, p)
     plan = []  # (row, group, document ids)
     for r in range(self.lo, self.hi):

@@ -19,9 +19,9 @@ import tempfile
 
 import numpy as np
 
+from data import tfds_builders as tb
 from data import vocab
-from data.pipeline import DataError
-from data.sources import Group
+from data.types import DataError, Group
 
 
 def _files(path: str) -> list[str]:
@@ -61,9 +61,16 @@ def _chunks(ids: np.ndarray, n: int):
 class Tokenizer:
   """bytes or a SentencePiece model; ids are shifted past lmtrace's special tokens."""
 
-  def __init__(self, kind: str, model_path: str | None = None):
+  def __init__(self, kind: str, model_path: str | None = None, model_vocab: int | None = None):
     self.kind = kind
-    if kind == "sentencepiece":
+    self.model_vocab = model_vocab
+    if kind == "hf":  # a model's own tokenizer.json: its ids and special ids, NOT shifted (data/tokenizer.py)
+      from data.tokenizer import HFTokenizer
+
+      self.hf = HFTokenizer(model_path or "")
+      self.n = self.hf.vocab_size
+      self.hf.check_model_vocab(int(model_vocab or self.n))
+    elif kind == "sentencepiece":
       import sentencepiece as spm
 
       self.sp = spm.SentencePieceProcessor(model_file=model_path)
@@ -71,18 +78,28 @@ class Tokenizer:
     elif kind == "bytes":
       self.n = 256
     else:
-      raise DataError(f"text tokenizer {kind!r} is not one of ('bytes', 'sentencepiece')")
+      raise DataError(f"text tokenizer {kind!r} is not one of ('bytes', 'sentencepiece', 'hf')")
 
   @property
   def vocab_size(self) -> int:
+    if self.kind == "hf":
+      return int(self.model_vocab or self.n)
     return vocab.vocab_size(self.n)
+
+  def frame(self, ids) -> np.ndarray:
+    """[BOS, ids..., EOS] in model ids: lmtrace's shifted layout, or an external tokenizer's own ids."""
+    return self.hf.frame(ids) if self.kind == "hf" else vocab.frame(ids)
 
   def encode(self, text: str) -> np.ndarray:
     if self.kind == "bytes":
       return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    if self.kind == "hf":
+      return self.hf.encode(text)
     return np.asarray(self.sp.encode(text), np.int32)
 
   def decode(self, model_ids) -> str:
+    if self.kind == "hf":
+      return self.hf.decode(model_ids)
     raw = vocab.unframe(model_ids)
     if self.kind == "bytes":
       return bytes(raw.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
@@ -128,6 +145,7 @@ def _builder(spec: dict, files: list[str]):
     """Documents of local text files, tokenised (bytes or SentencePiece) and framed."""
 
     VERSION = tfds.core.Version("1.0.0")
+    _log_download_bytes, _log_download_done = tb.log_building, tb.log_built  # nothing is downloaded
 
     def _info(self):
       return tfds.core.DatasetInfo(
@@ -142,6 +160,8 @@ def _builder(spec: dict, files: list[str]):
       by_split = {"train": [], "validation": [], "test": []}
       for d in docs:
         by_split[_split_of(d, val, test)].append(d)
+      if val >= 1.0:  # probe-only corpus (e.g. an imported model's probe text): every split holds all of it
+        by_split = {s: list(docs) for s in by_split}
       for s, ds in by_split.items():
         if not ds:
           raise DataError(
@@ -155,7 +175,9 @@ def _builder(spec: dict, files: list[str]):
         model_path = train_sentencepiece(
           by_split["train"], int(spec.get("vocab_size") or 1000), os.path.join(self._data_dir_root, f"spm_{key}")
         )
-      tok = Tokenizer(kind, model_path)
+      if kind == "hf":
+        model_path = spec.get("tokenizer_model") or ""
+      tok = Tokenizer(kind, model_path, spec.get("vocab_size"))
       self.info.metadata.update(
         {
           "vocab_size": tok.vocab_size,
@@ -173,7 +195,7 @@ def _builder(spec: dict, files: list[str]):
       k = 0
       for d in docs:
         for c in _chunks(tok.encode(d), n):
-          yield k, {"tokens": vocab.frame(c)}
+          yield k, {"tokens": tok.frame(c)}
           k += 1
 
   return LmtraceText(config=TextConfig(), data_dir=spec["data_dir"], file_format="array_record")
@@ -181,8 +203,6 @@ def _builder(spec: dict, files: list[str]):
 
 def text_group(name: str, spec, data_dir: str | None) -> Group:
   import jax
-
-  from data import tfds_builders as tb
 
   spec = dict(spec)
   spec["data_dir"] = spec.get("data_dir") or data_dir or tb.default_data_dir()
@@ -197,8 +217,8 @@ def text_group(name: str, spec, data_dir: str | None) -> Group:
     b = _builder(spec, files)
   md = b.info.metadata
   info = {"kind": "text", "tokenizer": md["tokenizer"], "tokenizer_model": md["tokenizer_model"], "tfds_dir": b.data_dir}
-  return Group(name, tb._open(b, name), int(md["vocab_size"]), info)
+  return Group(name, tb.open_splits(b, name), int(md["vocab_size"]), info)
 
 
 def tokenizer_for(group: Group) -> Tokenizer:
-  return Tokenizer(group.info["tokenizer"], group.info.get("tokenizer_model") or None)
+  return Tokenizer(group.info["tokenizer"], group.info.get("tokenizer_model") or None, group.vocab_size)

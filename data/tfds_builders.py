@@ -19,40 +19,17 @@ import glob
 import hashlib
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import numpy as np
 
 from data import vocab
-from data.pipeline import DataError
-from data.sources import Group, language, synthetic_examples
+from data.languages import downstream_tasks, language, synthetic_examples
+from data.types import DataError, Group
 
 DEFAULT_SIZES = {"n_train": 50_000, "n_validation": 1_000, "n_test": 1_000, "n_downstream": 2_000}
-
-
-def downstream_tasks(lang, n: int, seed: int) -> dict[str, list[dict]]:
-  """{split name: [{tokens, label}]} for a language's latent-structure tasks (none for bigram)."""
-  kind = type(lang).__name__
-  out = {}
-  if n <= 0 or kind not in ("PCFG", "HMM"):
-    return out
-  if kind == "HMM":
-    toks, states = lang.sample(n, seed)
-    for pos in (6, 10):
-      if pos <= toks.shape[1]:
-        lab = lang.hidden_state_labels(states, pos)
-        out[f"task_state{pos}"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(toks, lab)]
-    return out
-  sents = [s for s in lang.sample(n, seed) if 4 < len(s) < 32]
-  for task in ("A", "B", "C"):
-    try:
-      lab = lang.span_labels(sents, task, definition="code")
-    except ValueError:  # e.g. a grammar without unary root rules has no code task A
-      continue
-    out[f"task_{task}"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(sents, lab) if y >= 0]
-  lab = lang.span_labels(sents, "C", definition="paper", span_len=8)
-  out["task_span8"] = [{"tokens": vocab.frame(t), "label": int(y)} for t, y in zip(sents, lab) if y >= 0]
-  return {k: v for k, v in out.items() if v}
 
 
 def default_data_dir() -> str:
@@ -63,6 +40,22 @@ def spec_name(spec: dict) -> str:
   clean = {k: spec[k] for k in sorted(spec) if k not in ("name", "data_dir")}
   h = hashlib.sha1(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:10]
   return f"{spec['kind']}_{h}"
+
+
+def log_building(builder) -> None:
+  """Replaces TFDS's "Downloading and preparing dataset Unknown size ..." line: nothing is downloaded.
+  Off a terminal, TFDS's progress bars are turned off too (their escape codes would fill log files)."""
+  if not sys.stderr.isatty():
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+  builder._lmtrace_t0 = time.perf_counter()
+  print(f"lmtrace: building dataset {builder.builder_config.name} in {builder.data_dir} (generated locally)...", flush=True)
+
+
+def log_built(builder) -> None:
+  dt = time.perf_counter() - getattr(builder, "_lmtrace_t0", time.perf_counter())
+  print(f"lmtrace: built {builder.builder_config.name} in {dt:.1f} s; later runs reuse it", flush=True)
 
 
 def _builder_cls():
@@ -78,6 +71,7 @@ def _builder_cls():
 
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.1.0": "downstream-task splits and the label feature"}
+    _log_download_bytes, _log_download_done = log_building, log_built  # TFDS's own lines speak of downloads
 
     def _info(self):
       return tfds.core.DatasetInfo(
@@ -181,7 +175,8 @@ def _check_files(builder, split: str) -> None:
       raise DataError(f"data shard {f} is empty (corrupted); delete {builder.data_dir} to rebuild it")
 
 
-def _open(builder, name: str) -> dict[str, TfdsSource]:
+def open_splits(builder, name: str) -> dict[str, TfdsSource]:
+  """Every split of a prepared builder as a checked random-access source."""
   splits = {}
   sources = builder.as_data_source()
   for split in builder.info.splits:
@@ -219,7 +214,7 @@ def synthetic_group(name: str, spec, data_dir: str | None) -> Group:
     "tfds_dir": builder.data_dir,
     "tasks": json.loads(md.get("tasks", "{}")),
   }
-  return Group(name, _open(builder, name), int(md["vocab_size"]), info)
+  return Group(name, open_splits(builder, name), int(md["vocab_size"]), info)
 
 
 def catalog_group(name: str, spec, data_dir: str | None) -> Group:

@@ -11,6 +11,13 @@ Workdir layout:
 Items of a checkpoint: `params`, `opt_state`, `train` ({step, rng, mixture state}) and `meta` (JSON:
 step, tokens seen, data step, mixture proportions, wall time). Step N = the state after N updates
 (Pythia's convention; step 0 is the initialisation).
+
+Integrity: once Orbax has committed a step, process 0 writes `lmtrace_manifest.json` into the step
+directory: the size and CRC32 of every file of the checkpoint (lib/integrity.py). Every restore (the
+trainer's resume, `restore_params`, hence every analysis job) verifies the files it reads first; a
+mismatch is treated like an unreadable checkpoint. A checkpoint whose `meta` says it will be sealed
+but has no manifest yet is still being written (or its writer died before sealing): it is not listed
+by `available_steps`. Checkpoints written before manifests existed load with a note.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lib import errors
+from lib import errors, integrity
+from lib import io as lio
 
 log = logging.getLogger("lmtrace")
 
@@ -63,6 +71,24 @@ class Checkpointer:
     self.params_only = params_only
     self.analysis = _manager(os.path.join(workdir, ANALYSIS_DIR), async_=async_)
     self.resume = _manager(os.path.join(workdir, RESUME_DIR), max_to_keep=max(1, keep_resume), async_=async_)
+    self._unsealed: list[tuple[str, int]] = []  # (subdir, step) saved by this process, manifest not yet written
+    self._seal_leftovers()
+
+  def _seal_leftovers(self) -> None:
+    """Seals checkpoints an earlier, killed pass committed but did not live to seal (Orbax's commit
+    means their files are complete), so they are listed and resumable again."""
+    if jax.process_index() == 0:
+      for sub in (ANALYSIS_DIR, RESUME_DIR):
+        root = os.path.join(self.workdir, sub)
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+          d = os.path.join(root, name)
+          if name.isdigit() and is_committed(d) and not integrity.sealed_or_legacy(d):
+            log.info("sealing %s, committed by a run that stopped before sealing it", d)
+            integrity.seal(d)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("lmtrace: leftover checkpoints sealed")
 
   def wants(self, step: int, last: bool = False) -> tuple[bool, bool]:
     """(save an analysis checkpoint, save a resume checkpoint) at `step`."""
@@ -74,6 +100,10 @@ class Checkpointer:
 
   def save(self, step: int, state: dict, meta: dict, last: bool = False) -> bool:
     a, r = self.wants(step, last)
+    if not (a or r):
+      return False
+    self.seal_committed()
+    meta = dict(meta, integrity=integrity.FORMAT)  # "a manifest will follow the commit"
     train = {"step": state["step"], "rng": state["rng"], "mixture": state.get("mixture", {})}
     full = dict(
       params=ocp.args.StandardSave(state["params"]),
@@ -86,31 +116,76 @@ class Checkpointer:
     if a and step not in self.analysis.all_steps():
       items = full if not self.params_only else dict(params=full["params"], meta=full["meta"])
       self.analysis.save(step, args=ocp.args.Composite(**items), force=True)
+      self._unsealed.append((ANALYSIS_DIR, step))
     if r and step not in self.resume.all_steps():
       self.resume.save(step, args=ocp.args.Composite(**full), force=True)
+      self._unsealed.append((RESUME_DIR, step))
     return a or r
+
+  def seal_committed(self) -> None:
+    """Writes the manifest of every checkpoint this run saved whose (async) save has committed."""
+    busy = {ANALYSIS_DIR: self.analysis.is_saving_in_progress(), RESUME_DIR: self.resume.is_saving_in_progress()}
+    left = []
+    for sub, step in self._unsealed:
+      d = os.path.join(self.workdir, sub, str(step))
+      if busy[sub]:
+        left.append((sub, step))
+      elif is_committed(d) and jax.process_index() == 0:
+        integrity.seal(d)  # (not committed and not saving: rotated away by keep_resume)
+    self._unsealed = left
 
   def wait(self) -> None:
     self.analysis.wait_until_finished()
     self.resume.wait_until_finished()
+    self.seal_committed()
 
   def close(self) -> None:
     self.analysis.close()
     self.resume.close()
 
-  def restore_latest(self, target_state: dict) -> tuple[dict, dict] | None:
+  def _move_aside(self, sub: str, step: int, why: str, mngr) -> None:
+    bad = os.path.join(self.workdir, sub, str(step))
+    aside = f"{bad}.unreadable"
+    log.warning("skipping unreadable checkpoint %s (%s); moved to %s, trying the previous one", bad, why[:400], aside)
+    if jax.process_index() == 0 and os.path.isdir(bad):
+      os.replace(bad, aside)
+    mngr.reload()
+
+  def restore_latest(self, target_state: dict, mismatch_hint: str = "") -> tuple[dict, dict] | None:
     """The newest readable full-state checkpoint restored onto `target_state`'s shardings, or None.
 
-    Unreadable (half-written or corrupted) checkpoints are skipped with a warning.
+    Damaged checkpoints (files that fail their manifest, half-written or unreadable ones) are moved
+    aside as `<step>.unreadable` with a warning and the previous one is tried. A checkpoint whose
+    saved tree (structure, shapes, dtypes) differs from the target is a changed config, not damage:
+    `errors.ConfigError` naming the differences (plus `mismatch_hint`), and nothing is touched.
     """
     candidates = []
     for mngr, sub in ((self.resume, RESUME_DIR), (self.analysis, ANALYSIS_DIR)):
       for s in mngr.all_steps():
         if {"params", "opt_state", "train"} <= _items(os.path.join(self.workdir, sub, str(s))):
           candidates.append((s, sub, mngr))
+    train_t = {"step": target_state["step"], "rng": target_state["rng"], "mixture": target_state.get("mixture", {})}
+    items_t = {"params": target_state["params"], "opt_state": target_state["opt_state"], "train": train_t}
     for step, sub, mngr in sorted(candidates, key=lambda c: -c[0]):
+      d = os.path.join(self.workdir, sub, str(step))
       try:
-        train_t = {"step": target_state["step"], "rng": target_state["rng"], "mixture": target_state.get("mixture", {})}
+        if integrity.verify(d, ("params", "opt_state", "train", "meta")) == "legacy":
+          log.info("note: %s predates integrity manifests; restored without verification", d)
+        diffs = {}
+        for item, tree in items_t.items():
+          diffs.update({f"{item}/{k}": v for k, v in tree_differences(os.path.join(d, item), tree).items()})
+      except CheckpointError as e:
+        self._move_aside(sub, step, str(e), mngr)
+        continue
+      if diffs:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(diffs.items())[:4])
+        more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
+        hint = f" Config keys that differ from the saved run: {mismatch_hint}." if mismatch_hint else ""
+        raise errors.ConfigError(
+          f"cannot resume {self.workdir}: checkpoint {sub}/{step} holds a state of another shape than this config builds "
+          f"({shown}{more}).{hint} Nothing was changed: rerun with the run's original settings, or use a new --workdir."
+        )
+      try:
         out = mngr.restore(
           step,
           args=ocp.args.Composite(
@@ -120,21 +195,8 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
           ),
         )
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
-        if "shape" in str(e).lower() and "mismatch" in str(e).lower():
-          raise CheckpointError(f"{self.workdir}/{sub}/{step} holds arrays of other shapes than this model: {e}") from e
-        bad = os.path.join(self.workdir, sub, str(step))
-        aside = f"{bad}.unreadable"
-        log.warning(
-          "skipping unreadable checkpoint %s (%s: %s); moved to %s, trying the previous one",
-          bad,
-          type(e).__name__,
-          str(e)[:300],
-          aside,
-        )
-        if jax.process_index() == 0 and os.path.isdir(bad):
-          os.replace(bad, aside)
-        mngr.reload()
+      except Exception as e:  # noqa: BLE001 - verified files whose structure matches yet fail to read: damage
+        self._move_aside(sub, step, f"{type(e).__name__}: {e}", mngr)
         continue
       state = dict(
         target_state,
@@ -146,6 +208,44 @@ class Checkpointer:
       )
       return state, dict(out["meta"] or {})
     return None
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _flat(tree) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves if leaf is not None}
+
+
+def tree_differences(item_dir: str, target) -> dict[str, str]:
+  """{path: what differs} between the array tree saved in `item_dir` and `target` (shapes/dtypes).
+
+  Reads only Orbax's tree metadata (never its error text); CheckpointError if that is unreadable.
+  """
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      md = ckptr.metadata(os.path.abspath(item_dir))
+  except Exception as e:  # noqa: BLE001 - any failure to read the metadata is damage
+    raise CheckpointError(f"cannot read the tree metadata of {item_dir}: {type(e).__name__}: {str(e)[:300]}") from e
+  saved = _flat(getattr(md, "item_metadata", md))
+  saved = {k: v for k, v in saved.items() if hasattr(v, "shape")}
+  want = _flat(target)
+  out = {}
+  for k in sorted(set(saved) | set(want)):
+    if k not in want:
+      out[k] = "saved, not in this config"
+    elif k not in saved:
+      out[k] = "in this config, not saved"
+    else:
+      a, b = saved[k], want[k]
+      if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
+        out[k] = f"saved {np.dtype(a.dtype).name}{list(a.shape)}, config {np.dtype(b.dtype).name}{list(b.shape)}"
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,8 +262,19 @@ def read_config(workdir: str) -> dict:
     return json.load(f)
 
 
+def is_committed(step_dir: str) -> bool:
+  """Orbax finished writing `step_dir`: its final (renamed) name exists with a commit marker."""
+  return os.path.isfile(os.path.join(step_dir, "commit_success.txt")) or os.path.isfile(
+    os.path.join(step_dir, "_CHECKPOINT_METADATA")
+  )
+
+
 def available_steps(workdir: str, need_full: bool = False) -> dict[int, str]:
-  """{step: subdir} of every finished checkpoint (analysis ones preferred when both exist)."""
+  """{step: subdir} of every finished checkpoint (analysis ones preferred when both exist).
+
+  Finished = committed by Orbax and, when it was written with integrity manifests, sealed; a
+  checkpoint still being written by a running trainer is not listed.
+  """
   out: dict[int, str] = {}
   for sub in (RESUME_DIR, ANALYSIS_DIR):
     root = os.path.join(workdir, sub)
@@ -172,8 +283,9 @@ def available_steps(workdir: str, need_full: bool = False) -> dict[int, str]:
     for name in os.listdir(root):
       if not name.isdigit():
         continue  # orbax temporaries (half-written saves) have suffixes
-      items = _items(os.path.join(root, name))
-      if "params" in items and (not need_full or "opt_state" in items):
+      d = os.path.join(root, name)
+      items = _items(d)
+      if "params" in items and (not need_full or "opt_state" in items) and is_committed(d) and integrity.sealed_or_legacy(d):
         out[int(name)] = sub
   return dict(sorted(out.items()))
 
@@ -214,7 +326,9 @@ def resolve_step(workdir: str, step) -> int:
 def restore_params(workdir: str, step=None, mesh=None):
   """Parameters of checkpoint `step` (None = latest) placed on `mesh` (None = one device).
 
-  Works across meshes: a run trained on 8 devices restores onto 1 and vice versa.
+  Works across meshes: a run trained on 8 devices restores onto 1 and vice versa. The files are
+  verified against the checkpoint's manifest (beside the read, in a thread, so it costs little wall
+  time); the arrays are returned only if they pass, else `CheckpointError` naming the damage.
   """
   from lib import model as M
   from lib import sharding
@@ -225,26 +339,24 @@ def restore_params(workdir: str, step=None, mesh=None):
   mesh = mesh or sharding.single_device_mesh()
   shapes, _ = M.abstract_params(model)
   target = _abstract(shapes, M.param_shardings(model, mesh))
-  path = os.path.join(os.path.abspath(workdir), sub, str(step), "params")
-  try:
+  step_dir = os.path.join(os.path.abspath(workdir), sub, str(step))
+  path = os.path.join(step_dir, "params")
+
+  def read():
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, target)
-  except Exception as e:  # noqa: BLE001
+
+  try:
+    out, verdict = integrity.read_verified(step_dir, ("params",), read)
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - verified files that still fail to read
     raise CheckpointError(f"cannot restore params from {path}: {type(e).__name__}: {str(e)[:500]}") from e
+  if verdict == "legacy":
+    log.info("note: %s predates integrity manifests; read without verification", step_dir)
+  return out
 
 
 def save_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.integer,)):
-    return int(o)
-  if isinstance(o, (np.floating,)):
-    return float(o)
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
+  """`obj` as JSON, written atomically (lib/io.py)."""
+  lio.atomic_json(path, obj)

@@ -7,11 +7,14 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from lib import io as lio
 
 # Dense bf16 peak FLOP/s per device (no sparsity). MFU is reported against these.
 PEAK_FLOPS = {
@@ -68,18 +71,53 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-class Writer:
-  """Appends flat dicts to WORKDIR/metrics.jsonl (process 0 only) and to TensorBoard."""
+def progress_enabled(stream=None) -> bool:
+  """Progress bars only on a terminal: redirected output (log files, CI) gets no escape codes."""
+  stream = stream or sys.stderr
+  return bool(getattr(stream, "isatty", lambda: False)())
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+
+def truncate_jsonl(path: str, keep_upto: int) -> int:
+  """Rewrites metrics.jsonl (atomically) without rows of steps > keep_upto and without a half-written
+  last line (a killed run); returns the number of rows dropped. A resumed run replays those steps."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        ok = int(row["step"]) <= keep_upto
+      except (ValueError, KeyError, TypeError):
+        ok = False
+      if ok:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    lio.atomic_write(path, "".join(kept))
+  return dropped
+
+
+class Writer:
+  """Appends flat dicts to WORKDIR/metrics.jsonl (process 0 only) and to TensorBoard.
+
+  `keep_upto`: the step the run (re)starts from; rows logged after it by an earlier, interrupted pass
+  are dropped first (metrics.jsonl truncated, TensorBoard events purged), so every step appears once.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, keep_upto: int | None = None):
     self.active = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
+    if self.active and keep_upto is not None:
+      truncate_jsonl(self.path, keep_upto)
     if self.active and tensorboard:
       try:
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        purge = None if keep_upto is None else keep_upto + 1
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
       except ImportError:
         self.tb = None
     self._f = open(self.path, "a") if self.active else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.pipeline import check_proportions
+from lib.proportions import check_proportions
 
 
 class Controller:

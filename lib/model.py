@@ -38,7 +38,7 @@ class ModelConfig:
   d_ff: int = 256
   max_len: int = 128
   pos: str = "learned"  # learned | rope
-  mlp: str = "gelu"  # relu | gelu | swiglu
+  mlp: str = "gelu"  # relu | gelu (tanh approximation) | gelu_exact (erf; GPT-NeoX) | swiglu
   norm: str = "layernorm"  # layernorm | rmsnorm
   tied_embeddings: bool = True
   use_bias: bool = True
@@ -50,6 +50,10 @@ class ModelConfig:
   dropout: float = 0.0
   rope_base: float = 10000.0
   init_std: float = 0.02
+  # Options for imported Hugging Face checkpoints (lib/hf_import.py); the defaults keep the model above.
+  parallel_residual: bool = False  # GPT-NeoX: x + attn(ln_attn(x)) + mlp(ln_mlp(x)) in one residual add
+  rotary_dim: int = 0  # rope on the first rotary_dim dims of each head only (Pythia's rotary_pct); 0 = all
+  post_ln: bool = False  # OPT-350m: LayerNorm after each residual add and no final norm
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -63,7 +67,7 @@ class ModelConfig:
   def validate(self) -> None:
     choices = {
       "pos": ("learned", "rope"),
-      "mlp": ("relu", "gelu", "swiglu"),
+      "mlp": ("relu", "gelu", "gelu_exact", "swiglu"),
       "norm": ("layernorm", "rmsnorm"),
       "dtype": tuple(DTYPES),
       "param_dtype": tuple(DTYPES),
@@ -75,6 +79,10 @@ class ModelConfig:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
     if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
       raise ValueError("model.pos='rope' needs an even head dimension")
+    if self.rotary_dim and (self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_heads):
+      raise ValueError(
+        f"model.rotary_dim={self.rotary_dim} must be even and at most the head dimension {self.d_model // self.n_heads}"
+      )
 
 
 # OPT family (Zhang et al. 2022): learned positions (2 offset rows), ReLU, pre-LN, tied embeddings,
@@ -159,6 +167,14 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, base: float) -> Array:
   return out.astype(x_BxLxHxK.dtype)
 
 
+def partial_rope(x_BxLxHxK: Array, positions_BxL: Array, base: float, rotary_dim: int) -> Array:
+  """rope on the first `rotary_dim` dims of each head, the rest passed through (0 = all dims)."""
+  if not rotary_dim or rotary_dim == x_BxLxHxK.shape[-1]:
+    return rope(x_BxLxHxK, positions_BxL, base)
+  rot = rope(x_BxLxHxK[..., :rotary_dim], positions_BxL, base)
+  return jnp.concatenate([rot, x_BxLxHxK[..., rotary_dim:]], axis=-1)
+
+
 class Proj(nn.Module):
   """y = einsum(x, kernel) + bias with explicit logical axes (nn.DenseGeneral initialises a flattened
   kernel, which does not carry multi-axis logical partitioning)."""
@@ -192,8 +208,8 @@ class Attention(nn.Module):
     qkv = lambda name: Proj(c, (d,), (h, k), ("embed", "heads", "kv"), c.init_std, name=name)(x_BxLxD)  # noqa: E731
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv("query"), qkv("key"), qkv("value")
     if c.pos == "rope":
-      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, c.rope_base)
-      k_BxLxHxK = rope(k_BxLxHxK, positions_BxL, c.rope_base)
+      q_BxLxHxK = partial_rope(q_BxLxHxK, positions_BxL, c.rope_base, c.rotary_dim)
+      k_BxLxHxK = partial_rope(k_BxLxHxK, positions_BxL, c.rope_base, c.rotary_dim)
     q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "act_heads", "kv"))
     # Document-aware mask for packed rows: a token attends only within its own segment.
     mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
@@ -225,6 +241,8 @@ class Mlp(nn.Module):
       h_BxLxF = nn.silu(dense(c.d_ff, ("embed", "mlp"), "wi_gate")(x_BxLxD)) * h_BxLxF
     elif c.mlp == "relu":
       h_BxLxF = nn.relu(h_BxLxF)
+    elif c.mlp == "gelu_exact":
+      h_BxLxF = nn.gelu(h_BxLxF, approximate=False)
     else:
       h_BxLxF = nn.gelu(h_BxLxF)
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "act_mlp"))
@@ -239,8 +257,18 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic: bool = True):
     c = self.cfg
-    x_BxLxD = x_BxLxD + Attention(c, name="attn")(Norm(c, name="ln_attn")(x_BxLxD), positions_BxL, segment_ids_BxL, deterministic)
-    x_BxLxD = x_BxLxD + Mlp(c, name="mlp")(Norm(c, name="ln_mlp")(x_BxLxD), deterministic)
+    attn, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
+    ln_attn, ln_mlp = Norm(c, name="ln_attn"), Norm(c, name="ln_mlp")
+    if c.parallel_residual:
+      x_BxLxD = (
+        x_BxLxD + attn(ln_attn(x_BxLxD), positions_BxL, segment_ids_BxL, deterministic) + mlp(ln_mlp(x_BxLxD), deterministic)
+      )
+    elif c.post_ln:
+      x_BxLxD = ln_attn(x_BxLxD + attn(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic))
+      x_BxLxD = ln_mlp(x_BxLxD + mlp(x_BxLxD, deterministic))
+    else:
+      x_BxLxD = x_BxLxD + attn(ln_attn(x_BxLxD), positions_BxL, segment_ids_BxL, deterministic)
+      x_BxLxD = x_BxLxD + mlp(ln_mlp(x_BxLxD), deterministic)
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
 
@@ -274,7 +302,8 @@ class Transformer(nn.Module):
     block = nn.remat(Block, static_argnums=(4,)) if c.remat else Block
     for i in range(c.n_layers):
       x_BxLxD = block(c, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
-    x_BxLxD = Norm(c, name="final_norm")(x_BxLxD)
+    if not c.post_ln:
+      x_BxLxD = Norm(c, name="final_norm")(x_BxLxD)
     if return_hidden:
       return x_BxLxD
     if c.embed_proj_dim:

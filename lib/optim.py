@@ -11,7 +11,12 @@ SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
 
 
 def lr_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then the named decay down to `lr * final_lr_frac`."""
+  """Linear warmup to `lr`, then the named decay down to `lr * final_lr_frac`.
+
+  `opt.warmup_from_zero=True` (default, unchanged behaviour): the warmup starts at 0, so the first
+  update is a no-op and the step-1 checkpoint equals step 0. False (Pythia/GPT-NeoX style): update k
+  (k = 1..warmup) uses lr·k/warmup, so step 1 is a real point of the trajectory.
+  """
   lr, warm = float(opt_cfg.lr), int(opt_cfg.warmup_steps)
   end = lr * float(opt_cfg.final_lr_frac)
   decay_steps = max(total_steps - warm, 1)
@@ -28,7 +33,10 @@ def lr_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     decay = lambda s: lr * jnp.sqrt(max(warm, 1) / (jnp.maximum(s, 0) + max(warm, 1)))  # noqa: E731
   if warm == 0:
     return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+  if opt_cfg.get("warmup_from_zero", True):
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+  warmup = lambda count: lr * jnp.minimum(count + 1, warm) / warm  # noqa: E731 - count = updates done so far
+  return optax.join_schedules([warmup, decay], [warm])
 
 
 def _decay_mask(params):

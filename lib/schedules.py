@@ -9,11 +9,15 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from lib import errors
+
 SCHEDULE_KINDS = ("pythia", "exponential", "interval", "explicit", "log")
 
 
 def pythia(total_steps: int, every: int = 1000, log_until: int = 512) -> list[int]:
   """Pythia: 0, 1, 2, 4, ..., log_until, then every `every` steps (154 checkpoints at 143k)."""
+  if every <= 0:
+    raise errors.ConfigError(f"pythia schedule: every={every} must be > 0")
   steps = {0}
   p = 1
   while p <= min(log_until, total_steps):
@@ -29,6 +33,8 @@ def exponential(total_steps: int, s0: float = 100, s1: float = 25000, t1: float 
   step(n) = s0·t1/(s1−s0)·(exp(n(s1−s0)/t1) − 1), rounded; with the paper's s0=100, s1=25000,
   t1=1e6 this gives 222 steps (0, 101, 205, 311, ..., 981536).
   """
+  if s0 <= 0 or s1 <= 0:
+    raise errors.ConfigError(f"exponential schedule: s0={s0} and s1={s1} must be > 0")
   t1 = float(t1 or total_steps)
   if s1 == s0:
     return list(range(0, total_steps + 1, int(s0)))
@@ -52,6 +58,8 @@ def log_spaced(total_steps: int, num: int = 200) -> list[int]:
 
 
 def interval(total_steps: int, every: int) -> list[int]:
+  if every <= 0:
+    raise errors.ConfigError(f"interval schedule: every={every} must be > 0")
   return list(range(0, total_steps + 1, every))
 
 
@@ -62,7 +70,7 @@ def analysis_steps(schedules: Iterable, total_steps: int) -> list[int]:
     spec = dict(spec)
     kind = spec.pop("kind", None)
     if kind not in SCHEDULE_KINDS:
-      raise ValueError(f"checkpoint schedule kind {kind!r} is not one of {SCHEDULE_KINDS}")
+      raise errors.ConfigError(f"checkpoint schedule kind {kind!r} is not one of {SCHEDULE_KINDS}")
     try:
       if kind == "pythia":
         out.update(pythia(total_steps, **spec))
@@ -75,7 +83,9 @@ def analysis_steps(schedules: Iterable, total_steps: int) -> list[int]:
       else:
         out.update(int(s) for s in spec["steps"] if 0 <= int(s) <= total_steps)
     except TypeError as e:
-      raise ValueError(f"bad arguments for checkpoint schedule {kind!r}: {spec} ({e})") from None
+      raise errors.ConfigError(f"bad arguments for checkpoint schedule {kind!r}: {spec} ({e})") from None
+    except KeyError as e:
+      raise errors.ConfigError(f"checkpoint schedule {kind!r} needs {e} (e.g. explicit:steps=5/50/500)") from None
   return sorted(out)
 
 
@@ -87,9 +97,13 @@ def parse_schedules(text: str) -> list[dict]:
     spec = {"kind": kind.strip()}
     for kv in filter(None, (a.strip() for a in args.split(","))):
       k, _, v = kv.partition("=")
-      if k.strip() == "steps":
-        spec["steps"] = [int(x) for x in v.split("/") if x]
-      else:
-        spec[k.strip()] = float(v) if "." in v or "e" in v else int(v)
+      try:
+        if k.strip() == "steps":
+          spec["steps"] = [int(x) for x in v.split("/") if x]
+        else:
+          spec[k.strip()] = float(v) if "." in v or "e" in v else int(v)
+      except ValueError:
+        want = "integers joined by '/'" if k.strip() == "steps" else "a number"
+        raise errors.ConfigError(f"checkpoint schedule {part!r}: {k.strip()}={v!r} is not {want}") from None
     specs.append(spec)
   return specs

@@ -15,8 +15,11 @@ Logical axis names used by `lib/model.py` (params) and activations:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import socket
+import time
 from typing import Sequence
 
 import jax
@@ -26,6 +29,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lib import errors
+
+log = logging.getLogger("lmtrace")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
@@ -76,28 +81,64 @@ def make_mesh(mesh_cfg=None, devices: Sequence[jax.Device] | None = None) -> Mes
   devices = list(devices if devices is not None else jax.devices())
   cfg = mesh_cfg if mesh_cfg is not None else {"data": -1, "fsdp": 1, "tensor": 1}
   shape = mesh_shape(cfg, len(devices))
-  try:
+  if devices[0].platform in ("tpu", "gpu", "cuda", "rocm"):
     from jax.experimental import mesh_utils
 
-    dev = mesh_utils.create_device_mesh(shape, devices=devices)
-  except Exception:  # odd device counts or fake CPU devices: plain row-major layout
+    try:  # topology-aware order (ICI / NVLink neighbours on the fast axes)
+      dev = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError) as e:  # a slice shape mesh_utils cannot tile
+      log.info("mesh_utils cannot lay out %s on these devices (%s); using row-major order", shape, e)
+      dev = np.asarray(devices).reshape(shape)
+  else:  # CPU (incl. fake devices): no topology, row-major order
     dev = np.asarray(devices).reshape(shape)
   return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1, timeout_s: int = 300) -> None:
   """Joins a multi-process job (before any other JAX call): '' = single process, 'auto' = let JAX
   detect the cluster (TPU pods, SLURM), 'host:port' = explicit coordinator (GPU clusters, or local
-  processes sharing CPU devices over gloo)."""
+  processes sharing CPU devices over gloo). ShardingError after `timeout_s` without the coordinator."""
   if not coordinator or jax.distributed.is_initialized():
     return
-  if coordinator == "auto":
-    jax.distributed.initialize()
-    return
-  # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends). Must not touch the
-  # backend before initialize(), so no jax.default_backend() here.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+  try:
+    if coordinator == "auto":
+      jax.distributed.initialize(initialization_timeout=int(timeout_s))
+      return
+    if process_id != 0:  # XLA's client aborts the process (no Python error) when it cannot connect: look first
+      _wait_for_coordinator(coordinator, num_processes, process_id, timeout_s)
+    # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends). Must not touch the
+    # backend before initialize(), so no jax.default_backend() here.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+      coordinator, num_processes=num_processes, process_id=process_id, initialization_timeout=int(timeout_s)
+    )
+  except RuntimeError as e:  # XlaRuntimeError: DEADLINE_EXCEEDED / UNAVAILABLE from the coordination service
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise ShardingError(
+      f"could not join the job at coordinator {coordinator!r} as process {process_id} of {num_processes} within "
+      f"{timeout_s}s ({first}); check the address and that process 0 runs (distributed.timeout_s sets the wait)"
+    ) from None
+
+
+def _wait_for_coordinator(coordinator: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+  """Returns once a TCP connection to `coordinator` (host:port) succeeds; ShardingError after timeout_s."""
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit():
+    raise ShardingError(f"distributed.coordinator={coordinator!r} is not host:port (or 'auto')")
+  deadline, err = time.monotonic() + float(timeout_s), None
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+        return
+    except OSError as e:
+      err = e
+    if time.monotonic() >= deadline:
+      raise ShardingError(
+        f"could not join the job at coordinator {coordinator!r} as process {process_id} of {num_processes} within "
+        f"{timeout_s}s ({type(err).__name__}: {err}); check the address and that process 0 runs "
+        "(distributed.timeout_s sets the wait)"
+      )
+    time.sleep(0.5)
 
 
 def enable_compilation_cache(path: str | None = None, min_compile_secs: float = 1.0) -> None:
@@ -182,3 +223,19 @@ def global_batch_from_local(mesh: Mesh, local: dict[str, np.ndarray], global_bat
   for k, v in local.items():
     out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, (global_batch,) + v.shape[1:])
   return out
+
+
+def mesh_from_flag(spec: str | None = "", flag: str = "--mesh") -> Mesh:
+  """The analysis CLIs' `--mesh=data,fsdp,tensor` (e.g. '2,2,2'; one size may be -1). Empty: one device,
+  or every device (data-parallel) in a multi-process job, where one device would leave processes idle."""
+  if spec:
+    try:
+      sizes = [int(x) for x in str(spec).split(",")]
+    except ValueError:
+      sizes = []
+    if len(sizes) != len(MESH_AXES):
+      raise ShardingError(f"{flag}={spec!r} needs {len(MESH_AXES)} integer sizes ({','.join(MESH_AXES)}), e.g. {flag}=2,2,2")
+    return make_mesh(dict(zip(MESH_AXES, sizes)))
+  if jax.process_count() > 1:
+    return make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
+  return single_device_mesh()

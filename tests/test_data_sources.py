@@ -63,6 +63,18 @@ def test_bad_sources(tmp_path):
     sources.select_split(g, "dev")
 
 
+def test_building_says_building_not_downloading(tmp_path, capfd, corpus):
+  spec = {"kind": "bigram", "seed": 6, "n_train": 20, "n_validation": 10, "n_test": 10}
+  sources.make_group("b", spec, str(tmp_path))
+  sources.make_group("t", {"kind": "text", "path": corpus, "doc_tokens": 64}, str(tmp_path))
+  out, err = capfd.readouterr()
+  assert "Downloading" not in out and "Unknown size" not in out
+  assert "\x1b[" not in err and "examples/s" not in err  # no progress bars off a terminal
+  assert out.count("lmtrace: building dataset") == 2 and out.count("later runs reuse it") == 2
+  sources.make_group("b", spec, str(tmp_path))  # cached: silent
+  assert "building" not in capfd.readouterr().out
+
+
 def test_missing_or_corrupt_shard_names_the_file(tmp_path):
   spec = {"kind": "bigram", "seed": 4, "n_train": 50, "n_validation": 10, "n_test": 10}
   g = sources.make_group("b", spec, str(tmp_path))

@@ -1,5 +1,6 @@
 """Flatness CLI over a workdir: rows per checkpoint, resumable, cross-mesh, bad input, NaN rows."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import train
 from analysis import flatness as F
 from analysis import load, plots
 from lib import ckpt as C
+from lib import errors, sharding
 from lib import model as M
 from lib.sharding import ShardingError
 from tests.helpers import tiny_cfg
@@ -33,7 +35,7 @@ def _args(**kw):
   argv = []
   for k, v in kw.items():
     argv += [f"--{k}"] if v is True else [f"--{k}={v}"]
-  return F.parse_args(["--workdir=unused", "--batches=2", "--batch_size=8", *argv])
+  return F.job_from_args(F.parse_args(["--workdir=unused", "--batches=2", "--batch_size=8", *argv]))
 
 
 def test_rows_per_checkpoint_and_estimator(run, capsys):
@@ -114,7 +116,7 @@ def test_bad_input(run, tmp_path, monkeypatch):
     F.run(run, _args(estimator="hutchinsn"))
   with pytest.raises(C.CheckpointError, match="no checkpoint at step 7"):
     F.run(run, _args(steps="7"))
-  with pytest.raises(F.FlatnessError, match="needs 3 integer sizes"):
+  with pytest.raises(ShardingError, match="needs 3 integer sizes"):
     F.run(run, _args(mesh="2,2"))
   with pytest.raises(ShardingError, match="batch_size=6 is not divisible by the data-parallel mesh size 4"):
     F.run(run, _args(mesh="4,1,2", batch_size=6))
@@ -164,12 +166,99 @@ def test_masked_lm_workdir(tmp_path):
 
 def test_checkpoints_share_one_compilation(run):
   """The estimators' jitted bodies are built once per run and reused for every checkpoint."""
-  a = _args(estimator="hutchinson,fisher", probes=4)
+  a = _args(estimator="hutchinson,fisher", probes=4).settings
   batches, _ = F.fixed_batches(run, batches=2, batch_size=8, seed=0)
   ms = F.Measurer(run, batches, a)
-  mesh = F.default_mesh()
+  mesh = sharding.mesh_from_flag("")
   rows = [F.measure_checkpoint(run, s, ["hutchinson", "fisher"], a, batches, mesh, ms) for s in (0, 8)]
   assert rows[0][0]["estimate"] != rows[1][0]["estimate"]
   for owner in (ms.matvec, ms.logits_fn):
     (fn,) = owner.__dict__["_hessian_jit_cache"].values()
     assert fn._cache_size() == 1  # one trace and compilation for both checkpoints
+
+
+def _copy(run, tmp_path, name):
+  return str(shutil.copytree(run, str(tmp_path / name), ignore=shutil.ignore_patterns("analysis")))
+
+
+def test_an_unreadable_checkpoint_is_skipped_marked_and_retried(run, tmp_path, capsys):
+  w = _copy(run, tmp_path, "damaged")
+  good = os.path.join(w, C.ANALYSIS_DIR, "2", "params")
+  shutil.move(good, good + ".bak")
+  os.makedirs(good)  # still listed (a 'params' item), but nothing in it can be restored
+  a = _args(steps="all", estimator="hutchinson,power", probes=2, power_iters=3)
+  df = F.run(w, a)
+  assert "skipping step 2" in capsys.readouterr().err
+  assert set(df.step) == set(C.available_steps(w)) and len(df) == 2 * len(C.available_steps(w))  # the later ones too
+  bad = df[df.step == 2]
+  assert not bad.valid.any() and bad.reason.str.startswith(F.UNREADABLE).all()
+  assert set(bad.quantity) == {"trace", "lambda_absmax"} and bad.estimate.isna().all()
+  assert df[df.step != 2].valid.all()
+  shutil.rmtree(good)
+  shutil.move(good + ".bak", good)  # repaired: a rerun retries it, and only it
+  again = F.run(w, a)
+  assert len(again) == len(df) and again.valid.all()
+  pd.testing.assert_frame_equal(
+    again[again.step != 2].reset_index(drop=True), df[df.step != 2].reset_index(drop=True), check_dtype=False
+  )
+  fresh = F.run(_copy(run, tmp_path, "fresh"), a)
+  x = fresh[fresh.step == 2].sort_values("estimator")[["estimator", "quantity", "estimate"]].reset_index(drop=True)
+  y = again[again.step == 2].sort_values("estimator")[["estimator", "quantity", "estimate"]].reset_index(drop=True)
+  pd.testing.assert_frame_equal(x, y)
+
+
+def test_steps_all_reads_analysis_checkpoints_unless_asked(run, tmp_path):
+  w = _copy(run, tmp_path, "with_resume")
+  os.makedirs(os.path.join(w, C.RESUME_DIR), exist_ok=True)
+  shutil.copytree(os.path.join(w, C.ANALYSIS_DIR, "4"), os.path.join(w, C.RESUME_DIR, "5"))  # a short-lived one
+  assert C.available_steps(w)[5] == C.RESUME_DIR
+  analysis_steps = {s for s, sub in C.available_steps(w).items() if sub == C.ANALYSIS_DIR}
+  df = F.run(w, _args(steps="all", estimator="hutchinson", probes=2))
+  assert set(df.step) == analysis_steps
+  df = F.run(w, _args(steps="all", estimator="hutchinson", probes=2, include_resume=True))
+  assert set(df.step) == analysis_steps | {5}
+  only = str(tmp_path / "only_resume")
+  os.makedirs(os.path.join(only, C.RESUME_DIR))
+  shutil.copy(os.path.join(run, "config.json"), only)
+  shutil.copytree(os.path.join(w, C.RESUME_DIR, "5"), os.path.join(only, C.RESUME_DIR, "5"))
+  with pytest.raises(F.FlatnessError, match="add --include_resume"):
+    F.run(only, _args(steps="all"))
+  assert set(F.run(only, _args(steps="5", probes=2)).step) == {5}  # named explicitly: read
+
+
+def test_power_iteration_row_is_named_for_what_it_holds_and_reports_convergence(run, tmp_path):
+  w = _copy(run, tmp_path, "power")
+  capped = F.run(w, _args(steps="0", estimator="power,lanczos", power_iters=3, power_tol=0.0, lanczos_steps=40, topk=1))
+  p = capped[capped.estimator == "power"].iloc[0]
+  assert p.quantity == "lambda_absmax" and p.n_hvps == 3 and not p.converged  # its own cap, not --lanczos_steps
+  conv = F.run(w, _args(steps="0", estimator="power", power_iters=2000, power_tol=1e-6))
+  q = conv[(conv.estimator == "power") & (conv.cfg_power_iters == 2000)].iloc[0]
+  assert q.converged and q.n_hvps < 2000
+  eig = capped[capped.estimator == "lanczos"].set_index("quantity")["estimate"]
+  # |λ| of largest magnitude is max(|eig_0|, |eig_min|) of the same operator (Lanczos, 40 steps: converged ends)
+  assert abs(abs(q.estimate) - max(abs(eig["eig_0"]), abs(eig["eig_min"]))) < 1e-2 * abs(q.estimate) + q.stderr
+  assert capped[capped.estimator == "lanczos"]["converged"].notna().all()
+  assert load.load_flatness([w])["converged"].dtype == "boolean"
+
+
+def test_settings_key_is_every_field(run):
+  st = F.Settings()
+  assert set(json.loads(st.key())) == {f.name for f in dataclasses.fields(F.Settings)}
+  assert F.Settings(power_iters=7).key() != st.key() and F.Settings(power_iters=7).key() == F.Settings(power_iters=7).key()
+  job = _args(filter="layer_0", power_iters=7, estimator="power,lanczos")
+  assert job.settings.power_iters == 7 and job.settings.selection.include == "layer_0" and job.estimators == ("power", "lanczos")
+
+
+def test_cli_prints_project_errors_as_one_line_and_keeps_tracebacks_for_bugs(run, monkeypatch, capsys):
+  with pytest.raises(SystemExit) as e:
+    F.main([f"--workdir={run}", "--estimator=hutchinsn"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("lmtrace flatness: error: unknown estimator") and "\n" not in err
+
+  def bug(*a, **k):
+    raise KeyError("a genuine bug")
+
+  monkeypatch.setattr(F, "run", bug)
+  with pytest.raises(KeyError, match="a genuine bug"):
+    F.main([f"--workdir={run}"])
+  assert issubclass(F.FlatnessError, errors.LmtraceError)

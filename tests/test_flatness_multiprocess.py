@@ -19,6 +19,7 @@ FLAGS = [
   "--estimator=hutchinson,fisher,power",
   "--probes=4",
   "--lanczos_steps=4",
+  "--power_iters=4",
   "--blocks",
   "--batches=2",
   "--batch_size=8",

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from analysis import hessian as H
+from lib import errors
 
 D, HID, V, B, L = 8, 8, 4, 4, 10
 N1 = D * HID + HID  # parameters of l1 (first in ravel order)
@@ -144,12 +145,12 @@ def test_filter_gives_the_diagonal_block(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
   h22, h11 = hess[N1:, N1:], hess[:N1, :N1]
-  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, filter=r"^l2/", chunk=32)
+  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, select=r"^l2/", chunk=32)
   within(r, np.trace(h22))
-  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, filter=H.ParamFilter(exclude=r"^l2/"), chunk=32)
+  r = H.hutchinson_trace(mv, params, jax.random.key(7), 256, select=H.ParamSelection(exclude=r"^l2/"), chunk=32)
   within(r, np.trace(h11))
   # exact checks of the block operator: Lanczos on H_22 (36 dims, 36 steps) recovers its spectrum
-  top = H.top_eigenvalues(mv, params, jax.random.key(8), k=2, num_steps=40, include=r"^l2/")
+  top = H.top_eigenvalues(mv, params, jax.random.key(8), k=2, num_steps=40, select=H.ParamSelection(include=r"^l2/"))
   assert top.n_matvecs == h22.shape[0]
   np.testing.assert_allclose(top.eigenvalues, np.linalg.eigvalsh(h22)[::-1][:2], rtol=1e-4)
   assert set(H.param_blocks(params)) == {"l1/w", "l1/b", "l2/w", "l2/b"}
@@ -161,7 +162,7 @@ def test_hutchpp_on_the_mlp(mlp):
   r = H.hutchpp_trace(mv, params, jax.random.key(9), 90)
   assert r.n_matvecs == 90 and r.extra["sketch_rank"] == 30 and len(r.samples) == 30
   within(r, np.trace(hess))
-  f = H.hutchpp_trace(mv, params, jax.random.key(9), 30, filter=r"^l2/")
+  f = H.hutchpp_trace(mv, params, jax.random.key(9), 30, select=r"^l2/")
   within(f, np.trace(hess[N1:, N1:]))
 
 
@@ -211,6 +212,72 @@ def test_lanczos_power_and_slq_on_a_known_spectrum():
   assert abs(nr.nodes.max() - 10.0) < 1e-3  # extreme Ritz values converge even without reorthogonalisation
   sq = H.slq_trace_f(mv, params, jax.random.key(3), lambda t: t**2, num_runs=16, num_steps=20)
   within(sq, (eigs**2).sum())
+
+
+def lanczos_f64(A, q, m):
+  """Reference: m Lanczos steps with full reorthogonalisation, float64, on an explicit matrix."""
+  Q = [q / np.linalg.norm(q)]
+  alphas, betas = [], []
+  for j in range(m):
+    w = A @ Q[j]
+    alphas.append(Q[j] @ w)
+    Qm = np.array(Q)
+    for _ in range(2):
+      w = w - Qm.T @ (Qm @ w)
+    betas.append(np.linalg.norm(w))
+    Q.append(w / betas[-1])
+  return np.array(alphas), np.array(betas)
+
+
+def test_flat_lanczos_matches_a_float64_reference(mlp):
+  """The flat-vector Lanczos (one x_N, unravelled only for the HVP) is the Lanczos process of the exact
+  Hessian: same tridiagonal as float64 Lanczos from the same start, on the whole and on a selection."""
+  params, batch, hess = mlp
+  mv = H.make_hvp(mlp_loss, [batch])
+  v0 = H.probe_like(jax.random.key(3), params)
+  scale = np.abs(np.linalg.eigvalsh(hess)).max()
+  for select, block in ((None, slice(None)), ("^l2/", slice(N1, None))):
+    T = H.lanczos(mv, params, jax.random.key(0), 8, start=v0, select=select)
+    a, b = lanczos_f64(hess[block, block], flat(v0)[block], 8)
+    np.testing.assert_allclose(T.alphas, a, atol=1e-4 * scale)
+    np.testing.assert_allclose(np.append(T.betas, T.beta_last), b, atol=1e-4 * scale)
+    assert T.n == hess[block, block].shape[0]
+  T = H.lanczos(mv, params, jax.random.key(0), 8, start=v0, reorth="none")
+  np.testing.assert_allclose(T.alphas[:4], lanczos_f64(hess, flat(v0), 4)[0], atol=1e-4 * scale)  # early steps: no loss yet
+
+
+def test_residual_bounds_are_floored_at_float32_rounding():
+  eigs = np.concatenate([[10.0, 7.0, 5.0, -12.0], np.linspace(-1, 1, 196)])
+  _, params, mv = quadratic(eigs)
+  top = H.top_eigenvalues(mv, params, jax.random.key(0), k=3, num_steps=80)
+  floor = H.FLOAT32_EPS * 12.0 * np.sqrt(200)  # ε₃₂ · ‖T‖ · √n
+  T = H.lanczos(mv, params, jax.random.key(0), 80)
+  theta, S = T.ritz()
+  raw = np.abs(T.beta_last * S[-1, :])
+  assert raw.min() < 1e-12  # the exact-arithmetic bound of converged Ritz values means nothing in float32 ...
+  assert np.all(top.residuals >= floor * (1 - 1e-6)) and top.extra["lambda_min"][1] >= floor * (1 - 1e-6)  # ... floored
+  assert np.all(np.abs(top.eigenvalues - [10.0, 7.0, 5.0]) <= top.residuals)  # and still a bound
+  assert abs(top.extra["lambda_min"][0] + 12.0) <= top.extra["lambda_min"][1]
+
+
+def test_power_iteration_reports_convergence_and_its_cap():
+  eigs = np.concatenate([[10.0, -12.0], np.linspace(-1, 1, 98)])
+  _, params, mv = quadratic(eigs)
+  capped = H.power_iteration(mv, params, jax.random.key(1), num_iters=3, tol=1e-6)
+  assert capped.n_matvecs == 3 and capped.extra == {"converged": False, "iterations": 3}
+  done = H.power_iteration(mv, params, jax.random.key(1), num_iters=1000, tol=1e-6)
+  assert done.extra["converged"] and done.n_matvecs < 1000
+  assert abs(done.estimate + 12.0) < 1e-3  # the largest MAGNITUDE, not the top eigenvalue (+10)
+
+
+def test_param_selection():
+  params = make_params()
+  assert H.ParamSelection.of(None).mask(params) is None and H.ParamSelection.of("").mask(params) is None
+  assert H.ParamSelection.of("^l2/") == H.ParamSelection(include="^l2/")
+  assert H.ParamSelection(include="l1", exclude="/b$").mask(params) == (False, True, False, False)  # leaf order: l1/b, l1/w, ...
+  assert H.ParamSelection(exclude="^l1/").count(params) == HID * V + V
+  with pytest.raises(errors.AnalysisError, match="select must be"):
+    H.ParamSelection.of(3)
 
 
 def test_lanczos_survives_an_exhausted_krylov_space():
@@ -363,7 +430,7 @@ def test_estimators_agree_on_a_mesh_and_one_device(mlp):
     k = jax.random.key(11)
     return {
       "hutchinson": H.hutchinson_trace(mv, p, k, 8, blocks=[(r"^(l\d)/", r"\1")]).samples,
-      "hutchinson_plain": H.hutchinson_trace(mv, p, k, 4, amortise=False, filter="l1").samples,
+      "hutchinson_plain": H.hutchinson_trace(mv, p, k, 4, amortise=False, select="l1").samples,
       "hutchpp": H.hutchpp_trace(mv, p, k, 12).estimate,
       "top": H.top_eigenvalues(mv, p, k, k=2, num_steps=12).eigenvalues,
       "power": H.power_iteration(mv, p, k, num_iters=15, tol=0.0).estimate,
@@ -459,9 +526,9 @@ def test_errors(mlp):
   params, batch, _ = mlp
   mv = H.make_hvp(mlp_loss, [batch])
   with pytest.raises(ValueError, match=r"include='layers_0/attn/\.\*'.*matches no parameter.*'l1/w'"):
-    H.hutchinson_trace(mv, params, jax.random.key(0), 2, filter="layers_0/attn/.*")
+    H.hutchinson_trace(mv, params, jax.random.key(0), 2, select="layers_0/attn/.*")
   with pytest.raises(ValueError, match="matches no parameter"):
-    H.lanczos(mv, params, jax.random.key(0), 3, exclude=".")
+    H.lanczos(mv, params, jax.random.key(0), 3, select=H.ParamSelection(exclude="."))
   for call in (
     lambda: H.hutchinson_trace(mv, params, jax.random.key(0), 2, dist="uniform"),
     lambda: H.hutchpp_trace(mv, params, jax.random.key(0), 6, dist="uniform"),

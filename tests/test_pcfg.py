@@ -6,7 +6,6 @@ checked against an independent computation.
 """
 
 import collections
-import time
 
 import numpy as np
 import pytest
@@ -413,11 +412,7 @@ def test_default_grammar_exact_quantities(default):
   assert lens.max() <= default.max_len and lens.min() >= 1
   assert abs(lens.mean() - default.expected_length()) < 4 * lens.std() / np.sqrt(len(lens))
   sub = sents[:20]
-  t0 = time.perf_counter()
-  tlp = default.token_logprobs_batch(sub)
-  dt = time.perf_counter() - t0
-  print(f"token_logprobs: 20 sentences in {dt * 1e3:.1f} ms")
-  assert dt < 3.0
+  tlp = default.token_logprobs_batch(sub)  # its speed: python -m bench.languages
   lp = default.log_prob(sub)
   assert np.all(np.isfinite(lp)) and lp.min() > -200
   # Prefix (left-corner adjoint) and inside computations agree, to float64 precision.
@@ -443,11 +438,3 @@ def test_default_grammar_exact_quantities(default):
   d = default.describe(n_samples=0)
   assert d["n_unary_rules"] == 9 and d["mean_len"] == pytest.approx(default.expected_length())
   assert d["derivation_entropy"] > 0
-
-
-def test_sampling_speed(default):
-  t0 = time.perf_counter()
-  sents = default.sample(100_000, seed=0)
-  dt = time.perf_counter() - t0
-  print(f"sample: 100k sentences in {dt:.2f} s")
-  assert len(sents) == 100_000 and dt < 10.0

@@ -143,3 +143,49 @@ def test_padding_mode_one_document_per_row(src):
   ev = dp.eval_batches(src, batch_size=4, seq_len=32, num_batches=3, max_docs_per_row=1)
   assert all((e["segment_ids"].max(1) <= 1).all() for e in ev)
   np.testing.assert_array_equal(ev[0]["targets"][0, : len(src[0]["tokens"]) - 1], src[0]["tokens"][1:])
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_vectorised_batch_equals_row_by_row_packing(src, objective):
+  """Pipeline.batch (all rows at once) against batch_reference (one `pack` per row): mixed groups with
+  and without exact log-probs, documents longer than a row, host splits, cached and uncached sources."""
+  plain = sources.ListSource(sources.synthetic_examples(sources.Bigram.random(seed=4, n_terminals=12), 200, 1, with_true=False))
+  for L, k, cache in ((16, 0, 0), (16, 3, 10**9), (40, 0, 10**9), (33, 7, 0)):
+    for srcs, p in (([src], None), ([src, src], (0.25, 0.75)), ([src, plain, src], (0.5, 0.3, 0.2))):
+      for rows in ((0, 12), (5, 9)):
+        pipe = dp.Pipeline(
+          srcs,
+          seed=3,
+          global_batch=12,
+          seq_len=L,
+          rows=rows,
+          docs_per_row=k,
+          cache_tokens=cache,
+          objective=objective,
+          vocab_size=16,
+        )
+        for step in (0, 4, 31):
+          a, b = pipe.batch(step, p), pipe.batch_reference(step, p)
+          assert list(a) == list(b)
+          for key in a:
+            assert a[key].dtype == b[key].dtype, key
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} L={L} k={k} groups={len(srcs)} rows={rows}")
+
+
+def test_pack_rows_equals_pack_on_ragged_documents():
+  rng = np.random.default_rng(0)
+  docs = [
+    {"tokens": rng.integers(4, 30, size=n).astype(np.int32), "true_logprob": -rng.random(n - 1).astype(np.float32)}
+    for n in rng.integers(2, 30, size=60)
+  ]
+  ragged = dp.RaggedSource(sources.ListSource(docs))
+  ids_RxK = rng.integers(0, len(docs), size=(9, 5))
+  for shift in (True, False):
+    for L in (1, 7, 20, 64):
+      tokens, true, start, length = dp.flat_documents(ragged, ids_RxK, True)
+      got = dp.pack_rows(tokens, true, start, length, L, shift)
+      for r, ids in enumerate(ids_RxK):
+        want, _ = dp.pack([docs[i] for i in ids], L, shift, True)
+        assert sorted(got) == sorted(want)
+        for key in want:
+          np.testing.assert_array_equal(got[key][r], want[key], err_msg=f"{key} row {r} L={L} shift={shift}")

@@ -69,3 +69,22 @@ def test_lr_schedules(name):
 def test_unknown_optimizer():
   with pytest.raises(ValueError, match="opt.name"):
     optim.make_optimizer(_opt(name="adam_w"), 10)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant", "inverse_sqrt"])
+def test_warmup_above_zero(name):
+  """warmup_from_zero=False: update k = count+1 uses lr·k/warmup (step 1 moves), lr at update 10, same decay."""
+  f = optim.lr_schedule(_opt(schedule=name, warmup_from_zero=False), 110)
+  g = optim.lr_schedule(_opt(schedule=name), 110)
+  assert abs(float(f(0)) - 0.1) < 1e-7
+  assert abs(float(f(4)) - 0.5) < 1e-6
+  assert abs(float(f(9)) - 1.0) < 1e-6
+  assert all(float(f(c)) == float(g(c)) for c in (10, 11, 50, 110))
+
+
+@pytest.mark.parametrize("text", ["interval:every=0", "explicit:steps=a/b", "pythia:every=-1", "bogus:every=3", "explicit:"])
+def test_bad_schedule_strings_are_config_errors(text):
+  from lib import errors
+
+  with pytest.raises(errors.ConfigError, match="schedule"):
+    schedules.analysis_steps(schedules.parse_schedules(text), 100)

@@ -12,6 +12,7 @@ import pytest
 
 import train
 from analysis import load as LD
+from analysis import token_table as TT
 from analysis import trajectories as TJ
 from data import sources, vocab
 from lib import ckpt as C
@@ -329,3 +330,138 @@ def test_token_metrics_and_plots(two_runs):
   )
   fig = plots.class_ppl_vs_val_ppl(da, loaded["trend_class"])
   assert len(fig.axes[0].lines) == 2 * loaded["trend_class"].nunique()
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed probe rows (issue 16), invalid checkpoints (issue 10), n-gram join (issue 11)
+
+
+def test_pack_rows_by_hand():
+  """Three documents of 3, 2 and 2 targets in rows of 5: next-fit gives [d0 d1] [d2]."""
+  L = 5
+  rows = {k: np.zeros((3, L), np.int32) for k in TJ.ROW_FIELDS}
+  for s, toks in enumerate(([1, 7, 8, 9], [1, 5, 2], [1, 6, 2])):
+    n = len(toks) - 1
+    rows["inputs"][s, :n], rows["targets"][s, :n] = toks[:-1], toks[1:]
+    rows["mask"][s, :n], rows["segment_ids"][s, :n], rows["positions"][s, :n] = 1, 1, np.arange(n)
+  p = TJ.pack_rows(rows)
+  assert p.row_S.tolist() == [0, 0, 1] and p.col_S.tolist() == [0, 3, 0]
+  assert p.rows["inputs"].tolist() == [[1, 7, 8, 1, 5], [1, 6, 0, 0, 0]]
+  assert p.rows["targets"].tolist() == [[7, 8, 9, 5, 2], [6, 2, 0, 0, 0]]
+  assert p.rows["mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+  assert p.rows["segment_ids"].tolist() == [[1, 1, 1, 2, 2], [1, 1, 0, 0, 0]]
+  assert p.rows["positions"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
+
+
+def test_packed_equals_unpacked_per_token(run):
+  """The packed forward pass gives every probe the surprisal of its one-document row, with far fewer rows."""
+  w, _ = run
+  model, _, _ = C.load_model(w)
+  probes = TJ.ProbeSet.load(TJ.store_dir(w))
+  mesh = sharding.single_device_mesh()
+  packed, unpacked = TJ.SurprisalFn(model, probes, mesh), TJ.SurprisalFn(model, probes, mesh, packed=False)
+  assert unpacked.num_rows == SEQS and packed.num_rows < SEQS / 2  # short bigram documents in rows of 32
+  p = probes.packed
+  real = p.rows["mask"].sum()
+  assert real == probes.rows["mask"].sum() == probes.num_tokens  # positions=0: every target is a probe
+  for s in range(SEQS):  # each document sits intact at (row_S, col_S) with its own segment id
+    n = int(probes.rows["mask"][s].sum())
+    seg = p.rows["segment_ids"][p.row_S[s], p.col_S[s] : p.col_S[s] + n]
+    assert (seg == seg[0]).all() and (p.rows["segment_ids"][p.row_S[s]] == seg[0]).sum() == n
+    for k in ("inputs", "targets", "positions"):
+      np.testing.assert_array_equal(p.rows[k][p.row_S[s], p.col_S[s] : p.col_S[s] + n], probes.rows[k][s, :n])
+  for step in (0, 8):
+    params = C.restore_params(w, step)
+    np.testing.assert_allclose(packed(params), unpacked(params), rtol=0, atol=2e-6)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop after a failed read
+def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monkeypatch, capsys):
+  """Unrestorable (CheckpointError) and non-finite checkpoints: no result stored, an invalid marker with
+  its reason (visible in the loaders), the others measured; a rerun retries exactly those."""
+  import jax
+
+  from analysis import probes
+
+  w, _ = run
+  wc = str(tmp_path / "damaged")
+  shutil.copytree(w, wc, ignore=shutil.ignore_patterns("analysis", "resume"))
+  params4 = os.path.join(wc, "checkpoints", "4", "params")
+  saved4 = str(tmp_path / "params4")
+  shutil.copytree(params4, saved4)
+  for f in [os.path.join(r, f) for r, _, fs in os.walk(params4) for f in fs if os.path.basename(r) == "d"]:
+    os.truncate(f, os.path.getsize(f) // 2)
+  real_restore = C.restore_params
+
+  def nan_at_2(workdir, step=None, mesh=None):
+    params = real_restore(workdir, step, mesh=mesh)
+    return jax.tree.map(lambda x: x * np.nan, params) if step == 2 else params
+
+  monkeypatch.setattr(probes.C, "restore_params", nan_at_2)
+  assert TJ.main([f"--workdir={wc}", "--quiet"]) == 0
+  out = capsys.readouterr().out
+  assert "2 invalid (steps [2, 4]; rerun retries them)" in out
+  assert "step 2: " in out and "probe surprisals are not finite" in out and "step 4: cannot restore params" in out
+  st = TJ.Store.of(wc)
+  assert st.steps() == [0, 1, 8] and not os.path.exists(os.path.join(st.steps_dir, "2.npy"))
+  bad = LD.load_invalid(wc)
+  assert bad["step"].tolist() == [2, 4] and bad["source"].eq("offline").all()
+  assert "not finite" in bad["reason"][0] and "cannot restore params" in bad["reason"][1]
+  ix = LD.load_index(wc, include_invalid=True)
+  assert ix.set_index("step")["valid"].to_dict() == {0: True, 1: True, 2: False, 4: False, 8: True}
+  assert LD.load_index(wc)["step"].tolist() == [0, 1, 8]
+  da = LD.load_trajectories(wc)
+  assert da.step.values.tolist() == [0, 1, 8] and [s for s, _ in json.loads(da.attrs["invalid"])["damaged"]] == [2, 4]
+  # repaired: a rerun measures exactly the invalid ones and clears their markers
+  monkeypatch.setattr(probes.C, "restore_params", real_restore)
+  shutil.rmtree(params4)
+  shutil.copytree(saved4, params4)
+  rep = TJ.extract(wc, progress=False)
+  assert rep.computed["damaged"] == [2, 4] and not rep.skipped and st.invalid() == [] and len(LD.load_invalid(wc)) == 0
+  for s in STEPS:
+    np.testing.assert_allclose(st.read(s), TJ.Store.of(w, "one").read(s), atol=1e-6)
+
+
+def test_ngram_predictors_joined(two_runs, tmp_path):
+  """token_metrics carries n-gram surprisals that equal brute-force counts of the training documents."""
+  import collections
+
+  w, w2 = two_runs
+  df, path = TJ.write_token_metrics([w, w2], store="one", out=str(tmp_path / "tm.parquet"), freq_docs=500)
+  assert {f"ngram{n}_surprisal" for n in range(1, 6)} | {"context_loglen", "context_logprob"} <= set(df)
+  assert LD.load_token_metrics(w, path=path).attrs["ngram_n"] == 5
+  data_cfg = ml_collections.ConfigDict(json.load(open(os.path.join(w, "config.json")))).data
+  train_docs = [d[1:] for d in TT.train_documents(data_cfg, 500)[0]]  # w_1 .. EOS
+  uni = collections.Counter(t for d in train_docs for t in d.tolist())
+  total = sum(uni.values())
+  pad = -1
+  bi = collections.Counter((([pad] + d.tolist())[i], t) for d in train_docs for i, t in enumerate(d.tolist()))
+  ctx = collections.Counter(c for (c, _) in bi.elements())
+  probes = TJ.ProbeSet.load(TJ.store_dir(w))
+  docs = [d[1:].tolist() for d in probes.documents()]
+  for t in range(0, probes.num_tokens, 7):
+    s, p = probes.row_T[t], probes.position_T[t]
+    tok = docs[s][p]
+    assert tok == df["token"][t]
+    assert df["ngram1_surprisal"][t] == pytest.approx(-math.log(uni[tok] / total), rel=1e-9)
+    c = pad if p == 0 else docs[s][p - 1]
+    expect2 = -math.log(bi[(c, tok)] / ctx[c]) if bi[(c, tok)] else -math.log(uni[tok] / total)
+    assert df["ngram2_surprisal"][t] == pytest.approx(expect2, rel=1e-9)
+  np.testing.assert_allclose(df["context_loglen"], np.log2(df["context_len"]))
+  reg = TJ.chang_regressions(df, metrics=["aoa_gam", "forgettability"])
+  assert reg["metric"].unique().tolist() == ["aoa_gam", "forgettability"]
+  assert reg["block"].tolist()[:5] == ["intercept", "unigram", "ngram", "context_loglen", "context_logprob"]
+
+
+def test_store_result_marks_nonfinite_invalid_then_clears(tmp_path):
+  """The write path shared by the hook and extraction: a non-finite vector leaves only a marker."""
+  from analysis import probes
+
+  st = TJ.Store(str(tmp_path / "store"))
+  assert len(LD.load_invalid(str(tmp_path / "nowhere"))) == 0
+  row = {"source": "hook", "probe_loss": float("nan"), "step": 3}
+  why = probes._store_result(st, 3, np.array([1.0, np.nan, np.inf], np.float32), row)
+  assert why.startswith("2 of 3 probe surprisals are not finite")
+  assert st.steps() == [] and [(r["step"], r["source"], r["reason"]) for r in st.invalid()] == [(3, "hook", why)]
+  assert probes._store_result(st, 3, np.array([1.0, 2.0, 3.0], np.float32), dict(row, probe_loss=2.0)) is None
+  assert st.steps() == [3] and st.invalid() == [] and st.read(3).tolist() == [1.0, 2.0, 3.0]

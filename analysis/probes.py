@@ -1,0 +1,422 @@
+"""The probe engine: probe sets of a run's data, their surprisal at a checkpoint, the in-training
+`ProbeHook` and offline extraction over a run's checkpoints into its store.
+
+Chang et al. 2023 (seeds) and Xia et al. 2022 (sizes) track -log p(w_t | w_<t) of a fixed set of
+held-out tokens over many checkpoints. Here a *probe set* is a list of (document, position) pairs
+from the run's validation split. Position p is the p-th *target* of a framed document
+[BOS w_1 .. w_n EOS]: position 0 predicts w_1 from BOS alone, position n predicts EOS; a probe at
+position p has context length p + 1 (BOS included). With `positions=K > 0`, K distinct positions per
+document are drawn from 1..n (Chang's "never position 0": the first word, conditioned on nothing but
+BOS, is skipped), seeded by (seed, group, document) so a larger `sequences` keeps the earlier probes;
+documents with at most K such positions contribute all of them. `positions=0` takes every position,
+0 included. Documents longer than `data.seq_len` targets are cut there (as in training).
+
+The forward pass runs over the documents *packed* several to a row with segment ids and per-document
+positions (`ProbeSet.packed`, as training packs them), so a probe's context is still exactly its own
+document while few positions are padding; the surprisals equal the one-document-per-row ones.
+
+The offline job and the in-training `ProbeHook` share `build_probe_set` and `SurprisalFn` (one jitted
+per_token_loss over the same rows), so both routes give the same numbers. A checkpoint that cannot be
+restored (`lib.errors.CheckpointError`) or whose surprisals are not finite is recorded as invalid with
+its reason (`Store.invalid`), never stored as a result, and retried by the next run.
+
+Shape legend: T probe tokens, S probe documents, P packed rows, L row length (data.seq_len),
+B rows per batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from analysis.probe_store import ROW_FIELDS, STORE, IncompatibleProbes, ProbeSet, ProbeSpec, Store, incompatibility
+from data import pipeline as dp
+from data import sources
+from lib import ckpt as C
+from lib import errors, schedules, sharding
+from lib import model as M
+
+DEFAULT_BATCH = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Probe sets
+
+
+def _tokenizer_id(group: sources.Group, spec) -> dict:
+  spec = dict(spec) if spec is not None else {}
+  return {
+    "group": group.name,
+    "kind": spec.get("kind", group.info.get("kind", "")),
+    "tokenizer": str(spec.get("tokenizer", "")),
+    "vocab_size": int(group.vocab_size),
+  }
+
+
+def read_docs(source, n: int) -> list[dict]:
+  """The first n documents, in batched reads where the source supports them (40x faster on TFDS)."""
+  n = min(n, len(source))
+  if hasattr(source, "__getitems__"):
+    out = []
+    for a in range(0, n, 1024):
+      out += source.__getitems__(list(range(a, min(a + 1024, n))))
+    return out
+  return [source[i] for i in range(n)]
+
+
+def build_probe_set(data_cfg, spec: ProbeSpec, seq_len: int | None = None) -> ProbeSet:
+  """The probe set of a run's `data` config section (rebuilds or opens its TFDS data)."""
+  if data_cfg.get("objective", "clm") != "clm":
+    raise errors.ConfigError(f"per-token trajectories need a causal LM objective, not data.objective={data_cfg.objective!r}")
+  L = int(seq_len or data_cfg.seq_len)
+  groups = sources.make_groups(data_cfg)
+  group_cfg = data_cfg.get("groups") or {}
+  specs = dict(group_cfg) if len(group_cfg) else {"main": data_cfg.source}
+  rows, doc_S, group_S, row_T, pos_T, true_T = [], [], [], [], [], []
+  for gi, g in enumerate(groups):
+    for di, d in enumerate(read_docs(sources.select_split(g, "validation"), spec.sequences)):
+      row, _ = dp.pack([d], L)
+      n = int(row["mask"].sum())
+      if spec.positions > 0:
+        cand = np.arange(1, n)
+        if cand.size > spec.positions:
+          rng = np.random.default_rng([spec.seed, gi, di, 0x9B0E])
+          cand = np.sort(rng.choice(cand, spec.positions, replace=False))
+      else:
+        cand = np.arange(n)
+      s = len(rows)
+      rows.append(row)
+      doc_S.append(di)
+      group_S.append(gi)
+      row_T.append(np.full(cand.size, s, np.int32))
+      pos_T.append(cand.astype(np.int32))
+      tl = row.get("true_logprob")
+      true_T.append(tl[cand].astype(np.float32) if tl is not None else np.full(cand.size, np.nan, np.float32))
+  if not rows:
+    raise dp.DataError("the validation split is empty: no probe documents")
+  stacked = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in ROW_FIELDS}
+  return ProbeSet(
+    spec,
+    stacked,
+    np.asarray(doc_S, np.int32),
+    np.asarray(group_S, np.int32),
+    np.concatenate(row_T),
+    np.concatenate(pos_T),
+    np.concatenate(true_T),
+    int(groups[0].vocab_size),
+    [_tokenizer_id(g, specs.get(g.name)) for g in groups],
+    [g.name for g in groups],
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared surprisal computation
+
+
+def _loss(model, params, batch):
+  return M.per_token_loss(model, params, batch)
+
+
+class SurprisalFn:
+  """surprisal_T (float32 nats) of a probe set for params on `mesh`: one jitted per_token_loss over
+  batches placed on the mesh once, so successive checkpoints never recompile or re-transfer data.
+
+  packed=True (default) runs the packed rows (several documents per row, `ProbeSet.packed`);
+  packed=False the one-document-per-row layout (kept for the benchmark and the equality test)."""
+
+  def __init__(self, model, probes: ProbeSet, mesh, batch_size: int = DEFAULT_BATCH, packed: bool = True):
+    self.model, self.probes, self.mesh = model, probes, mesh
+    rows = probes.packed.rows if packed else probes.rows
+    self.index_T = probes.packed_index() if packed else (probes.row_T, probes.position_T)
+    n_dp = sharding.batch_size_per_shard(mesh)
+    S = rows["inputs"].shape[0]
+    self.num_rows = S
+    self.B = B = max(n_dp, -(-min(int(batch_size), S) // n_dp) * n_dp)
+    S_pad = -(-S // B) * B
+    padded = {k: np.concatenate([v, np.zeros((S_pad - S, v.shape[1]), v.dtype)]) for k, v in rows.items()}
+    sh = sharding.batch_sharding(mesh)
+    self.batches = []
+    for a in range(0, S_pad, B):
+      self.batches.append(
+        {k: jax.make_array_from_callback((B, v.shape[1]), sh, lambda idx, x=v[a : a + B]: x[idx]) for k, v in padded.items()}
+      )
+    self.fn = jax.jit(functools.partial(_loss, model), out_shardings=sharding.replicated(mesh))
+
+  def __call__(self, params) -> np.ndarray:
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
+      outs = [self.fn(params, b) for b in self.batches]  # dispatch all, then fetch
+      loss_SxL = np.concatenate([np.asarray(o) for o in outs])
+    return loss_SxL[self.index_T].astype(np.float32)
+
+
+def nonfinite_reason(surprisal_T: np.ndarray) -> str | None:
+  """Why a surprisal vector is not a valid result (None if every value is finite)."""
+  bad = int(np.size(surprisal_T) - np.isfinite(surprisal_T).sum())
+  return (
+    f"{bad} of {np.size(surprisal_T)} probe surprisals are not finite (NaN/inf): the parameters are damaged or diverged"
+    if bad
+    else None
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared record metadata
+
+
+def _run_info(workdir: str, run_cfg: dict, model, name: str | None) -> dict:
+  return {
+    "run": name or os.path.basename(os.path.abspath(workdir).rstrip("/")),
+    "workdir": os.path.abspath(workdir),
+    "seed": int(run_cfg.get("seed", 0)),
+    "n_params": int(M.param_count(model)),
+    "preset": run_cfg.get("model", {}).get("preset", ""),
+  }
+
+
+def _record(
+  info: dict, step: int, tokens_seen: int, surprisal_T: np.ndarray, source: str, fingerprint: str, mesh, batch: int
+) -> dict:
+  loss = float(np.mean(surprisal_T, dtype=np.float64))
+  return dict(
+    info,
+    step=int(step),
+    tokens_seen=int(tokens_seen),
+    flops=6.0 * info["n_params"] * float(tokens_seen),
+    probe_loss=loss,
+    probe_ppl=float(math.exp(loss)),
+    source=source,
+    fingerprint=fingerprint,
+    mesh=dict(mesh.shape),
+    batch_rows=int(batch),
+    time=time.time(),
+  )
+
+
+def _store_result(st: Store, step: int, surprisal_T: np.ndarray, row: dict) -> str | None:
+  """Writes a valid result, or an invalid marker when a surprisal is not finite; returns the reason."""
+  why = nonfinite_reason(surprisal_T)
+  if why:
+    st.write_invalid(step, why, source=row["source"], time=time.time(), probe_loss=row["probe_loss"])
+  else:
+    st.write(step, surprisal_T, row)
+  return why
+
+
+# ----------------------------------------------------------------------------------------------
+# In-training hook
+
+
+class ProbeHook:
+  """Records probe surprisals during training at the steps of `probes.schedule` (source='hook').
+
+  train.py calls `maybe_record(step, params, tokens_seen)` after every step (step 0 = init) with the
+  params sharded on the training mesh; recorded steps are skipped, so a resumed run adds only new ones.
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    cfg,
+    model,
+    mesh,
+    total_steps: int,
+    *,
+    store: str = STORE,
+    batch_size: int = DEFAULT_BATCH,
+    name: str | None = None,
+  ):
+    self.steps = set(schedules.analysis_steps(schedules.parse_schedules(cfg.probes.schedule), total_steps))
+    self.probes = build_probe_set(cfg.data, ProbeSpec.from_config(cfg.probes))
+    self.store = Store.of(workdir, store)
+    self.store.init_probes(self.probes, write=jax.process_index() == 0)
+    self.fingerprint = self.probes.meta()["fingerprint"]
+    self.fn = SurprisalFn(model, self.probes, mesh, batch_size)
+    self.info = _run_info(workdir, json.loads(cfg.to_json_best_effort()), model, name)
+    self.mesh = mesh
+
+  def maybe_record(self, step: int, params, tokens_seen: int) -> bool:
+    step = int(step)
+    # Multi-host: every process must take the same branch (the computation is collective), and only
+    # process 0 may see the store, so skip recorded steps only on one host.
+    if step not in self.steps or (jax.process_count() == 1 and self.store.has(step)):
+      return False
+    s_T = self.fn(params)
+    if jax.process_index() == 0:
+      row = _record(self.info, step, tokens_seen, s_T, "hook", self.fingerprint, self.mesh, self.fn.B)
+      _store_result(self.store, step, s_T, row)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline extraction
+
+
+@dataclasses.dataclass
+class Report:
+  """What `extract` did: newly computed steps, steps already stored, and skipped (workdir, step,
+  reason): missing checkpoints, and invalid ones (also recorded in the store, retried next time)."""
+
+  workdirs: dict[str, str] = dataclasses.field(default_factory=dict)  # run name -> workdir
+  computed: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  present: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+  invalid: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # run name -> steps marked invalid now
+  setup_s: float = 0.0  # opening runs, building and checking probe sets
+  loop_s: float = 0.0  # per run: placing probe batches, compiling once, then restore -> compute -> write
+
+
+@dataclasses.dataclass
+class _Run:
+  workdir: str
+  name: str
+  model: Any
+  cfg: dict
+  probes: ProbeSet
+
+
+def open_run(workdir: str, spec_overrides: dict | None = None, name: str | None = None, store: str = STORE) -> _Run:
+  """Model, config and probe set of a workdir. The probe spec is the store's if it exists (so a plain
+  rerun resumes), else the run config's `probes` section; `spec_overrides` fields replace either."""
+  model, _, cfg = C.load_model(workdir)
+  c = ml_collections.ConfigDict(cfg)
+  stored = Store.of(workdir, store).probe_meta()
+  probes_cfg = stored["spec"] if stored else (cfg.get("probes") or dataclasses.asdict(ProbeSpec()))
+  spec = ProbeSpec.from_config(probes_cfg, **(spec_overrides or {}))
+  probes = build_probe_set(c.data, spec)
+  return _Run(workdir, name or os.path.basename(os.path.abspath(workdir).rstrip("/")), model, cfg, probes)
+
+
+def check_runs(runs: Sequence[_Run]) -> None:
+  """Refuses runs whose probe sets differ, naming the reason."""
+  ref = runs[0].probes.meta()
+  for r in runs[1:]:
+    why = incompatibility(ref, r.probes.meta())
+    if why:
+      raise IncompatibleProbes(f"cannot combine {runs[0].workdir} and {r.workdir}: {why}")
+
+
+class _Restorer:
+  """Params of successive checkpoints on `mesh`, through the one restore path
+  (`lib.ckpt.restore_params`, which raises CheckpointError for an unreadable or damaged checkpoint).
+  Every restore has the same shardings, so the surprisal function never recompiles."""
+
+  def __init__(self, workdir: str, model, mesh):
+    self.workdir, self.mesh = os.path.abspath(workdir), mesh
+
+  def __call__(self, step: int, sub: str | None = None):
+    """`sub` (checkpoints/ or resume/) is informational: restore_params finds the step itself."""
+    params = C.restore_params(self.workdir, step, mesh=self.mesh)
+    jax.block_until_ready(params)
+    return params
+
+  def close(self) -> None:
+    pass
+
+
+def parse_steps(text: str | Iterable[int] | None) -> list[int] | None:
+  """'all' / None -> None (every analysis checkpoint); '0,100,200' -> [0, 100, 200]."""
+  if text is None or (isinstance(text, str) and text.strip() in ("", "all")):
+    return None
+  if isinstance(text, str):
+    try:
+      return sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+      raise errors.ConfigError(f"--steps takes 'all' or comma-separated integers, got {text!r}") from None
+  return sorted({int(s) for s in text})
+
+
+def extract(
+  workdirs: str | Sequence[str],
+  *,
+  steps=None,
+  spec: dict | None = None,
+  batch_size: int = DEFAULT_BATCH,
+  mesh=None,
+  names: Sequence[str] | None = None,
+  store: str = STORE,
+  progress: bool = True,
+) -> Report:
+  """Surprisal of the shared probe set at the checkpoints of each workdir, into its store.
+
+  Streams checkpoint by checkpoint (restoring the next while the current one computes); steps
+  already stored are skipped; missing checkpoints are listed in the report; checkpoints that cannot
+  be restored or give non-finite surprisals are listed and recorded invalid in the store (a rerun
+  retries them). `spec` overrides probe spec fields (sequences, positions, seed) of each run's
+  store or config.
+  """
+  from tqdm.auto import tqdm
+
+  t0 = time.time()
+  workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+  names = list(names or [])
+  report = Report()
+  runs = [open_run(w, spec, names[i] if i < len(names) else None, store) for i, w in enumerate(workdirs)]
+  check_runs(runs)
+  report.workdirs = {r.name: r.workdir for r in runs}
+  t_loop = time.time()
+  report.setup_s = t_loop - t0
+  mesh = mesh or sharding.single_device_mesh()
+  wanted = parse_steps(steps)
+  plans = []
+  for r in runs:
+    st = Store.of(r.workdir, store)
+    st.init_probes(r.probes)
+    avail = C.available_steps(r.workdir)
+    # 'all' = the analysis checkpoints (the run's kept schedule); resume ones come and go
+    want = (sorted(s for s, sub in avail.items() if sub == C.ANALYSIS_DIR) or sorted(avail)) if wanted is None else wanted
+    done = set(st.steps())
+    report.present[r.name] = sorted(done & set(want))
+    for s in want:
+      if s not in avail:
+        near = sorted(avail, key=lambda a: abs(a - s))[:3]
+        report.skipped.append((r.workdir, s, f"no checkpoint (nearest: {sorted(near)})"))
+    plans.append((r, st, [s for s in want if s in avail and s not in done], avail))
+  bar = tqdm(total=sum(len(p[2]) for p in plans), disable=not progress, unit="ckpt", desc="probe surprisal")
+  for r, st, todo, avail in plans:
+    report.computed[r.name], report.invalid[r.name] = [], []
+    if not todo:
+      continue
+    bar.set_postfix_str(r.name)
+    fn = SurprisalFn(r.model, r.probes, mesh, batch_size)
+    restore = _Restorer(r.workdir, r.model, mesh)
+    info = _run_info(r.workdir, r.cfg, r.model, r.name)
+    fingerprint = r.probes.meta()["fingerprint"]
+    B, L = r.cfg["train"]["batch_size"], r.cfg["data"]["seq_len"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      nxt = pool.submit(restore, todo[0], avail[todo[0]])
+      for i, s in enumerate(todo):
+        try:
+          params = nxt.result()
+        except errors.CheckpointError as e:
+          params = None
+          st.write_invalid(s, str(e), source="offline", time=time.time())
+          report.skipped.append((r.workdir, s, str(e)))
+          report.invalid[r.name].append(s)
+        if i + 1 < len(todo):  # overlap the next restore with this checkpoint's compute
+          nxt = pool.submit(restore, todo[i + 1], avail[todo[i + 1]])
+        if params is not None:
+          s_T = fn(params)
+          del params
+          tokens = int(C.read_meta(r.workdir, s).get("tokens_seen", s * B * L))
+          why = _store_result(st, s, s_T, _record(info, s, tokens, s_T, "offline", fingerprint, mesh, fn.B))
+          if why:
+            report.skipped.append((r.workdir, s, why))
+            report.invalid[r.name].append(s)
+          else:
+            report.computed[r.name].append(s)
+        bar.update(1)
+    restore.close()
+  bar.close()
+  report.loop_s = time.time() - t_loop
+  return report

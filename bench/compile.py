@@ -1,0 +1,182 @@
+"""First-call compile time of the Hessian estimators, against matfree's Lanczos on the same operator.
+
+  python -m bench.compile                                   # small preset, 4x128 tokens, 30 Lanczos steps
+  python -m bench.compile --presets=tiny,small --steps=30
+  git show c4d2d6e:analysis/hessian.py > /tmp/hessian_before.py
+  python -m bench.compile --before=/tmp/hessian_before.py   # adds the older module's Lanczos: before/after
+
+Each row calls one estimator once on a fresh operator (the project's transformer, `lib.model`, fp32,
+one device; the persistent compilation cache off) and prints the wall seconds JAX spent compiling in
+that call (tracing + lowering + XLA compile, summed from JAX's own compile-duration events) and the CPU
+seconds of that first call minus those of a second, compiled one (steadier on a loaded machine; XLA
+compiles on one thread). Rows:
+  HVP (the operator alone)  the floor every estimator pays: one `make_hvp(...)` call
+  lanczos                   analysis.hessian.lanczos: full reorthogonalisation on one flat float32
+                            vector (FlatView), unravelled only for the HVP
+  lanczos (before)          with --before: the same call into an older copy of analysis/hessian.py
+  lanczos (matfree)         matfree.decomp.tridiag_sym(m, reortho='full') on the raveled HVP
+                            (jax.flatten_util.ravel_pytree, matfree's documented way to take pytrees)
+  power / hutch++ / hutchinson  the other estimators (Hutchinson: one chunk of 8 probes)
+The matfree row is skipped, with a note, when matfree is not installed (`pip install matfree`; it is
+not a dependency of lmtrace). Target: lanczos ≤ lanczos (matfree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from analysis import hessian as H
+from lib import model as M
+from lib import sharding
+
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+_compile_secs = [0.0]
+
+
+def _listen(event: str, duration: float, **_) -> None:
+  if event in _COMPILE_EVENTS:
+    _compile_secs[0] += duration
+
+
+def timed(call) -> tuple[float, float, float]:
+  """(seconds compiling, wall seconds, CPU seconds of this process) of one call, its results waited for.
+  On a loaded machine the CPU seconds are the steadier number (XLA's compile is mostly one thread)."""
+  _compile_secs[0] = 0.0
+  t0, c0 = time.perf_counter(), time.process_time()
+  jax.block_until_ready(call())
+  return _compile_secs[0], time.perf_counter() - t0, time.process_time() - c0
+
+
+def batch_of(vocab: int, batch: int, seq_len: int) -> dict:
+  x_Bx1pL = np.random.default_rng(0).integers(4, vocab, (batch, seq_len + 1)).astype(np.int32)
+  return {
+    "inputs": jnp.asarray(x_Bx1pL[:, :-1]),
+    "targets": jnp.asarray(x_Bx1pL[:, 1:]),
+    "mask": jnp.ones((batch, seq_len), jnp.int32),
+    "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
+  }
+
+
+def matfree_lanczos(mv, params, m: int):
+  """() -> the tridiagonal (diag, offdiag) by matfree on the raveled operator; None without matfree."""
+  try:
+    from matfree import decomp
+  except ImportError:
+    return None
+  v0_N, unravel = ravel_pytree(H.probe_like(jax.random.key(1), params))
+  tridiag = decomp.tridiag_sym(m, reortho="full", materialize=False)
+
+  @jax.jit
+  def f(p, v0_N, ops):
+    def matvec(v_N, p):
+      return ravel_pytree(mv.apply(p, unravel(v_N), ops))[0]
+
+    return tridiag(matvec, v0_N, p).J_small
+
+  return lambda: f(params, v0_N, mv.operands)
+
+
+def load_module(path: str):
+  spec = importlib.util.spec_from_file_location("hessian_before", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["hessian_before"] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def bench(preset: str, batch: int, seq_len: int, m: int, before=None, only: str = "") -> dict[str, tuple[float, float, float]]:
+  vocab = M.OPT_VOCAB if preset.startswith("opt") else 204
+  cfg = M.preset(preset, vocab_size=vocab, max_len=max(seq_len, 16), dtype="float32")
+  model = M.make(cfg)
+  params = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
+  loss_fn = lambda p, bb: M.mean_loss(model, p, bb)  # noqa: E731
+  b = batch_of(vocab, batch, seq_len)
+  key = jax.random.key(1)
+  v0 = H.probe_like(key, params)
+
+  def op(mod=H):  # a fresh operator per row: nothing compiled for an earlier row is reused
+    return mod.make_hvp(loss_fn, [b])
+
+  def bind(mod, f):  # a row: makes its operator once, then (params) -> result, called twice
+    def make():
+      mv = op(mod)
+      return lambda: f(mod, mv)
+
+    return make
+
+  n_leaves = len(jax.tree.leaves(params))
+  print(
+    f"\n{preset}: {M.param_count(model):,} parameters in {n_leaves} leaves, batch {batch}x{seq_len}, {m} Lanczos steps "
+    f"(load average {' '.join(open('/proc/loadavg').read().split()[:3])})",
+    flush=True,
+  )
+  rows = {
+    "HVP (the operator alone)": bind(H, lambda h, mv: mv(params, v0)),
+    "lanczos": bind(H, lambda h, mv: h.lanczos(mv, params, key, m).alphas),
+  }
+  if before is not None:
+    rows["lanczos (before)"] = bind(before, lambda h, mv: h.lanczos(mv, params, key, m).alphas)
+  if matfree_lanczos(op(), params, m) is not None:
+    rows["lanczos (matfree)"] = lambda: matfree_lanczos(op(), params, m)
+  rows |= {
+    "power iteration": bind(H, lambda h, mv: h.power_iteration(mv, params, key, num_iters=m).estimate),
+    "hutch++": bind(H, lambda h, mv: h.hutchpp_trace(mv, params, key, 3 * max(1, m // 3)).estimate),
+    "hutchinson (8-probe chunk)": bind(H, lambda h, mv: h.hutchinson_trace(mv, params, key, 8, chunk=8).estimate),
+  }
+  rows = {k: v for k, v in rows.items() if not only or any(o in k for o in only.split(","))}
+  out = {}
+  for name, make in rows.items():
+    print(f"  {name:<28s} ...", end="", flush=True)
+    call = make()
+    c, w, cpu = timed(call)
+    _, w2, cpu2 = timed(call)  # compiled: the run alone
+    out[name] = (c, w, cpu - cpu2)
+    print(
+      f"\r  {name:<28s} compile {c:7.1f} s wall, {cpu - cpu2:7.1f} s CPU (first call − second call: {w:6.1f} − {w2:6.1f} s wall)",
+      flush=True,
+    )
+  if "lanczos (matfree)" not in out and (not only or "matfree" in only or "lanczos" in only):
+    print("  lanczos (matfree)            skipped: matfree is not installed (pip install matfree)")
+  if {"lanczos", "lanczos (matfree)"} <= set(out):
+    r = [out["lanczos"][i] / out["lanczos (matfree)"][i] for i in (0, 2)]
+    print(f"  compile time lanczos / matfree's: {r[0]:.2f} wall, {r[1]:.2f} CPU (target ≤ 1)")
+  if {"lanczos", "lanczos (before)"} <= set(out):
+    r = [out["lanczos"][i] / out["lanczos (before)"][i] for i in (0, 2)]
+    print(f"  compile time lanczos / before:    {r[0]:.2f} wall, {r[1]:.2f} CPU")
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--presets", default="small")
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--seq_len", type=int, default=128)
+  ap.add_argument("--steps", type=int, default=30, help="Lanczos steps (and power iterations)")
+  ap.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose name has one")
+  ap.add_argument("--before", default="", help="path of an older analysis/hessian.py to time its Lanczos too")
+  args = ap.parse_args()
+  jax.config.update("jax_default_matmul_precision", "highest")
+  jax.config.update("jax_enable_compilation_cache", False)
+  jax.monitoring.register_event_duration_secs_listener(_listen)
+  before = load_module(args.before) if args.before else None
+  print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU threads")
+  for p in args.presets.split(","):
+    bench(p.strip(), args.batch, args.seq_len, args.steps, before, args.only)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,170 @@
+"""The import graph of lmtrace's packages, and its cycles (issue 9: there must be none).
+
+  python -m lib.import_graph                 # prints each cycle and layer violation; exit 1 if any
+  python -m lib.import_graph --edges         # also prints every edge
+
+Every `import` / `from ... import` statement counts, including those inside functions (a lazy
+import only hides a cycle from the interpreter, not from the reader). `from pkg import name` is an
+edge to the module `pkg.name` when that is a module, else to `pkg` itself. Layers: lib/ imports
+only lib/, data/ only lib/ and data/, analysis/ not experiments/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+
+PACKAGES = ("lib", "data", "analysis", "experiments")
+# Layers, lowest first: a module may import its own layer and the layers below it, never above.
+LAYERS = ("lib", "data", "analysis", "experiments")
+
+
+def modules(root: str, packages=PACKAGES) -> dict[str, str]:
+  """{dotted module name: file path} of every .py file under the packages (missing ones skipped)."""
+  out = {}
+  for pkg in packages:
+    for dirpath, dirnames, files in os.walk(os.path.join(root, pkg)):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+      for f in sorted(files):
+        if f.endswith(".py"):
+          rel = os.path.relpath(os.path.join(dirpath, f), root)[: -len(".py")]
+          parts = rel.split(os.sep)
+          if parts[-1] == "__init__":
+            parts = parts[:-1]
+          out[".".join(parts)] = os.path.join(dirpath, f)
+  return out
+
+
+def _targets(node: ast.AST, here: str, is_pkg: bool, known: set[str]) -> list[str]:
+  if isinstance(node, ast.Import):
+    names = [a.name for a in node.names]
+  else:
+    base = node.module or ""
+    if node.level:  # relative: resolve against this module's package
+      pkg = here.split(".") if is_pkg else here.split(".")[:-1]
+      pkg = pkg[: len(pkg) - (node.level - 1)]
+      base = ".".join(pkg + ([base] if base else []))
+    names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+  out = []
+  for n in names:
+    while n and n not in known:  # `import data.pipeline.x` -> the longest known prefix
+      n = n.rpartition(".")[0]
+    if n:
+      out.append(n)
+  return out
+
+
+def graph(root: str = ".", packages=PACKAGES) -> dict[str, set[str]]:
+  """{module: modules of these packages it imports anywhere in its body} (self-imports dropped)."""
+  mods = modules(root, packages)
+  known = set(mods)
+  g = {}
+  for name, path in mods.items():
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+    is_pkg = path.endswith("__init__.py")
+    deps = set()
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Import, ast.ImportFrom)):
+        deps.update(_targets(node, name, is_pkg, known))
+    deps.discard(name)
+    g[name] = deps
+  return g
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+  """One cycle per strongly connected component of more than one module (Tarjan), as a path
+  [a, b, ..., a]; components sorted by their first module."""
+  index, low, stack, on, comps = {}, {}, [], set(), []
+
+  def visit(v):  # iterative Tarjan: no recursion limit on long chains
+    work = [(v, iter(sorted(g.get(v, ()))))]
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on.add(v)
+    while work:
+      u, it = work[-1]
+      w = next(it, None)
+      if w is not None:
+        if w not in index:
+          index[w] = low[w] = len(index)
+          stack.append(w)
+          on.add(w)
+          work.append((w, iter(sorted(g.get(w, ())))))
+        elif w in on:
+          low[u] = min(low[u], index[w])
+        continue
+      work.pop()
+      if work:
+        low[work[-1][0]] = min(low[work[-1][0]], low[u])
+      if low[u] == index[u]:
+        comp = []
+        while True:
+          x = stack.pop()
+          on.discard(x)
+          comp.append(x)
+          if x == u:
+            break
+        if len(comp) > 1:
+          comps.append(sorted(comp))
+
+  for v in sorted(g):
+    if v not in index:
+      visit(v)
+  out = []
+  for comp in sorted(comps):
+    members = set(comp)
+    start = comp[0]
+    # shortest cycle through `start` inside its component (BFS back to start)
+    prev, frontier, found = {start: None}, [start], None
+    while frontier and found is None:
+      nxt = []
+      for u in frontier:
+        for w in sorted(g[u] & members):
+          if w == start:
+            found = u
+            break
+          if w not in prev:
+            prev[w] = u
+            nxt.append(w)
+        if found is not None:
+          break
+      frontier = nxt
+    path = [start]
+    u = found
+    while u is not None and u != start:
+      path.insert(1, u)
+      u = prev[u]
+    out.append(path + [start])
+  return out
+
+
+def layer_violations(g: dict[str, set[str]], layers=LAYERS) -> list[str]:
+  """'a -> b' for every import of a module from a higher layer (e.g. lib importing data)."""
+  rank = {name: i for i, name in enumerate(layers)}
+  top = lambda m: rank.get(m.split(".")[0], -1)  # noqa: E731
+  return [f"{a} -> {b}" for a in sorted(g) for b in sorted(g[a]) if top(b) > top(a) >= 0]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--root", default=".")
+  ap.add_argument("--edges", action="store_true")
+  args = ap.parse_args(argv)
+  g = graph(args.root)
+  if args.edges:
+    for m in sorted(g):
+      print(f"{m} -> {', '.join(sorted(g[m])) or '(none)'}")
+  cyc, bad = cycles(g), layer_violations(g)
+  for c in cyc:
+    print("import cycle: " + " -> ".join(c))
+  for e in bad:
+    print(f"layer violation ({' < '.join(LAYERS)}): {e}")
+  print(f"{len(g)} modules, {sum(map(len, g.values()))} imports, {len(cyc)} cycle(s), {len(bad)} layer violation(s)")
+  return 1 if cyc or bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
