@@ -25,7 +25,7 @@ from flax import linen as nn
 from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
-from lib import config_check, errors, mixture, optim, preempt, schedules, sharding, steps
+from lib import config_check, errors, mixture, multirun, optim, preempt, schedules, sharding, steps
 from lib import metrics as MX
 from lib import model as M
 from lib import session as RS
@@ -182,10 +182,16 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   The whole config is validated before anything is written; the run then holds the workdir's lock,
   saves a resume checkpoint and stops on SIGTERM/SIGINT (raising preempt.Preempted), and a start
   that fails before its first checkpoint leaves no workdir behind (lib/session.py).
+  With `train.seeds` set, trains those seeds as one vectorised group (train_group.py) in
+  `workdir/seed_<s>` and returns {seed: final metrics}.
   """
   d = cfg.distributed
   sharding.initialize_distributed(d.coordinator, d.num_processes, d.process_id, timeout_s=d.get("timeout_s", 300))
   config_check.validate(cfg)
+  if seeds := multirun.parse_seeds(cfg.train.get("seeds", "")):
+    import train_group
+
+    return train_group.train_group(cfg, workdir, seeds=seeds, state_shardings=state_shardings, check_workdir=check_workdir)
   with RS.RunSession(workdir) as run:
     return _train_and_evaluate(cfg, workdir, run)
 

@@ -27,4 +27,8 @@ def __getattr__(name):
     from analysis import load
 
     return getattr(load, name)
+  if name == "load_sweep":  # a sweep directory (experiments/sweep.py) as one DataFrame
+    from analysis.sweeps import load_sweep
+
+    return load_sweep
   raise AttributeError(f"module 'analysis' has no attribute {name!r}")

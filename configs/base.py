@@ -50,6 +50,8 @@ def defaults() -> mlc.ConfigDict:
   c.train.log_every = 20  # console + metrics.jsonl cadence (steps)
   c.train.stop_on_nan = True  # stop with the step number on a non-finite loss
   c.train.stop_at = 0  # stop (with a resume checkpoint) after this step; 0 = run to the end
+  c.train.seeds = ""  # '0,1,2,3,4' or '0-4': train these seeds as one vectorised group in WORKDIR/seed_<s> ('' = one run, `seed`)
+  c.train.seeds_mode = "auto"  # seeds group: vmap (batched; accelerators) | map (runs in turn in one program; CPU) | auto
 
   c.opt = mlc.ConfigDict()
   c.opt.name = "adamw"  # adamw | sgd | adafactor | lion
