@@ -427,7 +427,7 @@ def run_job(
   tok = None
   tk_path = (run_cfg.get("import") or {}).get("tokenizer")
   if tk_path and os.path.exists(tk_path):
-    from data.tokenizer import HFTokenizer
+    from lib.tokenizer import HFTokenizer
 
     tok = HFTokenizer(tk_path)
   from data import vocab

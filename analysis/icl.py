@@ -250,12 +250,12 @@ def evaluate(queries: Sequence[Query], score: Callable) -> dict:
 def _tokenizer(run_cfg: dict):
   imp = run_cfg.get("import") or {}
   if imp.get("tokenizer"):
-    from data.tokenizer import HFTokenizer
+    from lib.tokenizer import HFTokenizer
 
     return HFTokenizer(imp["tokenizer"])
   src = dict(run_cfg["data"]["source"])
   if src.get("kind") == "text" and src.get("tokenizer") == "hf":
-    from data.tokenizer import HFTokenizer
+    from lib.tokenizer import HFTokenizer
 
     return HFTokenizer(src.get("tokenizer_model") or "")
   if src.get("kind") == "text":

@@ -64,8 +64,8 @@ class Tokenizer:
   def __init__(self, kind: str, model_path: str | None = None, model_vocab: int | None = None):
     self.kind = kind
     self.model_vocab = model_vocab
-    if kind == "hf":  # a model's own tokenizer.json: its ids and special ids, NOT shifted (data/tokenizer.py)
-      from data.tokenizer import HFTokenizer
+    if kind == "hf":  # a model's own tokenizer.json: its ids and special ids, NOT shifted (lib/tokenizer.py)
+      from lib.tokenizer import HFTokenizer
 
       self.hf = HFTokenizer(model_path or "")
       self.n = self.hf.vocab_size

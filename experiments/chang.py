@@ -31,6 +31,7 @@ import sys
 import numpy as np
 import pandas as pd
 
+from analysis import token_table as TT
 from experiments.sweep import Sweep
 from lib import errors
 
@@ -60,8 +61,7 @@ SCALES = {
   ),
 }
 SEEDS = [0, 1, 2, 3, 4]
-TARGETS = ("final_surprisal", "var_steps", "aoa_gam", "forgettability", "var_runs")
-BLOCKS = ("unigram", "ngram", "context_loglen", "context_logprob")
+BLOCKS = TT.CHANG_BLOCKS  # unigram, ngram (residualised on unigram), context_loglen, context_logprob
 
 
 def sweep_spec(scale: str, data_dir: str = "") -> dict:
@@ -90,80 +90,24 @@ def sweep_spec(scale: str, data_dir: str = "") -> dict:
   return {"name": f"chang-{scale}", "config": f"configs/chang.py:{s['preset']}", "set": over, "axes": {"seed": SEEDS}}
 
 
-def train_and_extract(sw: Sweep, sequences: int, positions: int, unit: str = "bits") -> tuple[list[str], pd.DataFrame]:
+def train_and_extract(
+  sw: Sweep, sequences: int, positions: int, unit: str = "bits", freq_docs: int = 100_000
+) -> tuple[list[str], pd.DataFrame]:
   """Runs the sweep, extracts probe surprisals at every checkpoint, returns (workdirs, token metrics)."""
   from analysis import trajectories as TJ
 
   sw.run(log=lambda m: print(m, flush=True))
   wds = [r.workdir for r in sw.runs()]
   TJ.extract(wds, steps="all", spec={"sequences": sequences, "positions": positions, "seed": 0}, progress=False)
-  return wds, None if len(wds) < 2 else TJ.write_token_metrics(wds, unit=unit)[0]
+  return wds, None if len(wds) < 2 else TJ.write_token_metrics(wds, unit=unit, freq_docs=freq_docs)[0]
 
 
-def _read_docs(source, n: int) -> list[dict]:
-  """The first n documents of a random-access source."""
-  return [source[i] for i in range(min(n, len(source)))]
-
-
-def join_ngrams(df: pd.DataFrame, workdir: str, train_docs: int, max_n: int = 5) -> pd.DataFrame:
-  """Adds Chang's predictors to a token-metrics frame: unigram (= −unigram surprisal, bits), ngram (5-gram
-  log-prob residualised on unigram by OLS), context_loglen (log2 #context tokens), context_logprob.
-
-  TODO(lead): switch to B's function (analysis/ joins n-gram predictors into token_metrics).
-  """
-  import ml_collections
-
-  from analysis import ngram as NG
-  from analysis import stats as ST
-  from data import sources
-  from lib import ckpt as C
-
-  data_cfg = ml_collections.ConfigDict(C.read_config(workdir)).data
-  groups = sources.make_groups(data_cfg)
-  if len(groups) != 1:
-    raise errors.AnalysisError("the Chang experiment's n-gram join handles one data group")
-  g = groups[0]
-  train_seqs = [np.asarray(d["tokens"], np.int64) for d in _read_docs(sources.select_split(g, "train"), train_docs)]
-  val = [np.asarray(d["tokens"], np.int64) for d in _read_docs(sources.select_split(g, "validation"), int(df["doc"].max()) + 1)]
-  model = NG.build_ngram_model(train_seqs, g.vocab_size, max_n=max_n)
-  # probe at row position p predicts document token p+1 from tokens 0..p
-  pos = np.stack([df["doc"].to_numpy(), df["position"].to_numpy() + 1], axis=1).astype(np.int64)
-  tok = np.array([val[d][p] for d, p in pos])
-  if not np.array_equal(tok, df["token"].to_numpy()):
-    raise errors.AnalysisError("probe tokens do not match the validation documents (probe layout changed?)")
-  out = df.copy()
-  out["unigram"] = -NG.ngram_surprisal(model, val, pos, 1)
-  five = -NG.ngram_surprisal(model, val, pos, max_n)
-  fit = ST.ols(five, out["unigram"].to_numpy()[:, None])
-  out["ngram"] = five - (fit["params"].iloc[0] + fit["params"].iloc[1] * out["unigram"].to_numpy())
-  out["context_loglen"] = NG.context_loglen(pos)
-  out["context_logprob"] = NG.context_logprob(model, val, pos, n=1)
-  return out
-
-
-def regressions(df: pd.DataFrame, targets=TARGETS, blocks=BLOCKS) -> tuple[pd.DataFrame, pd.DataFrame]:
-  """(sequential LRT table, full-model effects table), one block per predictor in Chang's order.
-
-  TODO(lead): switch to B's function (Chang's regressions in analysis/).
-  """
-  from analysis import stats as ST
-
-  lrts, effects = [], []
-  for t in targets:
-    if t not in df:
-      continue
-    d = df[[t, *blocks]].replace([np.inf, -np.inf], np.nan).dropna()
-    if len(d) < len(blocks) + 3:
-      continue
-    z = (d - d.mean()) / d.std(ddof=0).replace(0, 1)  # standardised: comparable effect sizes
-    tab = ST.sequential_lrt(z[t].to_numpy(), [(b, z[b].to_numpy()) for b in blocks])
-    tab.insert(0, "metric", t)
-    tab["n"] = len(d)
-    lrts.append(tab)
-    fit = ST.ols(z[t].to_numpy(), z[list(blocks)].to_numpy(), names=list(blocks))
-    for i, b in enumerate(blocks):
-      effects.append(dict(metric=t, predictor=b, coef=float(fit["params"].iloc[i + 1]), p=float(fit["p"].iloc[i + 1]), n=len(d)))
-  return pd.concat(lrts, ignore_index=True) if lrts else pd.DataFrame(), pd.DataFrame(effects)
+def regressions(tm: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """(sequential LRT table, full-model effects table) from analysis.token_table.chang_regressions (predictors
+  clipped at 5σ as Chang's code does; the n-gram block residualised on log-frequency)."""
+  lrt = TT.chang_regressions(tm)
+  eff = lrt[lrt.block != "intercept"].rename(columns={"block": "predictor"})[["metric", "predictor", "coef", "coef_p", "nobs"]]
+  return lrt.rename(columns={"nobs": "n"}), eff.rename(columns={"coef_p": "p", "nobs": "n"}).reset_index(drop=True)
 
 
 # Chang §2.4 claims as signs of the frequency (unigram log-prob) effect on each metric.
@@ -210,7 +154,7 @@ def report(out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, eff: pd.Da
     "",
     "## Frequency effects beside the paper (papers.md §2.4)",
     "",
-    "| metric | paper | corr(metric, log freq) here | unigram coef (full model, standardised) | p | agrees (p < 0.05) |",
+    "| metric | paper | corr(metric, log freq) here | unigram coef (full model) | p | agrees (p < 0.05) |",
     "|---|---|---|---|---|---|",
   ]
   for m, (sign, claim) in PAPER_SIGNS.items():
@@ -257,8 +201,8 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
     raise errors.ConfigError(f"--scale={scale!r}: expected one of {', '.join(SCALES)}")
   s = SCALES[scale]
   sw = Sweep.from_dict(sweep_spec(scale, data_dir), out)
-  wds, tm = train_and_extract(sw, s["sequences"], positions=10)
-  tm = join_ngrams(tm, wds[0], s["ngram_docs"])
+  wds, tm = train_and_extract(sw, s["sequences"], positions=10, freq_docs=s["ngram_docs"])
+  tm = pd.concat([tm, TT.chang_features(tm)], axis=1)  # unigram, ngram (residualised), context_* predictors
   tm.to_parquet(os.path.join(out, "token_metrics.parquet"), index=False)
   lrt, eff = regressions(tm)
   lrt.to_csv(os.path.join(out, "regressions.csv"), index=False)

@@ -526,7 +526,7 @@ def import_series(
   tokens_per_step: int = 0,
 ) -> dict:
   """Converts revisions `srcs` into `workdir` (must not exist or be empty). Returns the run config."""
-  from data.tokenizer import HFTokenizer
+  from lib.tokenizer import HFTokenizer
   from lib import ckpt, sharding
 
   srcs = [s for s in srcs if s]

@@ -23,16 +23,18 @@ def test_chang_nano(tmp_path, data_dir):
   tm = pd.read_parquet(os.path.join(out, "token_metrics.parquet"))
   assert len(tm) > 100 and {"unigram", "ngram", "context_loglen", "context_logprob", "aoa_gam", "var_runs", "log_freq"} <= set(tm)
   assert len(res["workdirs"]) == 5 and all(os.path.basename(w) == f"seed_{i}" for i, w in enumerate(res["workdirs"]))
-  # the join is aligned: unigram predictor == log2 relative frequency of the probe's target, by brute force
+  # the join is aligned: unigram predictor == log10 add-one frequency of the probe's target (clipped at 5 sd,
+  # as Chang's code), counted by brute force over the training documents
   import ml_collections
 
-  from data import sources
+  from analysis import stats
+  from analysis.token_table import train_documents
   from lib import ckpt as C
 
-  g = sources.make_groups(ml_collections.ConfigDict(C.read_config(res["workdirs"][0])).data)[0]
-  docs = chang._read_docs(sources.select_split(g, "train"), chang.SCALES["nano"]["ngram_docs"])
-  counts = np.bincount(np.concatenate([d["tokens"] for d in docs]), minlength=g.vocab_size)
-  np.testing.assert_allclose(tm["unigram"], np.log2(counts[tm["token"]] / counts.sum()), rtol=1e-9)
+  docs, V = train_documents(ml_collections.ConfigDict(C.read_config(res["workdirs"][0])).data, chang.SCALES["nano"]["ngram_docs"])
+  counts = np.bincount(np.concatenate([d[1:] for d in docs]), minlength=V)[:V]
+  want = stats.clip_sigma(np.log10((counts[tm["token"]] + 1.0) / (counts.sum() + V)))
+  np.testing.assert_allclose(tm["unigram"], want, rtol=1e-9)
   np.testing.assert_allclose(tm["context_loglen"], np.log2(tm["position"] + 1.0))  # context = BOS .. probe input
   lrt = pd.read_csv(os.path.join(out, "regressions.csv"))
   assert set(lrt["metric"]) >= {"final_surprisal", "aoa_gam", "var_runs"}

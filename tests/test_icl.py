@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from analysis import icl
-from data.tokenizer import HFTokenizer
 from lib import errors
 from lib import hf_import as H
+from lib.tokenizer import HFTokenizer
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TASK = os.path.join(FIX, "bigbench", "tiny_animals", "task.json")
