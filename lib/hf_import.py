@@ -526,8 +526,8 @@ def import_series(
   tokens_per_step: int = 0,
 ) -> dict:
   """Converts revisions `srcs` into `workdir` (must not exist or be empty). Returns the run config."""
-  from lib.tokenizer import HFTokenizer
   from lib import ckpt, sharding
+  from lib.tokenizer import HFTokenizer
 
   srcs = [s for s in srcs if s]
   if not srcs:
