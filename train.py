@@ -196,6 +196,33 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     return _train_and_evaluate(cfg, workdir, run)
 
 
+def claim_workdir(workdir: str, cfg_dict: dict) -> dict | None:
+  """Refuses a workdir of another run; writes config.json into a new one. Returns the old config (None: new)."""
+  check_workdir(workdir, cfg_dict)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    return C.read_config(workdir)
+  if jax.process_index() == 0:
+    C.save_json(path, cfg_dict)
+  return None
+
+
+def resume(ckpt, target, workdir: str, old_cfg: dict | None, cfg_dict: dict):
+  """(state, meta) of the newest intact checkpoint, or None; changed settings are logged and recorded in the
+  workdir's resume history (a change the saved state cannot take is refused by restore_latest)."""
+  changed = config_check.resume_differences(old_cfg, cfg_dict) if old_cfg else {}
+  restored = ckpt.restore_latest(target, mismatch_hint=config_check.summary(changed))
+  if restored is None:
+    return None
+  step = int(restored[0]["step"])
+  log.info("resumed from step %d in %s", step, workdir)
+  if changed:
+    log.warning("resuming with changed settings (see %s): %s", config_check.RESUME_HISTORY, config_check.summary(changed))
+  if jax.process_index() == 0:
+    config_check.record_resume(workdir, step, changed)
+  return restored
+
+
 def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   B, L, total = cfg.train.batch_size, cfg.data.seq_len, cfg.train.steps
@@ -210,10 +237,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   model = M.make(mcfg)
   cfg_dict = json.loads(cfg.to_json_best_effort())
   cfg_dict["model"] = dict(vars(mcfg), preset=cfg.model.get("preset", ""))
-  check_workdir(workdir, cfg_dict)
-  old_cfg = C.read_config(workdir) if os.path.exists(os.path.join(workdir, "config.json")) else None
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
-    C.save_json(os.path.join(workdir, "config.json"), cfg_dict)
+  old_cfg = claim_workdir(workdir, cfg_dict)
   lo, hi = sharding.local_rows(mesh, B)
   data_seed = cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
   pipe = dp.Pipeline(
@@ -264,15 +288,9 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   with jax.set_mesh(mesh), rules:
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(cfg.seed))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
-    changed = config_check.resume_differences(old_cfg, cfg_dict) if old_cfg else {}
-    restored = ckpt.restore_latest(target, mismatch_hint=config_check.summary(changed))
+    restored = resume(ckpt, target, workdir, old_cfg, cfg_dict)
     if restored is not None:
       state, meta = restored
-      log.info("resumed from step %d in %s", int(state["step"]), workdir)
-      if changed:
-        log.warning("resuming with changed settings (see %s): %s", config_check.RESUME_HISTORY, config_check.summary(changed))
-      if jax.process_index() == 0:
-        config_check.record_resume(workdir, int(state["step"]), changed)
     else:
       state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(cfg.seed))
       meta = {}
