@@ -152,6 +152,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       if len(groups) > 1:
         b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
       eval_sets.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
+  from data import mlm_exact  # noqa: PLC0415
+
+  mlm_eval = mlm_exact.from_config(cfg, groups, model, mesh)  # Liu's exact masked-LM excess loss (None for CLM)
 
   # Model, optimizer, mixture controller, sharded state.
   tx, sched = optim.make_optimizer(cfg.opt, total)
@@ -233,6 +236,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
     def evaluate(step_):
       m = run_eval(p_eval, state["params"], eval_sets, names)
+      if mlm_eval is not None:
+        m.update(mlm_eval(state["params"]))
       writer.write(step_, m)
       return m
 

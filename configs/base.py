@@ -70,6 +70,7 @@ def defaults() -> mlc.ConfigDict:
   c.eval.every = 50  # held-out eval cadence (steps; also at the end)
   c.eval.batches = 4  # fixed validation batches (same tokens for every run)
   c.eval.batch_size = 16  # rows per eval batch
+  c.eval.mlm_sentences = 200  # mlm on PCFG/HMM: validation sentences masked at every position for the exact excess loss (0 = off)
 
   c.mixture = mlc.ConfigDict()
   c.mixture.method = "stratified"  # stratified | static | aioli (lib/mixture.py)
