@@ -117,6 +117,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if L > mcfg.max_len:
     raise ValueError(f"data.seq_len={L} exceeds model.max_len={mcfg.max_len}")
   model = M.make(mcfg)
+  from data import mlm_exact  # noqa: PLC0415
+  from lib import adversarial  # noqa: PLC0415
+
+  mlm_eval = mlm_exact.from_config(cfg, groups, model, mesh)  # Liu's exact masked-LM excess loss (None for CLM)
+  adv_loss = adversarial.from_config(cfg, groups, model)  # Liu's adversarial objective (None = off)
   cfg_dict = json.loads(cfg.to_json_best_effort())
   cfg_dict["model"] = dict(vars(mcfg), preset=cfg.model.get("preset", ""))
   check_workdir(workdir, cfg_dict)
@@ -152,9 +157,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       if len(groups) > 1:
         b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
       eval_sets.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
-  from data import mlm_exact  # noqa: PLC0415
-
-  mlm_eval = mlm_exact.from_config(cfg, groups, model, mesh)  # Liu's exact masked-LM excess loss (None for CLM)
 
   # Model, optimizer, mixture controller, sharded state.
   tx, sched = optim.make_optimizer(cfg.opt, total)
@@ -205,7 +207,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
     p_train = jax.jit(
       functools.partial(
-        steps.train_step, model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum, num_groups=len(groups)
+        steps.train_step,
+        model=model,
+        tx=tx,
+        schedule=sched,
+        grad_accum=cfg.train.grad_accum,
+        num_groups=len(groups),
+        extra_loss=adv_loss,
       ),
       out_shardings=(state_sh, None),
       donate_argnums=(0,),

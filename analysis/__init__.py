@@ -3,7 +3,8 @@
 stays cheap."""
 
 _LOADERS = ("load_flatness", "load_metrics", "load_trajectories", "load_token_metrics", "load_probes", "load_index")
-__all__ = list(_LOADERS)
+_ELSEWHERE = {"load_downstream": "analysis.downstream"}  # loaders kept beside their job
+__all__ = list(_LOADERS) + list(_ELSEWHERE)
 
 
 def __getattr__(name):
@@ -11,4 +12,8 @@ def __getattr__(name):
     from analysis import load
 
     return getattr(load, name)
+  if name in _ELSEWHERE:
+    import importlib
+
+    return getattr(importlib.import_module(_ELSEWHERE[name]), name)
   raise AttributeError(f"module 'analysis' has no attribute {name!r}")

@@ -72,6 +72,12 @@ def defaults() -> mlc.ConfigDict:
   c.eval.batch_size = 16  # rows per eval batch
   c.eval.mlm_sentences = 200  # mlm on PCFG/HMM: validation sentences masked at every position for the exact excess loss (0 = off)
 
+  c.adversarial = mlc.ConfigDict()  # Liu et al. App. A.4: minimise loss − weight·(downstream head loss); lib/adversarial.py
+  c.adversarial.weight = 0.0  # λ (0 = off)
+  c.adversarial.task = "task_C"  # task split whose adversarial part (examples [70%, 80%)) the head is fitted on
+  c.adversarial.examples = 64  # examples per half (head fitted on k, its loss measured on another k) each step
+  c.adversarial.ridge = 0.1  # ridge strength, relative to the mean diagonal of the feature kernel
+
   c.mixture = mlc.ConfigDict()
   c.mixture.method = "stratified"  # stratified | static | aioli (lib/mixture.py)
   c.mixture.proportions = ""  # static: 'name=p,...' or 'p1,p2,...'

@@ -128,7 +128,7 @@ class MaskedEval:
 def group_specs(data_cfg) -> dict:
   """{group name: source spec}, as `sources.make_groups` names them."""
   groups_cfg = data_cfg.get("groups") or {}
-  return {k: dict(v) for k, v in dict(groups_cfg).items()} if len(groups_cfg) else {"main": dict(data_cfg.source)}
+  return {k: dict(v) for k, v in dict(groups_cfg).items()} if len(groups_cfg) else {"main": dict(data_cfg["source"])}
 
 
 def from_config(cfg, groups, model, mesh):
