@@ -23,20 +23,20 @@ def _args(*extra):
 
 @pytest.fixture(scope="module")
 def pcfg_run(tmp_path_factory):
-  """A nano masked LM trained 200 steps on a small PCFG with task splits (checkpoints 0 and 200)."""
+  """A nano masked LM trained 800 steps on a small PCFG with task splits (checkpoints 0 and 800)."""
   root = tmp_path_factory.mktemp("ds")
   cfg = tiny_cfg(str(root / "tfds"))
   cfg.unlock()
   cfg.data.source = dict(PCFG_SPEC)
   cfg.model.causal = False
   cfg.data.objective = "mlm"
-  cfg.train.steps = 200
+  cfg.train.steps = 800
   cfg.train.batch_size = 16
   cfg.train.log_every = 50
   cfg.opt.lr = 3e-3
-  cfg.eval.every = 200
+  cfg.eval.every = 800
   cfg.eval.mlm_sentences = 20
-  cfg.ckpt.schedule = "explicit:steps=0/200"
+  cfg.ckpt.schedule = "explicit:steps=0/800"
   cfg.ckpt.resume_every = 0
   cfg.lock()
   wd = str(root / "run")
@@ -71,16 +71,19 @@ def test_pool_features_layout():
 
 
 def test_trained_beats_init_and_lookup_baseline(pcfg_run):
-  args = _args("--tasks=task_A", "--method=probe,lookup")
+  # task_B: on this 20-non-terminal grammar, task_A's probe on the random init's concatenated token
+  # states (≈ one-hot words) matches or beats the trained model's (measured: 0.47 init vs 0.43 after
+  # 1000 steps, majority class 0.37); task_B shows the trained model's gain (0.67 -> 0.71).
+  args = _args("--tasks=task_B", "--method=probe,lookup")
   df = DS.run(pcfg_run, args)
-  assert set(df["step"]) == {-1, 0, 200}
+  assert set(df["step"]) == {-1, 0, 800}
   acc = df.groupby("step")["accuracy"].mean()
-  assert acc[200] > acc[0] + 0.02, acc
-  assert (df["n_classes"] <= 9).all() and df["valid"].all()
+  assert acc[800] > acc[0] + 0.02, acc
+  assert df["valid"].all()
   look = df[df["method"] == "lookup"]
   assert len(look) == 3 and look["accuracy"].min() > 1.5 / look["n_classes"].iloc[0]
-  row = df[df["step"] == 200].iloc[0]
-  assert np.isfinite(row["excess_loss"]) and row["definition"] == "code"
+  row = df[df["step"] == 800].iloc[0]
+  assert np.isfinite(row["excess_loss"]) and row["definition"] == "code" and row["loss"] > row["excess_loss"] > 0
   np.testing.assert_allclose(df["acc_mean"], df.groupby(["step", "method"])["accuracy"].transform("mean"))
   # resumable: nothing new is computed
   again = DS.run(pcfg_run, args)
@@ -93,15 +96,15 @@ def test_finetune_and_damaged_checkpoint(pcfg_run, tmp_path):
   wd = str(tmp_path / "copy")
   shutil.copytree(pcfg_run, wd)
   os.remove(DS.table_path(wd))
-  sub = C.available_steps(wd)[200]
-  pdir = os.path.join(wd, sub, "200", "params")
+  sub = C.available_steps(wd)[800]
+  pdir = os.path.join(wd, sub, "800", "params")
   for root, _, files in os.walk(pdir):
     for f in files:
       if f.endswith("manifest.ocdbt") or "d" == os.path.basename(root):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
   df = DS.run(wd, _args("--tasks=task_C", "--method=finetune", "--ft_epochs=1", "--pool=mean"))
-  ok, bad = df[df["step"] == 0], df[df["step"] == 200]
+  ok, bad = df[df["step"] == 0], df[df["step"] == 800]
   assert ok["valid"].all() and ok["accuracy"].between(0, 1).all() and len(ok) == 3
   assert (~bad["valid"]).all() and bad["reason"].str.contains("cannot restore").all()
 
