@@ -97,10 +97,9 @@ def grid(scale: str) -> list[Run]:
   runs = [Run(f"adamw_d{d}", "size", d, "adamw", scale=scale, overrides=width(d)) for d in sizes]
   sgd = (("opt.name", "sgd"), ("opt.schedule", "constant"), ("opt.lr", 0.3), ("opt.warmup_steps", max(int(0.12 * steps), 1)))
   sgd += (("ckpt.schedule", f"interval:every={max(steps // 8, 1)};explicit:steps={steps}"),)
+  adv = (("adversarial.weight", 1.0), ("adversarial.examples", 16 if scale == "nano" else 64))
   runs.append(Run(f"sgd_d{mid}", "convergence", mid, "sgd", scale=scale, overrides=width(mid) + sgd))
-  runs.append(
-    Run(f"adversarial_d{mid}", "algorithm", mid, "adamw+adv", scale=scale, overrides=width(mid) + (("adversarial.weight", 1.0),))
-  )
+  runs.append(Run(f"adversarial_d{mid}", "algorithm", mid, "adamw+adv", scale=scale, overrides=width(mid) + adv))
   return runs
 
 
