@@ -198,13 +198,13 @@ def join(runs: list[Run], dirs: dict[str, str], enlarged: dict[str, str]) -> pd.
     for s in steps:
       row = dict(run=r.name, road=r.road, size=r.size, optimizer=r.optimizer, step=int(s))
       row.update(loss=ev.get(s, {}).get("loss", np.nan), excess_loss=ev.get(s, {}).get("excess_loss", np.nan))
-      for est in ("hutchinson", "fisher"):
-        f = fl[(fl["step"] == s) & (fl["estimator"] == est) & (fl["quantity"] == "trace")] if len(fl) else fl
+      for est, q in (("hutchinson", "trace"), ("fisher", "fisher_trace")):
+        f = fl[(fl["step"] == s) & (fl["estimator"] == est) & (fl["quantity"] == q)] if len(fl) else fl
         row[f"trH_{est}"] = float(f["estimate"].iloc[-1]) if len(f) else np.nan
         row[f"trH_{est}_se"] = float(f["stderr"].iloc[-1]) if len(f) else np.nan
       if r.name in enlarged:
         fe = load_flatness(enlarged[r.name])
-        fe = fe[(fe["step"] == s) & (fe["estimator"] == "hutchinson")]
+        fe = fe[(fe["step"] == s) & (fe["estimator"] == "hutchinson") & (fe["quantity"] == "trace")]
         row["trH_hutchinson_enlarged"] = float(fe["estimate"].iloc[-1]) if len(fe) else np.nan
       d = ds[(ds["step"] == s) & (ds["method"] == "probe")] if len(ds) else ds
       for t, g in d.groupby("task") if len(d) else []:
@@ -237,7 +237,7 @@ def bootstrap_corr(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
       if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
         boots.append(fn(x[i], y[i]))
     out[name] = float(fn(x, y))
-    out[f"{name}_ci95"] = tuple(np.percentile(boots, [2.5, 97.5]).round(3)) if boots else (np.nan, np.nan)
+    out[f"{name}_ci95"] = tuple(float(v) for v in np.percentile(boots, [2.5, 97.5]).round(3)) if boots else (np.nan, np.nan)
   return out
 
 
@@ -246,6 +246,13 @@ def _fmt(v, se=None, pct=False):
     return "–"
   k = 100.0 if pct else 1.0
   return f"{v * k:.1f}±{se * k:.1f}" if se is not None and np.isfinite(se) else (f"{v * k:.1f}" if pct else f"{v:.3g}")
+
+
+def _same_loss(a, b, tol: float = 0.02) -> str:
+  """The paper compares models of (nearly) the same loss: say so when the excess losses differ."""
+  if not (np.isfinite(a) and np.isfinite(b)) or abs(a - b) <= tol:
+    return ""
+  return f" (caveat: excess losses differ by {abs(a - b):.3f} nats > {tol}: not the same loss, so not the paper's comparison)"
 
 
 def report(df: pd.DataFrame, out: str, scale: str) -> str:
@@ -278,7 +285,8 @@ def report(df: pd.DataFrame, out: str, scale: str) -> str:
       f"* **Size** — paper: {PAPER['size']}. Here (smallest → largest width): Tr(H) {size['trH_hutchinson'].iloc[0]:.3g} → "
       f"{size['trH_hutchinson'].iloc[-1]:.3g}, task-B probe {_fmt(size[tb].iloc[0], pct=True) if tb else '–'}% → "
       f"{_fmt(size[tb].iloc[-1], pct=True) if tb else '–'}%, excess loss {size['excess_loss'].iloc[0]:.3f} → "
-      f"{size['excess_loss'].iloc[-1]:.3f}: **{'reproduces' if verdicts['size'] else 'does not reproduce'}**."
+      f"{size['excess_loss'].iloc[-1]:.3f}: **{'reproduces' if verdicts['size'] else 'does not reproduce'}**"
+      f"{_same_loss(size['excess_loss'].iloc[0], size['excess_loss'].iloc[-1])}."
     )
   adv = final[final["optimizer"] == "adamw+adv"]
   if len(adv):
@@ -291,7 +299,7 @@ def report(df: pd.DataFrame, out: str, scale: str) -> str:
         f"* **Algorithm** — paper: {PAPER['algorithm']}. Here: AdamW vs adversarial Tr(H) {b['trH_hutchinson']:.3g} vs "
         f"{a['trH_hutchinson']:.3g}, {tc[4:] if tc else '?'} {_fmt(b.get(tc), pct=True)}% vs {_fmt(a.get(tc), pct=True)}%, "
         f"excess loss {b['excess_loss']:.3f} vs {a['excess_loss']:.3f}: "
-        f"**{'reproduces' if verdicts['algorithm'] else 'does not reproduce'}**."
+        f"**{'reproduces' if verdicts['algorithm'] else 'does not reproduce'}**{_same_loss(b['excess_loss'], a['excess_loss'])}."
       )
   conv = df[df["road"] == "convergence"].sort_values("step")
   if len(conv) >= 2:
@@ -307,7 +315,8 @@ def report(df: pd.DataFrame, out: str, scale: str) -> str:
       f"{_fmt(half[tc].iloc[-1] if ok else None, pct=True)}%, "
       f"Tr(H) {half['trH_hutchinson'].iloc[0]:.3g} → {half['trH_hutchinson'].iloc[-1]:.3g}, excess loss "
       f"{half['excess_loss'].iloc[0]:.3f} → {half['excess_loss'].iloc[-1]:.3f}: "
-      f"**{'reproduces' if verdicts['convergence'] else 'does not reproduce'}**."
+      f"**{'reproduces' if verdicts['convergence'] else 'does not reproduce'}**"
+      f"{_same_loss(half['excess_loss'].iloc[0], half['excess_loss'].iloc[-1])}."
     )
   lines += ["", "## Tr(H) vs probe accuracy among final models (bootstrap 95% CIs over models)", ""]
   models = final[final["road"] != "baseline"]
