@@ -96,7 +96,8 @@ def grid(scale: str) -> list[Run]:
   steps = liu.SCALES[scale]["steps"]
   runs = [Run(f"adamw_d{d}", "size", d, "adamw", scale=scale, overrides=width(d)) for d in sizes]
   sgd = (("opt.name", "sgd"), ("opt.schedule", "constant"), ("opt.lr", 0.3), ("opt.warmup_steps", max(int(0.12 * steps), 1)))
-  sgd += (("ckpt.schedule", f"interval:every={max(steps // 8, 1)};explicit:steps={steps}"),)
+  every = max(steps // 8, 1)  # checkpoints and evals together: excess loss at every measured step
+  sgd += (("ckpt.schedule", f"interval:every={every};explicit:steps={steps}"), ("eval.every", every))
   adv = (("adversarial.weight", 1.0), ("adversarial.examples", 16 if scale == "nano" else 64))
   runs.append(Run(f"sgd_d{mid}", "convergence", mid, "sgd", scale=scale, overrides=width(mid) + sgd))
   runs.append(Run(f"adversarial_d{mid}", "algorithm", mid, "adamw+adv", scale=scale, overrides=width(mid) + adv))
