@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from data import adversarial, mlm_exact, sources
 from data import pipeline as dp
-from data import sources
 from lib import ckpt as C
 from lib import config_check, errors, mixture, multirun, optim, preempt, schedules, sharding, steps
 from lib import metrics as MX
@@ -138,7 +138,8 @@ def test_eval(p_eval, params, groups, cfg, mesh, writer, step) -> dict:
   return out
 
 
-def run_eval(p_eval, params, eval_sets, names) -> dict:
+def run_eval(p_eval, params, eval_sets, names, extra=None) -> dict:
+  """Validation metrics over `eval_sets`; `extra(params) -> dict` adds more (e.g. Liu's exact MLM loss)."""
   total = None
   for batch in eval_sets:
     s = jax.tree.map(np.asarray, p_eval(params, batch))
@@ -146,7 +147,10 @@ def run_eval(p_eval, params, eval_sets, names) -> dict:
       total = s
     else:  # groups without exact log-probs (text) drop the optimum for the whole set
       total = {k: total[k] + s[k] for k in total.keys() & s.keys()}
-  return steps.finish_eval(total, names)
+  m = steps.finish_eval(total, names)
+  if extra is not None:
+    m.update(extra(params))
+  return m
 
 
 def check_finite(fetched, workdir: str, stop_on_nan: bool) -> None:
@@ -235,6 +239,8 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   vocab_size = groups[0].vocab_size
   mcfg = model_config(cfg, vocab_size)
   model = M.make(mcfg)
+  mlm_eval = mlm_exact.from_config(cfg, groups, model, mesh)  # Liu's exact masked-LM excess loss (None for CLM)
+  adv_loss = adversarial.from_config(cfg, groups, model)  # Liu's adversarial objective (None = off)
   cfg_dict = json.loads(cfg.to_json_best_effort())
   cfg_dict["model"] = dict(vars(mcfg), preset=cfg.model.get("preset", ""))
   old_cfg = claim_workdir(workdir, cfg_dict)
@@ -304,7 +310,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       hook = probes.ProbeHook(workdir, cfg, model, mesh, total)
 
     p_train = jax.jit(
-      mix.train_step(model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum),
+      mix.train_step(model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum, extra_loss=adv_loss),
       out_shardings=(state_sh, None),
       donate_argnums=(0,),
     )
@@ -333,7 +339,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
         hook.maybe_record(step_, state["params"], tokens_seen)
 
     def evaluate(step_):
-      m = run_eval(p_eval, state["params"], eval_sets, names)
+      m = run_eval(p_eval, state["params"], eval_sets, names, extra=mlm_eval)
       writer.write(step_, m)
       return m
 

@@ -11,7 +11,8 @@ _LOADERS = (
   "load_index",
   "load_invalid",
 )
-__all__ = list(_LOADERS)
+_ELSEWHERE = {"load_downstream": "analysis.downstream"}  # loaders kept beside their job
+__all__ = list(_LOADERS) + list(_ELSEWHERE)
 
 
 _OTHER = {"load_icl": "icl", "load_generations": "generate"}  # loaders living next to their jobs
@@ -31,4 +32,8 @@ def __getattr__(name):
     from analysis.sweeps import load_sweep
 
     return load_sweep
+  if name in _ELSEWHERE:
+    import importlib
+
+    return getattr(importlib.import_module(_ELSEWHERE[name]), name)
   raise AttributeError(f"module 'analysis' has no attribute {name!r}")

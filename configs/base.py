@@ -80,6 +80,13 @@ def defaults() -> mlc.ConfigDict:
   c.eval.batches = 4  # fixed validation batches (same tokens for every run)
   c.eval.batch_size = 16  # rows per eval batch
   c.eval.test_at_end = True  # after the last step, per-group test-split loss/ppl (test/<group>/ppl, test/avg_ppl)
+  c.eval.mlm_sentences = 200  # mlm on PCFG/HMM: validation sentences masked at every position for the exact excess loss (0 = off)
+
+  c.adversarial = mlc.ConfigDict()  # Liu et al. App. A.4: minimise loss − weight·(downstream head loss); data/adversarial.py
+  c.adversarial.weight = 0.0  # λ (0 = off)
+  c.adversarial.task = "task_C"  # task split whose adversarial part (examples [70%, 80%)) the head is fitted on
+  c.adversarial.examples = 64  # examples per half (head fitted on k, its loss measured on another k) each step
+  c.adversarial.ridge = 0.1  # ridge strength, relative to the mean diagonal of the feature kernel
 
   c.mixture = mlc.ConfigDict()
   c.mixture.method = "stratified"  # stratified | static | aioli | skillit | doremi | doge (lib/mixture.py)

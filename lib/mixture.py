@@ -404,15 +404,22 @@ class MixtureRunner:
     if unmet:
       raise ConfigError(f"mixture.method={controller.name} needs {unmet}, which this trainer cannot supply ({sorted(NEEDS)})")
 
-  def train_step(self, *, model, tx, schedule, grad_accum: int):
-    """The (unjitted) step function: lib/steps.train_step, or the reweighting step of DoReMi/DoGE."""
+  def train_step(self, *, model, tx, schedule, grad_accum: int, extra_loss=None):
+    """The (unjitted) step function: lib/steps.train_step (with an optional extra loss term, e.g. Liu's
+    adversarial head), or the reweighting step of DoReMi/DoGE."""
     import functools
 
     from lib import steps
 
     mode, m = getattr(self.controller, "mode", ""), len(self.names)
     if not mode:
-      return functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule, grad_accum=grad_accum, num_groups=m)
+      return functools.partial(
+        steps.train_step, model=model, tx=tx, schedule=schedule, grad_accum=grad_accum, num_groups=m, extra_loss=extra_loss
+      )
+    if extra_loss is not None:
+      raise ConfigError(
+        f"mixture.method={self.controller.name} reweights the loss itself: it cannot be combined with adversarial.weight"
+      )
     if grad_accum != 1:
       raise ConfigError(f"mixture.method={self.controller.name} reweights per-group losses in one pass: set train.grad_accum=1")
     c = self.controller

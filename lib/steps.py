@@ -39,8 +39,13 @@ def train_step(
   schedule,
   grad_accum: int = 1,
   num_groups: int = 1,
+  extra_loss=None,
 ) -> tuple[dict, dict]:
-  """One optimizer update on the mean per-token loss of the whole (accumulated) batch."""
+  """One optimizer update on the mean per-token loss of the whole (accumulated) batch.
+
+  extra_loss(params, key) -> (scalar, metrics), optional: added to the objective (its gradient is added
+  to the mean-loss gradient), e.g. data/adversarial.py's −λ·(downstream head loss).
+  """
   rng = jax.random.fold_in(state["rng"], state["step"])
   deterministic = not model.cfg.dropout
 
@@ -67,6 +72,10 @@ def train_step(
     (grads, sums), _ = jax.lax.scan(body, zero, (micro, jnp.arange(grad_accum)))
   n_tok = jnp.maximum(sums["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / n_tok, grads)
+  extra_metrics = {}
+  if extra_loss is not None:
+    g_extra, extra_metrics = jax.grad(extra_loss, has_aux=True)(state["params"], rng)
+    grads = jax.tree.map(jnp.add, grads, g_extra)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {
@@ -75,6 +84,7 @@ def train_step(
     "train/lr": schedule(state["step"]),
     "train/tokens": sums["tokens"],
     "train/param_norm": optax.tree.norm(params),
+    **extra_metrics,
   }
   if "true_nll_sum" in sums:
     metrics["train/excess_loss"] = (sums["loss_sum"] - sums["true_nll_sum"]) / n_tok

@@ -1,0 +1,508 @@
+"""Downstream transfer of a run's checkpoints (Liu et al. 2022 §2): linear probes and fine-tuning.
+
+  python -m analysis.downstream --workdir=W [--steps=all|0,250] [--tasks=task_A,task_C]
+      [--method=probe,finetune,lookup] [--pool=concat|mean] [--seeds=5]
+
+Writes W/analysis/downstream.parquet, one row per (checkpoint, task, method, pool, seed): accuracy on
+the task's test part, the mean and standard error over seeds, the checkpoint's eval loss / excess loss
+(from metrics.jsonl, NaN when not logged at that step), validity (a damaged checkpoint gives invalid
+rows with the reason) and the settings. Rerunning skips rows already computed with the same settings.
+`analysis.load_downstream(W)` returns the table.
+
+Tasks are the TFDS splits the data build wrote (data/tfds_builders.py): PCFG `task_A`, `task_B`,
+`task_C` (the released code's definition: root child of the sentence / best non-terminal of the first
+4 / 2 tokens) and `task_span8` (the paper's definition of task C: most probable non-terminal of the
+span [0, 8)); HMM `task_state6`, `task_state10`. Each split is cut by index into train (first 70%),
+adversarial (next 10%, for the adversarial objective, data/adversarial.py) and test (last 20%).
+
+Methods:
+  probe     frozen model; features = the final-layer states of the word positions concatenated
+            (Liu's BertPoolerC; padding positions are 0) or mean-pooled (--pool=mean, BertPoolerCM);
+            a linear head trained with AdamW; all seeds in one jitted program (vmap over seeds).
+  finetune  the whole model plus the head, AdamW with linear warmup then linear decay (paper: lr 1e-4,
+            10 epochs); seeds vmapped too.
+  lookup    Liu's lookup-table baseline: features = the exact masked-token conditionals of every
+            position from the grammar / HMM (the optimal-loss representation), through the same probe
+            code (step -1; no checkpoint).
+Legend: N examples, L row length, D width, F features, C classes, S seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+from tqdm import tqdm
+
+from data import vocab
+from lib import ckpt as C
+from lib import errors, sharding
+from lib import model as M
+
+METHODS = ("probe", "finetune", "lookup")
+POOLS = ("concat", "mean")
+DEFINITION = {
+  "task_A": "code",
+  "task_B": "code",
+  "task_C": "code",
+  "task_span8": "paper",
+  "task_state6": "hmm",
+  "task_state10": "hmm",
+}
+PARTS = {"train": (0.0, 0.7), "adversarial": (0.7, 0.8), "test": (0.8, 1.0)}
+
+
+class DownstreamError(errors.AnalysisError):
+  pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Task data
+
+
+def _groups(cfg: dict):
+  import ml_collections as mlc
+
+  from data import sources
+
+  return sources.make_groups(mlc.ConfigDict(cfg["data"]))
+
+
+def available_tasks(workdir: str) -> list[str]:
+  g = _groups(C.read_config(workdir))[0]
+  return sorted(k for k in g.splits if k.startswith("task_"))
+
+
+def load_task(workdir: str, task: str, part: str, cfg: dict | None = None) -> dict[str, np.ndarray]:
+  """{tokens [N, L] framed and 0-padded, label [N]} of one part (train/adversarial/test) of a task split."""
+  cfg = cfg or C.read_config(workdir)
+  g = _groups(cfg)[0]
+  tasks = sorted(k for k in g.splits if k.startswith("task_"))
+  if not tasks:
+    raise DownstreamError(
+      f"{workdir}: its data ({cfg['data'].get('source', {}).get('kind', '?')}) has no downstream task splits "
+      "(only PCFG and HMM languages have them)"
+    )
+  if task not in g.splits:
+    raise DownstreamError(f"unknown task {task!r} for {workdir}; it has {tasks}")
+  src = g.splits[task]
+  n = len(src)
+  lo, hi = (int(round(f * n)) for f in PARTS[part])
+  exs = [src[i] for i in range(lo, hi)]
+  if not exs:
+    raise DownstreamError(f"task {task} of {workdir} has no {part} examples ({n} in all)")
+  L = max(len(e["tokens"]) for e in exs) if part != "test" else None
+  return _pad(exs, L)
+
+
+def _pad(exs, L=None) -> dict[str, np.ndarray]:
+  L = L or max(len(e["tokens"]) for e in exs)
+  tok = np.zeros((len(exs), L), np.int32)
+  for i, e in enumerate(exs):
+    t = np.asarray(e["tokens"], np.int32)[:L]
+    tok[i, : len(t)] = t
+  return {"tokens": tok, "label": np.array([int(e["label"]) for e in exs], np.int32)}
+
+
+def task_data(workdir: str, task: str, cfg: dict | None = None) -> tuple[dict, dict, int]:
+  """(train, test, n_classes) with a common row length."""
+  tr, te = load_task(workdir, task, "train", cfg), load_task(workdir, task, "test", cfg)
+  L = max(tr["tokens"].shape[1], te["tokens"].shape[1])
+  for d in (tr, te):
+    d["tokens"] = np.pad(d["tokens"], ((0, 0), (0, L - d["tokens"].shape[1])))
+  n_classes = int(max(tr["label"].max(), te["label"].max())) + 1
+  return tr, te, n_classes
+
+
+def model_batch(tokens_NxL) -> dict:
+  """Model inputs for framed, 0-padded sentences: positions and one segment per sentence (pads 0)."""
+  tok = jnp.asarray(tokens_NxL)
+  seg = (tok != vocab.PAD).astype(jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(tok.shape[1], dtype=jnp.int32), tok.shape)
+  return {"inputs": tok, "positions": pos, "segment_ids": seg}
+
+
+def pool_features(h_NxLxD, tokens_NxL, pool: str):
+  """Word positions 1..L-2 of the final states: concatenated (F = (L-2)·D, 0 off words) or mean-pooled."""
+  word_NxL = (tokens_NxL >= vocab.N_SPECIAL).astype(h_NxLxD.dtype)
+  h = h_NxLxD * word_NxL[..., None]
+  if pool == "mean":
+    return h.sum(1) / jnp.maximum(word_NxL.sum(1, keepdims=True), 1.0)
+  return h[:, 1:-1].reshape(h.shape[0], -1)
+
+
+def extract_features(model, params, tokens_NxL: np.ndarray, pool: str, batch_size: int = 256) -> np.ndarray:
+  """[N, F] float32 probe features of a frozen model."""
+  fn = jax.jit(lambda p, t: pool_features(M.hidden(model, p, model_batch(t)), jnp.asarray(t), pool).astype(jnp.float32))
+  out = []
+  for i in range(0, len(tokens_NxL), batch_size):
+    chunk = tokens_NxL[i : i + batch_size]
+    pad = batch_size - len(chunk) if len(tokens_NxL) > batch_size else 0
+    x = np.asarray(fn(params, np.pad(chunk, ((0, pad), (0, 0)))))
+    out.append(x[: len(chunk)])
+  return np.concatenate(out)
+
+
+def lookup_features(lang, tokens_NxL: np.ndarray, pool: str = "concat") -> np.ndarray:
+  """Liu's lookup table: the exact conditionals p(w_i | w_{-i}) of every word position, [N, F]."""
+  from data import mlm_exact
+
+  sents = [vocab.unframe(t) for t in tokens_NxL]
+  conds = mlm_exact.masked_conditionals(lang, [np.asarray(s, np.int64) for s in sents])
+  W, P = lang.n_terminals, tokens_NxL.shape[1] - 2
+  out = np.zeros((len(sents), P, W), np.float32)
+  for i, c in enumerate(conds):
+    out[i, : len(c)] = c[:P]
+  if pool == "mean":
+    n = np.array([max(len(s), 1) for s in sents], np.float32)[:, None]
+    return out.sum(1) / n
+  return out.reshape(len(sents), -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe: seeds vmapped in one jitted program
+
+
+def _schedule(lr: float, total: int, warmup: int):
+  if warmup <= 0:
+    return optax.linear_schedule(lr, 0.0, max(total, 1))
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total - warmup, 1))], [warmup]
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes", "epochs", "batch", "lr", "wd"))
+def _train_probes(X_NxF, y_N, keys_S, *, n_classes: int, epochs: int, batch: int, lr: float, wd: float):
+  N, F = X_NxF.shape
+  spe = max(N // batch, 1)
+  tx = optax.adamw(lr, weight_decay=wd)
+
+  def one(key):
+    k_init, k_perm = jax.random.split(key)
+    head = {"w": jax.random.normal(k_init, (F, n_classes)) / math.sqrt(F), "b": jnp.zeros(n_classes)}
+    opt = tx.init(head)
+
+    def loss(h, xb, yb):
+      lg = xb @ h["w"] + h["b"]
+      return optax.softmax_cross_entropy_with_integer_labels(lg, yb).mean()
+
+    def step(carry, t):
+      h, o = carry
+      perm = jax.random.permutation(jax.random.fold_in(k_perm, t // spe), N)
+      idx = jax.lax.dynamic_slice(perm, ((t % spe) * batch,), (batch,))
+      g = jax.grad(loss)(h, X_NxF[idx], y_N[idx])
+      u, o = tx.update(g, o, h)
+      return (optax.apply_updates(h, u), o), None
+
+    (head, _), _ = jax.lax.scan(step, (head, opt), jnp.arange(epochs * spe))
+    return head
+
+  return jax.vmap(one)(keys_S)
+
+
+def probe_accuracy(
+  X_train, y_train, X_test, y_test, n_classes: int, seeds, *, epochs=50, batch=64, lr=1e-3, wd=0.01, standardize=True
+):
+  """([S] test accuracy, [S] train accuracy) of linear heads trained with AdamW, one per seed.
+
+  standardize: z-score every feature with the train part's mean and std (constant features -> 0), so
+  one optimizer setting suits model states and the lookup table's probabilities alike.
+  """
+  batch = int(min(batch, len(X_train)))
+  if standardize:
+    mu, sd = X_train.mean(0), X_train.std(0)
+    sd = np.where(sd > 1e-8, sd, np.inf)
+    X_train, X_test = (X_train - mu) / sd, (X_test - mu) / sd
+  keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+  heads = _train_probes(
+    jnp.asarray(X_train, jnp.float32), jnp.asarray(y_train), keys, n_classes=n_classes, epochs=epochs, batch=batch, lr=lr, wd=wd
+  )
+
+  def acc(X, y):
+    lg = jnp.einsum("nf,sfc->snc", jnp.asarray(X, jnp.float32), heads["w"]) + heads["b"][:, None]
+    return np.asarray((lg.argmax(-1) == jnp.asarray(y)[None]).mean(1))
+
+  return acc(X_test, y_test), acc(X_train, y_train)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: model + head, seeds vmapped
+
+
+def finetune_accuracy(
+  model, params, train, test, n_classes: int, seeds, *, pool="concat", epochs=10, batch=32, lr=1e-4, warmup=200, wd=0.01
+):
+  """[S] test accuracy after fine-tuning the whole model plus a linear head (AdamW, warmup + linear decay)."""
+  tok_tr, y_tr = jnp.asarray(train["tokens"]), jnp.asarray(train["label"])
+  N, L = tok_tr.shape
+  batch = int(min(batch, N))
+  spe = max(N // batch, 1)
+  total = epochs * spe
+  tx = optax.adamw(_schedule(lr, total, min(warmup, total // 10)), weight_decay=wd)
+  F = model.cfg.d_model * ((L - 2) if pool == "concat" else 1)
+
+  def logits(p, tok):
+    return pool_features(M.hidden(model, p["model"], model_batch(tok)), tok, pool) @ p["w"] + p["b"]
+
+  def one(key):
+    k_init, k_perm = jax.random.split(key)
+    p = {"model": params, "w": jax.random.normal(k_init, (F, n_classes)) / math.sqrt(F), "b": jnp.zeros(n_classes)}
+    opt = tx.init(p)
+
+    def step(carry, t):
+      p, o = carry
+      perm = jax.random.permutation(jax.random.fold_in(k_perm, t // spe), N)
+      idx = jax.lax.dynamic_slice(perm, ((t % spe) * batch,), (batch,))
+      g = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(logits(q, tok_tr[idx]), y_tr[idx]).mean())(p)
+      u, o = tx.update(g, o, p)
+      return (optax.apply_updates(p, u), o), None
+
+    (p, _), _ = jax.lax.scan(step, (p, opt), jnp.arange(total))
+    return (logits(p, jnp.asarray(test["tokens"])).argmax(-1) == jnp.asarray(test["label"])).mean()
+
+  keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+  return np.asarray(jax.jit(jax.vmap(one))(keys))
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def table_path(workdir: str) -> str:
+  return os.path.join(workdir, "analysis", "downstream.parquet")
+
+
+def _settings(args) -> dict:
+  keys = ("probe_epochs", "probe_batch", "probe_lr", "standardize", "ft_epochs", "ft_batch", "ft_lr", "ft_warmup", "weight_decay")
+  return {k: getattr(args, k) for k in keys}
+
+
+def _settings_key(s: dict) -> str:
+  return hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def eval_metrics_at(workdir: str) -> dict[int, dict]:
+  """{step: {loss, excess_loss}} from metrics.jsonl eval rows (the MLM exact loss when logged)."""
+  out: dict[int, dict] = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if "eval/loss" in r or "eval/mlm_loss" in r:
+        d = out.setdefault(int(r["step"]), {})
+        d["loss"] = r.get("eval/mlm_loss", r.get("eval/loss", d.get("loss", np.nan)))
+        d["excess_loss"] = r.get("eval/excess_loss", d.get("excess_loss", np.nan))
+  return out
+
+
+def _language(cfg: dict):
+  from data import mlm_exact, sources
+
+  spec = next(iter(mlm_exact.group_specs(cfg["data"]).values()))
+  if spec.get("kind") not in ("pcfg", "hmm"):
+    raise DownstreamError("the lookup-table baseline needs a PCFG or HMM language")
+  return sources.language(spec)
+
+
+def _rows(base: dict, accs, seeds, extra=None) -> list[dict]:
+  accs = np.asarray(accs, np.float64)
+  mean = float(np.mean(accs)) if len(accs) else np.nan
+  se = float(np.std(accs, ddof=1) / np.sqrt(len(accs))) if len(accs) > 1 else np.nan
+  return [dict(base, seed=int(s), accuracy=float(a), acc_mean=mean, acc_se=se, **(extra or {})) for s, a in zip(seeds, accs)]
+
+
+def run(workdir: str, args) -> pd.DataFrame:
+  """Measures every requested (checkpoint, task, method, pool) not yet in the table; returns the table."""
+  cfg = C.read_config(workdir)
+  methods = [m.strip() for m in args.method.split(",") if m.strip()]
+  bad = [m for m in methods if m not in METHODS]
+  if bad:
+    raise DownstreamError(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+  if args.pool not in POOLS:
+    raise DownstreamError(f"--pool must be one of {POOLS}, got {args.pool!r}")
+  if args.seeds < 1:
+    raise DownstreamError(f"--seeds must be >= 1, got {args.seeds}")
+  have = available_tasks(workdir)
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks not in ("", "all") else have
+  if not have:
+    load_task(workdir, "task_A", "train", cfg)  # raises the clear "no task splits" error
+  for t in tasks:
+    if t not in have:
+      raise DownstreamError(f"unknown task {t!r} for {workdir}; it has {have}")
+  model_methods = [m for m in methods if m != "lookup"]
+  available = C.available_steps(workdir)
+  if model_methods and not available:
+    raise DownstreamError(f"{workdir} has no checkpoints")
+  steps = (
+    sorted(available) if args.steps in ("all", "") else [C.resolve_step(workdir, int(s)) for s in str(args.steps).split(",")]
+  )
+  settings = _settings(args)
+  key = _settings_key(settings)
+  seeds = list(range(args.seeds))
+  path = table_path(workdir)
+  old = pd.read_parquet(path) if os.path.exists(path) else pd.DataFrame()
+  done = set()
+  if len(old):
+    same = old[old["settings"] == key]
+    done = set(zip(same["step"], same["task"], same["method"], same["pool"]))
+  todo = [(-1, t, "lookup") for t in tasks if "lookup" in methods]
+  todo += [(s, t, m) for s in steps for t in tasks for m in model_methods]
+  todo = [x for x in todo if (x[0], x[1], x[2], args.pool) not in done]
+  evm = eval_metrics_at(workdir)
+  data = {t: task_data(workdir, t, cfg) for t in tasks}
+  mesh = _mesh(args.mesh)
+  model = None
+  params_at: dict[int, object] = {}
+  run_name = os.path.basename(os.path.abspath(workdir))
+  for step, task, method in tqdm(todo, desc=f"downstream {run_name}", unit="job", disable=not args.progress):
+    t0 = time.time()
+    tr, te, n_classes = data[task]
+    base = dict(
+      run=run_name,
+      step=int(step),
+      task=task,
+      definition=DEFINITION.get(task, "?"),
+      method=method,
+      pool=args.pool,
+      n_train=len(tr["label"]),
+      n_test=len(te["label"]),
+      n_classes=n_classes,
+      loss=evm.get(step, {}).get("loss", np.nan),
+      excess_loss=evm.get(step, {}).get("excess_loss", np.nan),
+      settings=key,
+      valid=True,
+      reason="",
+    )
+    try:
+      if method == "lookup":
+        lang = _language(cfg)
+        Xtr, Xte = lookup_features(lang, tr["tokens"], args.pool), lookup_features(lang, te["tokens"], args.pool)
+        acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
+        rows = _rows(base, acc, seeds, {"train_accuracy": float(np.mean(tr_acc))})
+      else:
+        if model is None:
+          model, _, _ = C.load_model(workdir)
+        if step not in params_at:
+          params_at.clear()
+          params_at[step] = C.restore_params(workdir, step, mesh=mesh)
+        params = params_at[step]
+        if method == "probe":
+          Xtr = extract_features(model, params, tr["tokens"], args.pool)
+          Xte = extract_features(model, params, te["tokens"], args.pool)
+          acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
+          rows = _rows(base, acc, seeds, {"train_accuracy": float(np.mean(tr_acc))})
+        else:
+          acc = finetune_accuracy(
+            model,
+            params,
+            tr,
+            te,
+            n_classes,
+            seeds,
+            pool=args.pool,
+            epochs=args.ft_epochs,
+            batch=args.ft_batch,
+            lr=args.ft_lr,
+            warmup=args.ft_warmup,
+            wd=args.weight_decay,
+          )
+          rows = _rows(base, acc, seeds, {"train_accuracy": np.nan})
+    except errors.CheckpointError as e:  # damaged checkpoint: invalid rows, go on
+      rows = _rows(dict(base, valid=False, reason=str(e)[:300]), [np.nan] * len(seeds), seeds, {"train_accuracy": np.nan})
+    for r in rows:
+      r["wall_time"] = time.time() - t0
+      r.update({f"cfg_{k}": v for k, v in settings.items()})
+    new = pd.DataFrame(rows)
+    old = pd.concat([old, new], ignore_index=True) if len(old) else new
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = path + ".tmp"
+      old.to_parquet(tmp, index=False)
+      os.replace(tmp, path)  # a kill leaves the previous complete table
+  return old
+
+
+def _probe_kw(args) -> dict:
+  return dict(
+    epochs=args.probe_epochs, batch=args.probe_batch, lr=args.probe_lr, wd=args.weight_decay, standardize=args.standardize
+  )
+
+
+def _mesh(spec: str):
+  if not spec:
+    return sharding.single_device_mesh()
+  try:
+    sizes = [int(x) for x in spec.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != len(sharding.MESH_AXES):
+    raise DownstreamError(f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} integer sizes ({','.join(sharding.MESH_AXES)})")
+  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
+
+
+def load_downstream(workdirs, valid_only: bool = False) -> pd.DataFrame:
+  """The downstream tables of one or more workdirs, concatenated (empty DataFrame when none)."""
+  ws = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+  dfs = []
+  for w in ws:
+    p = table_path(w)
+    if os.path.exists(p):
+      df = pd.read_parquet(p)
+      df.insert(0, "workdir", w)
+      dfs.append(df)
+  df = pd.concat(dfs, ignore_index=True) if dfs else pd.DataFrame()
+  return df[df["valid"]] if valid_only and len(df) else df
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", required=True, action="append", help="run directory (repeatable)")
+  ap.add_argument("--steps", default="all", help="'all' or comma-separated checkpoint steps")
+  ap.add_argument("--tasks", default="all", help="comma-separated task splits (default: every task_* split)")
+  ap.add_argument("--method", default="probe", help=f"comma-separated: {', '.join(METHODS)}")
+  ap.add_argument("--pool", default="concat", help="concat (BertPoolerC) | mean (BertPoolerCM)")
+  ap.add_argument("--seeds", type=int, default=5, help="seeds per (checkpoint, task, method): head init and data order")
+  ap.add_argument("--probe_epochs", type=int, default=50)
+  ap.add_argument("--probe_batch", type=int, default=64)
+  ap.add_argument("--probe_lr", type=float, default=1e-3)
+  ap.add_argument("--no_standardize", dest="standardize", action="store_false", help="probe raw features (no z-scoring)")
+  ap.add_argument("--ft_epochs", type=int, default=10, help="fine-tuning epochs (paper: 10)")
+  ap.add_argument("--ft_batch", type=int, default=32)
+  ap.add_argument("--ft_lr", type=float, default=1e-4, help="fine-tuning peak lr (paper: 1e-4)")
+  ap.add_argument("--ft_warmup", type=int, default=200, help="fine-tuning warmup steps (paper: 200; capped at 10%% of steps)")
+  ap.add_argument("--weight_decay", type=float, default=0.01)
+  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device)")
+  ap.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
+  return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  from lib import metrics as MX
+
+  args = parse_args(argv)
+  MX.quiet_logs()
+  sharding.enable_compilation_cache()
+  try:
+    for w in args.workdir:
+      df = run(w, args)
+      print(f"{w}: {len(df)} rows in {table_path(w)} ({int((~df['valid']).sum()) if len(df) else 0} invalid)")
+  except (errors.LmtraceError, ValueError) as e:
+    print(f"lmtrace downstream: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

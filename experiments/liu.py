@@ -1,0 +1,412 @@
+"""Liu et al. 2022 end to end: same pre-training loss, better downstream — one command.
+
+  python -m experiments.liu --out=DIR [--scale=nano|quick|paper]
+
+Trains the grid (finished runs are skipped, unfinished ones resume), measures flatness (Hutchinson
+and Fisher traces, analysis.flatness) and downstream linear-probe accuracy (analysis.downstream) of
+every model, and writes:
+  DIR/runs/<name>/        one ordinary workdir per run
+  DIR/liu.parquet         run, road, size, optimizer, step, loss, excess loss, Tr(H) ± SE (hutchinson,
+                          fisher), accuracy ± SE per task (acc_<task>, acc_se_<task>)
+  DIR/liu.md              the final models beside the paper's numbers (papers.md §1.4), the directions
+                          (does each reproduce?), Spearman / Pearson of Tr(H) vs accuracy with bootstrap CIs
+  DIR/liu_*.png           Tr(H) vs accuracy among final models; accuracy and Tr(H) along the SGD run
+
+Roads to the same loss (paper §3): `size` (a width ladder, AdamW), `algorithm` (AdamW, SGD with a
+constant lr after 12% warmup, and the adversarial objective of data/adversarial.py at the middle size),
+`convergence` (the SGD run's checkpoints: accuracy and Tr(H) along training). Widths: Tr(H) of each
+ladder model is also measured inside the widest architecture (lib/enlarge.py, `enlarged` rows) when the
+widths divide it.
+
+The grid is a list of named run configs passed to ONE function, `run_grid(runs, out)`, so a sweep
+runner (experiments/sweep.py) can replace it without touching the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from lib import errors
+
+ROAD_SIZES = {"nano": (8, 16), "quick": (8, 16, 24, 32, 48, 64), "paper": (64, 128, 192, 256, 384, 512)}
+PAPER = {  # papers.md §1.4 (third-party note quoting the PDF)
+  "size": "Tr(H) 19.8 → 12.6 as size grows (>9M params, same loss); task-B probe 40.4% → 50.5%",
+  "algorithm": "AdamW vs adversarial (235M): Tr(H) 8.01±0.73 vs 19.34±0.92; task C 55.7±0.6 vs 50.2±1.0; "
+  "task A 89.9 vs 83.1; task B 49.2 vs 42.3; lookup table: A 71.2, B 39.7",
+  "convergence": "after the loss plateaus (SGD): accuracy +1.6% (235M, PCFG task C) while Tr(H) decreases",
+}
+ANALYSIS = {  # per scale: flatness probes / batches, downstream seeds / probe epochs
+  "nano": dict(probes=2, batches=1, batch_size=8, seeds=2, probe_epochs=10, tasks="task_A,task_B"),
+  "quick": dict(probes=8, batches=2, batch_size=16, seeds=3, probe_epochs=30, tasks="task_A,task_B,task_C,task_span8"),
+  "paper": dict(probes=100, batches=8, batch_size=64, seeds=5, probe_epochs=50, tasks="all"),
+}
+
+
+class ExperimentError(errors.LmtraceError, ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One named run: the run card + overrides ('section.key' -> value) and its place in the study."""
+
+  name: str
+  road: str
+  size: int
+  optimizer: str
+  card: str = "configs/liu.py"
+  scale: str = "quick"
+  overrides: tuple = ()  # ((key, value), ...)
+
+  def config(self):
+    from configs import liu
+
+    c = liu.get_config(self.scale)
+    c.unlock()
+    for k, v in self.overrides:
+      node = c
+      *path, key = k.split(".")
+      for p in path:
+        node = node[p]
+      node[key] = v
+    c.lock()
+    return c
+
+
+def grid(scale: str) -> list[Run]:
+  """The study's runs: a width ladder (AdamW), then SGD and adversarial at the middle width."""
+  if scale not in ROAD_SIZES:
+    raise ExperimentError(f"unknown scale {scale!r}; valid: {', '.join(ROAD_SIZES)}")
+  sizes = ROAD_SIZES[scale]
+  mid = sizes[len(sizes) // 2]
+
+  def width(d):
+    return (("model.d_model", d), ("model.d_ff", 4 * d), ("model.n_heads", 2 if d < 64 else d // 32))
+
+  from configs import liu
+
+  steps = liu.SCALES[scale]["steps"]
+  runs = [Run(f"adamw_d{d}", "size", d, "adamw", scale=scale, overrides=width(d)) for d in sizes]
+  sgd = (("opt.name", "sgd"), ("opt.schedule", "constant"), ("opt.lr", 0.3), ("opt.warmup_steps", max(int(0.12 * steps), 1)))
+  every = max(steps // 8, 1)  # checkpoints and evals together: excess loss at every measured step
+  sgd += (("ckpt.schedule", f"interval:every={every};explicit:steps={steps}"), ("eval.every", every))
+  adv = (("adversarial.weight", 1.0), ("adversarial.examples", 16 if scale == "nano" else 64))
+  runs.append(Run(f"sgd_d{mid}", "convergence", mid, "sgd", scale=scale, overrides=width(mid) + sgd))
+  runs.append(Run(f"adversarial_d{mid}", "algorithm", mid, "adamw+adv", scale=scale, overrides=width(mid) + adv))
+  return runs
+
+
+def _finished(workdir: str, steps: int) -> bool:
+  from lib import ckpt as C
+
+  return os.path.exists(os.path.join(workdir, "config.json")) and steps in C.available_steps(workdir)
+
+
+def run_grid(runs: list[Run], out: str) -> dict[str, str]:
+  """Trains every run (skips finished ones, resumes unfinished ones); returns {name: workdir}."""
+  import train
+
+  if not runs:
+    raise ExperimentError("the grid is empty: nothing to run")
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ExperimentError(f"run names must be unique, got {names}")
+  out_dirs = {}
+  for r in runs:
+    wd = os.path.join(out, "runs", r.name)
+    cfg = r.config()
+    if _finished(wd, cfg.train.steps):
+      print(f"liu: {r.name}: finished, skipped", flush=True)
+    else:
+      t0 = time.time()
+      train.train_and_evaluate(cfg, wd)
+      print(f"liu: {r.name}: trained in {time.time() - t0:.0f}s", flush=True)
+    out_dirs[r.name] = wd
+  return out_dirs
+
+
+def _final_step(wd: str) -> int:
+  from lib import ckpt as C
+
+  return max(C.available_steps(wd))
+
+
+def analyse(runs: list[Run], dirs: dict[str, str], scale: str) -> None:
+  """Flatness (Hutchinson + Fisher) and downstream probes; every step of the convergence road, the
+  final step elsewhere. Both jobs are resumable, so a rerun only fills what is missing."""
+  from analysis import downstream, flatness
+
+  a = ANALYSIS[scale]
+  for r in runs:
+    wd = dirs[r.name]
+    steps = "all" if r.road == "convergence" else str(_final_step(wd))
+    fl = ["--workdir", wd, "--steps", steps, "--estimator=hutchinson,fisher", f"--probes={a['probes']}"]
+    flatness.run(
+      wd, flatness.job_from_args(flatness.parse_args(fl + [f"--batches={a['batches']}", f"--batch_size={a['batch_size']}"]))
+    )
+    ds = [
+      "--workdir",
+      wd,
+      "--steps",
+      steps,
+      f"--tasks={a['tasks']}",
+      f"--seeds={a['seeds']}",
+      f"--probe_epochs={a['probe_epochs']}",
+    ]
+    methods = "probe,lookup" if r is runs[0] else "probe"
+    downstream.run(wd, downstream.parse_args(ds + [f"--method={methods}", "--no_progress"]))
+
+
+def enlarge_ladder(runs: list[Run], dirs: dict[str, str], out: str, scale: str) -> dict[str, str]:
+  """Each ladder model widened to the widest width it divides; Tr(H) measured there."""
+  from analysis import flatness
+  from lib import enlarge
+
+  ladder = [r for r in runs if r.road == "size"]
+  wmax = max(r.size for r in ladder)
+  a = ANALYSIS[scale]
+  made = {}
+  for r in ladder:
+    if r.size == wmax or wmax % r.size:
+      continue
+    dst = os.path.join(out, "enlarged", f"{r.name}_x{wmax // r.size}")
+    step = _final_step(dirs[r.name])
+    enlarge.enlarge_workdir(dirs[r.name], dst, wmax // r.size, steps=[step])
+    fl = ["--workdir", dst, "--steps", str(step), "--estimator=hutchinson,fisher", f"--probes={a['probes']}"]
+    flatness.run(
+      dst, flatness.job_from_args(flatness.parse_args(fl + [f"--batches={a['batches']}", f"--batch_size={a['batch_size']}"]))
+    )
+    made[r.name] = dst
+  return made
+
+
+def join(runs: list[Run], dirs: dict[str, str], enlarged: dict[str, str]) -> pd.DataFrame:
+  """One row per (run, step) measured: losses, traces ± SE, accuracy ± SE per task (wide)."""
+  from analysis import downstream
+  from analysis.load import load_flatness
+
+  rows = []
+  for r in runs:
+    wd = dirs[r.name]
+    ev = downstream.eval_metrics_at(wd)
+    fl = load_flatness(wd)
+    ds = downstream.load_downstream(wd)
+    steps = sorted(set(fl["step"]) if len(fl) else set())
+    for s in steps:
+      row = dict(run=r.name, road=r.road, size=r.size, optimizer=r.optimizer, step=int(s))
+      row.update(loss=ev.get(s, {}).get("loss", np.nan), excess_loss=ev.get(s, {}).get("excess_loss", np.nan))
+      for est, q in (("hutchinson", "trace"), ("fisher", "fisher_trace")):
+        f = fl[(fl["step"] == s) & (fl["estimator"] == est) & (fl["quantity"] == q)] if len(fl) else fl
+        row[f"trH_{est}"] = float(f["estimate"].iloc[-1]) if len(f) else np.nan
+        row[f"trH_{est}_se"] = float(f["stderr"].iloc[-1]) if len(f) else np.nan
+      if r.name in enlarged:
+        fe = load_flatness(enlarged[r.name])
+        fe = fe[(fe["step"] == s) & (fe["estimator"] == "hutchinson") & (fe["quantity"] == "trace")]
+        row["trH_hutchinson_enlarged"] = float(fe["estimate"].iloc[-1]) if len(fe) else np.nan
+      d = ds[(ds["step"] == s) & (ds["method"] == "probe")] if len(ds) else ds
+      for t, g in d.groupby("task") if len(d) else []:
+        row[f"acc_{t}"], row[f"acc_se_{t}"] = float(g["acc_mean"].iloc[0]), float(g["acc_se"].iloc[0])
+      rows.append(row)
+    look = ds[ds["method"] == "lookup"] if len(ds) else ds
+    if len(look):
+      row = dict(run="lookup_table", road="baseline", size=0, optimizer="exact", step=-1, excess_loss=0.0)
+      for t, g in look.groupby("task"):
+        row[f"acc_{t}"], row[f"acc_se_{t}"] = float(g["acc_mean"].iloc[0]), float(g["acc_se"].iloc[0])
+      rows.append(row)
+  return pd.DataFrame(rows)
+
+
+def bootstrap_corr(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
+  """Spearman and Pearson r of (x, y) with percentile bootstrap 95% CIs (resampling models)."""
+  from scipy import stats
+
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  ok = np.isfinite(x) & np.isfinite(y)
+  x, y = x[ok], y[ok]
+  out = {"n": len(x)}
+  if len(x) < 3:
+    return out | {"spearman": np.nan, "pearson": np.nan}
+  rng = np.random.default_rng(seed)
+  for name, fn in (("spearman", lambda a, b: stats.spearmanr(a, b)[0]), ("pearson", lambda a, b: stats.pearsonr(a, b)[0])):
+    boots = []
+    for _ in range(n_boot):
+      i = rng.integers(0, len(x), len(x))
+      if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+        boots.append(fn(x[i], y[i]))
+    out[name] = float(fn(x, y))
+    out[f"{name}_ci95"] = tuple(float(v) for v in np.percentile(boots, [2.5, 97.5]).round(3)) if boots else (np.nan, np.nan)
+  return out
+
+
+def _fmt(v, se=None, pct=False):
+  if v is None or not np.isfinite(v):
+    return "–"
+  k = 100.0 if pct else 1.0
+  return f"{v * k:.1f}±{se * k:.1f}" if se is not None and np.isfinite(se) else (f"{v * k:.1f}" if pct else f"{v:.3g}")
+
+
+def _same_loss(a, b, tol: float = 0.02) -> str:
+  """The paper compares models of (nearly) the same loss: say so when the excess losses differ."""
+  if not (np.isfinite(a) and np.isfinite(b)) or abs(a - b) <= tol:
+    return ""
+  return f" (caveat: excess losses differ by {abs(a - b):.3f} nats > {tol}: not the same loss, so not the paper's comparison)"
+
+
+def report(df: pd.DataFrame, out: str, scale: str) -> str:
+  """DIR/liu.md and the figures; returns the markdown."""
+  final = df[df["step"] == df.groupby("run")["step"].transform("max")]
+  tasks = sorted(c[4:] for c in df.columns if c.startswith("acc_") and not c.startswith("acc_se_"))
+  lines = [
+    f"# Liu et al. 2022 at scale `{scale}`",
+    "",
+    "Final checkpoint of every run (probe accuracy in %, mean ± SE over seeds):",
+    "",
+  ]
+  head = ["run", "road", "size", "optimizer", "loss", "excess", "Tr(H) hutch", "Tr(H) fisher", "Tr(H) in widest"] + tasks
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for _, r in final.iterrows():
+    cells = [r["run"], r["road"], str(r["size"]), r["optimizer"], _fmt(r.get("loss")), _fmt(r.get("excess_loss"))]
+    cells += [_fmt(r.get("trH_hutchinson"), r.get("trH_hutchinson_se")), _fmt(r.get("trH_fisher"), r.get("trH_fisher_se"))]
+    cells += [_fmt(r.get("trH_hutchinson_enlarged", np.nan))]
+    cells += [_fmt(r.get(f"acc_{t}"), r.get(f"acc_se_{t}"), pct=True) for t in tasks]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "## Directions (paper → here)", ""]
+  size = final[final["road"] == "size"].sort_values("size")
+  verdicts = {}
+  if len(size) >= 2:
+    tb = "acc_task_B" if "acc_task_B" in size else None
+    d_tr = size["trH_hutchinson"].iloc[-1] - size["trH_hutchinson"].iloc[0]
+    d_acc = (size[tb].iloc[-1] - size[tb].iloc[0]) if tb else np.nan
+    verdicts["size"] = (d_tr < 0) and (d_acc > 0)
+    lines.append(
+      f"* **Size** — paper: {PAPER['size']}. Here (smallest → largest width): Tr(H) {size['trH_hutchinson'].iloc[0]:.3g} → "
+      f"{size['trH_hutchinson'].iloc[-1]:.3g}, task-B probe {_fmt(size[tb].iloc[0], pct=True) if tb else '–'}% → "
+      f"{_fmt(size[tb].iloc[-1], pct=True) if tb else '–'}%, excess loss {size['excess_loss'].iloc[0]:.3f} → "
+      f"{size['excess_loss'].iloc[-1]:.3f}: **{'reproduces' if verdicts['size'] else 'does not reproduce'}**"
+      f"{_same_loss(size['excess_loss'].iloc[0], size['excess_loss'].iloc[-1])}."
+    )
+  adv = final[final["optimizer"] == "adamw+adv"]
+  if len(adv):
+    base = final[(final["road"] == "size") & (final["size"] == adv["size"].iloc[0])]
+    if len(base):
+      tc = next((f"acc_{t}" for t in ("task_C", "task_B", "task_A") if f"acc_{t}" in final), None)
+      a, b = adv.iloc[0], base.iloc[0]
+      verdicts["algorithm"] = (a["trH_hutchinson"] > b["trH_hutchinson"]) and (tc is not None and a[tc] < b[tc])
+      lines.append(
+        f"* **Algorithm** — paper: {PAPER['algorithm']}. Here: AdamW vs adversarial Tr(H) {b['trH_hutchinson']:.3g} vs "
+        f"{a['trH_hutchinson']:.3g}, {tc[4:] if tc else '?'} {_fmt(b.get(tc), pct=True)}% vs {_fmt(a.get(tc), pct=True)}%, "
+        f"excess loss {b['excess_loss']:.3f} vs {a['excess_loss']:.3f}: "
+        f"**{'reproduces' if verdicts['algorithm'] else 'does not reproduce'}**{_same_loss(b['excess_loss'], a['excess_loss'])}."
+      )
+  conv = df[df["road"] == "convergence"].sort_values("step")
+  if len(conv) >= 2:
+    tc = next((f"acc_{t}" for t in ("task_C", "task_B", "task_A") if f"acc_{t}" in conv), None)
+    half = conv[conv["step"] >= conv["step"].max() / 2]
+    ok = len(half) >= 2 and tc is not None
+    verdicts["convergence"] = bool(
+      ok and half[tc].iloc[-1] > half[tc].iloc[0] and half["trH_hutchinson"].iloc[-1] < half["trH_hutchinson"].iloc[0]
+    )
+    lines.append(
+      f"* **Past convergence (SGD)** — paper: {PAPER['convergence']}. Here, second half of the run: "
+      f"{tc[4:] if tc else '?'} {_fmt(half[tc].iloc[0] if ok else None, pct=True)}% → "
+      f"{_fmt(half[tc].iloc[-1] if ok else None, pct=True)}%, "
+      f"Tr(H) {half['trH_hutchinson'].iloc[0]:.3g} → {half['trH_hutchinson'].iloc[-1]:.3g}, excess loss "
+      f"{half['excess_loss'].iloc[0]:.3f} → {half['excess_loss'].iloc[-1]:.3f}: "
+      f"**{'reproduces' if verdicts['convergence'] else 'does not reproduce'}**"
+      f"{_same_loss(half['excess_loss'].iloc[0], half['excess_loss'].iloc[-1])}."
+    )
+  lines += ["", "## Tr(H) vs probe accuracy among final models (bootstrap 95% CIs over models)", ""]
+  models = final[final["road"] != "baseline"]
+  for t in tasks:
+    c = bootstrap_corr(models["trH_hutchinson"], models[f"acc_{t}"])
+    if c["n"] >= 3:
+      sp, pe = f"{c['spearman']:.2f} {c.get('spearman_ci95')}", f"{c['pearson']:.2f} {c.get('pearson_ci95')}"
+      lines.append(f"* {t} (n={c['n']}): Spearman {sp}, Pearson {pe}")
+  lines += ["", "The paper predicts negative correlations (flatter → better transfer) among models of equal loss."]
+  md = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "liu.md"), "w") as f:
+    f.write(md)
+  _figures(df, final, out, tasks)
+  with open(os.path.join(out, "liu_verdicts.json"), "w") as f:
+    json.dump({k: bool(v) for k, v in verdicts.items()}, f)
+  return md
+
+
+def _figures(df, final, out, tasks) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  if not tasks:
+    return
+  t = "task_B" if "task_B" in tasks else tasks[0]
+  models = final[final["road"] != "baseline"]
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for road, g in models.groupby("road"):
+    ax.errorbar(
+      g["trH_hutchinson"], 100 * g[f"acc_{t}"], xerr=g["trH_hutchinson_se"], yerr=100 * g[f"acc_se_{t}"], fmt="o", label=road
+    )
+    for _, r in g.iterrows():
+      ax.annotate(r["run"], (r["trH_hutchinson"], 100 * r[f"acc_{t}"]), fontsize=6)
+  ax.set_xlabel("Tr(H) (Hutchinson)")
+  ax.set_ylabel(f"{t} probe accuracy (%)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "liu_trace_vs_accuracy.png"), dpi=120)
+  plt.close(fig)
+  conv = df[df["road"] == "convergence"].sort_values("step")
+  if len(conv):
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(conv["step"], 100 * conv[f"acc_{t}"], "o-", label=f"{t} accuracy (%)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{t} probe accuracy (%)")
+    ax2 = ax.twinx()
+    ax2.plot(conv["step"], conv["trH_hutchinson"], "s--", color="C1", label="Tr(H)")
+    ax2.set_ylabel("Tr(H)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "liu_convergence.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", required=True, help="output directory (runs/, liu.parquet, liu.md, figures)")
+  ap.add_argument("--scale", default="quick", help="nano | quick | paper")
+  ap.add_argument("--no_enlarge", action="store_true", help="skip measuring Tr(H) in the widest architecture")
+  args = ap.parse_args(argv)
+  from lib import metrics as MX
+  from lib import sharding
+
+  MX.quiet_logs()
+  sharding.enable_compilation_cache()
+  try:
+    t0 = time.time()
+    runs = grid(args.scale)
+    os.makedirs(args.out, exist_ok=True)
+    dirs = run_grid(runs, args.out)
+    analyse(runs, dirs, args.scale)
+    enlarged = {} if args.no_enlarge else enlarge_ladder(runs, dirs, args.out, args.scale)
+    df = join(runs, dirs, enlarged)
+    tmp = os.path.join(args.out, "liu.parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, os.path.join(args.out, "liu.parquet"))
+    md = report(df, args.out, args.scale)
+    print(md)
+    print(f"liu: done in {time.time() - t0:.0f}s; {os.path.join(args.out, 'liu.parquet')}")
+  except (errors.LmtraceError, ValueError) as e:
+    print(f"lmtrace liu: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,72 @@
+"""experiments/liu.py: the nano grid end to end, rerun skips, bad input."""
+
+import os
+
+import pandas as pd
+import pytest
+
+from experiments import liu
+
+
+def test_grid_layout():
+  runs = liu.grid("quick")
+  sizes = sorted(r.size for r in runs if r.road == "size")
+  assert len(sizes) >= 6 and len(set(sizes)) == len(sizes)
+  assert {r.optimizer for r in runs} == {"adamw", "sgd", "adamw+adv"}
+  sgd = next(r for r in runs if r.optimizer == "sgd").config()
+  assert sgd.opt.name == "sgd" and sgd.opt.schedule == "constant"
+  assert next(r for r in runs if r.optimizer == "adamw+adv").config().adversarial.weight > 0
+
+
+def test_bad_input(tmp_path, capsys):
+  with pytest.raises(liu.ExperimentError, match="empty"):
+    liu.run_grid([], str(tmp_path))
+  assert liu.main(["--out", str(tmp_path / "x"), "--scale=huge"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "unknown scale 'huge'" in err[0]
+  assert not os.path.exists(tmp_path / "x")
+
+
+def test_bootstrap_corr():
+  c = liu.bootstrap_corr([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1])
+  assert c["spearman"] == pytest.approx(-1.0) and c["pearson"] == pytest.approx(-1.0)
+  assert c["spearman_ci95"][1] <= -0.99
+  assert liu.bootstrap_corr([1, 2], [2, 1])["n"] == 2
+
+
+@pytest.mark.slow
+def test_nano_end_to_end(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("LMTRACE_DATA_DIR", str(tmp_path / "tfds"))
+  out = str(tmp_path / "liu")
+  assert liu.main(["--out", out, "--scale=nano"]) == 0
+  df = pd.read_parquet(os.path.join(out, "liu.parquet"))
+  for col in (
+    "run",
+    "road",
+    "size",
+    "optimizer",
+    "step",
+    "loss",
+    "excess_loss",
+    "trH_hutchinson",
+    "trH_hutchinson_se",
+    "trH_fisher",
+  ):
+    assert col in df, col
+  assert {"acc_task_A", "acc_se_task_A"} <= set(df.columns)
+  assert set(df["road"]) == {"size", "convergence", "algorithm", "baseline"}
+  assert df.loc[df["road"] == "convergence", "step"].nunique() >= 3  # Tr(H) and accuracy along the SGD run
+  models = df[df["road"] != "baseline"]
+  assert models["trH_hutchinson"].notna().all() and models["acc_task_A"].notna().all()
+  conv = models[models["road"] == "convergence"]
+  assert (conv["excess_loss"] > 0).all()  # the SGD run evaluates at every checkpoint
+  final = models[models["step"] == models.groupby("run")["step"].transform("max")]
+  assert (final["excess_loss"] > 0).all()
+  assert df["trH_hutchinson_enlarged"].notna().any()
+  md = open(os.path.join(out, "liu.md")).read()
+  assert "Directions" in md and "19.8" in md
+  assert os.path.exists(os.path.join(out, "liu_trace_vs_accuracy.png"))
+  capsys.readouterr()
+  assert liu.main(["--out", out, "--scale=nano"]) == 0  # rerun: every run skipped, tables unchanged
+  assert capsys.readouterr().out.count("finished, skipped") == len(liu.grid("nano"))
+  assert len(pd.read_parquet(os.path.join(out, "liu.parquet"))) == len(df)
