@@ -347,6 +347,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       save(0)
       state = mix.first_eval(state, evaluate, log_eval=bool(cfg.eval.every))
     mix.start(step)
+    first_step = step
     pending, last_m = [], {}
     t_last, step_last = time.time(), step
     print(
@@ -389,7 +390,8 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
         save(step, last=at_end)
         if at_end:
           break
-      last_m.update(test_eval(p_eval, state["params"], groups, cfg, mesh, writer, step if step == total else None))
+      # once, when this process took the run to its end (a rerun of a finished run writes no second row)
+      last_m.update(test_eval(p_eval, state["params"], groups, cfg, mesh, writer, step if step == total > first_step else None))
     finally:
       ckpt.wait()
       ckpt.close()

@@ -202,7 +202,8 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
   s = SCALES[scale]
   sw = Sweep.from_dict(sweep_spec(scale, data_dir), out)
   wds, tm = train_and_extract(sw, s["sequences"], positions=10, freq_docs=s["ngram_docs"])
-  tm = pd.concat([tm, TT.chang_features(tm)], axis=1)  # unigram, ngram (residualised), context_* predictors
+  feats = TT.chang_features(tm)  # Chang's predictors: unigram and ngram (residualised on unigram), clipped at 5 sd
+  tm = tm.assign(unigram=feats["unigram"], ngram=feats["ngram"])
   tm.to_parquet(os.path.join(out, "token_metrics.parquet"), index=False)
   lrt, eff = regressions(tm)
   lrt.to_csv(os.path.join(out, "regressions.csv"), index=False)

@@ -104,12 +104,14 @@ def assert_same_params(w_a, w_b, step):
 
 def assert_one_row_per_step(w_ref, w):
   """metrics.jsonl holds exactly the reference's (step, kind) rows, each once, with equal losses."""
-  key = lambda r: (r["step"], "eval/loss" in r)  # noqa: E731 - a step has one train row and maybe one eval row
+  # a step has one train row, maybe one eval row, and the last step one test-split row (eval.test_at_end)
+  key = lambda r: (r["step"], "eval/loss" in r, any(k.startswith("test/") for k in r))  # noqa: E731
   ref, got = metrics(w_ref), metrics(w)
   assert sorted(map(key, got)) == sorted(map(key, ref))
   assert len(set(map(key, got))) == len(got)
-  want = {key(r): r.get("train/loss", r.get("eval/loss")) for r in ref}
-  assert all(r.get("train/loss", r.get("eval/loss")) == want[key(r)] for r in got)
+  loss = lambda r: r.get("train/loss", r.get("eval/loss", r.get("test/avg_ppl")))  # noqa: E731
+  want = {key(r): loss(r) for r in ref}
+  assert all(loss(r) == want[key(r)] for r in got)
 
 
 def tree_listing(w):
