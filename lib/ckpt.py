@@ -22,6 +22,7 @@ by `available_steps`. Checkpoints written before manifests existed load with a n
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -323,6 +324,17 @@ def resolve_step(workdir: str, step) -> int:
   return step
 
 
+@functools.lru_cache(maxsize=16)
+def _params_target(mcfg, mesh):
+  """Abstract params with their shardings on `mesh`: derived once per (model config, mesh), not per
+  checkpoint (tracing the model's init cost ~150 ms, several forward passes of a small model)."""
+  from lib import model as M
+
+  model = M.make(mcfg)
+  shapes, _ = M.abstract_params(model)
+  return _abstract(shapes, M.param_shardings(model, mesh))
+
+
 def restore_params(workdir: str, step=None, mesh=None):
   """Parameters of checkpoint `step` (None = latest) placed on `mesh` (None = one device).
 
@@ -330,15 +342,12 @@ def restore_params(workdir: str, step=None, mesh=None):
   verified against the checkpoint's manifest (beside the read, in a thread, so it costs little wall
   time); the arrays are returned only if they pass, else `CheckpointError` naming the damage.
   """
-  from lib import model as M
   from lib import sharding
 
-  model, _, _ = load_model(workdir)
+  _, mcfg, _ = load_model(workdir)
   step = resolve_step(workdir, step)
   sub = available_steps(workdir)[step]
-  mesh = mesh or sharding.single_device_mesh()
-  shapes, _ = M.abstract_params(model)
-  target = _abstract(shapes, M.param_shardings(model, mesh))
+  target = _params_target(mcfg, mesh or sharding.single_device_mesh())
   step_dir = os.path.join(os.path.abspath(workdir), sub, str(step))
   path = os.path.join(step_dir, "params")
 
