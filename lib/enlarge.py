@@ -27,7 +27,7 @@ import os
 import jax
 import numpy as np
 
-from lib import errors
+from lib import errors, integrity
 from lib import model as M
 
 
@@ -110,14 +110,18 @@ def enlarge_workdir(src: str, dst: str, r: int, steps=None) -> list[int]:
   mngr = ocp.CheckpointManager(
     os.path.abspath(os.path.join(dst, C.ANALYSIS_DIR)), options=ocp.CheckpointManagerOptions(create=True)
   )
+  written = []
   try:
     for s in todo:
       if s in have:
         continue
       p = widen_params(C.restore_params(src, s), mcfg, r)
-      meta = dict(C.read_meta(src, s), enlarged_from=os.path.abspath(src), r=r, step=s)
+      meta = dict(C.read_meta(src, s), enlarged_from=os.path.abspath(src), r=r, step=s, integrity=integrity.FORMAT)
       mngr.save(s, args=ocp.args.Composite(params=ocp.args.StandardSave(p), meta=ocp.args.JsonSave(meta)), force=True)
+      written.append(s)
     mngr.wait_until_finished()
   finally:
     mngr.close()
+  for s in written:  # committed: record the checksums every restore verifies (lib/integrity.py)
+    integrity.seal(os.path.join(dst, C.ANALYSIS_DIR, str(s)))
   return todo

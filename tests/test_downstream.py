@@ -107,7 +107,7 @@ def test_finetune_and_damaged_checkpoint(pcfg_run, tmp_path):
   df = DS.run(wd, _args("--tasks=task_C", "--method=finetune", "--ft_epochs=1", "--pool=mean"))
   ok, bad = df[df["step"] == 0], df[df["step"] == 800]
   assert ok["valid"].all() and ok["accuracy"].between(0, 1).all() and len(ok) == 3
-  assert (~bad["valid"]).all() and bad["reason"].str.contains("cannot restore").all()
+  assert (~bad["valid"]).all() and bad["reason"].str.contains("800 is damaged").all()  # the integrity manifest's verdict
 
 
 def test_bad_input(pcfg_run, tmp_path, capsys):
