@@ -417,6 +417,7 @@ def run_job(
   from lib import ckpt
 
   model, cfg, run_cfg = ckpt.load_model(workdir)
+  ckpt.require_causal(workdir, cfg, "generation")
   avail = ckpt.available_steps(workdir)
   if not avail:
     raise errors.CheckpointError(f"{workdir} has no finished checkpoints")
@@ -435,6 +436,7 @@ def run_job(
   mix = []
   if mix_workdir:
     _, cfg2, _ = ckpt.load_model(mix_workdir)
+    ckpt.require_causal(mix_workdir, cfg2, "mixture-of-models decoding")
     if cfg2.vocab_size != cfg.vocab_size:
       raise errors.AnalysisError(f"{mix_workdir} has vocabulary {cfg2.vocab_size}, {workdir} has {cfg.vocab_size}: cannot mix")
     mix = [(cfg2, ckpt.restore_params(mix_workdir, mix_step, mesh))]

@@ -301,6 +301,7 @@ def run_job(workdir: str, tasks_path: str, k: int = 2, seed: int = 0, steps=None
   from lib import ckpt
 
   _, cfg, run_cfg = ckpt.load_model(workdir)
+  ckpt.require_causal(workdir, cfg, "few-shot scoring by log-likelihood")
   tok = _tokenizer(run_cfg)
   tasks = find_tasks(tasks_path)
   queries = {}

@@ -300,6 +300,12 @@ def load_model(workdir: str):
   return M.make(mcfg), mcfg, cfg
 
 
+def require_causal(workdir: str, mcfg, job: str) -> None:
+  """Refuses a masked-LM (bidirectional) run in a job that reads next-token probabilities."""
+  if not mcfg.causal:
+    raise CheckpointError(f"{workdir} holds a masked LM (model.causal=False): {job} needs a causal LM's next-token probabilities")
+
+
 def read_meta(workdir: str, step: int) -> dict:
   steps = available_steps(workdir)
   if step not in steps:

@@ -237,3 +237,21 @@ def test_mixture_job_on_two_imported_workdirs(tmp_path):
   g = G.generate(list(zip(models, params)), [np.array([0])] * 3, 6, sampling=G.Sampling(0.0), eos_id=0, pad_id=1, weights=[1, -1])
   for i in range(3):
     assert df.tokens[i].tolist() == g.tokens[i, : g.lengths[i]].tolist()
+
+
+def test_masked_lm_is_refused_by_the_causal_only_jobs(tmp_path, capsys):
+  """Generation, mixture decoding and few-shot scoring read next-token probabilities: a masked-LM
+  workdir is one clear line, nothing written."""
+  import dataclasses
+  import json
+
+  from analysis import icl
+
+  w = tmp_path / "mlm"
+  w.mkdir()
+  (w / "config.json").write_text(json.dumps({"model": dataclasses.asdict(dataclasses.replace(CFGS["nano"], causal=False))}))
+  assert G.main([f"--workdir={w}"]) == 2
+  assert "masked LM (model.causal=False): generation needs a causal LM" in capsys.readouterr().err
+  assert icl.main([f"--workdir={w}", f"--tasks={tmp_path}"]) == 2
+  assert "few-shot scoring" in capsys.readouterr().err
+  assert sorted(os.listdir(w)) == ["config.json"]
