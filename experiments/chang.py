@@ -176,7 +176,7 @@ def report(out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, eff: pd.Da
     "frequent contexts give marginally more stable, earlier-acquired predictions. The paper's numeric R² and "
     "LRT values were not retrievable (papers.md §2.4), so only the signs and significance are compared.",
     "",
-    "## Sequential likelihood-ratio tests (standardised variables; blocks added in Chang's order)",
+    "## Sequential likelihood-ratio tests (predictors clipped at mean ± 5 sd as Chang's code; blocks added in Chang's order)",
     "",
   ]
   if len(lrt):
