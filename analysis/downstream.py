@@ -367,7 +367,7 @@ def run(workdir: str, args) -> pd.DataFrame:
   model = None
   params_at: dict[int, object] = {}
   run_name = os.path.basename(os.path.abspath(workdir))
-  for step, task, method in tqdm(todo, desc=f"downstream {run_name}", unit="job", disable=not args.progress):
+  for step, task, method in tqdm(todo, desc=f"downstream {run_name}", unit="job", disable=None if args.progress else True):
     t0 = time.time()
     tr, te, n_classes = data[task]
     base = dict(

@@ -199,7 +199,7 @@ def measure_checkpoint(
         desc=f"  step {step} {est}",
         unit="hvp" if est != "fisher" else "sample",
         leave=False,
-        disable=jax.process_index() != 0,
+        disable=True if jax.process_index() != 0 else None,  # None: off when stderr is not a terminal
       )
       try:
         res = run_estimator(est, ms, params, key, st, progress=bar.update)
@@ -369,7 +369,9 @@ def run(workdir: str, job: Job) -> pd.DataFrame:
 
     multihost_utils.sync_global_devices("flatness: table read")  # nobody writes before all have read it
   cfg_cols = {f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in dataclasses.asdict(st).items()}
-  for step, ests in tqdm(pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt", disable=not writer):
+  for step, ests in tqdm(
+    pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt", disable=None if writer else True
+  ):
     try:
       rows = measure_checkpoint(workdir, step, ests, st, batches, mesh, measurer)
     except C.CheckpointError as e:  # damaged or vanished: mark it, measure the others; a rerun retries it

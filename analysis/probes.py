@@ -382,7 +382,7 @@ def extract(
         near = sorted(avail, key=lambda a: abs(a - s))[:3]
         report.skipped.append((r.workdir, s, f"no checkpoint (nearest: {sorted(near)})"))
     plans.append((r, st, [s for s in want if s in avail and s not in done], avail))
-  bar = tqdm(total=sum(len(p[2]) for p in plans), disable=not progress, unit="ckpt", desc="probe surprisal")
+  bar = tqdm(total=sum(len(p[2]) for p in plans), disable=None if progress else True, unit="ckpt", desc="probe surprisal")
   for r, st, todo, avail in plans:
     report.computed[r.name], report.invalid[r.name] = [], []
     if not todo:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,8 @@ def _args(**kw):
   return F.job_from_args(F.parse_args(["--workdir=unused", "--batches=2", "--batch_size=8", *argv]))
 
 
-def test_rows_per_checkpoint_and_estimator(run, capsys):
+def test_rows_per_checkpoint_and_estimator(run, capsys, monkeypatch):
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # bars are drawn on a terminal only
   df = F.run(
     run,
     _args(steps="0,8", estimator="hutchinson,fisher,ggn,lanczos,slq", probes=6, blocks=True, lanczos_steps=6, topk=2, slq_runs=3),
@@ -262,3 +264,10 @@ def test_cli_prints_project_errors_as_one_line_and_keeps_tracebacks_for_bugs(run
   with pytest.raises(KeyError, match="a genuine bug"):
     F.main([f"--workdir={run}"])
   assert issubclass(F.FlatnessError, errors.LmtraceError)
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(run, capsys):
+  """Redirected output (log files, CI) gets no bars and no carriage-return escape codes (issue 10)."""
+  F.run(run, _args(steps="0", estimator="hutchinson", probes=2))
+  err = capsys.readouterr().err
+  assert "\r" not in err and "ckpt" not in err
