@@ -393,13 +393,13 @@ def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monk
   shutil.copytree(params4, saved4)
   for f in [os.path.join(r, f) for r, _, fs in os.walk(params4) for f in fs if os.path.basename(r) == "d"]:
     os.truncate(f, os.path.getsize(f) // 2)
-  real_restore = C.restore_params
+  real_restore = C.restore_params_at  # extraction's one restore path (the workdir listed once per job)
 
-  def nan_at_2(workdir, step=None, mesh=None):
-    params = real_restore(workdir, step, mesh=mesh)
-    return jax.tree.map(lambda x: x * np.nan, params) if step == 2 else params
+  def nan_at_2(step_dir, mcfg, mesh=None):
+    params = real_restore(step_dir, mcfg, mesh)
+    return jax.tree.map(lambda x: x * np.nan, params) if os.path.basename(step_dir) == "2" else params
 
-  monkeypatch.setattr(probes.C, "restore_params", nan_at_2)
+  monkeypatch.setattr(probes.C, "restore_params_at", nan_at_2)
   assert TJ.main([f"--workdir={wc}", "--quiet"]) == 0
   out = capsys.readouterr().out
   assert "2 invalid (steps [2, 4]; rerun retries them)" in out
@@ -416,7 +416,7 @@ def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monk
   da = LD.load_trajectories(wc)
   assert da.step.values.tolist() == [0, 1, 8] and [s for s, _ in json.loads(da.attrs["invalid"])["damaged"]] == [2, 4]
   # repaired: a rerun measures exactly the invalid ones and clears their markers
-  monkeypatch.setattr(probes.C, "restore_params", real_restore)
+  monkeypatch.setattr(probes.C, "restore_params_at", real_restore)
   shutil.rmtree(params4)
   shutil.copytree(saved4, params4)
   rep = TJ.extract(wc, progress=False)
