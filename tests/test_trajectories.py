@@ -468,3 +468,57 @@ def test_store_result_marks_nonfinite_invalid_then_clears(tmp_path):
   assert st.steps() == [] and [(r["step"], r["source"], r["reason"]) for r in st.invalid()] == [(3, "hook", why)]
   assert probes._store_result(st, 3, np.array([1.0, 2.0, 3.0], np.float32), dict(row, probe_loss=2.0)) is None
   assert st.steps() == [3] and st.invalid() == [] and st.read(3).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_extraction_lists_once_overlaps_writes_and_surfaces_write_failures(run, offline1, tmp_path, monkeypatch):
+  """One listing of the workdir per job (no per-checkpoint available_steps/read_meta), the same records
+  as before, every phase timed; a store write that fails in the background writer fails the job, the
+  records written before it stay, and a rerun completes the store with identical numbers."""
+  from analysis import probes
+
+  w, _ = run
+  wc = str(tmp_path / "copy")
+  shutil.copytree(w, wc, ignore=shutil.ignore_patterns("analysis", "resume"))
+  model, mcfg, _ = C.load_model(w)
+  assert C.param_count(mcfg) == M.param_count(model)
+  calls = {"available_steps": 0, "read_meta": 0}
+  real_avail, real_meta = C.available_steps, C.read_meta
+
+  def avail(*a, **k):
+    calls["available_steps"] += 1
+    return real_avail(*a, **k)
+
+  def meta(*a, **k):
+    calls["read_meta"] += 1
+    return real_meta(*a, **k)
+
+  monkeypatch.setattr(probes.C, "available_steps", avail)
+  monkeypatch.setattr(probes.C, "read_meta", meta)
+  rep = TJ.extract(wc, progress=False)
+  assert calls == {"available_steps": 1, "read_meta": 0}
+  assert rep.computed["copy"] == STEPS and set(rep.phases) == set(probes._PHASES) and min(rep.phases.values()) >= 0
+  one, st = TJ.Store.of(w, "one"), TJ.Store.of(wc)
+  drop = ("time", "run", "workdir")
+  for s in STEPS:
+    np.testing.assert_array_equal(st.read(s), one.read(s))
+    assert {k: v for k, v in st.row(s).items() if k not in drop} == {k: v for k, v in one.row(s).items() if k not in drop}
+    assert st.row(s)["tokens_seen"] == real_meta(w, s)["tokens_seen"]
+
+  shutil.rmtree(st.dir)
+  real_write = TJ.Store.write
+
+  def full_disk(self, step, *a, **k):
+    if step == 4:
+      raise OSError(28, "No space left on device")
+    return real_write(self, step, *a, **k)
+
+  monkeypatch.setattr(TJ.Store, "write", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    TJ.extract(wc, progress=False)
+  assert 4 not in st.steps() and set(st.steps()) <= set(STEPS) - {4}
+  assert not [f for f in os.listdir(st.steps_dir) if ".tmp" in f]
+  monkeypatch.setattr(TJ.Store, "write", real_write)
+  rep = TJ.extract(wc, progress=False)
+  assert 4 in rep.computed["copy"] and st.steps() == STEPS
+  for s in STEPS:
+    np.testing.assert_array_equal(st.read(s), one.read(s))
