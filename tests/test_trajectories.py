@@ -494,7 +494,7 @@ def test_extraction_lists_once_overlaps_writes_and_surfaces_write_failures(run, 
 
   monkeypatch.setattr(probes.C, "available_steps", avail)
   monkeypatch.setattr(probes.C, "read_meta", meta)
-  rep = TJ.extract(wc, progress=False)
+  rep = TJ.extract(wc, progress=False, prefetch=1)  # one restore ahead; the store "one" was made with the default 2
   assert calls == {"available_steps": 1, "read_meta": 0}
   assert rep.computed["copy"] == STEPS and set(rep.phases) == set(probes._PHASES) and min(rep.phases.values()) >= 0
   one, st = TJ.Store.of(w, "one"), TJ.Store.of(wc)
@@ -514,7 +514,7 @@ def test_extraction_lists_once_overlaps_writes_and_surfaces_write_failures(run, 
 
   monkeypatch.setattr(TJ.Store, "write", full_disk)
   with pytest.raises(OSError, match="No space left"):
-    TJ.extract(wc, progress=False)
+    TJ.extract(wc, progress=False, prefetch=3)
   assert 4 not in st.steps() and set(st.steps()) <= set(STEPS) - {4}
   assert not [f for f in os.listdir(st.steps_dir) if ".tmp" in f]
   monkeypatch.setattr(TJ.Store, "write", real_write)
