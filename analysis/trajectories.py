@@ -1,7 +1,7 @@
 """Per-token loss trajectories: the surprisal of fixed probe tokens at every checkpoint of a run (CLI).
 
   python -m analysis.trajectories --workdir=runs/a [--workdir=runs/b ...] [--steps=all|0,100,...]
-      [--sequences=N --positions=K --probe_seed=S] [--batch_size=64] [--mesh=data,fsdp,tensor]
+      [--sequences=N --positions=K --probe_seed=S] [--batch_size=64] [--prefetch=2] [--mesh=data,fsdp,tensor]
       [--metrics [--unit=nats|bits] [--ngram_n=5]]
 
 The pieces live in their own modules; this one is the command line and re-exports their names:
@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--positions", type=int, help="random positions per document, 0 = all (default: probes.positions)")
   p.add_argument("--probe_seed", type=int, help="probe selection seed (default: probes.seed)")
   p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH, help="rows per forward pass")
+  p.add_argument(
+    "--prefetch", type=int, default=2, help="checkpoints restored ahead in threads (each holds a copy of the params)"
+  )
   p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device)")
   p.add_argument("--store", default=STORE, help="store name under W/analysis/")
   p.add_argument("--metrics", action="store_true", help="also write W/analysis/token_metrics.parquet (first W)")
@@ -79,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--ngram_n", type=int, default=DEFAULT_NGRAM_N, help="n-gram predictors n=1..N joined by --metrics (0: none)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   a = p.parse_args(argv)
-  if a.ngram_n < 0 or a.freq_docs < 1 or a.batch_size < 1:
-    p.error("--ngram_n must be >= 0, --freq_docs and --batch_size >= 1")
+  if a.ngram_n < 0 or a.freq_docs < 1 or a.batch_size < 1 or a.prefetch < 1:
+    p.error("--ngram_n must be >= 0, --freq_docs, --batch_size and --prefetch >= 1")
   MX.quiet_logs()  # orbax and tfds log every read at INFO
   sharding.enable_compilation_cache()
   try:
@@ -94,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       names=a.name,
       store=a.store,
       progress=not a.quiet,
+      prefetch=a.prefetch,
     )
     scale = 1.0 / math.log(2.0) if a.unit == "bits" else 1.0
     for name, w in rep.workdirs.items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -310,7 +311,13 @@ def read_meta(workdir: str, step: int) -> dict:
   steps = available_steps(workdir)
   if step not in steps:
     return {}
-  path = os.path.join(workdir, steps[step], str(step), "meta", "metadata")
+  return read_meta_at(os.path.join(workdir, steps[step], str(step)))
+
+
+def read_meta_at(step_dir: str) -> dict:
+  """The `meta` item of the checkpoint directory `step_dir` ({} if it has none): for a caller that
+  already listed the workdir once (`available_steps`) and must not list it again per checkpoint."""
+  path = os.path.join(step_dir, "meta", "metadata")
   if not os.path.exists(path):
     return {}
   with open(path) as f:
@@ -331,14 +338,35 @@ def resolve_step(workdir: str, step) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _params_target(mcfg, mesh):
-  """Abstract params with their shardings on `mesh`: derived once per (model config, mesh), not per
-  checkpoint (tracing the model's init cost ~150 ms, several forward passes of a small model)."""
+def _abstract_model(mcfg):
+  """(ShapeDtypeStruct tree, logical PartitionSpec tree) of a model config, traced once per config
+  (tracing the model's init costs ~150-450 ms, several forward passes of a small model)."""
   from lib import model as M
 
-  model = M.make(mcfg)
-  shapes, _ = M.abstract_params(model)
-  return _abstract(shapes, M.param_shardings(model, mesh))
+  return M.abstract_params(M.make(mcfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _params_target(mcfg, mesh):
+  """Abstract params with their shardings on `mesh`: derived once per (model config, mesh), not per
+  checkpoint."""
+  from lib import sharding
+
+  shapes, logical = _abstract_model(mcfg)
+  return _abstract(shapes, sharding.logical_to_sharding(logical, shapes, mesh))
+
+
+def params_target(mcfg, mesh=None):
+  """The abstract params (shapes, dtypes, shardings on `mesh`; None = one device) every restore of a
+  run with model config `mcfg` produces: what a caller compiles against before the first restore."""
+  from lib import sharding
+
+  return _params_target(mcfg, mesh or sharding.single_device_mesh())
+
+
+def param_count(mcfg) -> int:
+  """Number of parameters of model config `mcfg` (= lib.model.param_count, without retracing)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(_abstract_model(mcfg)[0]))
 
 
 def restore_params(workdir: str, step=None, mesh=None):
@@ -348,13 +376,17 @@ def restore_params(workdir: str, step=None, mesh=None):
   verified against the checkpoint's manifest (beside the read, in a thread, so it costs little wall
   time); the arrays are returned only if they pass, else `CheckpointError` naming the damage.
   """
-  from lib import sharding
-
   _, mcfg, _ = load_model(workdir)
   step = resolve_step(workdir, step)
   sub = available_steps(workdir)[step]
-  target = _params_target(mcfg, mesh or sharding.single_device_mesh())
-  step_dir = os.path.join(os.path.abspath(workdir), sub, str(step))
+  return restore_params_at(os.path.join(os.path.abspath(workdir), sub, str(step)), mcfg, mesh)
+
+
+def restore_params_at(step_dir: str, mcfg, mesh=None):
+  """`restore_params` of the checkpoint directory `step_dir` (W/<sub>/<step>) of a run with model
+  config `mcfg`, for a job that listed the workdir and read its config once: the same verification
+  (CheckpointError for damaged, unsealed or unreadable files), no per-checkpoint listing."""
+  target = params_target(mcfg, mesh)
   path = os.path.join(step_dir, "params")
 
   def read():

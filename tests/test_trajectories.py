@@ -393,13 +393,13 @@ def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monk
   shutil.copytree(params4, saved4)
   for f in [os.path.join(r, f) for r, _, fs in os.walk(params4) for f in fs if os.path.basename(r) == "d"]:
     os.truncate(f, os.path.getsize(f) // 2)
-  real_restore = C.restore_params
+  real_restore = C.restore_params_at  # extraction's one restore path (the workdir listed once per job)
 
-  def nan_at_2(workdir, step=None, mesh=None):
-    params = real_restore(workdir, step, mesh=mesh)
-    return jax.tree.map(lambda x: x * np.nan, params) if step == 2 else params
+  def nan_at_2(step_dir, mcfg, mesh=None):
+    params = real_restore(step_dir, mcfg, mesh)
+    return jax.tree.map(lambda x: x * np.nan, params) if os.path.basename(step_dir) == "2" else params
 
-  monkeypatch.setattr(probes.C, "restore_params", nan_at_2)
+  monkeypatch.setattr(probes.C, "restore_params_at", nan_at_2)
   assert TJ.main([f"--workdir={wc}", "--quiet"]) == 0
   out = capsys.readouterr().out
   assert "2 invalid (steps [2, 4]; rerun retries them)" in out
@@ -416,7 +416,7 @@ def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monk
   da = LD.load_trajectories(wc)
   assert da.step.values.tolist() == [0, 1, 8] and [s for s, _ in json.loads(da.attrs["invalid"])["damaged"]] == [2, 4]
   # repaired: a rerun measures exactly the invalid ones and clears their markers
-  monkeypatch.setattr(probes.C, "restore_params", real_restore)
+  monkeypatch.setattr(probes.C, "restore_params_at", real_restore)
   shutil.rmtree(params4)
   shutil.copytree(saved4, params4)
   rep = TJ.extract(wc, progress=False)
@@ -468,3 +468,57 @@ def test_store_result_marks_nonfinite_invalid_then_clears(tmp_path):
   assert st.steps() == [] and [(r["step"], r["source"], r["reason"]) for r in st.invalid()] == [(3, "hook", why)]
   assert probes._store_result(st, 3, np.array([1.0, 2.0, 3.0], np.float32), dict(row, probe_loss=2.0)) is None
   assert st.steps() == [3] and st.invalid() == [] and st.read(3).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_extraction_lists_once_overlaps_writes_and_surfaces_write_failures(run, offline1, tmp_path, monkeypatch):
+  """One listing of the workdir per job (no per-checkpoint available_steps/read_meta), the same records
+  as before, every phase timed; a store write that fails in the background writer fails the job, the
+  records written before it stay, and a rerun completes the store with identical numbers."""
+  from analysis import probes
+
+  w, _ = run
+  wc = str(tmp_path / "copy")
+  shutil.copytree(w, wc, ignore=shutil.ignore_patterns("analysis", "resume"))
+  model, mcfg, _ = C.load_model(w)
+  assert C.param_count(mcfg) == M.param_count(model)
+  calls = {"available_steps": 0, "read_meta": 0}
+  real_avail, real_meta = C.available_steps, C.read_meta
+
+  def avail(*a, **k):
+    calls["available_steps"] += 1
+    return real_avail(*a, **k)
+
+  def meta(*a, **k):
+    calls["read_meta"] += 1
+    return real_meta(*a, **k)
+
+  monkeypatch.setattr(probes.C, "available_steps", avail)
+  monkeypatch.setattr(probes.C, "read_meta", meta)
+  rep = TJ.extract(wc, progress=False, prefetch=1)  # one restore ahead; the store "one" was made with the default 2
+  assert calls == {"available_steps": 1, "read_meta": 0}
+  assert rep.computed["copy"] == STEPS and set(rep.phases) == set(probes._PHASES) and min(rep.phases.values()) >= 0
+  one, st = TJ.Store.of(w, "one"), TJ.Store.of(wc)
+  drop = ("time", "run", "workdir")
+  for s in STEPS:
+    np.testing.assert_array_equal(st.read(s), one.read(s))
+    assert {k: v for k, v in st.row(s).items() if k not in drop} == {k: v for k, v in one.row(s).items() if k not in drop}
+    assert st.row(s)["tokens_seen"] == real_meta(w, s)["tokens_seen"]
+
+  shutil.rmtree(st.dir)
+  real_write = TJ.Store.write
+
+  def full_disk(self, step, *a, **k):
+    if step == 4:
+      raise OSError(28, "No space left on device")
+    return real_write(self, step, *a, **k)
+
+  monkeypatch.setattr(TJ.Store, "write", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    TJ.extract(wc, progress=False, prefetch=3)
+  assert 4 not in st.steps() and set(st.steps()) <= set(STEPS) - {4}
+  assert not [f for f in os.listdir(st.steps_dir) if ".tmp" in f]
+  monkeypatch.setattr(TJ.Store, "write", real_write)
+  rep = TJ.extract(wc, progress=False)
+  assert 4 in rep.computed["copy"] and st.steps() == STEPS
+  for s in STEPS:
+    np.testing.assert_array_equal(st.read(s), one.read(s))
