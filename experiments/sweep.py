@@ -311,8 +311,8 @@ class Sweep:
     steps = self.config(run.point).train.steps
     return os.path.isdir(run.workdir) and steps in C.available_steps(run.workdir)
 
-  def _claim(self) -> None:
-    """Writes DIR/sweep.json, or checks that DIR holds this very sweep."""
+  def _claim(self, write: bool = True) -> None:
+    """Writes DIR/sweep.json, or checks that DIR holds this very sweep (only checks when not `write`)."""
     path = os.path.join(self.out, SWEEP_JSON)
     me = {"spec": self.spec, "runs": [{"workdir": os.path.relpath(r.workdir, self.out), "point": r.point} for r in self._runs]}
     if os.path.exists(path):
@@ -324,6 +324,8 @@ class Sweep:
       return
     if os.path.isdir(self.out) and os.listdir(self.out):
       raise SweepError(f"{self.out} is not empty and holds no {SWEEP_JSON}; use a new --out")
+    if not write:
+      return
     os.makedirs(self.out, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -347,8 +349,7 @@ class Sweep:
 
   def run(self, dry_run: bool = False, log=print) -> dict:
     """Trains every unfinished run, then the declared analyses; returns {'trained': [...], 'skipped': [...]}."""
-    if not dry_run:
-      self._claim()
+    self._claim(write=not dry_run)  # a dry run writes nothing but refuses what the real run would
     plan = self.plan()
     todo = {r.workdir for _, rs in plan for r in rs}
     skipped = [r.name for r in self._runs if r.workdir not in todo]
@@ -491,7 +492,8 @@ def run_stages(out: str, stages, dry_run=False, emit: str | None = None, log=pri
     done[name] = sw
     if emit:
       emitted[name] = sw.emit(emit, then)
-      path = sw.write_launch(emit, echo=lambda *a, **k: None, then=then)
+      path = os.path.join(out, f"launch_{name}_{'slurm.sh' if emit == 'slurm' else 'tpu.txt'}")
+      sw.write_launch(emit, path, echo=lambda *a, **k: None, then=then)
       log(f"sweep: stage {name!r}: {len(sw.plan())} job(s) to launch, written to {path}")
     else:
       sw.run(dry_run=dry_run, log=log)
