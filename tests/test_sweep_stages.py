@@ -84,8 +84,8 @@ def test_vectorise_auto_falls_back_per_group(tmp_path, monkeypatch):
   st = aioli.stages("nano", aioli.settings("nano"), [0, 1], out)
   spec = st[0][1]({})
   with pytest.raises(SW.SweepError, match=r"cannot be vectorised with mixture.method='aioli'.*\"auto\""):
-    SW.Sweep.from_dict(spec | {"vectorise": True}, out)
-  sw = SW.Sweep.from_dict(spec, os.path.join(out, "base"), finished=_done)
+    SW.Sweep.from_dict(spec | {"vectorise": True, "set": spec["set"] | {"eval.test_at_end": False}}, out)
+  sw = SW.Sweep.from_dict(spec | {"set": spec["set"] | {"eval.test_at_end": False}}, os.path.join(out, "base"), finished=_done)
   sw.run(log=logs.append)
   by_dir = {os.path.relpath(w, os.path.join(out, "base", "runs")): s for w, s in calls}
   assert by_dir["bigram2/stratified"] == [0, 1] and by_dir["bigram2/onehot_easy"] == [0, 1]
@@ -97,6 +97,10 @@ def test_vectorise_auto_falls_back_per_group(tmp_path, monkeypatch):
   assert (
     "--config=experiments/aioli.py:nano,bigram2" in slurm and "--config.mixture.proportions=easy=1.000000,hard=0.000000" in slurm
   )
+  # the experiment itself needs each run's end-of-run test row, which a vectorised group does not write: all sequential
+  sw = SW.Sweep.from_dict(spec, os.path.join(out, "base2"))
+  assert [len(rs) for _, rs in sw.plan()] == [1] * 10 and "--config.train.seeds" not in sw.emit("slurm")
+  assert "writes no end-of-run test/<group>/ppl row" in sw.unvectorisable(sw.groups()[sw.runs()[0].group])
 
 
 def test_dependent_stages(tmp_path, monkeypatch):
