@@ -496,7 +496,9 @@ def run_stages(out: str, stages, dry_run=False, emit: str | None = None, log=pri
       break
     sw = Sweep.from_dict({"name": name, **spec}, os.path.join(out, name), finished=finished)
     done[name] = sw
-    if emit:
+    if emit and not sw.plan():
+      log(f"sweep: stage {name!r}: every run finished, nothing to launch")
+    elif emit:
       emitted[name] = sw.emit(emit, then)
       path = os.path.join(out, f"launch_{name}_{'slurm.sh' if emit == 'slurm' else 'tpu.txt'}")
       sw.write_launch(emit, path, echo=lambda *a, **k: None, then=then)

@@ -132,6 +132,7 @@ def test_dependent_stages(tmp_path, monkeypatch):
   n = len(calls)
   SW.run_stages(out, stages, log=logs.append, finished=_done)
   assert len(calls) == n  # everything finished: nothing trains again
+  assert SW.run_stages(out, stages, emit="tpu", log=logs.append, finished=_done)["_emitted"] == {}  # nothing to launch
 
 
 def test_liu_grid_is_a_sweep(tmp_path, capsys):
