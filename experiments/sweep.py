@@ -10,7 +10,7 @@ A sweep file (.json, .toml, or .py defining `SWEEP = {...}`) is a dict:
             "lr": [1e-3, 3e-3], "seed": [0, 1, 2]},
    "analyses": [{"kind": "flatness", "args": ["--estimator=hutchinson", "--probes=8"]},
                 {"kind": "trajectories", "args": ["--metrics"]}],
-   "vectorise": true}                          # seeds of one point train as one vectorised group
+   "vectorise": true}                          # seeds of one point train as one vectorised group (or "auto", false)
 
 Layout: DIR/sweep.json (the expanded sweep; a DIR holding another sweep is refused) and
 DIR/runs/<axis=value,...>/seed_<s>/, an ordinary workdir per run (seed-only differences share the
