@@ -1,10 +1,21 @@
 """The Aioli paper's Table 2 on synthetic groups with known optima: every mixing method vs stratified.
 
-  python -m experiments.aioli --out=DIR [--scale=nano|quick|paper] [--seeds=N]
+  python -m experiments.aioli --out=DIR [--scale=nano|quick|paper] [--seeds=N] [--dry_run] [--emit=slurm|tpu]
 
 For each setting (groups of PCFG / HMM / bigram languages of different difficulty and size) and seed,
-runs every method through the trainer, skipping finished runs (a run is finished when its workdir's
-metrics hold the end-of-run test row), then writes
+runs every method through the trainer as four dependent sweeps (experiments/sweep.py `run_stages`; a run
+is finished when its workdir's metrics hold the end-of-run test row, finished runs are skipped):
+  DIR/base/   stratified, aioli, the DoGE proxy and the m one-hot runs, crossed with the seeds (each
+              setting's static seeds train as one vectorised group; the controllers with host state,
+              aioli and doge, fall back to one seed after another)
+  DIR/cover/  GS's Dirichlet cover: N static runs per setting and seed (the cover depends on the seed)
+  DIR/fit/    DML (static law fitted on the cover runs), Skill-It (graph from the one-hot runs), the
+              DoReMi proxy (the stratified run is its reference) and DoGE's final static run
+  DIR/doremi/ DoReMi's final static run on the proxy's averaged weights
+Each is an ordinary sweep directory (analysis.load_sweep(DIR/<stage>) has setting/method/seed columns).
+`--dry_run` prints what would be trained; `--emit` writes DIR/launch_<stage>_slurm.sh (or _tpu.txt) for
+every stage whose inputs are finished and stops: launch those, then emit again for the next stage, and
+finally run without --emit for the table. Then writes
   DIR/aioli.parquet      one row per (setting, seed, method): final average test ppl, its difference
                          to stratified, extra runs, the final p, the chosen run's workdir
   DIR/p_over_time.parquet  p (or DoReMi/DoGE's weights w) per logged step, per method
@@ -20,8 +31,9 @@ Methods and their extra runs (as the paper counts them):
   DoGE        proxy with per-group gradient weights; final static run on avg w          1
   Aioli       online, no extra runs                                                     0
 
-Runs go through ONE function, `run_grid(runs, out)` (a list of named configs), so a sweep runner
-(experiments/sweep.py) can replace it. Expected runtime: nano ≈ 2-4 min, quick ≤ 30 min on 2 CPU cores
+The run card of one (scale, setting) is this module's `get_config("<scale>,<setting>")`, so emitted lines
+are plain `python train.py --config=experiments/aioli.py:quick,pcfg2 ...`.
+Expected runtime: nano ≈ 2-4 min, quick ≤ 30 min on 2 CPU cores
 (see README for what was measured); paper = the same synthetic settings at the paper's 5k steps
 (hours; the paper's SlimPajama groups are not bundled and are never downloaded).
 """
@@ -126,6 +138,17 @@ def run_config(scale: str, groups: dict, seed: int, data_dir: str, **mixture) ->
   return c
 
 
+def get_config(arg: str = "quick,pcfg2") -> mlc.ConfigDict:
+  """Run card '<scale>,<setting>': the scale's model and budget on the setting's groups (stratified, seed 0)."""
+  scale, _, setting = (arg or "quick,pcfg2").partition(",")
+  if scale not in SCALES:
+    raise ValueError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
+  sets = settings(scale)
+  if setting not in sets:
+    raise ValueError(f"unknown setting {setting!r} at scale {scale}; valid: {sorted(sets)}")
+  return run_config(scale, sets[setting], 0, "")
+
+
 def finished(workdir: str) -> bool:
   return any("test/avg_ppl" in r for r in read_rows(workdir))
 
@@ -133,19 +156,6 @@ def finished(workdir: str) -> bool:
 def read_rows(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   return [json.loads(x) for x in open(path)] if os.path.exists(path) else []
-
-
-def run_grid(runs: list[dict], out: str) -> None:
-  """Runs every {"name", "config"} in `runs` under out/runs/<name>, skipping finished ones.
-  (The one place runs are launched: a sweep runner can take over this function.)"""
-  import train
-
-  for r in runs:
-    w = os.path.join(out, "runs", r["name"])
-    if finished(w):
-      continue
-    print(f"aioli: run {r['name']}", flush=True)
-    train.train_and_evaluate(r["config"], w)
 
 
 def summary(workdir: str, names: list[str]) -> dict:
@@ -176,52 +186,116 @@ def _p(names, p) -> str:
   return ",".join(f"{n}={x:.6f}" for n, x in zip(names, np.round(p, 6)[:-1].tolist() + [1 - np.round(p, 6)[:-1].sum()]))
 
 
-def run_setting(scale: str, setting: str, groups: dict, seed: int, out: str) -> list[dict]:
-  """Every method on one setting and seed, in dependency stages; returns the result rows."""
+def _mix(mixture: dict) -> dict:
+  return {f"mixture.{k}": v for k, v in mixture.items()}
+
+
+def _entry(scale: str, setting: str, method: str, mixture: dict, seed: int | None = None) -> dict:
+  name = f"{setting}/{method}" if seed is None else f"{setting}/s{seed}/{method}"
+  over = _mix(mixture) | ({"seed": seed} if seed is not None else {})
+  return {
+    "name": name,
+    "config": f"experiments/aioli.py:{scale},{setting}",
+    "set": over,
+    "labels": {"setting": setting, "method": method},
+  }
+
+
+def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str) -> list:
+  """The four dependent sweeps of the study: [(stage, make_spec(done) -> spec)] for sweep.run_stages."""
   s = SCALES[scale]
-  names, m = list(groups), len(groups)
-  data_dir = os.path.join(out, "data")
-  tag = f"{setting}/s{seed}"
-
-  def cfg(**mix):
-    return run_config(scale, groups, seed, data_dir, **mix)
-
+  common = {"config": f"experiments/aioli.py:{scale},{next(iter(sets))}", "set": {"data.data_dir": os.path.join(out, "data")}}
   U, R, lp_s, eta = s["aioli"]
-  cover = mixing_laws.dirichlet_cover(m, s["gs"], seed=seed)
-  stage1 = [
-    {"name": f"{tag}/stratified", "config": cfg(method="stratified")},
-    {"name": f"{tag}/aioli", "config": cfg(method="aioli", update_steps=U, lp_rounds=R, lp_steps=lp_s, eta=eta)},
-    {"name": f"{tag}/doge_proxy", "config": cfg(method="doge")},
-    *({"name": f"{tag}/gs{k}", "config": cfg(method="static", proportions=_p(names, q))} for k, q in enumerate(cover)),
-    *(
-      {"name": f"{tag}/onehot_{n}", "config": cfg(method="static", proportions=_p(names, np.eye(m)[i]))}
-      for i, n in enumerate(names)
-    ),
-  ]
-  run_grid(stage1, out)
-  w = lambda name: os.path.join(out, "runs", f"{tag}/{name}")  # noqa: E731
-  S = {r["name"].split("/")[-1]: summary(os.path.join(out, "runs", r["name"]), names) for r in stage1}
+
+  def base_stage(done):
+    runs = []
+    for setting, groups in sets.items():
+      runs += [
+        _entry(scale, setting, "stratified", dict(method="stratified")),
+        _entry(scale, setting, "aioli", dict(method="aioli", update_steps=U, lp_rounds=R, lp_steps=lp_s, eta=eta)),
+        _entry(scale, setting, "doge_proxy", dict(method="doge")),
+        *(
+          _entry(scale, setting, f"onehot_{n}", dict(method="static", proportions=_p(list(groups), np.eye(len(groups))[i])))
+          for i, n in enumerate(groups)
+        ),
+      ]
+    return common | {"runs": runs, "axes": {"seed": seeds}, "vectorise": "auto"}
+
+  def cover_stage(done):
+    runs = [
+      _entry(scale, setting, f"gs{k}", dict(method="static", proportions=_p(list(groups), q)), seed)
+      for setting, groups in sets.items()
+      for seed in seeds
+      for k, q in enumerate(mixing_laws.dirichlet_cover(len(groups), s["gs"], seed=seed))
+    ]
+    return common | {"runs": runs, "vectorise": False}
+
+  def fit_stage(done):
+    runs = []
+    for setting, groups in sets.items():
+      for seed in seeds:
+        f = fitted(scale, setting, list(groups), seed, done)
+        runs += [
+          _entry(scale, setting, "dml", dict(method="static", proportions=_p(list(groups), f["p_dml"])), seed),
+          _entry(
+            scale,
+            setting,
+            "skillit",
+            dict(method="skillit", graph=f["graph"], update_steps=s["skillit"], eta=0.2, window=3),
+            seed,
+          ),
+          _entry(
+            scale,
+            setting,
+            "doremi_proxy",
+            dict(method="doremi", reference=done["base"].workdir(f"{setting}/stratified", seed), mu=s["mu"]),
+            seed,
+          ),
+          _entry(
+            scale, setting, "doge", dict(method="static", proportions=_p(list(groups), f["S"]["doge_proxy"]["w_avg"])), seed
+          ),
+        ]
+    return common | {"runs": runs, "vectorise": False}
+
+  def doremi_stage(done):
+    runs = []
+    for setting, groups in sets.items():
+      for seed in seeds:
+        w = summary(done["fit"].workdir(f"{setting}/s{seed}/doremi_proxy", seed), list(groups))["w_avg"]
+        runs.append(_entry(scale, setting, "doremi", dict(method="static", proportions=_p(list(groups), w)), seed))
+    return common | {"runs": runs, "vectorise": False}
+
+  return [("base", base_stage), ("cover", cover_stage, ()), ("fit", fit_stage), ("doremi", doremi_stage)]
+
+
+def fitted(scale: str, setting: str, names: list[str], seed: int, done: dict) -> dict:
+  """What the dependent methods need from the base and cover runs of one setting and seed: the runs'
+  summaries S, the cover, GS's best point, DML's fitted law and choice, Skill-It's graph."""
+  m = len(names)
+  cover = mixing_laws.dirichlet_cover(m, SCALES[scale]["gs"], seed=seed)
+  S = {x: summary(done["base"].workdir(f"{setting}/{x}", seed), names) for x in ("stratified", "aioli", "doge_proxy")}
+  S |= {f"onehot_{n}": summary(done["base"].workdir(f"{setting}/onehot_{n}", seed), names) for n in names}
+  S |= {f"gs{k}": summary(done["cover"].workdir(f"{setting}/s{seed}/gs{k}", seed), names) for k in range(len(cover))}
   # GS: the cover point with the best average validation loss; DML: fit the static law on the same runs
-  gs_val = [S[f"gs{k}"]["val_end"].mean() for k in range(len(cover))]
-  gs_best = int(np.argmin(gs_val))
+  gs_best = int(np.argmin([S[f"gs{k}"]["val_end"].mean() for k in range(len(cover))]))
   law = mixing_laws.fit_static_law(cover, np.stack([S[f"gs{k}"]["val_end"] for k in range(len(cover))]))
-  p_dml = mixing_laws.choose_p(law)
-  graph = mixture_graph(S, names)
-  stage2 = [
-    {"name": f"{tag}/dml", "config": cfg(method="static", proportions=_p(names, p_dml))},
-    {"name": f"{tag}/skillit", "config": cfg(method="skillit", graph=graph, update_steps=s["skillit"], eta=0.2, window=3)},
-    {"name": f"{tag}/doremi_proxy", "config": cfg(method="doremi", reference=w("stratified"), mu=s["mu"])},
-    {"name": f"{tag}/doge", "config": cfg(method="static", proportions=_p(names, S["doge_proxy"]["w_avg"]))},
-  ]
-  run_grid(stage2, out)
-  S.update({r["name"].split("/")[-1]: summary(os.path.join(out, "runs", r["name"]), names) for r in stage2})
-  stage3 = [{"name": f"{tag}/doremi", "config": cfg(method="static", proportions=_p(names, S["doremi_proxy"]["w_avg"]))}]
-  run_grid(stage3, out)
-  S["doremi"] = summary(w("doremi"), names)
+  return dict(S=S, cover=cover, gs_best=gs_best, law=law, p_dml=mixing_laws.choose_p(law), graph=mixture_graph(S, names))
+
+
+def setting_rows(scale: str, setting: str, groups: dict, seed: int, done: dict) -> list[dict]:
+  """The result rows of every method on one setting and seed, from the finished stages."""
+  names, m = list(groups), len(groups)
+  f = fitted(scale, setting, names, seed, done)
+  S, cover, gs_best = f["S"], f["cover"], f["gs_best"]
+  wd = {k: done["base"].workdir(f"{setting}/{k}", seed) for k in ("stratified", "aioli")}
+  wd[f"gs{gs_best}"] = done["cover"].workdir(f"{setting}/s{seed}/gs{gs_best}", seed)
+  wd |= {k: done["fit"].workdir(f"{setting}/s{seed}/{k}", seed) for k in ("dml", "skillit", "doremi_proxy", "doge")}
+  wd["doremi"] = done["doremi"].workdir(f"{setting}/s{seed}/doremi", seed)
+  S |= {k: summary(wd[k], names) for k in ("dml", "skillit", "doremi_proxy", "doge", "doremi")}
   chosen = {
     "stratified": ("stratified", 0, np.full(m, 1 / m)),
     "gs": (f"gs{gs_best}", len(cover), cover[gs_best]),
-    "dml": ("dml", len(cover), p_dml),
+    "dml": ("dml", len(cover), f["p_dml"]),
     "skillit": ("skillit", m, None),
     "doremi": ("doremi", 2, S["doremi_proxy"]["w_avg"]),
     "doge": ("doge", 1, S["doge_proxy"]["w_avg"]),
@@ -242,9 +316,9 @@ def run_setting(scale: str, setting: str, groups: dict, seed: int, out: str) -> 
         diff_vs_stratified=S[run]["test_avg_ppl"] - base_ppl,
         extra_runs=extra,
         p_final=json.dumps(dict(zip(names, np.round(np.asarray(final_p, float), 4).tolist()))),
-        workdir=w(run),
+        workdir=wd[run],
         traj=json.dumps(S[traj_run]["traj"]),
-        dml_fit_r2=law["r2"] if meth == "dml" else None,
+        dml_fit_r2=f["law"]["r2"] if meth == "dml" else None,
       )
     )
   return rows
@@ -312,6 +386,8 @@ def main(argv=None) -> int:
   ap.add_argument("--scale", default="quick", choices=sorted(SCALES))
   ap.add_argument("--seeds", type=int, default=0, help="number of seeds (0 = the scale's default)")
   ap.add_argument("--settings", default="", help="comma-separated subset of the scale's settings")
+  ap.add_argument("--dry_run", action="store_true", help="print what would be trained (stages whose inputs exist), then stop")
+  ap.add_argument("--emit", choices=("slurm", "tpu"), help="write launch commands for the stages that can start now, then stop")
   a = ap.parse_args(argv)
   import pandas as pd
 
@@ -325,10 +401,21 @@ def main(argv=None) -> int:
       if unknown:
         raise LmtraceError(f"--settings names unknown settings {unknown}; this scale has {sorted(sets)}")
       sets = {k: v for k, v in sets.items() if k in a.settings.split(",")}
-    rows = []
-    for seed in range(a.seeds or SCALES[a.scale]["seeds"]):
-      for name, groups in sets.items():
-        rows += run_setting(a.scale, name, groups, seed, a.out)
+    from experiments.sweep import run_stages
+
+    seeds = list(range(a.seeds or SCALES[a.scale]["seeds"]))
+    out = os.path.abspath(a.out)
+    log = lambda msg: print(f"aioli: {msg}", flush=True)  # noqa: E731
+    then = f"python -m experiments.aioli --out={out} --scale={a.scale} --seeds={len(seeds)}" + (
+      f" --settings={a.settings}" if a.settings else ""
+    )
+    then += f" --emit={a.emit}  (the next stages, then the table without --emit)"
+    done = run_stages(
+      out, stages(a.scale, sets, seeds, out), dry_run=a.dry_run, emit=a.emit, log=log, finished=finished, then=then
+    )
+    if a.dry_run or a.emit:
+      return 0
+    rows = [r for seed in seeds for name, groups in sets.items() for r in setting_rows(a.scale, name, groups, seed, done)]
   except LmtraceError as e:
     print(f"aioli: error: {e}", file=sys.stderr)
     return 2

@@ -23,7 +23,6 @@ accelerator: see README):
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -217,21 +216,9 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m experiments.chang", description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--scale", default="quick", choices=list(SCALES))
-  p.add_argument("--data_dir", default="", help="TFDS data dir (default: $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)")
-  a = p.parse_args(argv)
-  from lib import metrics as MX
+  from experiments import cli
 
-  MX.quiet_logs()
-  try:
-    run(a.out, a.scale, a.data_dir)
-  except errors.LmtraceError as e:
-    print(f"lmtrace chang: error: {e}", file=sys.stderr)
-    return 2
-  print(f"report: {os.path.join(a.out, 'report.md')}")
-  return 0
+  return cli.main("chang", __doc__, SCALES, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Liu et al. 2022 end to end: same pre-training loss, better downstream — one command.
 
-  python -m experiments.liu --out=DIR [--scale=nano|quick|paper]
+  python -m experiments.liu --out=DIR [--scale=nano|quick|paper] [--dry_run] [--emit=slurm|tpu]
 
-Trains the grid (finished runs are skipped, unfinished ones resume), measures flatness (Hutchinson
+Trains the grid through the sweep layer (experiments/sweep.py: finished runs are skipped, unfinished ones
+resume; `--dry_run` prints the plan, `--emit` writes a SLURM array / TPU command lines for the training
+and stops: rerun without it when the jobs are done, to analyse), measures flatness (Hutchinson
 and Fisher traces, analysis.flatness) and downstream linear-probe accuracy (analysis.downstream) of
 every model, and writes:
-  DIR/runs/<name>/        one ordinary workdir per run
+  DIR/sweep.json          the expanded grid (analysis.load_sweep(DIR) -> runs with road/size/optimizer)
+  DIR/runs/<name>/seed_0/ one ordinary workdir per run
   DIR/liu.parquet         run, road, size, optimizer, step, loss, excess loss, Tr(H) ± SE (hutchinson,
                           fisher), accuracy ± SE per task (acc_<task>, acc_se_<task>)
   DIR/liu.md              the final models beside the paper's numbers (papers.md §1.4), the directions
@@ -18,8 +21,10 @@ constant lr after 12% warmup, and the adversarial objective of data/adversarial.
 ladder model is also measured inside the widest architecture (lib/enlarge.py, `enlarged` rows) when the
 widths divide it.
 
-The grid is a list of named run configs passed to ONE function, `run_grid(runs, out)`, so a sweep
-runner (experiments/sweep.py) can replace it without touching the rest.
+The grid is one sweep of named runs (`sweep_spec(runs, scale)`: card configs/liu.py:<scale>, one entry per
+run with its overrides and its road/size/optimizer as labels). The analyses stay here, in process: the SGD
+run is measured at every checkpoint and the others at their final step, which the sweep's per-run
+analysis hook does not express.
 """
 
 from __future__ import annotations
@@ -104,33 +109,21 @@ def grid(scale: str) -> list[Run]:
   return runs
 
 
-def _finished(workdir: str, steps: int) -> bool:
-  from lib import ckpt as C
+def sweep_spec(runs: list[Run], scale: str) -> dict:
+  """The grid as a sweep of named runs (one seed each: the card's)."""
+  entries = [
+    {"name": r.name, "set": dict(r.overrides), "labels": {"road": r.road, "size": r.size, "optimizer": r.optimizer}} for r in runs
+  ]
+  return {"name": f"liu-{scale}", "config": f"configs/liu.py:{scale}", "runs": entries, "vectorise": "auto"}
 
-  return os.path.exists(os.path.join(workdir, "config.json")) and steps in C.available_steps(workdir)
 
+def train_grid(runs: list[Run], out: str, scale: str, dry_run: bool = False) -> dict[str, str]:
+  """Trains every run through the sweep (skips finished ones, resumes unfinished ones); returns {name: workdir}."""
+  from experiments.sweep import Sweep
 
-def run_grid(runs: list[Run], out: str) -> dict[str, str]:
-  """Trains every run (skips finished ones, resumes unfinished ones); returns {name: workdir}."""
-  import train
-
-  if not runs:
-    raise ExperimentError("the grid is empty: nothing to run")
-  names = [r.name for r in runs]
-  if len(set(names)) != len(names):
-    raise ExperimentError(f"run names must be unique, got {names}")
-  out_dirs = {}
-  for r in runs:
-    wd = os.path.join(out, "runs", r.name)
-    cfg = r.config()
-    if _finished(wd, cfg.train.steps):
-      print(f"liu: {r.name}: finished, skipped", flush=True)
-    else:
-      t0 = time.time()
-      train.train_and_evaluate(cfg, wd)
-      print(f"liu: {r.name}: trained in {time.time() - t0:.0f}s", flush=True)
-    out_dirs[r.name] = wd
-  return out_dirs
+  sw = Sweep.from_dict(sweep_spec(runs, scale), out)
+  sw.run(dry_run=dry_run, log=lambda m: print(f"liu: {m}", flush=True))
+  return {r.point["name"]: r.workdir for r in sw.runs()}
 
 
 def _final_step(wd: str) -> int:
@@ -382,6 +375,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", required=True, help="output directory (runs/, liu.parquet, liu.md, figures)")
   ap.add_argument("--scale", default="quick", help="nano | quick | paper")
   ap.add_argument("--no_enlarge", action="store_true", help="skip measuring Tr(H) in the widest architecture")
+  ap.add_argument("--dry_run", action="store_true", help="print the runs that would be trained, then stop")
+  ap.add_argument("--emit", choices=("slurm", "tpu"), help="write the grid's launch commands for a scheduler, then stop")
   args = ap.parse_args(argv)
   from lib import metrics as MX
   from lib import sharding
@@ -391,8 +386,16 @@ def main(argv=None) -> int:
   try:
     t0 = time.time()
     runs = grid(args.scale)
-    os.makedirs(args.out, exist_ok=True)
-    dirs = run_grid(runs, args.out)
+    if args.emit:
+      from experiments.sweep import Sweep
+
+      sw = Sweep.from_dict(sweep_spec(runs, args.scale), args.out)
+      then = f"python -m experiments.liu --out={sw.out} --scale={args.scale}  (skips training, analyses)"
+      print(f"# written to {sw.write_launch(args.emit, then=then)}", file=sys.stderr)
+      return 0
+    dirs = train_grid(runs, args.out, args.scale, dry_run=args.dry_run)
+    if args.dry_run:
+      return 0
     analyse(runs, dirs, args.scale)
     enlarged = {} if args.no_enlarge else enlarge_ladder(runs, dirs, args.out, args.scale)
     df = join(runs, dirs, enlarged)

@@ -10,7 +10,7 @@ A sweep file (.json, .toml, or .py defining `SWEEP = {...}`) is a dict:
             "lr": [1e-3, 3e-3], "seed": [0, 1, 2]},
    "analyses": [{"kind": "flatness", "args": ["--estimator=hutchinson", "--probes=8"]},
                 {"kind": "trajectories", "args": ["--metrics"]}],
-   "vectorise": true}                          # seeds of one point train as one vectorised group
+   "vectorise": true}                          # seeds of one point train as one vectorised group (or "auto", false)
 
 Layout: DIR/sweep.json (the expanded sweep; a DIR holding another sweep is refused) and
 DIR/runs/<axis=value,...>/seed_<s>/, an ordinary workdir per run (seed-only differences share the
@@ -18,8 +18,34 @@ group directory, which `train.py --config.train.seeds` also uses). A finished ru
 unfinished one resumed. Analyses run per run (flatness) or per group of seeds (trajectories, which
 compares runs), through their CLI entry points, which skip what is already done.
 
-Python API (for experiment modules): `Sweep.from_dict(d, out)`, `.runs()` -> [Run], `.groups()`,
-`.run(dry_run=False)`, `.emit("slurm"|"tpu")` -> text; `analysis.load_sweep(out)` reads the results.
+Named runs. A grid that is not a product (Liu's width ladder plus two runs at the middle width; one
+mixing method per run) lists its points under "runs", each crossed with the axes (usually "seed"):
+
+  "runs": [{"name": "adamw_d8", "set": {"model.d_model": 8}, "labels": {"road": "size"}},
+           {"name": "sgd_d16", "config": "configs/liu.py:nano", "set": {"opt.name": "sgd"}}]
+
+"name" is the run's directory (DIR/runs/<name>[,axis=value...]/seed_<s>, "/" allowed), "config"
+(optional) replaces the sweep's run card for that run, "set" adds overrides (it may set "seed" when a run
+exists for one seed only), and "labels" are extra columns of load_sweep (never config keys).
+
+Vectorising: "vectorise": true refuses a grid whose seeds cannot train as one program (one line naming
+why); "auto" trains such groups seed after seed instead (the mixing controllers with host state), and
+vectorises the rest; false never vectorises.
+
+Stages (runs that read earlier runs' outputs: grid search's Dirichlet cover, DML's static runs, DoReMi's
+reference run). A stage is an ordinary sweep in its own directory DIR/<stage>; a later stage's spec is
+computed in Python from the earlier stages' results (`Sweep.workdir(name, seed)`, `load_sweep`) and
+points at their workdirs by path (e.g. mixture.reference). `run_stages(out, [(name, make_spec), ...])`
+builds and runs them in order; `make_spec(done)` receives {stage: Sweep} of the stages before it and
+returns a spec, or None while its inputs are not finished (then `--emit` stops there and says so: launch
+the printed arrays, then emit again). Each stage's DIR/<stage>/sweep.json records the computed values,
+so a rerun with the same finished inputs skips everything, and changed inputs are refused as another
+sweep. experiments/aioli.py is the worked example (4 stages); experiments/liu.py is one named-run sweep.
+
+Python API (for experiment modules): `Sweep.from_dict(d, out, finished=None)` (`finished(workdir)`:
+an extra condition for a run to count as done, e.g. its end-of-run test row), `.runs()` -> [Run],
+`.groups()`, `.plan()`, `.run(dry_run=False)`, `.workdir(name, seed)`, `.emit("slurm"|"tpu")` -> text;
+`run_stages(...)`; `analysis.load_sweep(out)` reads the results.
 """
 
 from __future__ import annotations
@@ -31,6 +57,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -49,6 +76,7 @@ ALIASES = {
   "batch": "train.batch_size",
 }
 ANALYSES = ("flatness", "trajectories")
+FIELDS = {"config", "set", "axes", "runs", "analyses", "vectorise", "name"}
 
 
 class SweepError(errors.ConfigError):
@@ -61,10 +89,11 @@ class Run:
   group: str  # DIR/runs/<name>: the seeds of one point share it
   workdir: str  # DIR/runs/<name>/seed_<s>
   seed: int
+  out: str = ""  # the sweep directory
 
   @property
   def name(self) -> str:
-    return os.path.relpath(self.workdir, os.path.dirname(os.path.dirname(self.group)))
+    return os.path.relpath(self.workdir, self.out or os.path.dirname(os.path.dirname(self.group)))
 
 
 def load_card(spec: str):
@@ -119,20 +148,35 @@ def _fmt(v) -> str:
 class Sweep:
   """An expanded grid of runs under `out`."""
 
-  def __init__(self, spec: dict, out: str):
-    unknown = set(spec) - {"config", "set", "axes", "analyses", "vectorise", "name"}
+  def __init__(self, spec: dict, out: str, finished=None):
+    unknown = set(spec) - FIELDS
     if unknown:
-      raise SweepError(f"unknown sweep field(s) {sorted(unknown)}; expected config, set, axes, analyses, vectorise, name")
+      raise SweepError(f"unknown sweep field(s) {sorted(unknown)}; expected {', '.join(sorted(FIELDS))}")
     if "config" not in spec:
       raise SweepError("the sweep has no 'config' (the base run card, e.g. 'configs/pcfg.py:nano')")
+    vec = spec.get("vectorise", True)
+    if vec not in (True, False, "auto"):
+      raise SweepError(f"vectorise={vec!r}: expected true, false or 'auto'")
     self.spec = {
       "name": spec.get("name", ""),
       "config": spec["config"],
       "set": dict(spec.get("set", {})),
       "axes": {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in spec.get("axes", {}).items()},
       "analyses": [a if isinstance(a, dict) else {"kind": a} for a in spec.get("analyses", [])],
-      "vectorise": bool(spec.get("vectorise", True)),
+      "vectorise": vec,
     }
+    if "runs" in spec:
+      self.spec["runs"] = [_named_run(e) for e in spec["runs"]]
+      names = [e["name"] for e in self.spec["runs"]]
+      dup = sorted({n for n in names if names.count(n) > 1})
+      if dup:
+        raise SweepError(f"run name(s) {dup} given twice in 'runs'")
+      if not names:
+        raise SweepError("'runs' is empty: nothing to run")
+      if "name" in self.spec["axes"]:
+        raise SweepError("'name' cannot be an axis of a sweep with named 'runs'")
+    self._entries = {e["name"]: e for e in self.spec.get("runs", [])}
+    self._finished = finished
     self.out = os.path.abspath(out)
     for a in self.spec["analyses"]:
       if a.get("kind") not in ANALYSES:
@@ -143,8 +187,8 @@ class Sweep:
     self._runs = self._expand()
 
   @classmethod
-  def from_dict(cls, spec: dict, out: str) -> Sweep:
-    return cls(spec, out)
+  def from_dict(cls, spec: dict, out: str, finished=None) -> Sweep:
+    return cls(spec, out, finished)
 
   @classmethod
   def from_file(cls, path: str, out: str) -> Sweep:
@@ -175,18 +219,29 @@ class Sweep:
 
   # -- expansion ------------------------------------------------------------------------------
 
+  def card(self, point: dict) -> str:
+    """The run card of one grid point ('path:arg')."""
+    card = self._entries[point["name"]].get("config", self.spec["config"]) if "name" in point else self.spec["config"]
+    return f"{card.partition(':')[0]}:{point['preset']}" if "preset" in point else card
+
+  def overrides(self, point: dict) -> dict:
+    """Config key -> value of one grid point on top of its run card (aliases resolved), seed included."""
+    over = {ALIASES.get(k, k): v for k, v in self.spec["set"].items()}
+    if "name" in point:
+      over.update({ALIASES.get(k, k): v for k, v in self._entries[point["name"]].get("set", {}).items()})
+    for k in self.spec["axes"]:
+      if k != "preset":
+        over[ALIASES.get(k, k)] = point[k]
+    if "seed" in point:
+      over["seed"] = point["seed"]
+    return over
+
   def config(self, point: dict):
     """The (locked) config of one grid point, seed included."""
-    card = self.spec["config"]
-    if "preset" in point:
-      card = f"{card.partition(':')[0]}:{point['preset']}"
-    cfg = load_card(card)
+    cfg = load_card(self.card(point))
     cfg.unlock()
-    for k, v in self.spec["set"].items():
-      set_key(cfg, ALIASES.get(k, k), v)
-    for k, v in point.items():
-      if k != "preset":
-        set_key(cfg, ALIASES.get(k, k), v)
+    for k, v in self.overrides(point).items():
+      set_key(cfg, k, v)
     cfg.lock()
     return cfg
 
@@ -194,30 +249,54 @@ class Sweep:
     axes = self.spec["axes"]
     names = list(axes)
     runs, seen = [], {}
-    for values in itertools.product(*(axes[k] for k in names)):
-      point = dict(zip(names, values))
-      cfg = self.config(point)  # validates every key
-      if cfg.train.get("seeds"):
-        raise SweepError("the sweep sets train.seeds; declare seeds as the 'seed' axis instead")
-      label = ",".join(f"{k}={_fmt(v)}" for k, v in point.items() if k != "seed") or "base"
-      group = os.path.join(self.out, RUNS, label)
-      wd = os.path.join(group, f"seed_{cfg.seed}")
-      if wd in seen:
-        raise SweepError(f"two runs map to one workdir {os.path.relpath(wd, self.out)}: {seen[wd]} and {point}")
-      seen[wd] = point
-      runs.append(Run(point=dict(point, seed=cfg.seed), group=group, workdir=wd, seed=int(cfg.seed)))
-    if self.spec["vectorise"]:
-      from lib import multirun
-
+    entries = self.spec.get("runs") or [None]
+    for entry in entries:
+      for values in itertools.product(*(axes[k] for k in names)):
+        point = dict(zip(names, values))
+        if entry is not None:
+          point = {"name": entry["name"], **entry.get("labels", {}), **point}
+        cfg = self.config(point)  # validates every key
+        if cfg.train.get("seeds"):
+          raise SweepError("the sweep sets train.seeds; declare seeds as the 'seed' axis instead")
+        label = ",".join(f"{k}={_fmt(v)}" for k, v in point.items() if k in axes and k != "seed")
+        if entry is not None:
+          label = ",".join(x for x in ("/".join(_fmt(c) for c in entry["name"].split("/")), label) if x)
+        group = os.path.join(self.out, RUNS, label or "base")
+        wd = os.path.join(group, f"seed_{cfg.seed}")
+        if wd in seen:
+          raise SweepError(f"two runs map to one workdir {os.path.relpath(wd, self.out)}: {seen[wd]} and {point}")
+        seen[wd] = point
+        runs.append(Run(point=dict(point, seed=cfg.seed), group=group, workdir=wd, seed=int(cfg.seed), out=self.out))
+    if self.spec["vectorise"] is True:
       for g, rs in _group(runs).items():
-        if len(rs) > 1:
-          why = multirun.unvectorisable(self.config(rs[0].point))
-          if why:
-            raise SweepError(
-              f"seeds {[r.seed for r in rs]} of {os.path.basename(g)} cannot be vectorised with {why}; "
-              'set "vectorise": false to train them one after another'
-            )
+        why = self.unvectorisable(rs)
+        if why:
+          raise SweepError(
+            f"seeds {[r.seed for r in rs]} of {os.path.relpath(g, os.path.join(self.out, RUNS))} cannot be vectorised with "
+            f'{why}; set "vectorise": "auto" (or false) to train them one after another'
+          )
     return runs
+
+  def unvectorisable(self, runs: Sequence[Run]) -> str | None:
+    """Why these seeds of one grid point cannot train as one vectorised group, or None (one seed: None)."""
+    if len(runs) < 2:
+      return None
+    from lib import multirun
+
+    cfg = self.config(runs[0].point)
+    why = multirun.unvectorisable(cfg)
+    if why is None and cfg.eval.test_at_end and len(cfg.data.groups) > 1:
+      # train_group.py writes no end-of-run test-split row, which a mixture run's report needs (Aioli's
+      # test/avg_ppl); belongs in multirun.unvectorisable until the group evaluates the test split.
+      why = "eval.test_at_end=True with data.groups: the vectorised group writes no end-of-run test/<group>/ppl row"
+    return why
+
+  def workdir(self, name: str, seed: int) -> str:
+    """The workdir of the named run (or axis label) with this seed."""
+    for r in self._runs:
+      if r.seed == seed and (r.point.get("name") == name or os.path.relpath(r.group, os.path.join(self.out, RUNS)) == name):
+        return r.workdir
+    raise SweepError(f"sweep {self.out} has no run {name!r} with seed {seed}")
 
   def runs(self) -> list[Run]:
     return list(self._runs)
@@ -233,11 +312,13 @@ class Sweep:
 
     if os.path.exists(os.path.join(run.workdir, multirun.DIVERGED)):
       return True
+    if self._finished is not None:
+      return bool(self._finished(run.workdir))
     steps = self.config(run.point).train.steps
     return os.path.isdir(run.workdir) and steps in C.available_steps(run.workdir)
 
-  def _claim(self) -> None:
-    """Writes DIR/sweep.json, or checks that DIR holds this very sweep."""
+  def _claim(self, write: bool = True) -> None:
+    """Writes DIR/sweep.json, or checks that DIR holds this very sweep (only checks when not `write`)."""
     path = os.path.join(self.out, SWEEP_JSON)
     me = {"spec": self.spec, "runs": [{"workdir": os.path.relpath(r.workdir, self.out), "point": r.point} for r in self._runs]}
     if os.path.exists(path):
@@ -249,6 +330,8 @@ class Sweep:
       return
     if os.path.isdir(self.out) and os.listdir(self.out):
       raise SweepError(f"{self.out} is not empty and holds no {SWEEP_JSON}; use a new --out")
+    if not write:
+      return
     os.makedirs(self.out, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -264,7 +347,7 @@ class Sweep:
       todo = [r for r in rs if not self.is_done(r)]
       if not todo:
         continue
-      if self.spec["vectorise"] and len(todo) > 1:
+      if self.spec["vectorise"] and len(todo) > 1 and not self.unvectorisable(todo):
         out.append((g, todo))
       else:
         out += [(g, [r]) for r in todo]
@@ -272,13 +355,17 @@ class Sweep:
 
   def run(self, dry_run: bool = False, log=print) -> dict:
     """Trains every unfinished run, then the declared analyses; returns {'trained': [...], 'skipped': [...]}."""
-    if not dry_run:
-      self._claim()
+    self._claim(write=not dry_run)  # a dry run writes nothing but refuses what the real run would
     plan = self.plan()
     todo = {r.workdir for _, rs in plan for r in rs}
     skipped = [r.name for r in self._runs if r.workdir not in todo]
+    said = set()
     for g, rs in plan:
       what = f"{os.path.relpath(g, self.out)} seeds {[r.seed for r in rs]}" + (" (vectorised)" if len(rs) > 1 else "")
+      why = self.unvectorisable([r for r in self.groups()[g] if r.workdir in todo]) if self.spec["vectorise"] else None
+      if why and g not in said:
+        said.add(g)
+        log(f"sweep: {os.path.relpath(g, self.out)}: seeds trained one after another ({why})")
       log(f"sweep: {'would train' if dry_run else 'training'} {what}")
       if dry_run:
         continue
@@ -318,21 +405,32 @@ class Sweep:
 
   def train_commands(self, per_seed: bool = False) -> list[str]:
     """One shell command per training job (a vectorised group, or each seed when `per_seed`)."""
-    card = self.spec["config"]
     out = []
     for g, rs in self.groups().items():
-      point = {k: v for k, v in rs[0].point.items() if k not in ("seed", "preset")}
-      c = card if "preset" not in rs[0].point else f"{card.partition(':')[0]}:{rs[0].point['preset']}"
-      over = [f"--config.{ALIASES.get(k, k)}={v}" for k, v in {**self.spec["set"], **point}.items()]
-      base = ["python", "train.py", f"--config={c}", *over]
-      if per_seed or not self.spec["vectorise"] or len(rs) == 1:
-        out += [" ".join([*base, f"--workdir={r.workdir}", f"--config.seed={r.seed}"]) for r in rs]
+      over = {k: v for k, v in self.overrides(rs[0].point).items() if k != "seed"}
+      base = ["python", "train.py", f"--config={self.card(rs[0].point)}", *[f"--config.{k}={v}" for k, v in over.items()]]
+      if per_seed or not self.spec["vectorise"] or len(rs) == 1 or self.unvectorisable(rs):
+        out += [_shell([*base, f"--workdir={r.workdir}", f"--config.seed={r.seed}"]) for r in rs]
       else:
-        out.append(" ".join([*base, f"--workdir={g}", f"--config.train.seeds={','.join(str(r.seed) for r in rs)}"]))
+        out.append(_shell([*base, f"--workdir={g}", f"--config.train.seeds={','.join(str(r.seed) for r in rs)}"]))
     return out
 
-  def emit(self, kind: str) -> str:
-    """Launch text for a cluster scheduler: 'slurm' (a job-array script) or 'tpu' (per-host command lines)."""
+  def write_launch(self, kind: str, path: str = "", echo=print, then: str = "") -> str:
+    """Claims DIR for this sweep (so the launched jobs' workdirs are recognised on the rerun that
+    analyses them), writes the launch text to `path` (default DIR/launch_slurm.sh | launch_tpu.txt),
+    echoes it, and returns the path."""
+    text = self.emit(kind, then)
+    self._claim()
+    path = path or os.path.join(self.out, "launch_slurm.sh" if kind == "slurm" else "launch_tpu.txt")
+    with open(path, "w") as f:
+      f.write(text)
+    echo(text, end="")
+    return path
+
+  def emit(self, kind: str, then: str = "") -> str:
+    """Launch text for a cluster scheduler: 'slurm' (a job-array script) or 'tpu' (per-host command lines).
+    `then`: the command to run once the jobs are done (default: this sweep's own rerun, which analyses)."""
+    then = then or f"python -m experiments.sweep SWEEP_FILE --out={self.out}  (skips training, runs analyses)"
     if kind == "slurm":
       cmds = self.train_commands()
       lines = [
@@ -346,7 +444,7 @@ class Sweep:
         *[f"  {json.dumps(c)}" for c in cmds],
         ")",
         'eval "${CMDS[$SLURM_ARRAY_TASK_ID]}"',
-        f"# after the array finishes: python -m experiments.sweep SWEEP_FILE --out={self.out}  (skips training, runs analyses)",
+        f"# after the array finishes: {then}",
       ]
       return "\n".join(lines) + "\n"
     if kind == "tpu":
@@ -357,6 +455,59 @@ class Sweep:
       lines += [f"{c} --config.distributed.coordinator=auto" for c in self.train_commands(per_seed=True)]
       return "\n".join(lines) + "\n"
     raise SweepError(f"--emit={kind!r}: expected slurm or tpu")
+
+
+def _shell(args: list[str]) -> str:
+  return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def _named_run(e) -> dict:
+  if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"].strip("/"):
+    raise SweepError(f"each entry of 'runs' needs a non-empty string 'name', got {e!r}")
+  unknown = set(e) - {"name", "config", "set", "labels"}
+  if unknown:
+    raise SweepError(f"run {e['name']!r}: unknown field(s) {sorted(unknown)}; expected name, config, set, labels")
+  clash = sorted(set(e.get("labels", {})) & {"name", "seed", "run", "workdir", "preset"})
+  if clash:
+    raise SweepError(f"run {e['name']!r}: label(s) {clash} are reserved column names")
+  out = {"name": e["name"], "set": dict(e.get("set", {})), "labels": dict(e.get("labels", {}))}
+  return out | ({"config": e["config"]} if "config" in e else {})
+
+
+def run_stages(out: str, stages, dry_run=False, emit: str | None = None, log=print, finished=None, then: str = "") -> dict:
+  """Dependent sweeps, in order: `stages` = [(name, make_spec[, needs])], `make_spec(done)` -> spec or None.
+
+  Stage `name` lives in out/<name>; `done` = {earlier stage name: its Sweep}. A stage is built only when
+  every stage it needs (default: all earlier ones; `needs=()` for an independent stage) is finished;
+  otherwise, on a dry run or with `emit`, it and the later stages are reported as waiting.
+  Returns {stage name: Sweep} of the stages built; with `emit`
+  also writes out/launch_<stage>_<kind> files and returns their texts under '_emitted'.
+  """
+  done: dict = {}
+  emitted = {}
+  for name, make_spec, *needs in stages:
+    needs = list(done) if not needs else list(needs[0])
+    if any(not done[n].is_done(r) for n in needs for r in done[n].runs()):
+      log(f"sweep: stage {name!r} waits for stage(s) {needs} to finish (launch them, then run this again)")
+      break
+    spec = make_spec(done)
+    if spec is None:
+      log(f"sweep: stage {name!r} cannot be built yet: its inputs are not finished")
+      break
+    sw = Sweep.from_dict({"name": name, **spec}, os.path.join(out, name), finished=finished)
+    done[name] = sw
+    if emit and not sw.plan():
+      log(f"sweep: stage {name!r}: every run finished, nothing to launch")
+    elif emit:
+      emitted[name] = sw.emit(emit, then)
+      path = os.path.join(out, f"launch_{name}_{'slurm.sh' if emit == 'slurm' else 'tpu.txt'}")
+      sw.write_launch(emit, path, echo=lambda *a, **k: None, then=then)
+      log(f"sweep: stage {name!r}: {len(sw.plan())} job(s) to launch, written to {path}")
+    else:
+      sw.run(dry_run=dry_run, log=log)
+  if emit:
+    done["_emitted"] = emitted
+  return done
 
 
 def _group(runs: Sequence[Run]) -> dict[str, list[Run]]:
@@ -379,13 +530,7 @@ def main(argv=None) -> int:
   try:
     sw = Sweep.from_file(a.sweep_file, a.out)
     if a.emit:
-      text = sw.emit(a.emit)
-      os.makedirs(sw.out, exist_ok=True)
-      path = os.path.join(sw.out, "launch_slurm.sh" if a.emit == "slurm" else "launch_tpu.txt")
-      with open(path, "w") as f:
-        f.write(text)
-      print(text, end="")
-      print(f"# written to {path}", file=sys.stderr)
+      print(f"# written to {sw.write_launch(a.emit)}", file=sys.stderr)
       return 0
     print(f"sweep: {len(sw.runs())} runs in {len(sw.groups())} group(s) under {sw.out}")
     sw.run(dry_run=a.dry_run)

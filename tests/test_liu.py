@@ -19,8 +19,10 @@ def test_grid_layout():
 
 
 def test_bad_input(tmp_path, capsys):
-  with pytest.raises(liu.ExperimentError, match="empty"):
-    liu.run_grid([], str(tmp_path))
+  from experiments.sweep import SweepError
+
+  with pytest.raises(SweepError, match="empty"):
+    liu.train_grid([], str(tmp_path), "nano")
   assert liu.main(["--out", str(tmp_path / "x"), "--scale=huge"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "unknown scale 'huge'" in err[0]
@@ -68,5 +70,6 @@ def test_nano_end_to_end(tmp_path, monkeypatch, capsys):
   assert os.path.exists(os.path.join(out, "liu_trace_vs_accuracy.png"))
   capsys.readouterr()
   assert liu.main(["--out", out, "--scale=nano"]) == 0  # rerun: every run skipped, tables unchanged
-  assert capsys.readouterr().out.count("finished, skipped") == len(liu.grid("nano"))
+  rerun = capsys.readouterr().out
+  assert f"liu: sweep: {len(liu.grid('nano'))} run(s) already finished" in rerun and "training" not in rerun
   assert len(pd.read_parquet(os.path.join(out, "liu.parquet"))) == len(df)

@@ -1,0 +1,29 @@
+"""The command-line skeleton shared by the one-command experiments (experiments.chang, experiments.xia)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lib import errors
+
+
+def main(name: str, doc: str, scales, run, argv=None) -> int:
+  """`python -m experiments.<name> --out=DIR [--scale=...] [--data_dir=...]`: calls run(out, scale, data_dir),
+  prints the report's path; a LmtraceError is one line on stderr and exit code 2."""
+  p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--scale", default="quick", choices=list(scales))
+  p.add_argument("--data_dir", default="", help="TFDS data dir (default: $LMTRACE_DATA_DIR or ~/.cache/lmtrace/tfds)")
+  a = p.parse_args(argv)
+  from lib import metrics as MX
+
+  MX.quiet_logs()
+  try:
+    run(a.out, a.scale, a.data_dir)
+  except errors.LmtraceError as e:
+    print(f"lmtrace {name}: error: {e}", file=sys.stderr)
+    return 2
+  print(f"report: {os.path.join(a.out, 'report.md')}")
+  return 0
