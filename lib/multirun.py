@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lib import errors, steps
+from lib import ckpt, errors, runlock, session, steps
 
 DIVERGED = "diverged.json"  # written into a run's workdir when its loss turned non-finite
 GROUP = "group.json"  # written into the group's directory: seeds and run workdirs
@@ -130,3 +130,53 @@ def group_eval_step(params_R, batch, *, mode: str = "vmap", **kw):
 def take(state_R, i):
   """Run i's slice of a stacked state."""
   return jax.tree.map(lambda x: x[i], state_R)
+
+
+class _MemberLocks:
+  """The member workdirs' locks, released when the group session closes (after its checkpointers)."""
+
+  def __init__(self, workdirs):
+    self.workdirs = list(workdirs)
+    self.locks = [runlock.WorkdirLock(w) for w in self.workdirs]
+
+  def acquire(self) -> None:
+    for w, lk in zip(self.workdirs, self.locks):
+      os.makedirs(w, exist_ok=True)
+      lk.acquire()
+
+  def heartbeat(self) -> None:
+    for lk in self.locks:
+      lk.heartbeat()
+
+  def close(self) -> None:
+    for lk in self.locks:
+      lk.release()
+
+
+class GroupSession(session.RunSession):
+  """`lib.session.RunSession` of a group: holds the group directory's lock AND every member workdir's
+  (a member trained alone, or by another group, is refused in one line), stops on SIGTERM/SIGINT at a
+  step boundary like a single run, and a failed fresh start removes the group directory only when no
+  member holds a checkpoint."""
+
+  def __init__(self, workdir: str, member_workdirs):
+    super().__init__(workdir)
+    self.members = _MemberLocks(member_workdirs)
+
+  def __enter__(self):
+    super().__enter__()
+    self.closing(self.members)  # closed last: after every checkpointer registered later has finished
+    try:
+      self.members.acquire()
+    except BaseException as e:
+      self.__exit__(type(e), e, e.__traceback__)
+      raise
+    return self
+
+  def stop_requested(self, step: int) -> bool:
+    self.members.heartbeat()
+    return super().stop_requested(step)
+
+  def _remove_if_fresh(self) -> None:
+    if not any(os.path.isdir(w) and ckpt.available_steps(w) for w in self.members.workdirs):
+      super()._remove_if_fresh()
