@@ -316,7 +316,9 @@ def _train(cfg, workdir: str, run, *, seeds, mode: str, mesh, groups, mcfg, stat
     del singles, restored
     if step0 is not None:
       log.info("resumed group of %d runs from step %d in %s", R, step, workdir)
-    writers = [run.closing(MX.Writer(wd, cfg.log.tensorboard)) for wd in wds]
+    # a live run drops rows an interrupted earlier pass logged after its checkpoint (each step once); a diverged run's stay
+    keep = [(step if step0 is not None else -1) if a else None for a in alive]
+    writers = [run.closing(MX.Writer(wd, cfg.log.tensorboard, keep_upto=k)) for wd, k in zip(wds, keep)]
     kw = dict(model=model, tx=tx, schedule=sched, grad_accum=cfg.train.grad_accum, num_groups=len(groups))
     runs = GroupRuns(
       seeds=list(seeds), wds=wds, workdir=workdir, its=[], shared_data=shared_data, names=names, ckpts=ckpts,
