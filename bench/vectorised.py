@@ -10,6 +10,9 @@ disabled for both). Target: ratio <= 0.5 on a CPU. It also prints the ratio of p
 steadier than wall time on a shared machine, and the load average before and after each measurement.
 `--repeats=N` interleaves N (sequential, vectorised) pairs and prints every pair's ratio and the median.
 `--breakdown` prints where each side's wall time went (phase timers; phases nest, see `PHASES`).
+`--step_costs` only times one jitted train step (random 16x64 batch, after compilation): a single run's vs
+the k-run group's under `map` and `vmap`, wall and CPU ms per step, and counts the batched dots in each
+compiled program (why `vmap` costs about 2x on XLA:CPU: every weight matmul becomes a batched dot).
 """
 
 from __future__ import annotations
@@ -139,6 +142,52 @@ def print_breakdown(preset, res):
     print(f"  {label:46s} {bs.get(label, 0.0):9.1f}  {bv.get(label, 0.0):9.1f}")
 
 
+def step_costs(presets: str, k: int, n: int = 100) -> None:
+  """Per-step wall/CPU ms of one run's step vs the k-run group's (`map`, `vmap`) and their batched-dot counts."""
+  import re
+
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  from lib import model as M
+  from lib import multirun, optim, steps
+
+  for preset in presets.split(","):
+    mcfg = M.ModelConfig(**{**vars(M.ModelConfig.from_config(base.model_config(preset))), "vocab_size": 20})
+    model = M.make(mcfg)
+    tx, sched = optim.make_optimizer(base.defaults().opt, 200)
+
+    def init(key, model=model, mcfg=mcfg, tx=tx):
+      p = nn.unbox(model.init(key, *(M.dummy_batch(mcfg, 1, 8)[f] for f in ("inputs", "positions", "segment_ids")))["params"])
+      return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32), "rng": key}
+
+    toks = jax.random.randint(jax.random.PRNGKey(3), (16, 65), 0, 20)
+    b = dict(M.dummy_batch(mcfg, 16, 64), inputs=toks[:, :-1], targets=toks[:, 1:])
+    kw = dict(model=model, tx=tx, schedule=sched)
+    cases = {"single": (jax.jit(functools.partial(steps.train_step, **kw)), init(jax.random.PRNGKey(0)), b)}
+    group = multirun.stack([init(jax.random.PRNGKey(s)) for s in range(k)])
+    for mode in ("map", "vmap"):
+      f = jax.jit(functools.partial(multirun.group_train_step, shared_batch=False, mode=mode, **kw))
+      cases[mode] = (f, group, tuple(b for _ in range(k)))
+    for name, (f, state, batch) in cases.items():
+      exe = f.lower(state, batch).compile()
+      dots = [ln for ln in exe.as_text().splitlines() if " dot(" in ln]
+      batched = sum(bool(re.search(r"lhs_batch_dims=\{[^}]", ln)) for ln in dots)
+      state, m = exe(state, batch)
+      jax.block_until_ready(m)
+      t0, c0 = time.perf_counter(), time.process_time()
+      for _ in range(n):
+        state, m = exe(state, batch)
+      jax.block_until_ready(m)
+      w, c = (time.perf_counter() - t0) / n * 1e3, (time.process_time() - c0) / n * 1e3
+      per = "" if name == "single" else f"; per run {c / k:.2f} ms CPU"
+      print(
+        f"STEP {preset} {name:6s}: {w:7.2f} ms wall, {c:7.2f} ms CPU per step{per}; {batched}/{len(dots)} dots batched",
+        flush=True,
+      )
+  print(f"loadavg {load()}")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--k", type=int, default=5)
@@ -147,8 +196,11 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=1, help="interleaved (sequential, vectorised) pairs per preset")
   ap.add_argument("--mode", default="auto", help="train.seeds_mode of the vectorised side")
   ap.add_argument("--breakdown", action="store_true", help="print where each side's wall time went")
+  ap.add_argument("--step_costs", action="store_true", help="only time one train step: single vs group (map, vmap)")
   a = ap.parse_args()
   MX.quiet_logs()
+  if a.step_costs:
+    return step_costs(a.presets, a.k)
   jax.config.update("jax_enable_compilation_cache", False)
   root = tempfile.mkdtemp(prefix="bench_vec_")
   data_dir = os.path.join(root, "tfds")

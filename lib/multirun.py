@@ -7,8 +7,10 @@ which needs the data pipeline, is `train_group.py` beside train.py (lib/ must no
 
 The train state gets a leading run axis R and one jitted step maps `lib.steps.train_step` over it:
 `jax.vmap` (batched matmuls; what accelerators want) or `jax.lax.map` (the runs in turn inside one
-program: one dispatch per step for all runs; on a CPU this is cheaper, as batched matmuls there cost
-about twice the separate ones) — `train.seeds_mode`, default auto (map on CPU, vmap elsewhere). Each
+program: one dispatch per step for all runs; on a CPU this is cheaper: XLA:CPU hands only unbatched
+dots to its matmul kernels, and under vmap every weight matmul is a batched dot, so a vmapped step costs
+about twice the separate ones; `python -m bench.vectorised --step_costs`) — `train.seeds_mode`, default
+auto (map on CPU, vmap elsewhere). Each
 run's slice is sharded exactly like a single run's state (the run axis is replicated over the mesh). Every run gets an
 ordinary workdir `WORKDIR/seed_<s>` (config.json with its own `seed` and no `train.seeds`, metrics.jsonl,
 checkpoints/, resume/), so analysis jobs, loaders and a later single-run resume read it unchanged;
@@ -95,7 +97,7 @@ def finite_runs(loss_R) -> np.ndarray:
 
 def run_mode(mode: str) -> str:
   """'vmap' | 'map' from `train.seeds_mode` ('auto': map on CPU, where batched matmuls cost about 2x the
-  separate ones (bench.vectorised), vmap on accelerators, where they fill the device)."""
+  separate ones (`bench.vectorised --step_costs`), vmap on accelerators, where they fill the device)."""
   if mode not in ("auto", "vmap", "map"):
     raise errors.ConfigError(f"train.seeds_mode={mode!r}: expected auto, vmap or map")
   if mode == "auto":
