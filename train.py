@@ -9,12 +9,14 @@ another model, data or seed is refused rather than overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,7 @@ from flax import linen as nn
 from data import adversarial, mlm_exact, sources
 from data import pipeline as dp
 from lib import ckpt as C
-from lib import config_check, errors, mixture, multirun, optim, preempt, schedules, sharding, steps
+from lib import config_check, errors, mixture, multirun, optim, preempt, schedules, sharding, steps, trainloop
 from lib import metrics as MX
 from lib import model as M
 from lib import session as RS
@@ -180,6 +182,75 @@ def build_row(step: int, m: dict, batch_np: dict, mix, *, dt: float, n_steps: in
   return row
 
 
+@dataclasses.dataclass
+class SingleRun:
+  """One run as the shared loop's `Runs` (lib/trainloop.py): its step, rows, evals and checkpoints."""
+
+  mix: mixture.MixtureRunner
+  p_train: Any
+  p_eval: Any
+  eval_sets: list
+  names: list
+  mlm_eval: Any
+  ckpt: C.Checkpointer
+  writer: MX.Writer
+  hook: Any
+  mesh: Any
+  batch: int
+  seq_len: int
+  total: int
+  step0: int
+  tokens0: int
+  fpt: float
+  peak: float | None
+  workdir: str
+  stop_on_nan: bool
+  last_m: dict = dataclasses.field(default_factory=dict)
+
+  def tokens_seen(self, step: int) -> int:
+    return self.tokens0 + (step - self.step0) * self.batch * self.seq_len
+
+  def train(self, state):
+    batch_np = self.mix.next_batch()
+    state, m = self.p_train(state, sharding.global_batch_from_local(self.mesh, batch_np, self.batch))
+    return state, m, batch_np
+
+  def log(self, step: int, fetched: list, batch_np, *, dt: float, n_steps: int) -> None:
+    check_finite(fetched, self.workdir, self.stop_on_nan)
+    row = build_row(
+      step, fetched[-1][1], batch_np, self.mix, dt=dt, n_steps=n_steps, tokens=self.batch * self.seq_len,
+      tokens_seen=self.tokens_seen(step), fpt=self.fpt, peak=self.peak,
+    )  # fmt: skip
+    self.writer.write(step, row)
+    self.last_m.update(row)
+    console(step, self.total, row)
+
+  def eval_metrics(self, step: int, params) -> dict:
+    m = run_eval(self.p_eval, params, self.eval_sets, self.names, extra=self.mlm_eval)
+    self.writer.write(step, m)
+    return m
+
+  def evaluate(self, step: int, state, mix: bool):
+    em = self.eval_metrics(step, state["params"])
+    self.last_m.update(em)
+    console(step, self.total, em)
+    return self.mix.observe(step, em, state) if mix else state
+
+  def wants_save(self, step: int, last: bool) -> bool:
+    return any(self.ckpt.wants(step, last))
+
+  def wants_mix(self, step: int) -> bool:
+    return self.mix.wants_eval(step)
+
+  def save(self, step: int, state, last: bool = False) -> None:
+    if self.wants_save(step, last):
+      meta = {"step": step, "tokens_seen": self.tokens_seen(step), "data_step": step, "time": time.time()}
+      meta.update(mixture_p=self.mix.proportions(step).tolist(), group_names=self.names)
+      self.ckpt.save(step, state, meta, last=last)
+    if self.hook is not None:
+      self.hook.maybe_record(step, state["params"], self.tokens_seen(step))
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run described by `cfg` in `workdir`; returns the final metrics.
 
@@ -315,41 +386,18 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       donate_argnums=(0,),
     )
     p_eval = jax.jit(functools.partial(steps.eval_step, model=model, num_groups=len(groups)))
-    fpt = M.flops_per_token(mcfg, L, n_params)
-    peak = MX.peak_flops_per_device(cfg.log.peak_flops)
-    tokens_seen = int(meta.get("tokens_seen", step * B * L))
 
-    def save(step_, last=False):
-      a, r = ckpt.wants(step_, last)
-      if a or r:
-        ckpt.save(
-          step_,
-          state,
-          {
-            "step": step_,
-            "tokens_seen": tokens_seen,
-            "data_step": step_,
-            "time": time.time(),
-            "mixture_p": mix.proportions(step_).tolist(),
-            "group_names": names,
-          },
-          last=last,
-        )
-      if hook is not None:
-        hook.maybe_record(step_, state["params"], tokens_seen)
-
-    def evaluate(step_):
-      m = run_eval(p_eval, state["params"], eval_sets, names, extra=mlm_eval)
-      writer.write(step_, m)
-      return m
-
+    runs = SingleRun(
+      mix=mix, p_train=p_train, p_eval=p_eval, eval_sets=eval_sets, names=names, mlm_eval=mlm_eval, ckpt=ckpt, writer=writer,
+      hook=hook, mesh=mesh, batch=B, seq_len=L, total=total, step0=step, tokens0=int(meta.get("tokens_seen", step * B * L)),
+      fpt=M.flops_per_token(mcfg, L, n_params), peak=MX.peak_flops_per_device(cfg.log.peak_flops), workdir=workdir,
+      stop_on_nan=cfg.train.stop_on_nan,
+    )  # fmt: skip
     if restored is None:
-      save(0)
-      state = mix.first_eval(state, evaluate, log_eval=bool(cfg.eval.every))
+      runs.save(0, state)
+      state = mix.first_eval(state, functools.partial(runs.eval_metrics, params=state["params"]), log_eval=bool(cfg.eval.every))
     mix.start(step)
     first_step = step
-    pending, last_m = [], {}
-    t_last, step_last = time.time(), step
     print(
       f"lmtrace: {n_params:,} params, mesh {dict(mesh.shape)}, {len(groups)} group(s) {names}, "
       f"steps {step}->{total}, workdir {os.path.abspath(workdir)}",
@@ -357,39 +405,11 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
     )
     stop = min(total, cfg.train.stop_at or total)
     try:
-      while step < stop:
-        batch_np = mix.next_batch()
-        batch = sharding.global_batch_from_local(mesh, batch_np, B)
-        state, m = p_train(state, batch)
-        step += 1
-        tokens_seen += B * L
-        pending.append((step, m))
-        at_end = step == stop or run.stop_requested(step)  # a signal stops here, with a resume checkpoint
-        do_eval = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == total)
-        do_mix = mix.wants_eval(step)
-        a, r = ckpt.wants(step, at_end)
-        if step % cfg.train.log_every == 0 or do_eval or do_mix or a or r or at_end:
-          fetched = jax.device_get(pending)
-          check_finite(fetched, workdir, cfg.train.stop_on_nan)
-          row = build_row(
-            step, fetched[-1][1], batch_np, mix, dt=time.time() - t_last, n_steps=step - step_last, tokens=B * L,
-            tokens_seen=tokens_seen, fpt=fpt, peak=peak,
-          )  # fmt: skip
-          writer.write(step, row)
-          last_m.update(row)
-          console(step, total, row)
-          pending = []
-          t_last, step_last = time.time(), step
-        if do_eval or do_mix:
-          em = evaluate(step)
-          last_m.update(em)
-          console(step, total, em)
-          if do_mix:
-            state = mix.observe(step, em, state)
-          t_last = time.time()
-        save(step, last=at_end)
-        if at_end:
-          break
+      state, step = trainloop.run(
+        runs, state, step, stop=stop, total=total, log_every=cfg.train.log_every, eval_every=cfg.eval.every,
+        stop_requested=run.stop_requested,
+      )  # fmt: skip
+      last_m = runs.last_m
       # once, when this process took the run to its end (a rerun of a finished run writes no second row)
       last_m.update(test_eval(p_eval, state["params"], groups, cfg, mesh, writer, step if step == total > first_step else None))
     finally:

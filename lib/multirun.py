@@ -7,8 +7,10 @@ which needs the data pipeline, is `train_group.py` beside train.py (lib/ must no
 
 The train state gets a leading run axis R and one jitted step maps `lib.steps.train_step` over it:
 `jax.vmap` (batched matmuls; what accelerators want) or `jax.lax.map` (the runs in turn inside one
-program: one dispatch per step for all runs; on a CPU this is cheaper, as batched matmuls there cost
-about twice the separate ones) — `train.seeds_mode`, default auto (map on CPU, vmap elsewhere). Each
+program: one dispatch per step for all runs; on a CPU this is cheaper: XLA:CPU hands only unbatched
+dots to its matmul kernels, and under vmap every weight matmul is a batched dot, so a vmapped step costs
+about twice the separate ones; `python -m bench.vectorised --step_costs`) — `train.seeds_mode`, default
+auto (map on CPU, vmap elsewhere). Each
 run's slice is sharded exactly like a single run's state (the run axis is replicated over the mesh). Every run gets an
 ordinary workdir `WORKDIR/seed_<s>` (config.json with its own `seed` and no `train.seeds`, metrics.jsonl,
 checkpoints/, resume/), so analysis jobs, loaders and a later single-run resume read it unchanged;
@@ -33,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lib import errors, steps
+from lib import ckpt, errors, runlock, session, steps
 
 DIVERGED = "diverged.json"  # written into a run's workdir when its loss turned non-finite
 GROUP = "group.json"  # written into the group's directory: seeds and run workdirs
@@ -95,7 +97,7 @@ def finite_runs(loss_R) -> np.ndarray:
 
 def run_mode(mode: str) -> str:
   """'vmap' | 'map' from `train.seeds_mode` ('auto': map on CPU, where batched matmuls cost about 2x the
-  separate ones (bench.vectorised), vmap on accelerators, where they fill the device)."""
+  separate ones (`bench.vectorised --step_costs`), vmap on accelerators, where they fill the device)."""
   if mode not in ("auto", "vmap", "map"):
     raise errors.ConfigError(f"train.seeds_mode={mode!r}: expected auto, vmap or map")
   if mode == "auto":
@@ -130,3 +132,53 @@ def group_eval_step(params_R, batch, *, mode: str = "vmap", **kw):
 def take(state_R, i):
   """Run i's slice of a stacked state."""
   return jax.tree.map(lambda x: x[i], state_R)
+
+
+class _MemberLocks:
+  """The member workdirs' locks, released when the group session closes (after its checkpointers)."""
+
+  def __init__(self, workdirs):
+    self.workdirs = list(workdirs)
+    self.locks = [runlock.WorkdirLock(w) for w in self.workdirs]
+
+  def acquire(self) -> None:
+    for w, lk in zip(self.workdirs, self.locks):
+      os.makedirs(w, exist_ok=True)
+      lk.acquire()
+
+  def heartbeat(self) -> None:
+    for lk in self.locks:
+      lk.heartbeat()
+
+  def close(self) -> None:
+    for lk in self.locks:
+      lk.release()
+
+
+class GroupSession(session.RunSession):
+  """`lib.session.RunSession` of a group: holds the group directory's lock AND every member workdir's
+  (a member trained alone, or by another group, is refused in one line), stops on SIGTERM/SIGINT at a
+  step boundary like a single run, and a failed fresh start removes the group directory only when no
+  member holds a checkpoint."""
+
+  def __init__(self, workdir: str, member_workdirs):
+    super().__init__(workdir)
+    self.members = _MemberLocks(member_workdirs)
+
+  def __enter__(self):
+    super().__enter__()
+    self.closing(self.members)  # closed last: after every checkpointer registered later has finished
+    try:
+      self.members.acquire()
+    except BaseException as e:
+      self.__exit__(type(e), e, e.__traceback__)
+      raise
+    return self
+
+  def stop_requested(self, step: int) -> bool:
+    self.members.heartbeat()
+    return super().stop_requested(step)
+
+  def _remove_if_fresh(self) -> None:
+    if not any(os.path.isdir(w) and ckpt.available_steps(w) for w in self.members.workdirs):
+      super()._remove_if_fresh()

@@ -3,6 +3,10 @@ bit-for-bit, a diverging run stops only itself, unvectorisable configs are refus
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,8 @@ import pytest
 
 import train
 from lib import ckpt as C
-from lib import errors, multirun, steps
+from lib import errors, multirun, preempt, runlock, steps
+from lib import metrics as MX
 from tests.helpers import tiny_cfg
 
 STEPS = 20
@@ -152,3 +157,54 @@ def test_unvectorisable_config_is_one_clear_line(tmp_path, data_dir):
     train.train_and_evaluate(cfg, str(tmp_path / "p"))
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "p")  # nothing half-written
+
+
+def test_group_refuses_a_locked_member_and_writes_nothing(tmp_path, data_dir):
+  """A member workdir held by another live trainer: one clear line, the fresh group dir is removed again."""
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    w = tmp_path / "g"
+    os.makedirs(w / "seed_1")
+    lock = {"host": socket.gethostname(), "pid": holder.pid, "pid_start": runlock._pid_start(holder.pid), "since": "now"}
+    (w / "seed_1" / runlock.LOCK).write_text(json.dumps(lock))
+    with pytest.raises(errors.CheckpointError, match=rf"seed_1 is in use by another trainer \(pid {holder.pid} on") as e:
+      train.train_and_evaluate(tiny_cfg(data_dir, **OVER, **{"train.seeds": "0,1"}), str(w))
+    assert "\n" not in str(e.value)
+    # nothing half-written: no configs, no group.json, seed_0's lock released; the other trainer's lock kept
+    assert sorted(os.listdir(w)) == ["seed_0", "seed_1"] and os.listdir(w / "seed_0") == []
+    assert os.listdir(w / "seed_1") == [runlock.LOCK]
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_group_sigterm_saves_and_resumes_bit_identical(group, tmp_path, data_dir, monkeypatch):
+  """SIGTERM (a real signal to this process) during step 6's log: every run gets a resume checkpoint of
+  step 7, the locks are released, and the rerun ends bit-identical to the uninterrupted group."""
+  orig = MX.console_line
+
+  def line_then_signal(step, total, row):
+    if step == 6:  # the loop asks at the next step boundary
+      os.kill(os.getpid(), signal.SIGTERM)
+    return orig(step, total, row)
+
+  monkeypatch.setattr(MX, "console_line", line_then_signal)
+  w = str(tmp_path / "g")
+  with pytest.raises(preempt.Preempted, match=r"stopped by SIGTERM after step 7; a resume checkpoint of step 7 is in") as e:
+    train.train_and_evaluate(tiny_cfg(data_dir, **OVER, **{"train.seeds": "0,1"}), w)
+  assert "\n" not in str(e.value)
+  monkeypatch.setattr(MX, "console_line", orig)
+  for s in (0, 1):
+    wd = os.path.join(w, f"seed_{s}")
+    assert max(C.available_steps(wd, need_full=True)) == 7 and not os.path.exists(os.path.join(wd, runlock.LOCK))
+  assert not os.path.exists(os.path.join(w, runlock.LOCK))
+  out = train.train_and_evaluate(tiny_cfg(data_dir, **OVER, **{"train.seeds": "0,1"}), w)
+  assert out[0]["step"] == out[1]["step"] == STEPS
+  for s in (0, 1):
+    a, b = os.path.join(group[0], f"seed_{s}"), os.path.join(w, f"seed_{s}")
+    for u, v in zip(jax.tree.leaves(C.restore_params(a, STEPS)), jax.tree.leaves(C.restore_params(b, STEPS)), strict=True):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    la, lb = rows(a, "train/loss"), rows(b, "train/loss")
+    assert la == lb  # the same loss at every step
+    n = [sum(1 for _ in open(os.path.join(d, "metrics.jsonl"))) for d in (a, b)]
+    assert n[0] == n[1]  # and every row once
