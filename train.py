@@ -303,6 +303,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
     step = int(state["step"])
     writer = run.closing(MX.Writer(workdir, cfg.log.tensorboard, keep_upto=step if restored is not None else -1))
     mix.load(state["mixture"])
+    mix.prepare(eval_sets=eval_sets, mesh=mesh, params_like=state["params"])  # DoGE's val batches, DoReMi's reference
     hook = None
     if cfg.probes.enabled:
       from analysis import probes
@@ -360,7 +361,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       while step < stop:
         batch_np = mix.next_batch()
         batch = sharding.global_batch_from_local(mesh, batch_np, B)
-        state, m = p_train(state, batch)
+        state, m = p_train(state, mix.step_inputs(batch, step))
         step += 1
         tokens_seen += B * L
         pending.append((step, m))

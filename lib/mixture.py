@@ -31,7 +31,9 @@ NEEDS = {
   "eval_group_loss": "per-group validation losses when wants_eval(step)",
   "train_group_loss": "per-group training losses inside the jitted step",
   "group_grads": "per-group gradients inside the jitted step (from the batch's group ids)",
-  "reference_losses": "a reference run's per-group losses (mixture.reference)",
+  "reference_losses": "a reference run's per-group losses (mixture.reference = 'group=loss,...')",
+  "reference_params": "a reference run's params (mixture.reference = its workdir): per-token reference losses in the step",
+  "validation_batch": "a held-out validation batch (rows of every group) inside the jitted step",
   "skills_graph": "a skills graph from one-hot runs (mixture.graph)",
 }
 
@@ -60,6 +62,11 @@ class Controller:
   def log_fields(self, state: dict) -> dict:
     """Extra flat fields for the logged row (e.g. Aioli's latest Â)."""
     return {}
+
+  def implied_A(self, state: dict, vectors: dict):
+    """The LMO parameters A^t this method's latest update implies (lib/mixing_laws.implied_A), from
+    its host state and the step's logged vectors; None if it has none (yet). Logged as mixture/A/<i>/<j>."""
+    return None
 
 
 class Stratified(Controller):
@@ -257,6 +264,15 @@ class SkillIt(Controller):
     p = np.exp(logits - logits.max())
     return {"p": (p / p.sum()).astype(np.float32), "hist": hist.astype(np.float32), "n": np.asarray(n, np.int32)}
 
+  def implied_A(self, state: dict, vectors: dict):
+    from lib import mixing_laws
+
+    n = int(state["n"])
+    if n == 0:
+      return None
+    S = np.asarray(state["hist"], np.float64)[: min(n, self.w)].sum(0)
+    return mixing_laws.implied_A("skillit", graph=self.A, window_loss=S)
+
 
 class _Reweighting(Controller):
   """Shared by DoReMi and DoGE: data stay stratified; the jitted train step reweights per-group losses
@@ -285,41 +301,65 @@ class _Reweighting(Controller):
 
 
 class DoReMi(_Reweighting):
-  """DoReMi (Xie et al. 2023) as an LMO method: A^t = diag(max(ℓ_i^t − ℓ_i^ref, 0)).
+  """DoReMi (Xie et al. 2023) as an LMO method: A^t = diag(excess loss of group i).
 
-  Each step (on device, after the step's forward pass): excess = max(ℓ_train − ℓ_ref, 0);
-  log w ← log w + μ·excess; w ← (1−ε)·softmax(log w) + ε/m; the proxy's loss is Σ_i w_i ℓ_i
-  (reweighted, not resampled), with the w of the previous step. ONE optimizer update per step (the
-  released trainer's per-micro-batch optimizer.step() is not copied). ℓ_ref = `mixture.reference`: the
-  per-group validation losses of a same-size stratified reference run ('a=3.1,b=2.0' or a run dir,
-  whose last eval row is read)."""
+  Each step (on device, after the step's forward pass): excess_g = per-token max(ℓ − ℓ_ref, 0) averaged
+  over group g's tokens, where ℓ_ref is the reference model's loss on the same tokens (its forward runs
+  inside the jitted step); log w ← log w + μ·excess; w ← (1−ε)·softmax(log w) + ε/m; the proxy's loss
+  is Σ_i w_i ℓ_i (reweighted, not resampled), with the w of the previous step. ONE optimizer update per
+  step (the released trainer's per-micro-batch optimizer.step() is not copied).
+  `mixture.reference`: the workdir of a same-size stratified reference run with the same model (its
+  latest checkpoint's params are restored once: DoReMi proper), or 'a=3.1,b=2.0', per-group reference
+  losses (the coarser variant: excess = max(ℓ_g − ℓ_ref,g, 0) on group means)."""
 
   name = "doremi"
   needs = frozenset({"train_group_loss", "reference_losses"})
   mode = "doremi"
 
   def __init__(self, group_names, cfg=None):
+    import os
+
     super().__init__(group_names, cfg)
     ref = cfg.get("reference", "") if cfg is not None else ""
     if not ref:
       raise ConfigError("mixture.method=doremi needs a reference run: set mixture.reference to its workdir or 'group=loss,...'")
-    self.ref = reference_losses(ref, self.group_names)
+    self.ref_dir = ref if isinstance(ref, str) and os.path.isdir(ref) else None
+    if self.ref_dir is not None:
+      from lib import ckpt as C
+
+      if not C.available_steps(self.ref_dir):
+        raise ConfigError(f"mixture.reference={ref}: the reference run has no checkpoint to restore its params from")
+      self.needs = frozenset({"train_group_loss", "reference_params"})
+      self.ref = np.zeros(self.m)  # unused: the per-token reference losses come from the params
+    else:
+      self.ref = reference_losses(ref, self.group_names)
 
   def init(self) -> dict:
     return dict(super().init(), ref=self.ref.astype(np.float32))
+
+  def implied_A(self, state: dict, vectors: dict):
+    from lib import mixing_laws
+
+    return mixing_laws.implied_A("doremi", excess=vectors["mixture/excess"]) if "mixture/excess" in vectors else None
 
 
 class DoGE(_Reweighting):
   """DoGE (Fan et al. 2023): A^t_ij = ⟨∇ℓ_i^train, ∇ℓ_j^val⟩, computed inside the jitted step.
 
-  Per-group gradients g_i come from the batch's group ids; the target gradient is the mean over
-  groups of the same batch's per-group gradients (DoGE's universal-generalisation setting: every
-  training group is a target). s_i = clip(lr·⟨g_i, g_val⟩ / mean_i ‖g_i‖, 0, 5·lr); log w ← log w + s/μ;
-  w = softmax(log w); the applied gradient is Σ_i w_i g_i with the new w."""
+  Per-group training gradients g_i come from the batch's group ids; the target gradient g_val is the
+  gradient of the mean over groups of the per-group validation losses on a held-out validation batch
+  (rows of every group, cycled through the validation split: MixtureRunner.step_inputs), DoGE's
+  universal-generalisation setting. s_i = clip(lr·⟨g_i, g_val⟩ / mean_i ‖g_i‖, 0, 5·lr);
+  log w ← log w + s/μ; w = softmax(log w); the applied gradient is Σ_i w_i g_i with the new w."""
 
   name = "doge"
-  needs = frozenset({"group_grads"})
+  needs = frozenset({"group_grads", "validation_batch"})
   mode = "doge"
+
+  def implied_A(self, state: dict, vectors: dict):
+    from lib import mixing_laws
+
+    return mixing_laws.implied_A("doge", doge_score=vectors["mixture/doge_score"]) if "mixture/doge_score" in vectors else None
 
 
 def reference_losses(ref, group_names) -> np.ndarray:
@@ -427,6 +467,44 @@ class MixtureRunner:
       steps.mixing_train_step, model=model, tx=tx, schedule=schedule, num_groups=m, mode=mode, mu=c.mu, eps=c.eps
     )
 
+  def prepare(self, *, eval_sets=(), mesh=None, params_like=None) -> None:
+    """Device inputs the reweighting step needs beyond the training rows, built once: DoGE's
+    validation batches (each = one validation batch of every group, concatenated; cycled by step) and
+    DoReMi's reference params (restored from mixture.reference's latest checkpoint onto `mesh`,
+    checked against this run's parameter shapes `params_like`)."""
+    import jax
+    import jax.numpy as jnp
+
+    self._val, self._ref_params = [], None
+    needs = self.controller.needs
+    if "validation_batch" in needs:
+      by_group = [[] for _ in self.names]
+      for b in eval_sets:
+        by_group[int(np.asarray(b["group"].addressable_shards[0].data).reshape(-1)[0])].append(b)
+      missing = [n for n, bs in zip(self.names, by_group) if not bs]
+      if missing:
+        raise ConfigError(f"mixture.method={self.controller.name} needs validation batches of every group; none for {missing}")
+      n = max(len(bs) for bs in by_group)
+      self._val = [jax.tree.map(lambda *x: jnp.concatenate(x), *(bs[k % len(bs)] for bs in by_group)) for k in range(n)]
+    if "reference_params" in needs:
+      from lib import ckpt as C
+
+      ref_dir = self.controller.ref_dir
+      ref = C.restore_params(ref_dir, None, mesh)
+      got = jax.tree.map(lambda x: tuple(x.shape), ref)
+      want = jax.tree.map(lambda x: tuple(x.shape), params_like) if params_like is not None else got
+      if jax.tree.structure(got) != jax.tree.structure(want) or jax.tree.leaves(got) != jax.tree.leaves(want):
+        raise ConfigError(f"mixture.reference={ref_dir}: the reference run's model differs from this run's (parameter shapes)")
+      self._ref_params = ref
+
+  def step_inputs(self, batch: dict, step: int) -> dict:
+    """The batch for the jitted step at `step`, with the reweighting step's extra inputs (prepare)."""
+    if getattr(self, "_val", None):
+      batch = dict(batch, val=self._val[int(step) % len(self._val)])
+    if getattr(self, "_ref_params", None) is not None:
+      batch = dict(batch, ref_params=self._ref_params)
+    return batch
+
   def load(self, device_state) -> None:
     """Adopts the (restored or initial) device copy of the controller state."""
     self.state = {k: np.asarray(v) for k, v in device_state.items()}
@@ -485,10 +563,15 @@ class MixtureRunner:
     gl = row.pop("train/group_loss")
     for gi, n in enumerate(self.names):
       out[f"train/{n}/loss"] = float(gl[gi])
-    for key in ("mixture/w", "mixture/w_avg"):  # on-device controllers' loss weights (DoReMi, DoGE)
+    vectors = {}
+    for key in ("mixture/w", "mixture/w_avg", "mixture/excess", "mixture/val_loss", "mixture/doge_score"):  # DoReMi, DoGE
       w = row.pop(key, None)
       if w is not None:
+        vectors[key] = np.asarray(w)
         for gi, n in enumerate(self.names):
           out[f"{key}/{n}"] = float(w[gi])
+    A = self.controller.implied_A(self.state, vectors)
+    if A is not None:
+      out.update({f"mixture/A/{a}/{b}": float(A[i, j]) for i, a in enumerate(self.names) for j, b in enumerate(self.names)})
     out.update(self.controller.log_fields(self.state))
     return out
