@@ -105,6 +105,13 @@ class Aioli(Controller):
     self.U, self.R, self.s = int(g("update_steps", 250)), int(g("lp_rounds", 4)), int(g("lp_steps", 4))
     self.f, self.eta, self.ema = float(g("one_hot_factor", 0.625)), float(g("eta", 0.2)), float(g("ema", 0.0))
     self.seed = int(g("seed", 0))
+    # LearnParams as branches (opt-in): "" = the released chained sub-phases (they train the run itself,
+    # consuming the budget); "vmap" / "sequential" = the R·m sub-phases forked from the round's start
+    # state, trained as copies (vmap, or one after another: the same numbers) and discarded, each
+    # G[:, j] the drop from ℓ⁰ (MixtureRunner.learn_params_branches); the run trains on p all round.
+    self.branches = str(g("lp_branches", "") or "")
+    if self.branches not in ("", "vmap", "sequential"):
+      raise ConfigError(f"Aioli: mixture.lp_branches={self.branches!r} must be '', 'vmap' or 'sequential'")
     # Restricted setting: train on `prior` for `prior_steps` steps, then run Aioli's rounds starting
     # from p = prior. (The released code resets p to uniform after the prior stage, papers.md §4.3.6;
     # we follow the paper's description, "Aioli adjusts the prior", and document the difference.)
@@ -115,7 +122,7 @@ class Aioli(Controller):
       raise ConfigError(
         f"Aioli: mixture.prior_steps={g('prior_steps', 0)} without mixture.prior (the proportions to train on first)"
       )
-    if self.R * self.s * self.m >= self.U:
+    if self.R * self.s * self.m >= self.U and not self.branches:  # branches do not spend the round's steps
       raise ConfigError(
         f"Aioli: LearnParams needs R·s·m = {self.R * self.s * self.m} steps, more than a round (update_steps={self.U})"
       )
@@ -145,10 +152,13 @@ class Aioli(Controller):
       return -1, -1, -1
     r, t = divmod(int(step) - self.P, self.U)
     k = t // self.s
-    if k >= self.R * self.m:
+    if k >= self.R * self.m or self.branches:
       return r, -1, -1
-    perm = np.concatenate([np.random.default_rng([self.seed, r, i]).permutation(self.m) for i in range(self.R)])
-    return r, k, int(perm[k])
+    return r, k, int(self.permutation(r)[k])
+
+  def permutation(self, r: int) -> np.ndarray:
+    """Round r's LearnParams order: R random permutations of the groups, seeded by the run seed."""
+    return np.concatenate([np.random.default_rng([self.seed, r, i]).permutation(self.m) for i in range(self.R)])
 
   def proportions(self, state: dict, step: int) -> np.ndarray:
     _, k, j = self._phase(step)
@@ -158,12 +168,25 @@ class Aioli(Controller):
     if int(step) < self.P:
       return False
     t = (int(step) - self.P) % self.U
+    if self.branches:
+      return t == 0
     return t % self.s == 0 and t // self.s <= self.R * self.m
 
   def update(self, state: dict, step: int, obs: dict) -> dict:
     ell = np.asarray(obs["eval/group_loss"], np.float64)
     state = {k: np.array(v) for k, v in state.items()}
     t = (int(step) - self.P) % self.U
+    if t == 0 and self.branches and "branch/group_loss" not in obs:  # the run's last step: no round follows
+      state["ell"] = ell.astype(np.float32)
+      return state
+    if t == 0 and self.branches:  # the round's LearnParams, all at once: obs["branch/group_loss"] [R·m, m]
+      state["ell"] = ell.astype(np.float32)
+      drops = ell[None, :] - np.asarray(obs["branch/group_loss"], np.float64)
+      G = np.zeros((self.m, self.m))
+      for k, j in enumerate(self.permutation((int(step) - self.P) // self.U)):
+        G[:, j] += drops[k]
+      state["G"] = G.astype(np.float32)
+      return self._finish_round(state, G / self.R)
     if t == 0:  # start of a round: ℓ⁰
       state["ell"], state["G"] = ell.astype(np.float32), np.zeros_like(state["G"])
       return state
@@ -171,22 +194,26 @@ class Aioli(Controller):
     state["G"][:, j] += (state["ell"] - ell).astype(np.float32)
     state["ell"] = ell.astype(np.float32)
     if k == self.R * self.m - 1:
-      G = state["G"].astype(np.float64) / self.R
-      W = np.stack([self._q(i) for i in range(self.m)])
-      A = np.linalg.solve(W, G.T).T if self.f != 1.0 else G  # rows i: G[i, :] = W Â[i, :]
-      if A.min() < 0:
-        A = A - A.min()
-      A = A / max(A.sum(), 1e-12)
-      state["A"] = A.astype(np.float32)
-      if self.ema > 0:
-        A_bar = (1 - self.ema) * A + self.ema * state["A_ema"]
-        logits = self.eta * A_bar.sum(0)
-        state["A_ema"] = A_bar.astype(np.float32)
-      else:
-        logits = np.log(np.maximum(state["p"], 1e-30)) + self.eta * A.sum(0)
-      p = np.exp(logits - logits.max())
-      state["p"] = (p / p.sum()).astype(np.float32)
-      state["rounds"] = np.asarray(state["rounds"] + 1, np.int32)
+      state = self._finish_round(state, state["G"].astype(np.float64) / self.R)
+    return state
+
+  def _finish_round(self, state: dict, G) -> dict:
+    """Â from the round's G (solve, shift, normalise), then the proportions' update."""
+    W = np.stack([self._q(i) for i in range(self.m)])
+    A = np.linalg.solve(W, G.T).T if self.f != 1.0 else G  # rows i: G[i, :] = W Â[i, :]
+    if A.min() < 0:
+      A = A - A.min()
+    A = A / max(A.sum(), 1e-12)
+    state["A"] = A.astype(np.float32)
+    if self.ema > 0:
+      A_bar = (1 - self.ema) * A + self.ema * state["A_ema"]
+      logits = self.eta * A_bar.sum(0)
+      state["A_ema"] = A_bar.astype(np.float32)
+    else:
+      logits = np.log(np.maximum(state["p"], 1e-30)) + self.eta * A.sum(0)
+    p = np.exp(logits - logits.max())
+    state["p"] = (p / p.sum()).astype(np.float32)
+    state["rounds"] = np.asarray(state["rounds"] + 1, np.int32)
     return state
 
   def log_fields(self, state: dict) -> dict:
@@ -452,6 +479,7 @@ class MixtureRunner:
     from lib import steps
 
     mode, m = getattr(self.controller, "mode", ""), len(self.names)
+    self._train_parts = dict(model=model, tx=tx, schedule=schedule)  # for branch training (learn_params_branches)
     if not mode:
       return functools.partial(
         steps.train_step, model=model, tx=tx, schedule=schedule, grad_accum=grad_accum, num_groups=m, extra_loss=extra_loss
@@ -476,6 +504,9 @@ class MixtureRunner:
     import jax.numpy as jnp
 
     self._val, self._ref_params = [], None
+    self._eval_sets, self._mesh = list(eval_sets), mesh
+    if getattr(self.controller, "branches", "") and jax.process_count() > 1:
+      raise ConfigError("mixture.lp_branches needs a single-process run (the branches' batches are built on one host)")
     needs = self.controller.needs
     if "validation_batch" in needs:
       by_group = [[] for _ in self.names]
@@ -496,6 +527,36 @@ class MixtureRunner:
       if jax.tree.structure(got) != jax.tree.structure(want) or jax.tree.leaves(got) != jax.tree.leaves(want):
         raise ConfigError(f"mixture.reference={ref_dir}: the reference run's model differs from this run's (parameter shapes)")
       self._ref_params = ref
+
+  def learn_params_branches(self, step: int, train_state: dict) -> np.ndarray:
+    """Aioli's LearnParams as R·m branches forked from `train_state` at round start `step`: branch k
+    trains lp_steps steps on q^(perm[k]) (the batches the chained sub-phase k would get) and is then
+    evaluated on the validation batches; all branches at once (lib/mixing_laws.run_branches, vmap over
+    copies of the state) or one after another (lp_branches=sequential; the same numbers). The branches
+    are discarded. Returns their per-group validation losses [R·m, m]."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from lib import mixing_laws, steps
+
+    c, parts = self.controller, self._train_parts
+    r = (int(step) - c.P) // c.U
+    perm = c.permutation(r)
+    K = len(perm)
+    rows = [[self.pipe.batch(step + k * c.s + u, c._q(int(perm[k]))) for k in range(K)] for u in range(c.s)]
+    batches = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *[jax.tree.map(lambda *y: np.stack(y), *row) for row in rows])
+    fn = functools.partial(steps.train_step, num_groups=len(self.names), **parts)
+    out, _ = mixing_laws.run_branches(fn, train_state, batches, vectorise=c.branches == "vmap")
+    ev = jax.jit(
+      jax.vmap(functools.partial(steps.eval_step, model=parts["model"], num_groups=len(self.names)), in_axes=(0, None))
+    )
+    tot = None
+    for b in self._eval_sets:
+      s_ = jax.tree.map(lambda x: np.asarray(x, np.float64), ev(out["params"], b))
+      tot = s_ if tot is None else jax.tree.map(np.add, tot, s_)
+    return tot["group_loss_sum"] / np.maximum(tot["group_tokens"], 1.0)
 
   def step_inputs(self, batch: dict, step: int) -> dict:
     """The batch for the jitted step at `step`, with the reweighting step's extra inputs (prepare)."""
@@ -545,6 +606,9 @@ class MixtureRunner:
     mixture state on device and restarts the iterator at `step` (the next batch is step's)."""
     loss = eval_metrics["eval/loss"]
     obs = {"eval/group_loss": np.array([eval_metrics.get(f"eval/{n}/loss", loss) for n in self.names])}
+    c = self.controller
+    if getattr(c, "branches", "") and int(step) < self.total and int(step) >= c.P and (int(step) - c.P) % c.U == 0:
+      obs["branch/group_loss"] = self.learn_params_branches(step, train_state)
     self.state = self.controller.update(self.state, step, obs)
     self.start(step)
     return dict(train_state, mixture=self.to_device())

@@ -77,6 +77,24 @@ def test_aioli_hand_computed_round():
   np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
 
 
+def test_aioli_branch_mode_round_equals_the_chained_round_on_the_same_drops():
+  drops = {0: [0.2, 0.1], 1: [0.05, 0.3]}
+  for R in (1, 2):
+    kw = dict(method="aioli", update_steps=8, lp_rounds=R, lp_steps=1, one_hot_factor=0.75, eta=1.0)
+    chained = mixture.make(_mcfg(**kw), ["a", "b"], seed=3)
+    st_c = _aioli_round(chained, chained.init(), 0, [3.0, 3.0], drops)
+    c = mixture.make(_mcfg(lp_branches="vmap", **kw), ["a", "b"], seed=3)
+    assert c.wants_eval(c.init(), 0) and not c.wants_eval(c.init(), 1)  # one evaluation per round
+    assert np.allclose(c.proportions(c.init(), 1), 0.5)  # no q^(j) sub-phases in the run itself
+    # branch k (group perm[k]) forked from ℓ⁰ ends at ℓ⁰ − drops[perm[k]]: G = R·drops, Â as chained
+    branch = np.array([3.0 - np.asarray(drops[int(j)]) for j in c.permutation(0)])
+    st = c.update(c.init(), 0, {"eval/group_loss": np.array([3.0, 3.0]), "branch/group_loss": branch})
+    for k in ("A", "p", "rounds"):
+      np.testing.assert_allclose(st[k], st_c[k], rtol=1e-6, atol=1e-7)
+  with pytest.raises(errors.ConfigError, match="lp_branches"):
+    mixture.make(_mcfg(method="aioli", lp_branches="gpu"), ["a", "b"])
+
+
 def test_aioli_ema_round():
   c = mixture.make(_mcfg(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, eta=1.0, ema=0.5), ["a", "b"])
   st = _aioli_round(c, c.init(), 0, [3.0, 3.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
@@ -496,6 +514,26 @@ def test_every_controller_resumes_bit_for_bit(tmp_path, name):
       assert {k: v for k, v in resumed[r["step"]].items() if k.startswith("mixture/")} == {
         k: v for k, v in r.items() if k.startswith("mixture/")
       }
+
+
+@pytest.mark.slow
+def test_aioli_learn_params_branches_vmapped_equal_sequential(tmp_path):
+  import train
+
+  mix = dict(update_steps=4, lp_rounds=2, lp_steps=1, eta=5.0)
+  rows = {}
+  for mode in ("vmap", "sequential"):
+    cfg = _run_cfg(tmp_path, "aioli", lp_branches=mode, **mix)
+    cfg.train.steps = 6
+    train.train_and_evaluate(cfg, str(tmp_path / mode))
+    rows[mode] = [json.loads(x) for x in open(os.path.join(tmp_path, mode, "metrics.jsonl"))]
+  tr = {m: [r for r in rows[m] if "train/loss" in r] for m in rows}
+  assert len(tr["vmap"]) == 6 and "mixture/A/a/b" in tr["vmap"][-1]
+  for a, b in zip(tr["vmap"], tr["sequential"]):
+    for k in (k for k in a if k.startswith("mixture/") or k == "train/loss"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  assert len({round(r["mixture/p/a"], 6) for r in tr["vmap"]}) >= 2  # rounds at steps 0 and 4 move p
+  assert all(r["data/rows/a"] + r["data/rows/b"] == 8 for r in tr["vmap"])
 
 
 @pytest.mark.slow
