@@ -426,7 +426,7 @@ def test_vectorised_branches_equal_sequential():
 # ---------------------------------------------------------------- bad input
 
 
-def test_bad_input_is_one_clear_error():
+def test_bad_input_is_one_clear_error(tmp_path):
   with pytest.raises(errors.ConfigError, match=r"unknown groups \['c'\]"):
     mixture.make(_mcfg(method="aioli", update_steps=10, prior="a=0.5,c=0.5", prior_steps=2), ["a", "b"])
   with pytest.raises(errors.DataError, match="sum to 1"):
@@ -445,6 +445,14 @@ def test_bad_input_is_one_clear_error():
     mixture.make(_mcfg(method="doge"), ["a"])
   with pytest.raises(errors.ConfigError, match=r"missing groups \['b'\]"):
     mixture.make(_mcfg(method="doremi", reference="a=3.0"), ["a", "b"])
+
+  with pytest.raises(errors.ConfigError, match="no checkpoint to restore its params"):
+    mixture.make(_mcfg(method="doremi", reference=str(tmp_path)), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="a/b/c"):
+    mixture.make(_mcfg(method="aioli", lp_branches="a/b/c"), ["a", "b"])
+  runner = mixture.MixtureRunner(mixture.make(_mcfg(method="doge"), ["a", "b"]), None, total=4, num_threads=1)
+  with pytest.raises(errors.ConfigError, match=r"validation batches of every group; none for \['b'\]"):
+    runner.prepare(eval_sets=[{"group": jnp.zeros(4, jnp.int32)}])
 
   class Oracle(mixture.Controller):
     name, needs = "oracle", frozenset({"test_losses"})
