@@ -210,9 +210,10 @@ class SingleRun:
   def tokens_seen(self, step: int) -> int:
     return self.tokens0 + (step - self.step0) * self.batch * self.seq_len
 
-  def train(self, state):
+  def train(self, state, step: int):
     batch_np = self.mix.next_batch()
-    state, m = self.p_train(state, sharding.global_batch_from_local(self.mesh, batch_np, self.batch))
+    batch = sharding.global_batch_from_local(self.mesh, batch_np, self.batch)
+    state, m = self.p_train(state, self.mix.step_inputs(batch, step))  # DoGE val batch / DoReMi reference
     return state, m, batch_np
 
   def log(self, step: int, fetched: list, batch_np, *, dt: float, n_steps: int) -> None:
@@ -374,6 +375,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
     step = int(state["step"])
     writer = run.closing(MX.Writer(workdir, cfg.log.tensorboard, keep_upto=step if restored is not None else -1))
     mix.load(state["mixture"])
+    mix.prepare(eval_sets=eval_sets, mesh=mesh, params_like=state["params"])  # DoGE's val batches, DoReMi's reference
     hook = None
     if cfg.probes.enabled:
       from analysis import probes

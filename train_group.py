@@ -162,7 +162,7 @@ class GroupRuns:
   stop_on_nan: bool
   last_m: list = dataclasses.field(default_factory=list)
 
-  def train(self, state):
+  def train(self, state, step: int):
     batches_np = [next(it) for it in self.its]
     glob = [sharding.global_batch_from_local(self.mesh, b, self.batch) for b in batches_np]
     state, m = self.p_train(state, glob[0] if self.shared_data else tuple(glob))

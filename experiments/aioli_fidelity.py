@@ -7,9 +7,11 @@ From RUN's full checkpoint at step T (params + optimizer state), K branches each
 `--branch_steps` steps on their own static mixture p^(k) (m=2: p1 = 0, 0.1, ..., 1 as the paper; m>2:
 the m one-hots plus a Dirichlet cover, 11 in all), all at once (vmap inside scan over copies of the
 state, `lib/mixing_laws.run_branches`). Their per-group validation losses give A⋆ by
-`fit_dynamic_law` (L-BFGS + Huber); if RUN logged Aioli's Â (`mixture/A/<i>/<j>`), the fidelity
-sim(Â, A⋆) of the last Â logged at or before T is reported. Writes a JSON with A⋆, the fit's
-MSE/R², the branch losses and the fidelity.
+`fit_dynamic_law` (L-BFGS + Huber). Every method whose update implies LMO parameters logs them as
+`mixture/A/<i>/<j>` (lib/mixing_laws.implied_A: Aioli's Â, DoReMi's diag(excess), DoGE's gradient
+inner products with the validation gradient, Skill-It's graph times its windowed losses); the fidelity
+sim(Ã, A⋆) of the last Ã logged at or before T is reported, with the run's method. Writes a JSON with
+A⋆, the fit's MSE/R², the branch losses and the fidelity.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def branch_sweep(workdir: str, step: int, branch_steps: int, mixtures=None, vect
 
 
 def logged_A(workdir: str, step: int, names) -> np.ndarray | None:
-  """The last Aioli Â logged at or before `step` (None if the run logged none)."""
+  """The last implied A (Aioli's Â, DoReMi's, DoGE's, Skill-It's) logged at or before `step` (None if the run logged none)."""
   rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
   key = f"mixture/A/{names[0]}/{names[0]}"
   rows = [r for r in rows if key in r and r["step"] <= step]
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
   A_hat = logged_A(a.workdir, a.step, res["groups"])
   res["fidelity"] = mixing_laws.fidelity(A_hat, res["A"]) if A_hat is not None else None
   res["A_method"] = A_hat
+  res["method"] = C.read_config(a.workdir).get("mixture", {}).get("method", "")
   text = json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in res.items()}, indent=1)
   if a.out:
     with open(a.out, "w") as f:

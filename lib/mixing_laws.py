@@ -162,6 +162,29 @@ def fidelity(A_method, A_true) -> float:
   return 0.5 * cos + 0.5 * float(np.nan_to_num(rho, nan=0.0))
 
 
+def implied_A(method: str, *, A=None, excess=None, doge_score=None, graph=None, window_loss=None) -> np.ndarray:
+  """The LMO parameters A^t [m, m] (rows: evaluated group i, columns: trained group j) that a method's
+  update implies (papers.md §4.2), from the quantities it computes at round t:
+
+    aioli     A = Â (its own estimate)
+    doremi    A = diag(excess), excess_i = max(ℓ_i − ℓ_i^ref, 0) (per token, averaged per group)
+    doge      A_ij = ⟨∇ℓ_j^train, ∇ℓ_i^val⟩; the step logs only ⟨g_j, g_val⟩ with g_val the mean over
+              validation groups, i.e. the column sums / m, so every row is set to that vector (fidelity
+              reads column sums only)
+    skillit   A_ji = graph[i, j]·Σ_{τ∈window} ℓ_j^τ (its update p_i ∝ exp(η Σ_j graph[i, j] S_j) = exp(η (1ᵀA)_i))
+  """
+  if method == "aioli":
+    return np.asarray(A, np.float64)
+  if method == "doremi":
+    return np.diag(np.asarray(excess, np.float64))
+  if method == "doge":
+    s = np.asarray(doge_score, np.float64)
+    return np.tile(s, (len(s), 1))
+  if method == "skillit":
+    return (np.asarray(graph, np.float64) * np.asarray(window_loss, np.float64)[None, :]).T
+  raise AnalysisError(f"implied_A: {method!r} has no implied mixing-law parameters (aioli, doremi, doge, skillit do)")
+
+
 def _sweep_impl(step_fn, states, batches):
   import jax
 

@@ -31,7 +31,9 @@ NEEDS = {
   "eval_group_loss": "per-group validation losses when wants_eval(step)",
   "train_group_loss": "per-group training losses inside the jitted step",
   "group_grads": "per-group gradients inside the jitted step (from the batch's group ids)",
-  "reference_losses": "a reference run's per-group losses (mixture.reference)",
+  "reference_losses": "a reference run's per-group losses (mixture.reference = 'group=loss,...')",
+  "reference_params": "a reference run's params (mixture.reference = its workdir): per-token reference losses in the step",
+  "validation_batch": "a held-out validation batch (rows of every group) inside the jitted step",
   "skills_graph": "a skills graph from one-hot runs (mixture.graph)",
 }
 
@@ -60,6 +62,11 @@ class Controller:
   def log_fields(self, state: dict) -> dict:
     """Extra flat fields for the logged row (e.g. Aioli's latest Â)."""
     return {}
+
+  def implied_A(self, state: dict, vectors: dict):
+    """The LMO parameters A^t this method's latest update implies (lib/mixing_laws.implied_A), from
+    its host state and the step's logged vectors; None if it has none (yet). Logged as mixture/A/<i>/<j>."""
+    return None
 
 
 class Stratified(Controller):
@@ -98,6 +105,13 @@ class Aioli(Controller):
     self.U, self.R, self.s = int(g("update_steps", 250)), int(g("lp_rounds", 4)), int(g("lp_steps", 4))
     self.f, self.eta, self.ema = float(g("one_hot_factor", 0.625)), float(g("eta", 0.2)), float(g("ema", 0.0))
     self.seed = int(g("seed", 0))
+    # LearnParams as branches (opt-in): "" = the released chained sub-phases (they train the run itself,
+    # consuming the budget); "vmap" / "sequential" = the R·m sub-phases forked from the round's start
+    # state, trained as copies (vmap, or one after another: the same numbers) and discarded, each
+    # G[:, j] the drop from ℓ⁰ (MixtureRunner.learn_params_branches); the run trains on p all round.
+    self.branches = str(g("lp_branches", "") or "")
+    if self.branches not in ("", "vmap", "sequential"):
+      raise ConfigError(f"Aioli: mixture.lp_branches={self.branches!r} must be '', 'vmap' or 'sequential'")
     # Restricted setting: train on `prior` for `prior_steps` steps, then run Aioli's rounds starting
     # from p = prior. (The released code resets p to uniform after the prior stage, papers.md §4.3.6;
     # we follow the paper's description, "Aioli adjusts the prior", and document the difference.)
@@ -108,7 +122,7 @@ class Aioli(Controller):
       raise ConfigError(
         f"Aioli: mixture.prior_steps={g('prior_steps', 0)} without mixture.prior (the proportions to train on first)"
       )
-    if self.R * self.s * self.m >= self.U:
+    if self.R * self.s * self.m >= self.U and not self.branches:  # branches do not spend the round's steps
       raise ConfigError(
         f"Aioli: LearnParams needs R·s·m = {self.R * self.s * self.m} steps, more than a round (update_steps={self.U})"
       )
@@ -138,10 +152,13 @@ class Aioli(Controller):
       return -1, -1, -1
     r, t = divmod(int(step) - self.P, self.U)
     k = t // self.s
-    if k >= self.R * self.m:
+    if k >= self.R * self.m or self.branches:
       return r, -1, -1
-    perm = np.concatenate([np.random.default_rng([self.seed, r, i]).permutation(self.m) for i in range(self.R)])
-    return r, k, int(perm[k])
+    return r, k, int(self.permutation(r)[k])
+
+  def permutation(self, r: int) -> np.ndarray:
+    """Round r's LearnParams order: R random permutations of the groups, seeded by the run seed."""
+    return np.concatenate([np.random.default_rng([self.seed, r, i]).permutation(self.m) for i in range(self.R)])
 
   def proportions(self, state: dict, step: int) -> np.ndarray:
     _, k, j = self._phase(step)
@@ -151,12 +168,25 @@ class Aioli(Controller):
     if int(step) < self.P:
       return False
     t = (int(step) - self.P) % self.U
+    if self.branches:
+      return t == 0
     return t % self.s == 0 and t // self.s <= self.R * self.m
 
   def update(self, state: dict, step: int, obs: dict) -> dict:
     ell = np.asarray(obs["eval/group_loss"], np.float64)
     state = {k: np.array(v) for k, v in state.items()}
     t = (int(step) - self.P) % self.U
+    if t == 0 and self.branches and "branch/group_loss" not in obs:  # the run's last step: no round follows
+      state["ell"] = ell.astype(np.float32)
+      return state
+    if t == 0 and self.branches:  # the round's LearnParams, all at once: obs["branch/group_loss"] [R·m, m]
+      state["ell"] = ell.astype(np.float32)
+      drops = ell[None, :] - np.asarray(obs["branch/group_loss"], np.float64)
+      G = np.zeros((self.m, self.m))
+      for k, j in enumerate(self.permutation((int(step) - self.P) // self.U)):
+        G[:, j] += drops[k]
+      state["G"] = G.astype(np.float32)
+      return self._finish_round(state, G / self.R)
     if t == 0:  # start of a round: ℓ⁰
       state["ell"], state["G"] = ell.astype(np.float32), np.zeros_like(state["G"])
       return state
@@ -164,22 +194,26 @@ class Aioli(Controller):
     state["G"][:, j] += (state["ell"] - ell).astype(np.float32)
     state["ell"] = ell.astype(np.float32)
     if k == self.R * self.m - 1:
-      G = state["G"].astype(np.float64) / self.R
-      W = np.stack([self._q(i) for i in range(self.m)])
-      A = np.linalg.solve(W, G.T).T if self.f != 1.0 else G  # rows i: G[i, :] = W Â[i, :]
-      if A.min() < 0:
-        A = A - A.min()
-      A = A / max(A.sum(), 1e-12)
-      state["A"] = A.astype(np.float32)
-      if self.ema > 0:
-        A_bar = (1 - self.ema) * A + self.ema * state["A_ema"]
-        logits = self.eta * A_bar.sum(0)
-        state["A_ema"] = A_bar.astype(np.float32)
-      else:
-        logits = np.log(np.maximum(state["p"], 1e-30)) + self.eta * A.sum(0)
-      p = np.exp(logits - logits.max())
-      state["p"] = (p / p.sum()).astype(np.float32)
-      state["rounds"] = np.asarray(state["rounds"] + 1, np.int32)
+      state = self._finish_round(state, state["G"].astype(np.float64) / self.R)
+    return state
+
+  def _finish_round(self, state: dict, G) -> dict:
+    """Â from the round's G (solve, shift, normalise), then the proportions' update."""
+    W = np.stack([self._q(i) for i in range(self.m)])
+    A = np.linalg.solve(W, G.T).T if self.f != 1.0 else G  # rows i: G[i, :] = W Â[i, :]
+    if A.min() < 0:
+      A = A - A.min()
+    A = A / max(A.sum(), 1e-12)
+    state["A"] = A.astype(np.float32)
+    if self.ema > 0:
+      A_bar = (1 - self.ema) * A + self.ema * state["A_ema"]
+      logits = self.eta * A_bar.sum(0)
+      state["A_ema"] = A_bar.astype(np.float32)
+    else:
+      logits = np.log(np.maximum(state["p"], 1e-30)) + self.eta * A.sum(0)
+    p = np.exp(logits - logits.max())
+    state["p"] = (p / p.sum()).astype(np.float32)
+    state["rounds"] = np.asarray(state["rounds"] + 1, np.int32)
     return state
 
   def log_fields(self, state: dict) -> dict:
@@ -257,6 +291,15 @@ class SkillIt(Controller):
     p = np.exp(logits - logits.max())
     return {"p": (p / p.sum()).astype(np.float32), "hist": hist.astype(np.float32), "n": np.asarray(n, np.int32)}
 
+  def implied_A(self, state: dict, vectors: dict):
+    from lib import mixing_laws
+
+    n = int(state["n"])
+    if n == 0:
+      return None
+    S = np.asarray(state["hist"], np.float64)[: min(n, self.w)].sum(0)
+    return mixing_laws.implied_A("skillit", graph=self.A, window_loss=S)
+
 
 class _Reweighting(Controller):
   """Shared by DoReMi and DoGE: data stay stratified; the jitted train step reweights per-group losses
@@ -285,41 +328,65 @@ class _Reweighting(Controller):
 
 
 class DoReMi(_Reweighting):
-  """DoReMi (Xie et al. 2023) as an LMO method: A^t = diag(max(ℓ_i^t − ℓ_i^ref, 0)).
+  """DoReMi (Xie et al. 2023) as an LMO method: A^t = diag(excess loss of group i).
 
-  Each step (on device, after the step's forward pass): excess = max(ℓ_train − ℓ_ref, 0);
-  log w ← log w + μ·excess; w ← (1−ε)·softmax(log w) + ε/m; the proxy's loss is Σ_i w_i ℓ_i
-  (reweighted, not resampled), with the w of the previous step. ONE optimizer update per step (the
-  released trainer's per-micro-batch optimizer.step() is not copied). ℓ_ref = `mixture.reference`: the
-  per-group validation losses of a same-size stratified reference run ('a=3.1,b=2.0' or a run dir,
-  whose last eval row is read)."""
+  Each step (on device, after the step's forward pass): excess_g = per-token max(ℓ − ℓ_ref, 0) averaged
+  over group g's tokens, where ℓ_ref is the reference model's loss on the same tokens (its forward runs
+  inside the jitted step); log w ← log w + μ·excess; w ← (1−ε)·softmax(log w) + ε/m; the proxy's loss
+  is Σ_i w_i ℓ_i (reweighted, not resampled), with the w of the previous step. ONE optimizer update per
+  step (the released trainer's per-micro-batch optimizer.step() is not copied).
+  `mixture.reference`: the workdir of a same-size stratified reference run with the same model (its
+  latest checkpoint's params are restored once: DoReMi proper), or 'a=3.1,b=2.0', per-group reference
+  losses (the coarser variant: excess = max(ℓ_g − ℓ_ref,g, 0) on group means)."""
 
   name = "doremi"
   needs = frozenset({"train_group_loss", "reference_losses"})
   mode = "doremi"
 
   def __init__(self, group_names, cfg=None):
+    import os
+
     super().__init__(group_names, cfg)
     ref = cfg.get("reference", "") if cfg is not None else ""
     if not ref:
       raise ConfigError("mixture.method=doremi needs a reference run: set mixture.reference to its workdir or 'group=loss,...'")
-    self.ref = reference_losses(ref, self.group_names)
+    self.ref_dir = ref if isinstance(ref, str) and os.path.isdir(ref) else None
+    if self.ref_dir is not None:
+      from lib import ckpt as C
+
+      if not C.available_steps(self.ref_dir):
+        raise ConfigError(f"mixture.reference={ref}: the reference run has no checkpoint to restore its params from")
+      self.needs = frozenset({"train_group_loss", "reference_params"})
+      self.ref = np.zeros(self.m)  # unused: the per-token reference losses come from the params
+    else:
+      self.ref = reference_losses(ref, self.group_names)
 
   def init(self) -> dict:
     return dict(super().init(), ref=self.ref.astype(np.float32))
+
+  def implied_A(self, state: dict, vectors: dict):
+    from lib import mixing_laws
+
+    return mixing_laws.implied_A("doremi", excess=vectors["mixture/excess"]) if "mixture/excess" in vectors else None
 
 
 class DoGE(_Reweighting):
   """DoGE (Fan et al. 2023): A^t_ij = ⟨∇ℓ_i^train, ∇ℓ_j^val⟩, computed inside the jitted step.
 
-  Per-group gradients g_i come from the batch's group ids; the target gradient is the mean over
-  groups of the same batch's per-group gradients (DoGE's universal-generalisation setting: every
-  training group is a target). s_i = clip(lr·⟨g_i, g_val⟩ / mean_i ‖g_i‖, 0, 5·lr); log w ← log w + s/μ;
-  w = softmax(log w); the applied gradient is Σ_i w_i g_i with the new w."""
+  Per-group training gradients g_i come from the batch's group ids; the target gradient g_val is the
+  gradient of the mean over groups of the per-group validation losses on a held-out validation batch
+  (rows of every group, cycled through the validation split: MixtureRunner.step_inputs), DoGE's
+  universal-generalisation setting. s_i = clip(lr·⟨g_i, g_val⟩ / mean_i ‖g_i‖, 0, 5·lr);
+  log w ← log w + s/μ; w = softmax(log w); the applied gradient is Σ_i w_i g_i with the new w."""
 
   name = "doge"
-  needs = frozenset({"group_grads"})
+  needs = frozenset({"group_grads", "validation_batch"})
   mode = "doge"
+
+  def implied_A(self, state: dict, vectors: dict):
+    from lib import mixing_laws
+
+    return mixing_laws.implied_A("doge", doge_score=vectors["mixture/doge_score"]) if "mixture/doge_score" in vectors else None
 
 
 def reference_losses(ref, group_names) -> np.ndarray:
@@ -412,6 +479,7 @@ class MixtureRunner:
     from lib import steps
 
     mode, m = getattr(self.controller, "mode", ""), len(self.names)
+    self._train_parts = dict(model=model, tx=tx, schedule=schedule)  # for branch training (learn_params_branches)
     if not mode:
       return functools.partial(
         steps.train_step, model=model, tx=tx, schedule=schedule, grad_accum=grad_accum, num_groups=m, extra_loss=extra_loss
@@ -426,6 +494,77 @@ class MixtureRunner:
     return functools.partial(
       steps.mixing_train_step, model=model, tx=tx, schedule=schedule, num_groups=m, mode=mode, mu=c.mu, eps=c.eps
     )
+
+  def prepare(self, *, eval_sets=(), mesh=None, params_like=None) -> None:
+    """Device inputs the reweighting step needs beyond the training rows, built once: DoGE's
+    validation batches (each = one validation batch of every group, concatenated; cycled by step) and
+    DoReMi's reference params (restored from mixture.reference's latest checkpoint onto `mesh`,
+    checked against this run's parameter shapes `params_like`)."""
+    import jax
+    import jax.numpy as jnp
+
+    self._val, self._ref_params = [], None
+    self._eval_sets, self._mesh = list(eval_sets), mesh
+    if getattr(self.controller, "branches", "") and jax.process_count() > 1:
+      raise ConfigError("mixture.lp_branches needs a single-process run (the branches' batches are built on one host)")
+    needs = self.controller.needs
+    if "validation_batch" in needs:
+      by_group = [[] for _ in self.names]
+      for b in eval_sets:
+        by_group[int(np.asarray(b["group"].addressable_shards[0].data).reshape(-1)[0])].append(b)
+      missing = [n for n, bs in zip(self.names, by_group) if not bs]
+      if missing:
+        raise ConfigError(f"mixture.method={self.controller.name} needs validation batches of every group; none for {missing}")
+      n = max(len(bs) for bs in by_group)
+      self._val = [jax.tree.map(lambda *x: jnp.concatenate(x), *(bs[k % len(bs)] for bs in by_group)) for k in range(n)]
+    if "reference_params" in needs:
+      from lib import ckpt as C
+
+      ref_dir = self.controller.ref_dir
+      ref = C.restore_params(ref_dir, None, mesh)
+      got = jax.tree.map(lambda x: tuple(x.shape), ref)
+      want = jax.tree.map(lambda x: tuple(x.shape), params_like) if params_like is not None else got
+      if jax.tree.structure(got) != jax.tree.structure(want) or jax.tree.leaves(got) != jax.tree.leaves(want):
+        raise ConfigError(f"mixture.reference={ref_dir}: the reference run's model differs from this run's (parameter shapes)")
+      self._ref_params = ref
+
+  def learn_params_branches(self, step: int, train_state: dict) -> np.ndarray:
+    """Aioli's LearnParams as R·m branches forked from `train_state` at round start `step`: branch k
+    trains lp_steps steps on q^(perm[k]) (the batches the chained sub-phase k would get) and is then
+    evaluated on the validation batches; all branches at once (lib/mixing_laws.run_branches, vmap over
+    copies of the state) or one after another (lp_branches=sequential; the same numbers). The branches
+    are discarded. Returns their per-group validation losses [R·m, m]."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from lib import mixing_laws, steps
+
+    c, parts = self.controller, self._train_parts
+    r = (int(step) - c.P) // c.U
+    perm = c.permutation(r)
+    K = len(perm)
+    rows = [[self.pipe.batch(step + k * c.s + u, c._q(int(perm[k]))) for k in range(K)] for u in range(c.s)]
+    batches = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *[jax.tree.map(lambda *y: np.stack(y), *row) for row in rows])
+    fn = functools.partial(steps.train_step, num_groups=len(self.names), **parts)
+    out, _ = mixing_laws.run_branches(fn, train_state, batches, vectorise=c.branches == "vmap")
+    ev = jax.jit(
+      jax.vmap(functools.partial(steps.eval_step, model=parts["model"], num_groups=len(self.names)), in_axes=(0, None))
+    )
+    tot = None
+    for b in self._eval_sets:
+      s_ = jax.tree.map(lambda x: np.asarray(x, np.float64), ev(out["params"], b))
+      tot = s_ if tot is None else jax.tree.map(np.add, tot, s_)
+    return tot["group_loss_sum"] / np.maximum(tot["group_tokens"], 1.0)
+
+  def step_inputs(self, batch: dict, step: int) -> dict:
+    """The batch for the jitted step at `step`, with the reweighting step's extra inputs (prepare)."""
+    if getattr(self, "_val", None):
+      batch = dict(batch, val=self._val[int(step) % len(self._val)])
+    if getattr(self, "_ref_params", None) is not None:
+      batch = dict(batch, ref_params=self._ref_params)
+    return batch
 
   def load(self, device_state) -> None:
     """Adopts the (restored or initial) device copy of the controller state."""
@@ -467,6 +606,9 @@ class MixtureRunner:
     mixture state on device and restarts the iterator at `step` (the next batch is step's)."""
     loss = eval_metrics["eval/loss"]
     obs = {"eval/group_loss": np.array([eval_metrics.get(f"eval/{n}/loss", loss) for n in self.names])}
+    c = self.controller
+    if getattr(c, "branches", "") and int(step) < self.total and int(step) >= c.P and (int(step) - c.P) % c.U == 0:
+      obs["branch/group_loss"] = self.learn_params_branches(step, train_state)
     self.state = self.controller.update(self.state, step, obs)
     self.start(step)
     return dict(train_state, mixture=self.to_device())
@@ -485,10 +627,15 @@ class MixtureRunner:
     gl = row.pop("train/group_loss")
     for gi, n in enumerate(self.names):
       out[f"train/{n}/loss"] = float(gl[gi])
-    for key in ("mixture/w", "mixture/w_avg"):  # on-device controllers' loss weights (DoReMi, DoGE)
+    vectors = {}
+    for key in ("mixture/w", "mixture/w_avg", "mixture/excess", "mixture/val_loss", "mixture/doge_score"):  # DoReMi, DoGE
       w = row.pop(key, None)
       if w is not None:
+        vectors[key] = np.asarray(w)
         for gi, n in enumerate(self.names):
           out[f"{key}/{n}"] = float(w[gi])
+    A = self.controller.implied_A(self.state, vectors)
+    if A is not None:
+      out.update({f"mixture/A/{a}/{b}": float(A[i, j]) for i, a in enumerate(self.names) for j, b in enumerate(self.names)})
     out.update(self.controller.log_fields(self.state))
     return out

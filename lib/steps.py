@@ -118,27 +118,60 @@ def finish_eval(sums: dict, group_names=None) -> dict:
 
 
 def _group_losses(params, batch, *, model, num_groups: int, key=None):
-  """Per-group mean token losses ℓ_G and the usual sums (for metrics)."""
+  """Per-group mean token losses ℓ_G, the usual sums (for metrics) and the per-token losses."""
   deterministic = not model.cfg.dropout
   loss_BxL = M.per_token_loss(model, params, batch, deterministic=deterministic, rngs=None if deterministic else {"dropout": key})
   sums = _sums(loss_BxL, batch, num_groups)
-  return sums["group_loss_sum"] / jnp.maximum(sums["group_tokens"], 1.0), sums
+  return sums["group_loss_sum"] / jnp.maximum(sums["group_tokens"], 1.0), (sums, loss_BxL)
+
+
+def group_excess(loss_BxL, ref_BxL, batch, num_groups: int):
+  """DoReMi's per-group excess loss from per-token losses: Σ_tokens∈g max(ℓ − ℓ_ref, 0) / #tokens∈g."""
+  mask_BxL = batch["mask"].astype(jnp.float32)
+  ex_B = (jnp.maximum(loss_BxL - ref_BxL, 0.0) * mask_BxL).sum(1)
+  tok_G = jax.ops.segment_sum(mask_BxL.sum(1), batch["group"], num_segments=num_groups)
+  return jax.ops.segment_sum(ex_B, batch["group"], num_segments=num_groups) / jnp.maximum(tok_G, 1.0)
 
 
 def doremi_weights(logw_G, group_loss_G, ref_G, mu: float, eps: float):
-  """DoReMi's update: log w += μ·max(ℓ − ℓ_ref, 0); w = (1−ε)·softmax(log w) + ε/G. Returns (log w, w)."""
-  logw_G = logw_G + mu * jnp.maximum(group_loss_G - ref_G, 0.0)
+  """DoReMi's update from per-group losses: log w += μ·max(ℓ − ℓ_ref, 0); w = (1−ε)·softmax(log w) + ε/G."""
+  return doremi_weights_from_excess(logw_G, jnp.maximum(group_loss_G - ref_G, 0.0), mu, eps)
+
+
+def doremi_weights_from_excess(logw_G, excess_G, mu: float, eps: float):
+  """log w += μ·excess; w = (1−ε)·softmax(log w) + ε/G. Returns (log w, w)."""
+  logw_G = logw_G + mu * excess_G
   return logw_G, (1.0 - eps) * jax.nn.softmax(logw_G) + eps / logw_G.shape[0]
 
 
-def doge_weights(logw_G, grads_GxP, lr, mu: float):
-  """DoGE's update from flattened per-group gradients: g_val = mean_g g_g;
-  s = clip(lr·⟨g_G, g_val⟩ / mean_g ‖g_g‖, 0, 5·lr); log w += s/μ; w = softmax(log w). Returns (log w, w)."""
-  g_val_P = grads_GxP.mean(0)
+def doge_weights(logw_G, grads_GxP, lr, mu: float, g_val_P=None):
+  """DoGE's update from flattened per-group training gradients g_G and the target (validation) gradient
+  g_val (None: the mean of g_G, the same batch's groups): s = clip(lr·⟨g_G, g_val⟩ / mean_g ‖g_g‖, 0, 5·lr);
+  log w += s/μ; w = softmax(log w). Returns (log w, w)."""
+  if g_val_P is None:
+    g_val_P = grads_GxP.mean(0)
   norm_mean = jnp.maximum(jnp.linalg.norm(grads_GxP, axis=1).mean(), 1e-12)
   s_G = jnp.clip(lr * (grads_GxP @ g_val_P) / norm_mean, 0.0, 5.0 * lr)
   logw_G = logw_G + s_G / mu
   return logw_G, jax.nn.softmax(logw_G)
+
+
+def _flat(tree, lead: tuple = ()):
+  return jnp.concatenate([x.reshape(lead + (-1,)) for x in jax.tree.leaves(tree)], axis=-1)
+
+
+def val_gradient(params, val_batch, *, model, num_groups: int):
+  """DoGE's target gradient: ∇ of the mean over groups present of the per-group mean token loss on a
+  held-out (validation) batch whose rows carry group ids. Returns (flat gradient [P], per-group losses [G])."""
+
+  def mean_loss(p):
+    sums = _sums(M.per_token_loss(model, p, val_batch), val_batch, num_groups)  # deterministic: held-out data
+    gl_G = sums["group_loss_sum"] / jnp.maximum(sums["group_tokens"], 1.0)
+    present_G = (sums["group_tokens"] > 0).astype(jnp.float32)
+    return (gl_G * present_G).sum() / jnp.maximum(present_G.sum(), 1.0), gl_G
+
+  g, gl_G = jax.grad(mean_loss, has_aux=True)(params)
+  return _flat(g), gl_G
 
 
 def mixing_train_step(
@@ -155,35 +188,54 @@ def mixing_train_step(
 ) -> tuple[dict, dict]:
   """One optimizer update on group-reweighted losses, with the weights w updated on device.
 
-  mode "doremi": loss Σ_g w_g ℓ_g with w from state["mixture"] (previous step's), then from this
-  step's ℓ_G: log w += μ·max(ℓ_G − ℓ_ref, 0), w = (1−ε)·softmax(log w) + ε/G.
-  mode "doge": per-group gradients g_G (jacrev of ℓ_G; groups from batch["group"]), target
-  g_val = mean_g g_g; s = clip(lr·⟨g_G, g_val⟩ / mean‖g_G‖, 0, 5·lr); log w += s/μ; w = softmax(log w);
+  Inputs beyond the training rows travel in the batch dict (lib/mixture.MixtureRunner.step_inputs):
+  mode "doremi": loss Σ_g w_g ℓ_g with w from state["mixture"] (previous step's); then the excess
+  loss: with batch["ref_params"] (the reference model's params; DoReMi proper) per token,
+  excess_g = Σ_{tokens∈g} max(ℓ − ℓ_ref, 0) / #tokens∈g with ℓ_ref from the reference model's forward
+  on the same rows; without them, max(ℓ_g − ref_g, 0) from the state's per-group reference losses.
+  log w += μ·excess; w = (1−ε)·softmax(log w) + ε/G.
+  mode "doge": per-group training gradients g_G (jacrev of ℓ_G; groups from batch["group"]) and the
+  target gradient g_val = ∇ mean_g ℓ_g^val on batch["val"], a held-out validation batch with rows of
+  every group; s = clip(lr·⟨g_G, g_val⟩ / mean‖g_G‖, 0, 5·lr); log w += s/μ; w = softmax(log w);
   applied gradient Σ_g w_g g_g. Both accumulate w_sum, n for the averaged weights (lib/mixture).
   """
   rng = jax.random.fold_in(state["rng"], state["step"])
   mix = state["mixture"]
   params = state["params"]
+  extras = {k: batch[k] for k in ("val", "ref_params") if k in batch}
+  batch = {k: v for k, v in batch.items() if k not in extras}
   f = functools.partial(_group_losses, model=model, num_groups=num_groups, key=rng)
   lr = schedule(state["step"])
+  extra_metrics = {}
   if mode == "doremi":
 
     def weighted(p):
-      gl_G, sums = f(p, batch)
-      return (mix["w"] * gl_G).sum(), (gl_G, sums)
+      gl_G, aux = f(p, batch)
+      return (mix["w"] * gl_G).sum(), (gl_G, aux)
 
-    grads, (gl_G, sums) = jax.grad(weighted, has_aux=True)(params)
-    logw, w = doremi_weights(mix["logw"], gl_G, mix["ref"], mu, eps)
+    grads, (gl_G, (sums, loss_BxL)) = jax.grad(weighted, has_aux=True)(params)
+    if "ref_params" in extras:
+      ref_BxL = M.per_token_loss(model, jax.lax.stop_gradient(extras["ref_params"]), batch)
+      excess_G = group_excess(loss_BxL, ref_BxL, batch, num_groups)
+    else:
+      excess_G = jnp.maximum(gl_G - mix["ref"], 0.0)
+    logw, w = doremi_weights_from_excess(mix["logw"], excess_G, mu, eps)
+    extra_metrics["mixture/excess"] = excess_G
   elif mode == "doge":
+    if "val" not in extras:
+      raise ValueError("mixing_train_step(mode='doge') needs batch['val'], a validation batch (MixtureRunner.step_inputs)")
 
     def losses(p):
-      gl_G, sums = f(p, batch)
-      return gl_G, (gl_G, sums)
+      gl_G, aux = f(p, batch)
+      return gl_G, (gl_G, aux)
 
-    jac, (gl_G, sums) = jax.jacrev(losses, has_aux=True)(params)  # leaves [G, ...]
-    flat_GxP = jnp.concatenate([x.reshape(num_groups, -1) for x in jax.tree.leaves(jac)], axis=1)
-    logw, w = doge_weights(mix["logw"], flat_GxP, lr, mu)
+    jac, (gl_G, (sums, _)) = jax.jacrev(losses, has_aux=True)(params)  # leaves [G, ...]
+    flat_GxP = _flat(jac, (num_groups,))
+    g_val_P, val_gl_G = val_gradient(params, extras["val"], model=model, num_groups=num_groups)
+    logw, w = doge_weights(mix["logw"], flat_GxP, lr, mu, g_val_P)
     grads = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), jac)
+    extra_metrics["mixture/val_loss"] = val_gl_G
+    extra_metrics["mixture/doge_score"] = flat_GxP @ g_val_P  # ⟨g_j, g_val⟩: 1ᵀA/m of DoGE's implied LMO A
   else:
     raise ValueError(f"mixing_train_step: unknown mode {mode!r}")
   updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -200,6 +252,7 @@ def mixing_train_step(
     "train/group_tokens": sums["group_tokens"],
     "mixture/w": w,
     "mixture/w_avg": new_mix["w_sum"] / new_mix["n"],  # the method's output p (averaged weights)
+    **extra_metrics,
   }
   if "true_nll_sum" in sums:
     metrics["train/excess_loss"] = (sums["loss_sum"] - sums["true_nll_sum"]) / n_tok

@@ -18,8 +18,8 @@ import jax
 class Runs(Protocol):
   """What the loop drives: one run (train.py) or a group of runs (train_group.py)."""
 
-  def train(self, state) -> tuple[Any, dict, Any]:
-    """Draws the next batch and takes one step: (new state, device metrics, host batch)."""
+  def train(self, state, step: int) -> tuple[Any, dict, Any]:
+    """Draws the next batch and takes step `step` -> `step + 1`: (new state, device metrics, host batch)."""
 
   def log(self, step: int, fetched: list, batch_np, *, dt: float, n_steps: int) -> None:
     """Writes the row(s) of a logged step; `fetched` = [(step, host metrics), ...] since the last log."""
@@ -40,7 +40,7 @@ def run(runs: Runs, state, step: int, *, stop: int, total: int, log_every: int, 
   pending = []
   t_last, step_last = time.time(), step
   while step < stop:
-    state, m, batch_np = runs.train(state)
+    state, m, batch_np = runs.train(state, step)
     step += 1
     pending.append((step, m))
     at_end = step == stop or stop_requested(step)  # a signal stops here, with a resume checkpoint

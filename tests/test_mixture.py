@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from lib import errors, mixing_laws, mixture, steps
+from lib import errors, mixing_laws, mixture, sharding, steps
 from lib import model as M
 
 
@@ -75,6 +75,24 @@ def test_aioli_hand_computed_round():
   st = _aioli_round(c, st, 4, [2.0, 2.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
   p0 = 1 / (1 + np.exp(8 / 30))
   np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+
+
+def test_aioli_branch_mode_round_equals_the_chained_round_on_the_same_drops():
+  drops = {0: [0.2, 0.1], 1: [0.05, 0.3]}
+  for R in (1, 2):
+    kw = dict(method="aioli", update_steps=8, lp_rounds=R, lp_steps=1, one_hot_factor=0.75, eta=1.0)
+    chained = mixture.make(_mcfg(**kw), ["a", "b"], seed=3)
+    st_c = _aioli_round(chained, chained.init(), 0, [3.0, 3.0], drops)
+    c = mixture.make(_mcfg(lp_branches="vmap", **kw), ["a", "b"], seed=3)
+    assert c.wants_eval(c.init(), 0) and not c.wants_eval(c.init(), 1)  # one evaluation per round
+    assert np.allclose(c.proportions(c.init(), 1), 0.5)  # no q^(j) sub-phases in the run itself
+    # branch k (group perm[k]) forked from ℓ⁰ ends at ℓ⁰ − drops[perm[k]]: G = R·drops, Â as chained
+    branch = np.array([3.0 - np.asarray(drops[int(j)]) for j in c.permutation(0)])
+    st = c.update(c.init(), 0, {"eval/group_loss": np.array([3.0, 3.0]), "branch/group_loss": branch})
+    for k in ("A", "p", "rounds"):
+      np.testing.assert_allclose(st[k], st_c[k], rtol=1e-6, atol=1e-7)
+  with pytest.raises(errors.ConfigError, match="lp_branches"):
+    mixture.make(_mcfg(method="aioli", lp_branches="gpu"), ["a", "b"])
 
 
 def test_aioli_ema_round():
@@ -165,13 +183,12 @@ def test_doge_hand_computed_update():
   assert abs(float(logw[0]) - 0.5) < 1e-6  # clipped at 5·lr
 
 
-def _tiny():
+def _tiny(seed=0):
   cfg = M.preset("nano", vocab_size=24, max_len=16)
   model = M.make(cfg)
-  from lib import sharding
 
   params = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   x = rng.integers(4, 24, (8, 16)).astype(np.int32)
   batch = {
     "inputs": x,
@@ -190,12 +207,31 @@ def _group_loss_fn(model, params, batch, g):
   return (loss * sel).sum() / sel.sum()
 
 
-@pytest.mark.parametrize("method", ["doremi", "doge"])
+def test_doge_hand_computed_update_with_a_validation_gradient():
+  g = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  g_val = jnp.array([-1.0, 3.0])  # a held-out batch's gradient, not the training groups' mean
+  logw, w = steps.doge_weights(jnp.array([0.5, 0.0]), g, 0.1, mu=0.5, g_val_P=g_val)
+  # ⟨g_i, g_val⟩ = (−1, 6); mean norm 1.5; s = clip(0.1·(−1, 6)/1.5, 0, 0.5) = (0, 0.4); log w += s/0.5
+  np.testing.assert_allclose(logw, [0.5, 0.8], rtol=1e-6)
+  np.testing.assert_allclose(w, [1 / (1 + np.exp(0.3)), 1 - 1 / (1 + np.exp(0.3))], rtol=1e-6)
+
+
+def test_doremi_per_token_excess_hand_computed():
+  loss = jnp.array([[2.0, 1.0, 5.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0]])
+  ref = jnp.array([[1.0, 2.0, 0.0], [0.5, 3.0, 0.0], [1.0, 0.0, 0.0]])
+  batch = {"mask": jnp.array([[1, 1, 0], [1, 1, 1], [1, 0, 0]]), "group": jnp.array([0, 1, 0])}
+  # group 0: tokens (2−1)+, (1−2)+, (3−1)+ -> (1 + 0 + 2)/3 = 1; the masked 5 is ignored
+  # group 1: (0.5 + 0 + 1)/3 = 0.5 (per-token clipping, unlike max(mean ℓ − mean ℓ_ref, 0) = 0)
+  np.testing.assert_allclose(steps.group_excess(loss, ref, batch, 3), [1.0, 0.5, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["doremi", "doremi_per_token", "doge"])
 def test_reweighting_step_matches_independent_gradients(method):
   model, params, batch = _tiny()
   lr = 0.1
   tx = optax.sgd(lr)
-  c = mixture.make(_mcfg(method=method, reference="a=3.0,b=3.2", mu=0.5), ["a", "b"])
+  mode = method.removesuffix("_per_token")
+  c = mixture.make(_mcfg(method=mode, reference="a=3.0,b=3.2", mu=0.5), ["a", "b"])
   mix = jax.tree.map(jnp.asarray, c.init())
   mix["logw"] = jnp.array([0.3, -0.2])
   mix["w"] = jax.nn.softmax(mix["logw"])
@@ -208,27 +244,55 @@ def test_reweighting_step_matches_independent_gradients(method):
   }
   fn = jax.jit(
     functools.partial(
-      steps.mixing_train_step, model=model, tx=tx, schedule=lambda s: lr, num_groups=2, mode=method, mu=0.5, eps=1e-3
+      steps.mixing_train_step, model=model, tx=tx, schedule=lambda s: lr, num_groups=2, mode=mode, mu=0.5, eps=1e-3
     )
   )
-  new, m = fn(state, batch)
-  vg = jax.jit(jax.value_and_grad(lambda p, g: _group_loss_fn(model, p, batch, g)))
-  gl, grads = zip(*(vg(params, g) for g in (0, 1)))
+  # extra inputs: a validation batch (other rows, other group layout) and a reference model's params
+  _, _, val = _tiny(seed=1)
+  val = dict(val, group=jnp.array([1, 1, 0, 0, 1, 0, 1, 1], jnp.int32))
+  ref_params = M.init_params(model, jax.random.key(7), sharding.single_device_mesh())
+  extra = {"doge": {"val": val}, "doremi_per_token": {"ref_params": ref_params}}.get(method, {})
+  new, m = fn(state, dict(batch, **extra))
+  vg = jax.jit(jax.value_and_grad(lambda p, b, g: _group_loss_fn(model, p, b, g)))
+  gl, grads = zip(*(vg(params, batch, g) for g in (0, 1)))
   gl = np.array(gl)
   np.testing.assert_allclose(m["train/group_loss"], gl, rtol=1e-5)
   if method == "doremi":  # the previous step's w weights the loss; then w moves with the excess loss
     w_used = np.asarray(mix["w"])
     logw, w_new = steps.doremi_weights(mix["logw"], jnp.asarray(gl), jnp.array([3.0, 3.2]), 0.5, 1e-3)
-  else:  # the new w weights the per-group gradients
-    flat = jnp.stack([jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in grads])
-    logw, w_new = steps.doge_weights(mix["logw"], flat, lr, 0.5)
+  elif method == "doremi_per_token":  # excess from per-token losses of proxy and reference, brute force in numpy
+    w_used = np.asarray(mix["w"])
+    lp, lr_ = (np.asarray(M.per_token_loss(model, p, batch), np.float64) for p in (params, ref_params))
+    mask, grp = np.asarray(batch["mask"]), np.asarray(batch["group"])
+    excess = np.zeros(2)
+    for gi in range(2):
+      toks = [(b, t) for b in range(8) for t in range(16) if grp[b] == gi and mask[b, t]]
+      excess[gi] = sum(max(lp[b, t] - lr_[b, t], 0.0) for b, t in toks) / len(toks)
+    assert excess.min() > 0 and not np.allclose(excess, np.maximum(gl - np.array([3.0, 3.2]), 0))
+    np.testing.assert_allclose(m["mixture/excess"], excess, rtol=1e-4)
+    logw = np.asarray(mix["logw"]) + 0.5 * excess
+    w_new = 0.999 * np.exp(logw) / np.exp(logw).sum() + 0.0005
+  else:  # the new w weights the per-group gradients; the target is the validation batch's gradient
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64) for g in grads]
+    vals = [vg(params, val, g) for g in (0, 1)]
+    g_val = np.mean([np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for _, g in vals], axis=0).astype(np.float64)
+    np.testing.assert_allclose(m["mixture/val_loss"], [v for v, _ in vals], rtol=1e-5)
+    norm_mean = np.mean([np.linalg.norm(x) for x in flat])
+    s = np.clip(lr * np.array([x @ g_val for x in flat]) / norm_mean, 0, 5 * lr)
+    assert not np.allclose(s, np.clip(lr * np.array([x @ np.mean(flat, 0) for x in flat]) / norm_mean, 0, 5 * lr))
+    logw = np.asarray(mix["logw"]) + s / 0.5
+    w_new = np.exp(logw) / np.exp(logw).sum()
     w_used = np.asarray(w_new)
+  np.testing.assert_allclose(new["mixture"]["logw"], logw, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(new["mixture"]["w"], w_new, rtol=1e-5)
   np.testing.assert_allclose(new["mixture"]["w_sum"], np.asarray(w_new), rtol=1e-5)
   assert int(new["mixture"]["n"]) == 1
   expect = jax.tree.map(lambda p, a, b: p - lr * (w_used[0] * a + w_used[1] * b), params, grads[0], grads[1])
   for x, y in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(expect)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  if mode == "doge":
+    with pytest.raises(ValueError, match="needs batch\\['val'\\]"):
+      fn(state, batch)
 
 
 def test_average_weights():
@@ -301,6 +365,39 @@ def test_fidelity_known_values():
   assert abs(mixing_laws.fidelity(A, R) - (0.5 * 10 / 14 - 0.5)) < 1e-12
 
 
+def test_implied_A_of_every_method_and_fidelity_on_a_planted_law():
+  from experiments.aioli_fidelity import branch_mixtures
+
+  # Planted: per-group quadratic losses ℓ_i(θ) = ½‖θ − c_i‖²; one SGD step of size lr on mixture p moves
+  # ℓ_i by −lr·Σ_j p_j ⟨g_i, g_j⟩ + O(lr²): the dynamic law holds with A⋆_ij = lr·⟨g_i, g_j⟩.
+  rng = np.random.default_rng(0)
+  m, lr = 3, 1e-4
+  c = rng.normal(size=(m, 6)) * np.array([[0.5], [1.0], [2.0]])
+  g = -c  # ∇ℓ_i at θ = 0
+  ell = 0.5 * (c**2).sum(1)
+  P = branch_mixtures(m)
+  L = np.stack([0.5 * (((-lr * p @ g)[None, :] - c) ** 2).sum(1) for p in P])
+  A_true = mixing_laws.fit_dynamic_law(ell, P, L, delta=1e-6)["A"]
+  np.testing.assert_allclose(A_true, lr * g @ g.T, rtol=1e-2, atol=1e-9)
+  # DoGE: scores ⟨g_j, g_val⟩ with g_val the mean validation gradient -> column sums m·⟨g_j, g_val⟩ = 1ᵀ(g gᵀ)
+  A_doge = mixing_laws.implied_A("doge", doge_score=g @ g.mean(0))
+  np.testing.assert_allclose(A_doge.sum(0), (g @ g.T).sum(0), rtol=1e-9)
+  assert mixing_laws.fidelity(A_doge, A_true) > 0.999
+  # DoReMi: diag(excess); excesses ranked like the true column sums agree, reversed ones do not
+  col = A_true.sum(0)
+  np.testing.assert_allclose(mixing_laws.implied_A("doremi", excess=[0.1, 0.0, 0.3]), np.diag([0.1, 0.0, 0.3]))
+  assert mixing_laws.fidelity(mixing_laws.implied_A("doremi", excess=col / col.sum()), A_true) > 0.999
+  rev = np.sort(col)[::-1][np.argsort(np.argsort(col))]  # the same values, ranks reversed
+  assert mixing_laws.fidelity(mixing_laws.implied_A("doremi", excess=rev), A_true) < 0.5
+  # Skill-It, hand-computed: A_ji = graph[i, j]·S_j, so 1ᵀA = graph @ S (its update's logits / η)
+  graph, S = np.array([[0.5, 0.1, 0.0], [0.2, 0.4, 0.1], [0.0, 0.3, 0.6]]), np.array([3.0, 2.0, 1.0])
+  A_sk = mixing_laws.implied_A("skillit", graph=graph, window_loss=S)
+  np.testing.assert_allclose(A_sk, [[1.5, 0.6, 0.0], [0.2, 0.8, 0.6], [0.0, 0.1, 0.6]])
+  np.testing.assert_allclose(A_sk.sum(0), graph @ S)
+  with pytest.raises(errors.AnalysisError, match="no implied"):
+    mixing_laws.implied_A("gs")
+
+
 def test_vectorised_branches_equal_sequential():
   model, params, batch = _tiny()
   tx = optax.adam(1e-2)
@@ -329,7 +426,7 @@ def test_vectorised_branches_equal_sequential():
 # ---------------------------------------------------------------- bad input
 
 
-def test_bad_input_is_one_clear_error():
+def test_bad_input_is_one_clear_error(tmp_path):
   with pytest.raises(errors.ConfigError, match=r"unknown groups \['c'\]"):
     mixture.make(_mcfg(method="aioli", update_steps=10, prior="a=0.5,c=0.5", prior_steps=2), ["a", "b"])
   with pytest.raises(errors.DataError, match="sum to 1"):
@@ -348,6 +445,14 @@ def test_bad_input_is_one_clear_error():
     mixture.make(_mcfg(method="doge"), ["a"])
   with pytest.raises(errors.ConfigError, match=r"missing groups \['b'\]"):
     mixture.make(_mcfg(method="doremi", reference="a=3.0"), ["a", "b"])
+
+  with pytest.raises(errors.ConfigError, match="no checkpoint to restore its params"):
+    mixture.make(_mcfg(method="doremi", reference=str(tmp_path)), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="a/b/c"):
+    mixture.make(_mcfg(method="aioli", lp_branches="a/b/c"), ["a", "b"])
+  runner = mixture.MixtureRunner(mixture.make(_mcfg(method="doge"), ["a", "b"]), None, total=4, num_threads=1)
+  with pytest.raises(errors.ConfigError, match=r"validation batches of every group; none for \['b'\]"):
+    runner.prepare(eval_sets=[{"group": jnp.zeros(4, jnp.int32)}])
 
   class Oracle(mixture.Controller):
     name, needs = "oracle", frozenset({"test_losses"})
@@ -375,6 +480,7 @@ MIXES = {
   "aioli_prior": ("aioli", dict(update_steps=4, lp_rounds=1, lp_steps=1, prior="a=0.75,b=0.25", prior_steps=2, eta=5.0)),
   "skillit": ("skillit", dict(graph="0.5,0.1;0.2,0.4", update_steps=3, eta=2.0, window=2)),
   "doremi": ("doremi", dict(reference="a=2.0,b=2.0", mu=1.0)),
+  "doremi_per_token": ("doremi", dict(reference="<a stratified run>", mu=1.0)),
   "doge": ("doge", dict(mu=0.01)),
 }
 
@@ -386,6 +492,9 @@ def test_every_controller_resumes_bit_for_bit(tmp_path, name):
   from lib import ckpt as C
 
   method, mix = MIXES[name]
+  if name == "doremi_per_token":  # the reference: a same-size stratified run, its params restored once
+    train.train_and_evaluate(_run_cfg(tmp_path, "stratified"), str(tmp_path / "ref"))
+    mix = dict(mix, reference=str(tmp_path / "ref"))
   train.train_and_evaluate(_run_cfg(tmp_path, method, **mix), str(tmp_path / "straight"))
   train.train_and_evaluate(_run_cfg(tmp_path, method, stop=3, **mix), str(tmp_path / "resumed"))
   train.train_and_evaluate(_run_cfg(tmp_path, method, **mix), str(tmp_path / "resumed"))
@@ -399,8 +508,11 @@ def test_every_controller_resumes_bit_for_bit(tmp_path, name):
   if method in ("doremi", "doge"):  # weights move away from uniform and are logged with their average
     assert abs(tr[-1]["mixture/w/a"] - 0.5) > 1e-4 and "mixture/w_avg/a" in tr[-1]
     assert all(r["data/rows/a"] == 4 for r in tr)  # data stay stratified
+    key = "mixture/excess/a" if method == "doremi" else "mixture/val_loss/a"  # per-token excess; DoGE's val batch
+    assert all(key in r for r in tr) and all(np.isfinite(r[key]) for r in tr)
   else:  # proportions move
     assert len({round(r["mixture/p/a"], 6) for r in tr}) > 2
+  assert "mixture/A/a/b" in tr[-1]  # the implied LMO parameters are logged (for experiments/aioli_fidelity)
   resumed = {
     r["step"]: r for r in (json.loads(x) for x in open(os.path.join(tmp_path, "resumed", "metrics.jsonl"))) if "train/loss" in r
   }
@@ -410,6 +522,26 @@ def test_every_controller_resumes_bit_for_bit(tmp_path, name):
       assert {k: v for k, v in resumed[r["step"]].items() if k.startswith("mixture/")} == {
         k: v for k, v in r.items() if k.startswith("mixture/")
       }
+
+
+@pytest.mark.slow
+def test_aioli_learn_params_branches_vmapped_equal_sequential(tmp_path):
+  import train
+
+  mix = dict(update_steps=4, lp_rounds=2, lp_steps=1, eta=5.0)
+  rows = {}
+  for mode in ("vmap", "sequential"):
+    cfg = _run_cfg(tmp_path, "aioli", lp_branches=mode, **mix)
+    cfg.train.steps = 6
+    train.train_and_evaluate(cfg, str(tmp_path / mode))
+    rows[mode] = [json.loads(x) for x in open(os.path.join(tmp_path, mode, "metrics.jsonl"))]
+  tr = {m: [r for r in rows[m] if "train/loss" in r] for m in rows}
+  assert len(tr["vmap"]) == 6 and "mixture/A/a/b" in tr["vmap"][-1]
+  for a, b in zip(tr["vmap"], tr["sequential"]):
+    for k in (k for k in a if k.startswith("mixture/") or k == "train/loss"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  assert len({round(r["mixture/p/a"], 6) for r in tr["vmap"]}) >= 2  # rounds at steps 0 and 4 move p
+  assert all(r["data/rows/a"] + r["data/rows/b"] == 8 for r in tr["vmap"])
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ class FakeRuns:
   def __init__(self, save_at=(), mix_at=()):
     self.calls, self.save_at, self.mix_at = [], set(save_at), set(mix_at)
 
-  def train(self, state):
+  def train(self, state, step):
+    assert step == state
     self.calls.append(("train", state))
     return state + 1, {"train/loss": np.float32(state)}, {"batch": state}
 
