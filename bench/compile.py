@@ -112,7 +112,7 @@ def matfree_lanczos(mv, params, m: int):
 
 def hlo_size(compiled) -> collections.Counter:
   """Instruction kinds of an optimised HLO module (every computation, fusion bodies included)."""
-  return collections.Counter(m.group(1) for m in re.finditer(r" = \S+ ([a-z][\w\-]*)\(", compiled.as_text()))
+  return collections.Counter(m.group(1) for m in re.finditer(r" = .*? ([a-z][\w\-]*)\(", compiled.as_text()))
 
 
 def hlo_report(params, loss_fn, b, m: int) -> None:
