@@ -479,24 +479,27 @@ def _lanczos_fn(matvec: MatVec, view: FlatView, m: int, reorth: str, return_basi
     hv = view.operator(fn, p, ops)
     salt = jax.random.key_data(key).reshape(-1)[-1]  # restarts from hashed signs, not threefry (compile time)
 
-    def reorthogonalise(W_kxN, basis_mxN):  # two block Gram-Schmidt passes (CGS2): matmuls, not a sequential loop
-      for _ in range(2):
-        W_kxN = W_kxN - jnp.dot(jnp.dot(W_kxN, basis_mxN.T, precision=HIGHEST), basis_mxN, precision=HIGHEST)
-      return W_kxN
+    def reorthogonalise(w_N, basis_mxN):  # two block Gram-Schmidt passes (CGS2): matvecs, not a sequential loop
+      for _ in range(2):  # (matvecs: XLA:CPU runs a [2, N] x [N, m] matmul ~10x slower than two of these)
+        w_N = w_N - jnp.dot(jnp.dot(basis_mxN, w_N, precision=HIGHEST), basis_mxN, precision=HIGHEST)
+      return w_N
 
     def body(j, s):  # v_N (unit, ⟂ rows < j) is carried, not read back from the basis: one row written per step
       basis_mxN, v_N, alphas_m, betas_m, scale = s
       basis_mxN = view.constrain(basis_mxN.at[j].set(v_N))
       w_N = hv(v_N)
       a = flat_dot(v_N, w_N)
-      # w_N and a restart vector r_N (hashed signs) are re-orthogonalised together: one pass over the basis
-      # for both (memory-bound, so r_N is nearly free) and no branch in the loop body
-      w_N, r_N = reorthogonalise(jnp.stack([w_N, view.hashed_signs(salt + jnp.uint32(j))]), basis_mxN)
+      w_N = reorthogonalise(w_N, basis_mxN)  # removes a·v_j and β_{j−1}·v_{j−1} along with everything else
       b = flat_norm(w_N)
       scale = jnp.maximum(scale, jnp.abs(a) + b)
-      # breakdown (invariant subspace found): continue from the fresh random vector r_N ⟂ basis, β = 0
+      # breakdown (invariant subspace found): continue from a fresh random vector ⟂ basis, β = 0
       broke = b <= 1e-6 * scale
-      nxt_N = jnp.where(broke, r_N / jnp.maximum(flat_norm(r_N), 1e-30), w_N / jnp.where(broke, 1.0, b))
+
+      def fresh():
+        r_N = reorthogonalise(view.hashed_signs(salt + jnp.uint32(j)), basis_mxN)
+        return r_N / jnp.maximum(flat_norm(r_N), 1e-30)
+
+      nxt_N = lax.cond(broke, fresh, lambda: w_N / jnp.where(broke, 1.0, b))
       return basis_mxN, nxt_N, alphas_m.at[j].set(a), betas_m.at[j].set(jnp.where(broke, 0.0, b)), scale
 
     z = jnp.zeros(m, jnp.float32)
@@ -562,8 +565,7 @@ def lanczos(
   reorth='full': the basis is one flat float32 [m, N] array (the operator's `FlatView`) and every new
   vector is re-orthogonalised against all of it by two block Gram-Schmidt passes; memory m vectors. On
   breakdown (an invariant subspace, β ≈ 0) it continues from a fresh random orthogonal vector with β = 0,
-  so the Ritz values stay eigenvalues (that vector is re-orthogonalised alongside every step's w in the
-  same matmul and selected with a `where`, so the loop body has no branch: compile time).
+  so the Ritz values stay eigenvalues.
   reorth='none': three-term recurrence (O(1) vectors; spurious copies of converged eigenvalues appear —
   use for densities only). m is capped at the dimension.
   With a filter: the Lanczos process of the diagonal block H_SS.

@@ -2,9 +2,8 @@
 
   python -m bench.compile                                   # small preset, 4x128 tokens, 30 Lanczos steps
   python -m bench.compile --presets=tiny,small --steps=30
-  git show c4d2d6e:analysis/hessian.py > /tmp/hessian_before.py
-  python -m bench.compile --before=/tmp/hessian_before.py   # adds the older module's Lanczos: before/after
-  python -m bench.compile --only=lanczos --repeat=3         # ours / matfree's / before, interleaved 3 times
+  python -m bench.compile --before=c4d2d6e                  # adds that revision's Lanczos: before/after
+  python -m bench.compile --only=lanczos --repeat=3 --before=main   # ours / before / matfree's, 3 rounds
   python -m bench.compile --hlo                             # compiled-HLO sizes of both Lanczos bodies
 
 Each row calls one estimator once on a fresh operator (the project's transformer, `lib.model`, fp32,
@@ -15,7 +14,8 @@ compiles on one thread). Rows:
   HVP (the operator alone)  the floor every estimator pays: one `make_hvp(...)` call
   lanczos                   analysis.hessian.lanczos: full reorthogonalisation on one flat float32
                             vector (FlatView), unravelled only for the HVP
-  lanczos (before)          with --before: the same call into an older copy of analysis/hessian.py
+  lanczos (before)          with --before=REV (or a file): the same call into that revision's
+                            analysis/hessian.py and hessian_ops.py (a file: hessian.py alone)
   lanczos (matfree)         matfree.decomp.tridiag_sym(m, reortho='full') on the raveled HVP
                             (jax.flatten_util.ravel_pytree, matfree's documented way to take pytrees)
   power / hutch++ / hutchinson  the other estimators (Hutchinson: one chunk of 8 probes)
@@ -37,7 +37,9 @@ import collections
 import importlib.util
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -143,12 +145,36 @@ def hlo_report(params, loss_fn, b, m: int) -> None:
     print("  ours − matfree's, by instruction kind: " + ", ".join(f"{k} {a[k] - c[k]:+d}" for k in diff if a[k] != c[k]))
 
 
-def load_module(path: str):
-  spec = importlib.util.spec_from_file_location("hessian_before", path)
+def _load(name: str, path: str, source: str | None = None):
+  if source is not None:
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_compile_"), f"{name}.py")
+    with open(path, "w") as f:
+      f.write(source)
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
-  sys.modules["hessian_before"] = mod
+  sys.modules[name] = mod
   spec.loader.exec_module(mod)
   return mod
+
+
+def load_module(before: str):
+  """An older analysis/hessian.py: a file path, or a git revision whose analysis/hessian.py and
+  analysis/hessian_ops.py are both taken (the older module then imports the older operators)."""
+  if os.path.isfile(before):
+    return _load("hessian_before", before)
+
+  def show(path: str) -> str | None:
+    r = subprocess.run(["git", "show", f"{before}:{path}"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+
+  src = show("analysis/hessian.py")
+  if src is None:
+    raise SystemExit(f"--before={before!r} is neither a file nor a git revision with analysis/hessian.py")
+  ops = show("analysis/hessian_ops.py")
+  if ops is not None:
+    _load("hessian_ops_before", "", ops)
+    src = src.replace("from analysis.hessian_ops import", "from hessian_ops_before import")
+  return _load("hessian_before", "", src)
 
 
 def bench(
@@ -232,7 +258,7 @@ def main():
   ap.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose name has one")
   ap.add_argument("--repeat", type=int, default=1, help="rounds of the rows, interleaved (medians and per-round ratios)")
   ap.add_argument("--hlo", action="store_true", help="print compiled-HLO sizes of the Lanczos bodies instead of timing rows")
-  ap.add_argument("--before", default="", help="path of an older analysis/hessian.py to time its Lanczos too")
+  ap.add_argument("--before", default="", help="git revision (or path of an older analysis/hessian.py) to time its Lanczos too")
   args = ap.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   jax.config.update("jax_enable_compilation_cache", False)
