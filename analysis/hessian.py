@@ -478,16 +478,15 @@ def _lanczos_fn(matvec: MatVec, view: FlatView, m: int, reorth: str, return_basi
   def full(p, v0, key, ops):
     hv = view.operator(fn, p, ops)
     salt = jax.random.key_data(key).reshape(-1)[-1]  # restarts from hashed signs, not threefry (compile time)
-    basis_mxN = view.constrain(jnp.zeros((m, view.n), jnp.float32).at[0].set(start(v0)))
 
     def reorthogonalise(w_N, basis_mxN):  # two block Gram-Schmidt passes (CGS2): matvecs, not a sequential loop
-      for _ in range(2):
+      for _ in range(2):  # (matvecs: XLA:CPU runs a [2, N] x [N, m] matmul ~10x slower than two of these)
         w_N = w_N - jnp.dot(jnp.dot(basis_mxN, w_N, precision=HIGHEST), basis_mxN, precision=HIGHEST)
       return w_N
 
-    def body(j, s):
-      basis_mxN, alphas_m, betas_m, scale = s
-      v_N = basis_mxN[j]
+    def body(j, s):  # v_N (unit, ⟂ rows < j) is carried, not read back from the basis: one row written per step
+      basis_mxN, v_N, alphas_m, betas_m, scale = s
+      basis_mxN = view.constrain(basis_mxN.at[j].set(v_N))
       w_N = hv(v_N)
       a = flat_dot(v_N, w_N)
       w_N = reorthogonalise(w_N, basis_mxN)  # removes a·v_j and β_{j−1}·v_{j−1} along with everything else
@@ -497,17 +496,15 @@ def _lanczos_fn(matvec: MatVec, view: FlatView, m: int, reorth: str, return_basi
       broke = b <= 1e-6 * scale
 
       def fresh():
-        r_N = view.hashed_signs(salt + jnp.uint32(j))
-        r_N = reorthogonalise(r_N, basis_mxN)
+        r_N = reorthogonalise(view.hashed_signs(salt + jnp.uint32(j)), basis_mxN)
         return r_N / jnp.maximum(flat_norm(r_N), 1e-30)
 
       nxt_N = lax.cond(broke, fresh, lambda: w_N / jnp.where(broke, 1.0, b))
-      row = jnp.minimum(j + 1, m - 1)
-      basis_mxN = view.constrain(basis_mxN.at[row].set(jnp.where(j + 1 < m, nxt_N, basis_mxN[row])))
-      return basis_mxN, alphas_m.at[j].set(a), betas_m.at[j].set(jnp.where(broke, 0.0, b)), scale
+      return basis_mxN, nxt_N, alphas_m.at[j].set(a), betas_m.at[j].set(jnp.where(broke, 0.0, b)), scale
 
     z = jnp.zeros(m, jnp.float32)
-    basis_mxN, alphas_m, betas_m, _ = lax.fori_loop(0, m, body, (basis_mxN, z, z, jnp.float32(0)))
+    basis_mxN = view.constrain(jnp.zeros((m, view.n), jnp.float32))
+    basis_mxN, _, alphas_m, betas_m, _ = lax.fori_loop(0, m, body, (basis_mxN, start(v0), z, z, jnp.float32(0)))
     return (alphas_m, betas_m, basis_mxN) if return_basis else (alphas_m, betas_m)
 
   def plain(p, v0, key, ops):  # three-term recurrence only: O(1) vectors, ghost eigenvalues possible
@@ -565,11 +562,12 @@ def lanczos(
 ) -> Tridiagonal:
   """m Lanczos steps from `start` (default: a Rademacher probe from `key`) in one jitted fori_loop.
 
-  reorth='full': the basis is a stacked pytree [m, ...] (fp32, sharded like params) and every new vector
-  is re-orthogonalised against all of it by two block Gram-Schmidt passes; memory m vectors. On
+  reorth='full': the basis is one flat float32 [m, N] array (the operator's `FlatView`) and every new
+  vector is re-orthogonalised against all of it by two block Gram-Schmidt passes; memory m vectors. On
   breakdown (an invariant subspace, β ≈ 0) it continues from a fresh random orthogonal vector with β = 0,
-  so the Ritz values stay eigenvalues. reorth='none': three-term recurrence (O(1) vectors; spurious
-  copies of converged eigenvalues appear — use for densities only). m is capped at the dimension.
+  so the Ritz values stay eigenvalues.
+  reorth='none': three-term recurrence (O(1) vectors; spurious copies of converged eigenvalues appear —
+  use for densities only). m is capped at the dimension.
   With a filter: the Lanczos process of the diagonal block H_SS.
   """
   if reorth not in ("full", "none"):

@@ -323,10 +323,14 @@ class HVPOperator:
       return ggn_linearised(self.logits_fn, params, batch)
     return jax.linearize(jax.grad(lambda q: self.loss_fn(q, batch)), params)[1]
 
-  def apply(self, params: PyTree, v: PyTree, operands) -> PyTree:
+  def apply_one(self, params: PyTree, v: PyTree, batch) -> PyTree:
+    """C_b v for one batch (traceable; unweighted)."""
     if self.curvature == "ggn":
-      return self.per_batch(lambda b: ggn_linearised(self.logits_fn, params, b)(v), operands)
-    return self.per_batch(lambda b: hvp(self.loss_fn, params, b, v), operands)
+      return ggn_linearised(self.logits_fn, params, batch)(v)
+    return hvp(self.loss_fn, params, batch, v)
+
+  def apply(self, params: PyTree, v: PyTree, operands) -> PyTree:
+    return self.per_batch(lambda b: self.apply_one(params, v, b), operands)
 
   def __call__(self, params: PyTree, v: PyTree) -> PyTree:
     key = _sharding_key(params)
@@ -469,7 +473,17 @@ class FlatView:
     return self.mask(self.constrain(jnp.where((x & 1) == 1, 1.0, -1.0).astype(jnp.float32)))
 
   def operator(self, fn: Callable, params: PyTree, ops) -> Callable[[jax.Array], jax.Array]:
-    """x_N -> C x_N (float32, restricted to the selection) for a traceable fn(params, v, operands)."""
+    """x_N -> C x_N (float32, restricted to the selection) for a traceable fn(params, v, operands).
+    An `HVPOperator`'s own `apply` is weighted and summed over batches on the flat result (one op per
+    batch, not one per leaf: a smaller program; equal to raveling `apply` for float32 parameters)."""
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, HVPOperator) and fn == owner.apply:
+
+      def hv(x_N):
+        v = self.unravel(x_N)
+        return owner.per_batch(lambda b: self.ravel(owner.apply_one(params, v, b)), ops)
+
+      return hv
     return lambda x_N: self.ravel(fn(params, self.unravel(x_N), ops))
 
 

@@ -2,8 +2,9 @@
 
   python -m bench.compile                                   # small preset, 4x128 tokens, 30 Lanczos steps
   python -m bench.compile --presets=tiny,small --steps=30
-  git show c4d2d6e:analysis/hessian.py > /tmp/hessian_before.py
-  python -m bench.compile --before=/tmp/hessian_before.py   # adds the older module's Lanczos: before/after
+  python -m bench.compile --before=c4d2d6e                  # adds that revision's Lanczos: before/after
+  python -m bench.compile --only=lanczos --repeat=3 --before=main   # ours / before / matfree's, 3 rounds
+  python -m bench.compile --hlo                             # compiled-HLO sizes of both Lanczos bodies
 
 Each row calls one estimator once on a fresh operator (the project's transformer, `lib.model`, fp32,
 one device; the persistent compilation cache off) and prints the wall seconds JAX spent compiling in
@@ -13,20 +14,32 @@ compiles on one thread). Rows:
   HVP (the operator alone)  the floor every estimator pays: one `make_hvp(...)` call
   lanczos                   analysis.hessian.lanczos: full reorthogonalisation on one flat float32
                             vector (FlatView), unravelled only for the HVP
-  lanczos (before)          with --before: the same call into an older copy of analysis/hessian.py
+  lanczos (before)          with --before=REV (or a file): the same call into that revision's
+                            analysis/hessian.py and hessian_ops.py (a file: hessian.py alone)
   lanczos (matfree)         matfree.decomp.tridiag_sym(m, reortho='full') on the raveled HVP
                             (jax.flatten_util.ravel_pytree, matfree's documented way to take pytrees)
   power / hutch++ / hutchinson  the other estimators (Hutchinson: one chunk of 8 probes)
 The matfree row is skipped, with a note, when matfree is not installed (`pip install matfree`; it is
-not a dependency of lmtrace). Target: lanczos ≤ lanczos (matfree).
+not a dependency of lmtrace). Target: lanczos ≤ lanczos (matfree). `--repeat=R` runs the rows
+round-robin R times (each time on a fresh operator, so each compiles again) and prints each ratio per
+round and its median: on a shared machine the load drifts between rows, and interleaving spreads it.
+
+`--hlo` instead lowers and compiles the two Lanczos bodies (ours from `analysis.hessian._lanczos_fn`,
+matfree's as in its row) and the HVP alone once each, and prints the compile CPU seconds and the size
+of each optimised HLO module (instructions, fusions, dots, while loops, conditionals, dynamic slices)
+with the instruction kinds whose counts differ most: where a compile-time gap comes from.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -71,8 +84,8 @@ def batch_of(vocab: int, batch: int, seq_len: int) -> dict:
   }
 
 
-def matfree_lanczos(mv, params, m: int):
-  """() -> the tridiagonal (diag, offdiag) by matfree on the raveled operator; None without matfree."""
+def matfree_body(mv, params, m: int):
+  """(jitted f(params, v0_N, operands) -> matfree's tridiagonal, v0_N), or None without matfree."""
   try:
     from matfree import decomp
   except ImportError:
@@ -87,18 +100,86 @@ def matfree_lanczos(mv, params, m: int):
 
     return tridiag(matvec, v0_N, p).J_small
 
+  return f, v0_N
+
+
+def matfree_lanczos(mv, params, m: int):
+  """() -> the tridiagonal (diag, offdiag) by matfree on the raveled operator; None without matfree."""
+  body = matfree_body(mv, params, m)
+  if body is None:
+    return None
+  f, v0_N = body
   return lambda: f(params, v0_N, mv.operands)
 
 
-def load_module(path: str):
-  spec = importlib.util.spec_from_file_location("hessian_before", path)
+def hlo_size(compiled) -> collections.Counter:
+  """Instruction kinds of an optimised HLO module (every computation, fusion bodies included)."""
+  return collections.Counter(m.group(1) for m in re.finditer(r" = .*? ([a-z][\w\-]*)\(", compiled.as_text()))
+
+
+def hlo_report(params, loss_fn, b, m: int) -> None:
+  """Compile CPU seconds and optimised-HLO sizes of our Lanczos body, matfree's and the HVP alone."""
+  key, v0 = jax.random.key(1), H.probe_like(jax.random.key(1), params)
+  mv = H.make_hvp(loss_fn, [b])
+  bodies = {
+    "HVP alone": (jax.jit(mv.apply), (params, v0, mv.operands)),
+    "lanczos": (H._lanczos_fn(mv, H.FlatView(params, None), m, "full", False), (params, v0, key, mv.operands)),
+  }
+  mf = matfree_body(H.make_hvp(loss_fn, [b]), params, m)
+  if mf is not None:
+    bodies["lanczos (matfree)"] = (mf[0], (params, mf[1], H.make_hvp(loss_fn, [b]).operands))
+  sizes = {}
+  for name, (f, args) in bodies.items():
+    c0 = time.process_time()
+    compiled = f.lower(*args).compile()
+    cpu = time.process_time() - c0
+    sizes[name] = n = hlo_size(compiled)
+    print(
+      f"  {name:<20s} lower+compile {cpu:5.1f} s CPU   HLO: {sum(n.values()):6d} instructions, {n['fusion']:5d} fusions, "
+      f"{n['dot']:4d} dots, {n['while']} while, {n['conditional']} conditional, {n['dynamic-slice']:4d} dynamic-slice",
+      flush=True,
+    )
+  if "lanczos (matfree)" in sizes:
+    a, c = sizes["lanczos"], sizes["lanczos (matfree)"]
+    diff = sorted(set(a) | set(c), key=lambda k: -abs(a[k] - c[k]))[:8]
+    print("  ours − matfree's, by instruction kind: " + ", ".join(f"{k} {a[k] - c[k]:+d}" for k in diff if a[k] != c[k]))
+
+
+def _load(name: str, path: str, source: str | None = None):
+  if source is not None:
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_compile_"), f"{name}.py")
+    with open(path, "w") as f:
+      f.write(source)
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
-  sys.modules["hessian_before"] = mod
+  sys.modules[name] = mod
   spec.loader.exec_module(mod)
   return mod
 
 
-def bench(preset: str, batch: int, seq_len: int, m: int, before=None, only: str = "") -> dict[str, tuple[float, float, float]]:
+def load_module(before: str):
+  """An older analysis/hessian.py: a file path, or a git revision whose analysis/hessian.py and
+  analysis/hessian_ops.py are both taken (the older module then imports the older operators)."""
+  if os.path.isfile(before):
+    return _load("hessian_before", before)
+
+  def show(path: str) -> str | None:
+    r = subprocess.run(["git", "show", f"{before}:{path}"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+
+  src = show("analysis/hessian.py")
+  if src is None:
+    raise SystemExit(f"--before={before!r} is neither a file nor a git revision with analysis/hessian.py")
+  ops = show("analysis/hessian_ops.py")
+  if ops is not None:
+    _load("hessian_ops_before", "", ops)
+    src = src.replace("from analysis.hessian_ops import", "from hessian_ops_before import")
+  return _load("hessian_before", "", src)
+
+
+def bench(
+  preset: str, batch: int, seq_len: int, m: int, before=None, only: str = "", repeat: int = 1, hlo: bool = False
+) -> dict[str, tuple[float, float, float]]:
   vocab = M.OPT_VOCAB if preset.startswith("opt") else 204
   cfg = M.preset(preset, vocab_size=vocab, max_len=max(seq_len, 16), dtype="float32")
   model = M.make(cfg)
@@ -124,6 +205,9 @@ def bench(preset: str, batch: int, seq_len: int, m: int, before=None, only: str 
     f"(load average {' '.join(open('/proc/loadavg').read().split()[:3])})",
     flush=True,
   )
+  if hlo:
+    hlo_report(params, loss_fn, b, m)
+    return {}
   rows = {
     "HVP (the operator alone)": bind(H, lambda h, mv: mv(params, v0)),
     "lanczos": bind(H, lambda h, mv: h.lanczos(mv, params, key, m).alphas),
@@ -138,25 +222,30 @@ def bench(preset: str, batch: int, seq_len: int, m: int, before=None, only: str 
     "hutchinson (8-probe chunk)": bind(H, lambda h, mv: h.hutchinson_trace(mv, params, key, 8, chunk=8).estimate),
   }
   rows = {k: v for k, v in rows.items() if not only or any(o in k for o in only.split(","))}
-  out = {}
-  for name, make in rows.items():
-    print(f"  {name:<28s} ...", end="", flush=True)
-    call = make()
-    c, w, cpu = timed(call)
-    _, w2, cpu2 = timed(call)  # compiled: the run alone
-    out[name] = (c, w, cpu - cpu2)
-    print(
-      f"\r  {name:<28s} compile {c:7.1f} s wall, {cpu - cpu2:7.1f} s CPU (first call − second call: {w:6.1f} − {w2:6.1f} s wall)",
-      flush=True,
-    )
+  per_round: dict[str, list] = {name: [] for name in rows}
+  for r in range(repeat):
+    if repeat > 1:
+      print(f" round {r + 1}/{repeat} (load average {' '.join(open('/proc/loadavg').read().split()[:3])})", flush=True)
+    for name, make in rows.items():
+      print(f"  {name:<28s} ...", end="", flush=True)
+      call = make()
+      c, w, cpu = timed(call)
+      _, w2, cpu2 = timed(call)  # compiled: the run alone
+      per_round[name].append((c, w, cpu - cpu2))
+      print(
+        f"\r  {name:<28s} compile {c:7.1f} s wall, {cpu - cpu2:7.1f} s CPU (first − second call: {w:6.1f} − {w2:6.1f} s wall)",
+        flush=True,
+      )
+  out = {name: tuple(np.median(np.asarray(v), 0)) for name, v in per_round.items()}
   if "lanczos (matfree)" not in out and (not only or "matfree" in only or "lanczos" in only):
     print("  lanczos (matfree)            skipped: matfree is not installed (pip install matfree)")
-  if {"lanczos", "lanczos (matfree)"} <= set(out):
-    r = [out["lanczos"][i] / out["lanczos (matfree)"][i] for i in (0, 2)]
-    print(f"  compile time lanczos / matfree's: {r[0]:.2f} wall, {r[1]:.2f} CPU (target ≤ 1)")
-  if {"lanczos", "lanczos (before)"} <= set(out):
-    r = [out["lanczos"][i] / out["lanczos (before)"][i] for i in (0, 2)]
-    print(f"  compile time lanczos / before:    {r[0]:.2f} wall, {r[1]:.2f} CPU")
+  for other, label in (("lanczos (matfree)", "matfree's"), ("lanczos (before)", "before")):
+    if {"lanczos", other} <= set(out):
+      r_wall = [x[0] / y[0] for x, y in zip(per_round["lanczos"], per_round[other])]
+      r_cpu = [x[2] / y[2] for x, y in zip(per_round["lanczos"], per_round[other])]
+      each = f" (rounds: {', '.join(f'{w:.2f}/{c:.2f}' for w, c in zip(r_wall, r_cpu))})" if repeat > 1 else ""
+      target = " (target ≤ 1)" if other == "lanczos (matfree)" else ""
+      print(f"  compile time lanczos / {label:<9s} {np.median(r_wall):.2f} wall, {np.median(r_cpu):.2f} CPU{target}{each}")
   return out
 
 
@@ -167,7 +256,9 @@ def main():
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--steps", type=int, default=30, help="Lanczos steps (and power iterations)")
   ap.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose name has one")
-  ap.add_argument("--before", default="", help="path of an older analysis/hessian.py to time its Lanczos too")
+  ap.add_argument("--repeat", type=int, default=1, help="rounds of the rows, interleaved (medians and per-round ratios)")
+  ap.add_argument("--hlo", action="store_true", help="print compiled-HLO sizes of the Lanczos bodies instead of timing rows")
+  ap.add_argument("--before", default="", help="git revision (or path of an older analysis/hessian.py) to time its Lanczos too")
   args = ap.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   jax.config.update("jax_enable_compilation_cache", False)
@@ -175,7 +266,7 @@ def main():
   before = load_module(args.before) if args.before else None
   print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU threads")
   for p in args.presets.split(","):
-    bench(p.strip(), args.batch, args.seq_len, args.steps, before, args.only)
+    bench(p.strip(), args.batch, args.seq_len, args.steps, before, args.only, args.repeat, args.hlo)
 
 
 if __name__ == "__main__":

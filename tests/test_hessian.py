@@ -246,6 +246,39 @@ def test_flat_lanczos_matches_a_float64_reference(mlp):
   np.testing.assert_allclose(T.alphas[:4], lanczos_f64(hess, flat(v0), 4)[0], atol=1e-4 * scale)  # early steps: no loss yet
 
 
+def test_flat_operator_weights_batches_like_apply(mlp):
+  """Inside the estimators an HVPOperator's batches are weighted and summed on the flat x_N (one op per
+  batch, not per leaf): still the exact token-weighted (or user-weighted) Hessian times v, for looped
+  and scanned batches, on the whole and on a selection; and Lanczos through it is float64 Lanczos."""
+  params, batch, _ = mlp
+  mask = np.asarray(batch["mask"]).copy()
+  mask[:2, 3:] = 0
+  masked = {**batch, "mask": jnp.asarray(mask)}
+  ragged = [{k: x[:1] for k, x in masked.items()}, {k: x[1:] for k, x in masked.items()}]
+  halves = [{k: x[:2] for k, x in masked.items()}, {k: x[2:] for k, x in masked.items()}]
+  h_tok = exact_hessian(lambda p: mlp_loss(p, masked), params)
+  h_w = sum(w * exact_hessian(lambda p, b=b: mlp_loss(p, b), params) for w, b in zip((0.3, 0.7), halves))
+  v = H.rademacher_like(jax.random.key(5), params)
+  ops = (
+    (H.make_hvp(mlp_loss, ragged), h_tok),
+    (H.make_hvp(mlp_loss, halves), h_tok),
+    (H.make_hvp(mlp_loss, halves, [0.3, 0.7]), h_w),
+  )
+  for mv, hess in ops:
+    for select, block in ((None, slice(None)), ("^l2/", slice(N1, None))):
+      view = H.FlatView(params, H.ParamSelection.of(select).mask(params))
+      hv_N = jax.jit(lambda p, x, o, view=view, mv=mv: view.operator(mv.apply, p, o)(x))(params, view.ravel(v), mv.operands)
+      ref = np.zeros(view.n)
+      ref[block] = hess[block, block] @ flat(v)[block]
+      assert np.linalg.norm(np.asarray(hv_N, np.float64) - ref) < 1e-5 * np.linalg.norm(ref)
+  mv, hess = ops[2]
+  T = H.lanczos(mv, params, jax.random.key(0), 8, start=v)
+  a, b = lanczos_f64(hess, flat(v), 8)
+  scale = np.abs(np.linalg.eigvalsh(hess)).max()
+  np.testing.assert_allclose(T.alphas, a, atol=1e-4 * scale)
+  np.testing.assert_allclose(np.append(T.betas, T.beta_last), b, atol=1e-4 * scale)
+
+
 def test_residual_bounds_are_floored_at_float32_rounding():
   eigs = np.concatenate([[10.0, 7.0, 5.0, -12.0], np.linspace(-1, 1, 196)])
   _, params, mv = quadratic(eigs)
