@@ -74,71 +74,48 @@ def graph(root: str = ".", packages=PACKAGES) -> dict[str, set[str]]:
   return g
 
 
+def _components(g: dict[str, set[str]]) -> list[list[str]]:
+  """Strongly connected components of more than one module, each sorted, sorted by their first module
+  (scipy's csgraph rather than a hand-written Tarjan)."""
+  from scipy.sparse import csr_matrix
+  from scipy.sparse.csgraph import connected_components
+
+  names = sorted(set(g) | {w for ws in g.values() for w in ws})
+  at = {n: i for i, n in enumerate(names)}
+  rows = [at[u] for u in names for _ in g.get(u, ())]
+  cols = [at[w] for u in names for w in sorted(g.get(u, ()))]
+  adj = csr_matrix(([1] * len(rows), (rows, cols)), shape=(len(names), len(names)))
+  _, label = connected_components(adj, directed=True, connection="strong")
+  comps: dict[int, list[str]] = {}
+  for n, lab in zip(names, label):
+    comps.setdefault(int(lab), []).append(n)
+  return sorted(c for c in comps.values() if len(c) > 1)
+
+
+def _shortest_cycle(g: dict[str, set[str]], members: set[str], start: str) -> list[str]:
+  """[start, ..., start]: a shortest cycle through `start` inside its component (BFS back to start)."""
+  prev, frontier = {start: None}, [start]
+  while frontier:
+    nxt = []
+    for u in frontier:
+      for w in sorted(g.get(u, set()) & members):
+        if w == start:
+          path = [start]
+          while u != start:
+            path.insert(1, u)
+            u = prev[u]
+          return path + [start]
+        if w not in prev:
+          prev[w] = u
+          nxt.append(w)
+    frontier = nxt
+  raise AssertionError(f"{start} is in a strongly connected component but on no cycle")
+
+
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
-  """One cycle per strongly connected component of more than one module (Tarjan), as a path
-  [a, b, ..., a]; components sorted by their first module."""
-  index, low, stack, on, comps = {}, {}, [], set(), []
-
-  def visit(v):  # iterative Tarjan: no recursion limit on long chains
-    work = [(v, iter(sorted(g.get(v, ()))))]
-    index[v] = low[v] = len(index)
-    stack.append(v)
-    on.add(v)
-    while work:
-      u, it = work[-1]
-      w = next(it, None)
-      if w is not None:
-        if w not in index:
-          index[w] = low[w] = len(index)
-          stack.append(w)
-          on.add(w)
-          work.append((w, iter(sorted(g.get(w, ())))))
-        elif w in on:
-          low[u] = min(low[u], index[w])
-        continue
-      work.pop()
-      if work:
-        low[work[-1][0]] = min(low[work[-1][0]], low[u])
-      if low[u] == index[u]:
-        comp = []
-        while True:
-          x = stack.pop()
-          on.discard(x)
-          comp.append(x)
-          if x == u:
-            break
-        if len(comp) > 1:
-          comps.append(sorted(comp))
-
-  for v in sorted(g):
-    if v not in index:
-      visit(v)
-  out = []
-  for comp in sorted(comps):
-    members = set(comp)
-    start = comp[0]
-    # shortest cycle through `start` inside its component (BFS back to start)
-    prev, frontier, found = {start: None}, [start], None
-    while frontier and found is None:
-      nxt = []
-      for u in frontier:
-        for w in sorted(g[u] & members):
-          if w == start:
-            found = u
-            break
-          if w not in prev:
-            prev[w] = u
-            nxt.append(w)
-        if found is not None:
-          break
-      frontier = nxt
-    path = [start]
-    u = found
-    while u is not None and u != start:
-      path.insert(1, u)
-      u = prev[u]
-    out.append(path + [start])
-  return out
+  """One cycle per strongly connected component of more than one module, as a path [a, b, ..., a]
+  through the component's first module; components sorted by their first module."""
+  return [_shortest_cycle(g, set(comp), comp[0]) for comp in _components(g)]
 
 
 def layer_violations(g: dict[str, set[str]], layers=LAYERS) -> list[str]:

@@ -47,3 +47,18 @@ def test_checker_finds_lazy_relative_and_layer_imports(tmp_path):
   assert import_graph.cycles(g) == [["data.a", "data.b", "data.c", "data.a"]]
   assert import_graph.layer_violations(g) == ["lib.m -> data.d"]
   assert import_graph.main(["--root", str(tmp_path)]) == 1
+
+
+def test_cycles_one_shortest_per_component():
+  """Two components (one with a chord making a shorter cycle through its first module), an acyclic tail."""
+  g = {
+    "a": {"b"},
+    "b": {"c", "a2"},
+    "c": {"d", "a"},  # a -> b -> c -> a is shorter than a -> b -> c -> d -> a
+    "d": {"a"},
+    "x": {"y"},
+    "y": {"x", "z"},
+    "z": set(),
+  }
+  assert import_graph.cycles(g) == [["a", "b", "c", "a"], ["x", "y", "x"]]
+  assert import_graph.cycles({"a": {"b"}, "b": set()}) == []
