@@ -49,6 +49,7 @@ from data import vocab
 from lib import ckpt as C
 from lib import errors, sharding
 from lib import model as M
+from lib.io import atomic_parquet
 
 METHODS = ("probe", "finetune", "lookup")
 POOLS = ("concat", "mean")
@@ -324,9 +325,8 @@ def _rows(base: dict, accs, seeds, extra=None) -> list[dict]:
   return [dict(base, seed=int(s), accuracy=float(a), acc_mean=mean, acc_se=se, **(extra or {})) for s, a in zip(seeds, accs)]
 
 
-def run(workdir: str, args) -> pd.DataFrame:
-  """Measures every requested (checkpoint, task, method, pool) not yet in the table; returns the table."""
-  cfg = C.read_config(workdir)
+def _plan(workdir: str, args, cfg) -> tuple[list[str], list[str], list[int]]:
+  """(methods, tasks, checkpoint steps) the command asks for, each checked against the workdir (one clear error)."""
   methods = [m.strip() for m in args.method.split(",") if m.strip()]
   bad = [m for m in methods if m not in METHODS]
   if bad:
@@ -342,13 +342,46 @@ def run(workdir: str, args) -> pd.DataFrame:
   for t in tasks:
     if t not in have:
       raise DownstreamError(f"unknown task {t!r} for {workdir}; it has {have}")
-  model_methods = [m for m in methods if m != "lookup"]
   available = C.available_steps(workdir)
-  if model_methods and not available:
+  if any(m != "lookup" for m in methods) and not available:
     raise DownstreamError(f"{workdir} has no checkpoints")
   steps = (
     sorted(available) if args.steps in ("all", "") else [C.resolve_step(workdir, int(s)) for s in str(args.steps).split(",")]
   )
+  return methods, tasks, steps
+
+
+def _accuracies(method: str, step: int, task_data_, *, workdir, cfg, args, seeds, mesh, cache: dict) -> tuple:
+  """(test accuracy per seed, mean train accuracy or NaN) of one (checkpoint, task, method); `cache` keeps the
+  model and the last checkpoint's params between calls."""
+  tr, te, n_classes = task_data_
+  if method == "lookup":
+    lang = _language(cfg)
+    Xtr, Xte = lookup_features(lang, tr["tokens"], args.pool), lookup_features(lang, te["tokens"], args.pool)
+    acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
+    return acc, float(np.mean(tr_acc))
+  if "model" not in cache:
+    cache["model"], _, _ = C.load_model(workdir)
+  if cache.get("step") != step:
+    cache["params"], cache["step"] = None, None  # drop the previous checkpoint before restoring the next
+    cache["params"], cache["step"] = C.restore_params(workdir, step, mesh=mesh), step
+  model, params = cache["model"], cache["params"]
+  if method == "probe":
+    Xtr = extract_features(model, params, tr["tokens"], args.pool)
+    Xte = extract_features(model, params, te["tokens"], args.pool)
+    acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
+    return acc, float(np.mean(tr_acc))
+  acc = finetune_accuracy(
+    model, params, tr, te, n_classes, seeds, pool=args.pool, epochs=args.ft_epochs, batch=args.ft_batch, lr=args.ft_lr,
+    warmup=args.ft_warmup, wd=args.weight_decay,
+  )  # fmt: skip
+  return acc, np.nan
+
+
+def run(workdir: str, args) -> pd.DataFrame:
+  """Measures every requested (checkpoint, task, method, pool) not yet in the table; returns the table."""
+  cfg = C.read_config(workdir)
+  methods, tasks, steps = _plan(workdir, args, cfg)
   settings = _settings(args)
   key = _settings_key(settings)
   seeds = list(range(args.seeds))
@@ -359,13 +392,12 @@ def run(workdir: str, args) -> pd.DataFrame:
     same = old[old["settings"] == key]
     done = set(zip(same["step"], same["task"], same["method"], same["pool"]))
   todo = [(-1, t, "lookup") for t in tasks if "lookup" in methods]
-  todo += [(s, t, m) for s in steps for t in tasks for m in model_methods]
+  todo += [(s, t, m) for s in steps for t in tasks for m in methods if m != "lookup"]
   todo = [x for x in todo if (x[0], x[1], x[2], args.pool) not in done]
   evm = eval_metrics_at(workdir)
   data = {t: task_data(workdir, t, cfg) for t in tasks}
-  mesh = _mesh(args.mesh)
-  model = None
-  params_at: dict[int, object] = {}
+  mesh = sharding.mesh_from_flag(args.mesh)
+  cache: dict = {}
   run_name = os.path.basename(os.path.abspath(workdir))
   for step, task, method in tqdm(todo, desc=f"downstream {run_name}", unit="job", disable=None if args.progress else True):
     t0 = time.time()
@@ -387,39 +419,10 @@ def run(workdir: str, args) -> pd.DataFrame:
       reason="",
     )
     try:
-      if method == "lookup":
-        lang = _language(cfg)
-        Xtr, Xte = lookup_features(lang, tr["tokens"], args.pool), lookup_features(lang, te["tokens"], args.pool)
-        acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
-        rows = _rows(base, acc, seeds, {"train_accuracy": float(np.mean(tr_acc))})
-      else:
-        if model is None:
-          model, _, _ = C.load_model(workdir)
-        if step not in params_at:
-          params_at.clear()
-          params_at[step] = C.restore_params(workdir, step, mesh=mesh)
-        params = params_at[step]
-        if method == "probe":
-          Xtr = extract_features(model, params, tr["tokens"], args.pool)
-          Xte = extract_features(model, params, te["tokens"], args.pool)
-          acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
-          rows = _rows(base, acc, seeds, {"train_accuracy": float(np.mean(tr_acc))})
-        else:
-          acc = finetune_accuracy(
-            model,
-            params,
-            tr,
-            te,
-            n_classes,
-            seeds,
-            pool=args.pool,
-            epochs=args.ft_epochs,
-            batch=args.ft_batch,
-            lr=args.ft_lr,
-            warmup=args.ft_warmup,
-            wd=args.weight_decay,
-          )
-          rows = _rows(base, acc, seeds, {"train_accuracy": np.nan})
+      acc, tr_acc = _accuracies(
+        method, step, data[task], workdir=workdir, cfg=cfg, args=args, seeds=seeds, mesh=mesh, cache=cache
+      )
+      rows = _rows(base, acc, seeds, {"train_accuracy": tr_acc})
     except errors.CheckpointError as e:  # damaged checkpoint: invalid rows, go on
       rows = _rows(dict(base, valid=False, reason=str(e)[:300]), [np.nan] * len(seeds), seeds, {"train_accuracy": np.nan})
     for r in rows:
@@ -428,10 +431,7 @@ def run(workdir: str, args) -> pd.DataFrame:
     new = pd.DataFrame(rows)
     old = pd.concat([old, new], ignore_index=True) if len(old) else new
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + ".tmp"
-      old.to_parquet(tmp, index=False)
-      os.replace(tmp, path)  # a kill leaves the previous complete table
+      atomic_parquet(old, path)  # a kill leaves the previous complete table
   return old
 
 
@@ -439,18 +439,6 @@ def _probe_kw(args) -> dict:
   return dict(
     epochs=args.probe_epochs, batch=args.probe_batch, lr=args.probe_lr, wd=args.weight_decay, standardize=args.standardize
   )
-
-
-def _mesh(spec: str):
-  if not spec:
-    return sharding.single_device_mesh()
-  try:
-    sizes = [int(x) for x in spec.split(",")]
-  except ValueError:
-    sizes = []
-  if len(sizes) != len(sharding.MESH_AXES):
-    raise DownstreamError(f"--mesh={spec!r} needs {len(sharding.MESH_AXES)} integer sizes ({','.join(sharding.MESH_AXES)})")
-  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
 
 
 def load_downstream(workdirs, valid_only: bool = False) -> pd.DataFrame:
