@@ -308,110 +308,135 @@ def _need(tf: TensorFiles, names: Sequence[str]) -> str:
   return n
 
 
-def recipes(tf: TensorFiles, hf: dict, cfg: M.ModelConfig) -> dict:
-  """The lmtrace param tree (same structure as the model's) of Recipes for one HF directory."""
-  kind = hf["model_type"]
+def _opt_recipes(tf: TensorFiles, cfg: M.ModelConfig) -> dict:
+  """Recipes of an OPT checkpoint (separate q/k/v projections)."""
+  H, K = cfg.n_heads, cfg.d_model // cfg.n_heads
+  p: dict = {}
+
+  def need(*names):
+    return _need(tf, names)
+
+  pre = ["model.decoder.", "decoder.", ""]
+  g = lambda s: [x + s for x in pre]  # noqa: E731
+  p["embed"] = _plain(tf, _need(tf, g("embed_tokens.weight")))
+  p["pos_embed"] = _plain(tf, _need(tf, g("embed_positions.weight")))
+  if cfg.embed_proj_dim:
+    p["proj_in"] = {"kernel": _plain(tf, _need(tf, g("project_in.weight")), transpose=True)}
+    p["proj_out"] = {"kernel": _plain(tf, _need(tf, g("project_out.weight")), transpose=True)}
+  if not cfg.post_ln:
+    _ln(tf, g("final_layer_norm"), p.setdefault("final_norm", {}))
+  if not cfg.tied_embeddings:
+    p["head"] = _plain(tf, need("lm_head.weight"), transpose=True)
+  for i in range(cfg.n_layers):
+    L = lambda s: _need(tf, g(f"layers.{i}.{s}"))  # noqa: E731
+    a = {}
+    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      a[ours] = {
+        "kernel": _heads(tf, L(f"self_attn.{theirs}.weight"), "in", H, K, 0, K, 0),
+        "bias": _heads(tf, L(f"self_attn.{theirs}.bias"), "bias", H, K, 0, K, 0),
+      }
+    a["out"] = {
+      "kernel": _heads(tf, L("self_attn.out_proj.weight"), "out", H, K, 0, K, 1),
+      "bias": _plain(tf, L("self_attn.out_proj.bias")),
+    }
+    lay = {"attn": a, "ln_attn": {}, "ln_mlp": {}}
+    _ln(tf, g(f"layers.{i}.self_attn_layer_norm"), lay["ln_attn"])
+    _ln(tf, g(f"layers.{i}.final_layer_norm"), lay["ln_mlp"])
+    lay["mlp"] = {
+      "wi": {"kernel": _plain(tf, L("fc1.weight"), transpose=True), "bias": _plain(tf, L("fc1.bias"))},
+      "wo": {"kernel": _plain(tf, L("fc2.weight"), transpose=True), "bias": _plain(tf, L("fc2.bias"))},
+    }
+    p[f"layer_{i}"] = lay
+  return p
+
+
+def _gpt2_recipes(tf: TensorFiles, cfg: M.ModelConfig) -> dict:
+  """Recipes of a GPT-2 checkpoint (fused Conv1D c_attn, in x 3D)."""
   H, K, D = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.d_model
   p: dict = {}
 
   def need(*names):
     return _need(tf, names)
 
-  if kind == "opt":
-    pre = ["model.decoder.", "decoder.", ""]
-    g = lambda s: [x + s for x in pre]  # noqa: E731
-    p["embed"] = _plain(tf, _need(tf, g("embed_tokens.weight")))
-    p["pos_embed"] = _plain(tf, _need(tf, g("embed_positions.weight")))
-    if cfg.embed_proj_dim:
-      p["proj_in"] = {"kernel": _plain(tf, _need(tf, g("project_in.weight")), transpose=True)}
-      p["proj_out"] = {"kernel": _plain(tf, _need(tf, g("project_out.weight")), transpose=True)}
-    if not cfg.post_ln:
-      _ln(tf, g("final_layer_norm"), p.setdefault("final_norm", {}))
-    if not cfg.tied_embeddings:
-      p["head"] = _plain(tf, need("lm_head.weight"), transpose=True)
-    for i in range(cfg.n_layers):
-      L = lambda s: _need(tf, g(f"layers.{i}.{s}"))  # noqa: E731
-      a = {}
-      for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        a[ours] = {
-          "kernel": _heads(tf, L(f"self_attn.{theirs}.weight"), "in", H, K, 0, K, 0),
-          "bias": _heads(tf, L(f"self_attn.{theirs}.bias"), "bias", H, K, 0, K, 0),
-        }
-      a["out"] = {
-        "kernel": _heads(tf, L("self_attn.out_proj.weight"), "out", H, K, 0, K, 1),
-        "bias": _plain(tf, L("self_attn.out_proj.bias")),
+  pre = ["transformer.", ""]
+  g = lambda s: [x + s for x in pre]  # noqa: E731
+  p["embed"] = _plain(tf, _need(tf, g("wte.weight")))
+  p["pos_embed"] = _plain(tf, _need(tf, g("wpe.weight")), pad_rows=2)
+  _ln(tf, g("ln_f"), p.setdefault("final_norm", {}))
+  if not cfg.tied_embeddings:
+    p["head"] = _plain(tf, need("lm_head.weight"), transpose=True)
+  for i in range(cfg.n_layers):
+    L = lambda s: _need(tf, g(f"h.{i}.{s}"))  # noqa: E731
+    a = {}
+    for j, ours in enumerate(("query", "key", "value")):
+      a[ours] = {
+        "kernel": _heads(tf, L("attn.c_attn.weight"), "in", H, K, j * D, K, 1),
+        "bias": _heads(tf, L("attn.c_attn.bias"), "bias", H, K, j * D, K, 0),
       }
-      lay = {"attn": a, "ln_attn": {}, "ln_mlp": {}}
-      _ln(tf, g(f"layers.{i}.self_attn_layer_norm"), lay["ln_attn"])
-      _ln(tf, g(f"layers.{i}.final_layer_norm"), lay["ln_mlp"])
-      lay["mlp"] = {
-        "wi": {"kernel": _plain(tf, L("fc1.weight"), transpose=True), "bias": _plain(tf, L("fc1.bias"))},
-        "wo": {"kernel": _plain(tf, L("fc2.weight"), transpose=True), "bias": _plain(tf, L("fc2.bias"))},
-      }
-      p[f"layer_{i}"] = lay
-  elif kind == "gpt2":
-    pre = ["transformer.", ""]
-    g = lambda s: [x + s for x in pre]  # noqa: E731
-    p["embed"] = _plain(tf, _need(tf, g("wte.weight")))
-    p["pos_embed"] = _plain(tf, _need(tf, g("wpe.weight")), pad_rows=2)
-    _ln(tf, g("ln_f"), p.setdefault("final_norm", {}))
-    if not cfg.tied_embeddings:
-      p["head"] = _plain(tf, need("lm_head.weight"), transpose=True)
-    for i in range(cfg.n_layers):
-      L = lambda s: _need(tf, g(f"h.{i}.{s}"))  # noqa: E731
-      a = {}
-      for j, ours in enumerate(("query", "key", "value")):
-        a[ours] = {
-          "kernel": _heads(tf, L("attn.c_attn.weight"), "in", H, K, j * D, K, 1),
-          "bias": _heads(tf, L("attn.c_attn.bias"), "bias", H, K, j * D, K, 0),
-        }
-      a["out"] = {"kernel": _heads(tf, L("attn.c_proj.weight"), "out", H, K, 0, K, 0), "bias": _plain(tf, L("attn.c_proj.bias"))}
-      lay = {"attn": a, "ln_attn": {}, "ln_mlp": {}}
-      _ln(tf, g(f"h.{i}.ln_1"), lay["ln_attn"])
-      _ln(tf, g(f"h.{i}.ln_2"), lay["ln_mlp"])
-      lay["mlp"] = {
-        "wi": {"kernel": _plain(tf, L("mlp.c_fc.weight")), "bias": _plain(tf, L("mlp.c_fc.bias"))},
-        "wo": {"kernel": _plain(tf, L("mlp.c_proj.weight")), "bias": _plain(tf, L("mlp.c_proj.bias"))},
-      }
-      p[f"layer_{i}"] = lay
-  elif kind == "gpt_neox":
-    pre = ["gpt_neox.", ""]
-    g = lambda s: [x + s for x in pre]  # noqa: E731
-    p["embed"] = _plain(tf, _need(tf, g("embed_in.weight")))
-    _ln(tf, g("final_layer_norm"), p.setdefault("final_norm", {}))
-    if cfg.tied_embeddings:
-      pass
-    else:
-      p["head"] = _plain(tf, need("embed_out.weight", "lm_head.weight"), transpose=True)
-    for i in range(cfg.n_layers):
-      L = lambda s: _need(tf, g(f"layers.{i}.{s}"))  # noqa: E731
-      a = {}
-      for j, ours in enumerate(("query", "key", "value")):
-        a[ours] = {
-          "kernel": _heads(tf, L("attention.query_key_value.weight"), "in", H, K, j * K, 3 * K, 0),
-          "bias": _heads(tf, L("attention.query_key_value.bias"), "bias", H, K, j * K, 3 * K, 0),
-        }
-      a["out"] = {
-        "kernel": _heads(tf, L("attention.dense.weight"), "out", H, K, 0, K, 1),
-        "bias": _plain(tf, L("attention.dense.bias")),
-      }
-      lay = {"attn": a, "ln_attn": {}, "ln_mlp": {}}
-      _ln(tf, g(f"layers.{i}.input_layernorm"), lay["ln_attn"])
-      _ln(tf, g(f"layers.{i}.post_attention_layernorm"), lay["ln_mlp"])
-      lay["mlp"] = {
-        "wi": {
-          "kernel": _plain(tf, L("mlp.dense_h_to_4h.weight"), transpose=True),
-          "bias": _plain(tf, L("mlp.dense_h_to_4h.bias")),
-        },
-        "wo": {
-          "kernel": _plain(tf, L("mlp.dense_4h_to_h.weight"), transpose=True),
-          "bias": _plain(tf, L("mlp.dense_4h_to_h.bias")),
-        },
-      }
-      p[f"layer_{i}"] = lay
-  else:  # pragma: no cover - model_config refuses it first
-    raise errors.ConfigError(f"unknown model_type {kind!r}")
+    a["out"] = {"kernel": _heads(tf, L("attn.c_proj.weight"), "out", H, K, 0, K, 0), "bias": _plain(tf, L("attn.c_proj.bias"))}
+    lay = {"attn": a, "ln_attn": {}, "ln_mlp": {}}
+    _ln(tf, g(f"h.{i}.ln_1"), lay["ln_attn"])
+    _ln(tf, g(f"h.{i}.ln_2"), lay["ln_mlp"])
+    lay["mlp"] = {
+      "wi": {"kernel": _plain(tf, L("mlp.c_fc.weight")), "bias": _plain(tf, L("mlp.c_fc.bias"))},
+      "wo": {"kernel": _plain(tf, L("mlp.c_proj.weight")), "bias": _plain(tf, L("mlp.c_proj.bias"))},
+    }
+    p[f"layer_{i}"] = lay
   return p
+
+
+def _neox_recipes(tf: TensorFiles, cfg: M.ModelConfig) -> dict:
+  """Recipes of a GPT-NeoX / Pythia checkpoint (fused query_key_value, interleaved per head)."""
+  H, K = cfg.n_heads, cfg.d_model // cfg.n_heads
+  p: dict = {}
+
+  def need(*names):
+    return _need(tf, names)
+
+  pre = ["gpt_neox.", ""]
+  g = lambda s: [x + s for x in pre]  # noqa: E731
+  p["embed"] = _plain(tf, _need(tf, g("embed_in.weight")))
+  _ln(tf, g("final_layer_norm"), p.setdefault("final_norm", {}))
+  if not cfg.tied_embeddings:
+    p["head"] = _plain(tf, need("embed_out.weight", "lm_head.weight"), transpose=True)
+  for i in range(cfg.n_layers):
+    L = lambda s: _need(tf, g(f"layers.{i}.{s}"))  # noqa: E731
+    a = {}
+    for j, ours in enumerate(("query", "key", "value")):
+      a[ours] = {
+        "kernel": _heads(tf, L("attention.query_key_value.weight"), "in", H, K, j * K, 3 * K, 0),
+        "bias": _heads(tf, L("attention.query_key_value.bias"), "bias", H, K, j * K, 3 * K, 0),
+      }
+    a["out"] = {
+      "kernel": _heads(tf, L("attention.dense.weight"), "out", H, K, 0, K, 1),
+      "bias": _plain(tf, L("attention.dense.bias")),
+    }
+    lay = {"attn": a, "ln_attn": {}, "ln_mlp": {}}
+    _ln(tf, g(f"layers.{i}.input_layernorm"), lay["ln_attn"])
+    _ln(tf, g(f"layers.{i}.post_attention_layernorm"), lay["ln_mlp"])
+    lay["mlp"] = {
+      "wi": {
+        "kernel": _plain(tf, L("mlp.dense_h_to_4h.weight"), transpose=True),
+        "bias": _plain(tf, L("mlp.dense_h_to_4h.bias")),
+      },
+      "wo": {
+        "kernel": _plain(tf, L("mlp.dense_4h_to_h.weight"), transpose=True),
+        "bias": _plain(tf, L("mlp.dense_4h_to_h.bias")),
+      },
+    }
+    p[f"layer_{i}"] = lay
+  return p
+
+
+_RECIPES = {"opt": _opt_recipes, "gpt2": _gpt2_recipes, "gpt_neox": _neox_recipes}
+
+
+def recipes(tf: TensorFiles, hf: dict, cfg: M.ModelConfig) -> dict:
+  """The lmtrace param tree (same structure as the model's) of Recipes for one HF directory."""
+  kind = hf["model_type"]
+  if kind not in _RECIPES:  # pragma: no cover - model_config refuses it first
+    raise errors.ConfigError(f"unknown model_type {kind!r}")
+  return _RECIPES[kind](tf, cfg)
 
 
 def check_recipes(rec: dict, model, src: str) -> None:
@@ -515,27 +540,16 @@ def run_config(cfg: M.ModelConfig, hf: dict, srcs: list[str], steps: list[int], 
   return d
 
 
-def import_series(
-  srcs: Sequence[str],
-  workdir: str,
-  *,
-  steps: str | None = None,
-  tokenizer: str | None = None,
-  probe_text: str = "",
-  mesh=None,
-  tokens_per_step: int = 0,
-) -> dict:
-  """Converts revisions `srcs` into `workdir` (must not exist or be empty). Returns the run config."""
-  from lib import ckpt, sharding
+def _checked_sources(srcs: list[str], workdir: str, steps, tokenizer, probe_text: str):
+  """(steps, HF configs, model configs, tokenizer or None): every source (config, tensors, shapes), the
+  tokenizer and the probe text checked before anything is written."""
   from lib.tokenizer import HFTokenizer
 
-  srcs = [s for s in srcs if s]
   if not srcs:
     raise errors.ConfigError("--src names no directory")
   if os.path.exists(workdir) and os.listdir(workdir):
     raise errors.ConfigError(f"--workdir {workdir} exists and is not empty: import into a new directory")
   step_list = _steps(list(srcs), steps)
-  # Validate every source (config, tensors, shapes) before writing anything.
   hfs = [read_hf_config(s) for s in srcs]
   cfgs = [model_config(h, s) for h, s in zip(hfs, srcs)]
   for s, c in zip(srcs[1:], cfgs[1:]):
@@ -553,7 +567,34 @@ def import_series(
     raise errors.DataError(f"--tokenizer {tokenizer} holds no tokenizer.json")
   if probe_text and not os.path.isfile(probe_text):
     raise errors.DataError(f"--probe_text {probe_text} is not a file")
+  return step_list, hfs, cfgs, tok
 
+
+def _copy_tokenizer(tok, tmp: str, final: str) -> str:
+  """Copies the tokenizer's files into `tmp`/tokenizer; returns where its tokenizer.json will be in `final`."""
+  os.makedirs(os.path.join(tmp, "tokenizer"))
+  d = os.path.dirname(tok.path)
+  for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+    if os.path.exists(os.path.join(d, f)):
+      shutil.copy(os.path.join(d, f), os.path.join(tmp, "tokenizer", f))
+  return os.path.join(final, "tokenizer", "tokenizer.json")
+
+
+def import_series(
+  srcs: Sequence[str],
+  workdir: str,
+  *,
+  steps: str | None = None,
+  tokenizer: str | None = None,
+  probe_text: str = "",
+  mesh=None,
+  tokens_per_step: int = 0,
+) -> dict:
+  """Converts revisions `srcs` into `workdir` (must not exist or be empty). Returns the run config."""
+  from lib import ckpt, sharding
+
+  srcs = [s for s in srcs if s]
+  step_list, hfs, cfgs, tok = _checked_sources(srcs, workdir, steps, tokenizer, probe_text)
   mesh = mesh or sharding.single_device_mesh()
   final = os.path.abspath(workdir)
   tmp = final.rstrip("/") + ".partial"
@@ -561,14 +602,7 @@ def import_series(
     shutil.rmtree(tmp)
   os.makedirs(tmp)
   try:
-    tok_dst = ""
-    if tok:
-      os.makedirs(os.path.join(tmp, "tokenizer"))
-      d = os.path.dirname(tok.path)
-      for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
-        if os.path.exists(os.path.join(d, f)):
-          shutil.copy(os.path.join(d, f), os.path.join(tmp, "tokenizer", f))
-      tok_dst = os.path.join(final, "tokenizer", "tokenizer.json")
+    tok_dst = _copy_tokenizer(tok, tmp, final) if tok else ""
     ck = ckpt.Checkpointer(tmp, analysis_steps=step_list, resume_every=0, params_only=True, async_=False)
     try:
       for s, st in zip(srcs, step_list):
