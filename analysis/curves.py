@@ -247,22 +247,27 @@ def token_metrics(
       rank_T[idx_S[ok_S]] = crossrun_rank_similarity(rank_sub[:, ok_S], n_sub=None).mean_rank_S
 
   with _timed(timings, "frame"):
-    ref = int(trend_ref_run)
-    df = pd.DataFrame({k: v.mean(0) for k, v in per.items()})
-    df["var_runs"] = var_gam_T
-    df["var_runs_raw"] = var_raw_T
-    df["rank_similarity"] = rank_T
-    df["trend_class"] = t_cls[ref]
-    df["trend_slope"] = t_slope[ref]
-    df["trend_p"] = t_p[ref]
-    df["trend_agree"] = (t_cls == t_cls[ref][None]).mean(0)
-    if per_run:
-      for k, v in per.items():
-        for r in range(n_runs):
-          df[f"{k}_r{r}"] = v[r]
-      for r in range(n_runs):
-        df[f"trend_class_r{r}"] = t_cls[r]
-    df["flags"] = flags_T
+    cross = {"var_runs": var_gam_T, "var_runs_raw": var_raw_T, "rank_similarity": rank_T}
+    return _frame(per, cross, (t_cls, t_slope, t_p), flags_T, int(trend_ref_run), per_run)
+
+
+def _frame(per: dict, cross: dict, trend: tuple, flags_T: np.ndarray, ref: int, per_run: bool) -> pd.DataFrame:
+  """token_metrics' table: run-averaged `per` metrics, the cross-run columns, run `ref`'s trend class, flags."""
+  t_cls, t_slope, t_p = trend
+  df = pd.DataFrame({k: v.mean(0) for k, v in per.items()})
+  for k, v in cross.items():
+    df[k] = v
+  df["trend_class"] = t_cls[ref]
+  df["trend_slope"] = t_slope[ref]
+  df["trend_p"] = t_p[ref]
+  df["trend_agree"] = (t_cls == t_cls[ref][None]).mean(0)
+  if per_run:
+    for k, v in per.items():
+      for r in range(v.shape[0]):
+        df[f"{k}_r{r}"] = v[r]
+    for r in range(t_cls.shape[0]):
+      df[f"trend_class_r{r}"] = t_cls[r]
+  df["flags"] = flags_T
   return df
 
 
