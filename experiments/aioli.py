@@ -356,6 +356,33 @@ def table(df) -> str:
   return "\n".join(lines)
 
 
+def findings(df) -> str:
+  """The paper's claims checked on this table, in words: how many settings each method beats stratified in
+  (the paper: only Aioli in all 6), and how large the seed-to-seed spread of stratified is next to the
+  differences (a difference below it is not a finding)."""
+  diff = df.groupby(["setting", "method"])["diff_vs_stratified"].mean().unstack("setting")
+  strat = df[df.method == "stratified"].groupby("setting")["test_avg_ppl"]
+  spread = (strat.max() - strat.min()) if df.seed.nunique() > 1 else None
+  n_sets = diff.shape[1]
+  lines = ["## Findings (computed from the table above)", ""]
+  for meth in METHODS:
+    if meth == "stratified" or meth not in diff.index:
+      continue
+    d = diff.loc[meth]
+    lines.append(
+      f"- {LABELS[meth]}: better than stratified in {int((d < 0).sum())}/{n_sets} settings "
+      f"(mean difference {d.mean():+.3f} ppl)" + ("; the paper: 6/6, the only method that never loses" if meth == "aioli" else "")
+    )
+  always = [LABELS[m] for m in METHODS if m != "stratified" and m in diff.index and bool((diff.loc[m] < 0).all())]
+  lines.append(f"- Methods better than stratified in every setting here: {', '.join(always) or 'none'} (the paper: Aioli only).")
+  if spread is not None:
+    cells = ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
+    lines.append(f"- Stratified's spread over seeds (max - min test ppl): {cells}; differences smaller than this are noise.")
+  else:
+    lines.append("- One seed: no estimate of seed-to-seed noise; run with --seeds >= 2 before reading small differences.")
+  return "\n".join(lines)
+
+
 def plot(df, path: str) -> None:
   import matplotlib
 
@@ -436,7 +463,7 @@ def main(argv=None) -> int:
       f"# Aioli Table 2, scale={a.scale}, seeds={df.seed.nunique()}\n\n"
       "Average test perplexity (mean over groups of exp(test loss)), mean over seeds; the Stratified row "
       "is absolute, the others are differences to it (negative = better).\n\n"
-      f"{tab}\n\n## The paper's Table 2 (papers.md §4.5; SlimPajama groups, Pythia-160M, 5k/40k steps)\n\n"
+      f"{tab}\n\n{findings(df)}\n\n## The paper's Table 2 (papers.md §4.5; SlimPajama groups, Pythia-160M, 5k/40k steps)\n\n"
       f"{PAPER_TABLE2}\n"
     )
   print(tab)

@@ -80,3 +80,24 @@ def test_aioli_experiment_on_a_planted_law(tmp_path, monkeypatch):
 def test_aioli_experiment_bad_setting(tmp_path, capsys):
   assert aioli.main(["--out", str(tmp_path), "--scale", "nano", "--settings", "nope"]) == 2
   assert "unknown settings ['nope']" in capsys.readouterr().err
+
+
+def test_findings_counts_settings_and_seed_spread():
+  """Hand-made table: Aioli better in 1 of 2 settings, DML in both; stratified's seed spread is 0.5 and 0.1."""
+  rows = []
+  for seed, (sa, sb) in enumerate([(10.0, 20.0), (10.5, 20.1)]):
+    rows += [
+      dict(setting="a", seed=seed, method="stratified", test_avg_ppl=sa, diff_vs_stratified=0.0),
+      dict(setting="b", seed=seed, method="stratified", test_avg_ppl=sb, diff_vs_stratified=0.0),
+      dict(setting="a", seed=seed, method="aioli", test_avg_ppl=sa - 1, diff_vs_stratified=-1.0),
+      dict(setting="b", seed=seed, method="aioli", test_avg_ppl=sb + 2, diff_vs_stratified=2.0),
+      dict(setting="a", seed=seed, method="dml", test_avg_ppl=sa - 0.2, diff_vs_stratified=-0.2),
+      dict(setting="b", seed=seed, method="dml", test_avg_ppl=sb - 0.4, diff_vs_stratified=-0.4),
+    ]
+  text = aioli.findings(pd.DataFrame(rows))
+  assert "- Aioli: better than stratified in 1/2 settings (mean difference +0.500 ppl)" in text
+  assert "- DML: better than stratified in 2/2 settings (mean difference -0.300 ppl)" in text
+  assert "every setting here: DML (the paper" in text
+  assert "a 0.500, b 0.100" in text
+  one = aioli.findings(pd.DataFrame([r for r in rows if r["seed"] == 0]))
+  assert "One seed: no estimate" in one
