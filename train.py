@@ -131,12 +131,17 @@ def test_eval(p_eval, params, groups, cfg, mesh, writer, step) -> dict:
   if step is None or not cfg.eval.test_at_end or not all("test" in g.splits for g in groups):
     return {}
   names = [g.name for g in groups]
-  em = run_eval(p_eval, params, held_out_batches(groups, "test", cfg, mesh), names)
+  out = test_metrics(run_eval(p_eval, params, held_out_batches(groups, "test", cfg, mesh), names), names)
+  writer.write(step, out)
+  return out
+
+
+def test_metrics(em: dict, names) -> dict:
+  """The test-split row from the eval metrics `em` of the test batches (also the seed-vectorised group's)."""
   out = {"test/" + k.removeprefix("eval/"): v for k, v in em.items()}
   ppl = [float(np.exp(out.get(f"test/{n}/loss", out["test/loss"]))) for n in names]
   out.update({f"test/{n}/ppl": v for n, v in zip(names, ppl)})
   out["test/ppl"], out["test/avg_ppl"] = float(np.exp(out["test/loss"])), float(np.mean(ppl))
-  writer.write(step, out)
   return out
 
 
@@ -267,7 +272,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if seeds := multirun.parse_seeds(cfg.train.get("seeds", "")):
     import train_group
 
-    return train_group.train_group(cfg, workdir, seeds=seeds, state_shardings=state_shardings, check_workdir=check_workdir)
+    return train_group.train_group(
+      cfg, workdir, seeds=seeds, state_shardings=state_shardings, check_workdir=check_workdir, test_metrics=test_metrics
+    )
   with RS.RunSession(workdir) as run:
     return _train_and_evaluate(cfg, workdir, run)
 

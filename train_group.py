@@ -47,10 +47,11 @@ from lib.multirun import (
 log = logging.getLogger("lmtrace")
 
 
-def train_group(cfg, workdir: str, *, seeds, state_shardings, check_workdir) -> dict:
+def train_group(cfg, workdir: str, *, seeds, state_shardings, check_workdir, test_metrics) -> dict:
   """Trains (or resumes) the runs `seeds` of `cfg` as one vectorised program; returns {seed: final metrics}.
 
-  `state_shardings(model, tx, mesh)` and `check_workdir(workdir, cfg_dict)` are the trainer's own (train.py).
+  `state_shardings(model, tx, mesh)`, `check_workdir(workdir, cfg_dict)` and `test_metrics(em, names)` (the
+  end-of-run test-split row) are the trainer's own (train.py).
   """
   why = unvectorisable(cfg)
   if why:
@@ -79,7 +80,10 @@ def train_group(cfg, workdir: str, *, seeds, state_shardings, check_workdir) -> 
         if not os.path.exists(os.path.join(wd, "config.json")):
           C.save_json(os.path.join(wd, "config.json"), d)
       C.save_json(os.path.join(workdir, GROUP), {"seeds": list(seeds), "workdirs": [os.path.basename(w) for w in wds]})
-    return _train(cfg, workdir, run, seeds=seeds, mode=mode, mesh=mesh, groups=groups, mcfg=mcfg, state_shardings=state_shardings)
+    return _train(
+      cfg, workdir, run, seeds=seeds, mode=mode, mesh=mesh, groups=groups, mcfg=mcfg, state_shardings=state_shardings,
+      test_metrics=test_metrics,
+    )  # fmt: skip
 
 
 def _model_config(cfg, vocab_size: int) -> M.ModelConfig:
@@ -116,12 +120,13 @@ def _pipelines(cfg, groups, seeds, mesh, shared_data: bool) -> list:
   return pipes
 
 
-def _eval_sets(cfg, groups, mesh) -> list:
+def _eval_sets(cfg, groups, mesh, split: str = "validation") -> list:
+  """Global eval batches of every group's `split` (train.held_out_batches)."""
   elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
   out = []
   for gi, g in enumerate(groups):
     for b in dp.eval_batches(
-      sources.select_split(g, "validation"),
+      sources.select_split(g, split),
       batch_size=cfg.eval.batch_size,
       seq_len=cfg.data.seq_len,
       num_batches=cfg.eval.batches,
@@ -216,16 +221,29 @@ class GroupRuns:
       if i == live[0] and jax.process_index() == 0:
         print(MX.console_line(step, self.total, row) + f"  [seed {self.seeds[i]}; {len(live)}/{R} runs]", flush=True)
 
-  def eval_all(self, step: int, params) -> list[dict]:
-    """Every run's validation metrics in one jitted call per eval batch; written for the live runs."""
+  def _eval(self, params, eval_sets) -> list[dict]:
+    """Every run's eval metrics over `eval_sets`, in one jitted call (over the run axis) per batch."""
     total_ = None
-    for batch in self.eval_sets:
+    for batch in eval_sets:
       s_ = jax.tree.map(np.asarray, self.p_eval(params, batch))
       total_ = s_ if total_ is None else {k: total_[k] + s_[k] for k in total_.keys() & s_.keys()}
-    out = [steps.finish_eval(jax.tree.map(lambda x: x[i], total_), self.names) for i in range(len(self.seeds))]
+    return [steps.finish_eval(jax.tree.map(lambda x: x[i], total_), self.names) for i in range(len(self.seeds))]
+
+  def eval_all(self, step: int, params) -> list[dict]:
+    """Every run's validation metrics in one jitted call per eval batch; written for the live runs."""
+    out = self._eval(params, self.eval_sets)
     for i in np.flatnonzero(self.alive):
       self.writers[i].write(step, out[i])
     return out
+
+  def test_eval(self, step: int, params, test_sets: list, test_metrics) -> None:
+    """Each live run's end-of-run test-split row (train.test_eval's keys: test/<group>/ppl, test/avg_ppl, ...)
+    from the group's eval program over the run axis; a diverged run writes none."""
+    ems = self._eval(params, test_sets)
+    for i in np.flatnonzero(self.alive):
+      row = test_metrics(ems[i], self.names)
+      self.writers[i].write(step, row)
+      self.last_m[i].update(row)
 
   def evaluate(self, step: int, state, mix: bool):
     ems = self.eval_all(step, state["params"])
@@ -262,7 +280,7 @@ def _resume_step(restored, alive, workdir: str) -> int | None:
   return next(iter(got)) if resumed else None
 
 
-def _train(cfg, workdir: str, run, *, seeds, mode: str, mesh, groups, mcfg, state_shardings) -> dict:
+def _train(cfg, workdir: str, run, *, seeds, mode: str, mesh, groups, mcfg, state_shardings, test_metrics) -> dict:
   B, L, total, R = cfg.train.batch_size, cfg.data.seq_len, cfg.train.steps, len(seeds)
   names = [g.name for g in groups]
   model = M.make(mcfg)
@@ -349,6 +367,10 @@ def _train(cfg, workdir: str, run, *, seeds, mode: str, mesh, groups, mcfg, stat
       runs, state, step, stop=stop, total=total, log_every=cfg.train.log_every, eval_every=cfg.eval.every,
       stop_requested=run.stop_requested,
     )  # fmt: skip
+    # like train.test_eval: once, when this process took the group to its end (a rerun of a finished group writes no
+    # second row), if every data group has a test split
+    if step == total > (step0 or 0) and cfg.eval.test_at_end and all("test" in g.splits for g in groups):
+      runs.test_eval(step, state["params"], _eval_sets(cfg, groups, mesh, "test"), test_metrics)
   if step < stop:  # left the loop early: stopped by a signal, with a resume checkpoint of every live run
     raise run.guard.preempted(step, workdir)
   return {s: dict(runs.last_m[i], step=step, diverged=not bool(alive[i])) for i, s in enumerate(seeds)}

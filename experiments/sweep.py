@@ -283,13 +283,7 @@ class Sweep:
       return None
     from lib import multirun
 
-    cfg = self.config(runs[0].point)
-    why = multirun.unvectorisable(cfg)
-    if why is None and cfg.eval.test_at_end and len(cfg.data.groups) > 1:
-      # train_group.py writes no end-of-run test-split row, which a mixture run's report needs (Aioli's
-      # test/avg_ppl); belongs in multirun.unvectorisable until the group evaluates the test split.
-      why = "eval.test_at_end=True with data.groups: the vectorised group writes no end-of-run test/<group>/ppl row"
-    return why
+    return multirun.unvectorisable(self.config(runs[0].point))
 
   def workdir(self, name: str, seed: int) -> str:
     """The workdir of the named run (or axis label) with this seed."""

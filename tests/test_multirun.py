@@ -102,6 +102,11 @@ def test_each_run_equals_its_seed_trained_alone(mode, request, singles):
         # atol: the attention key bias has an exactly zero true gradient (softmax is shift-invariant), so it holds
         # Adam-normalised rounding noise (~1e-6) that vmap's reordered sums change; every other tensor agrees to ~1e-7
         np.testing.assert_allclose(np.asarray(v), np.asarray(u), rtol=1e-5, atol=1e-5)
+    # the end-of-run test-split row (train.test_eval), once, at the last step
+    for key in ("test/loss", "test/ppl", "test/avg_ppl"):
+      a, b = rows(ws, key), rows(wd, key)
+      assert list(a) == list(b) == [STEPS], key
+      np.testing.assert_allclose(b[STEPS], a[STEPS], rtol=1e-5, err_msg=f"seed {s} {key}")
   # the two seeds really are different runs
   assert rows(os.path.join(w, "seed_0"), "train/loss")[STEPS] != rows(os.path.join(w, "seed_1"), "train/loss")[STEPS]
 
@@ -111,6 +116,7 @@ def test_group_resume_is_bit_identical(group, tmp_path, data_dir):
   w = str(tmp_path / "resumed")
   train.train_and_evaluate(tiny_cfg(data_dir, **OVER, **{"train.seeds": "0,1", "train.stop_at": 7}), w)
   assert max(C.available_steps(os.path.join(w, "seed_1"))) == 7
+  assert not rows(os.path.join(w, "seed_1"), "test/avg_ppl")  # stopped early: no test-split row
   out = train.train_and_evaluate(tiny_cfg(data_dir, **OVER, **{"train.seeds": "0,1"}), w)
   assert out[1]["step"] == STEPS
   for s in (0, 1):
@@ -119,9 +125,14 @@ def test_group_resume_is_bit_identical(group, tmp_path, data_dir):
       np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
     la, lb = rows(a, "train/loss"), rows(b, "train/loss")
     assert all(la[k] == lb[k] for k in range(8, STEPS + 1))
-  # a finished group does nothing more
+    assert rows(a, "test/avg_ppl") == rows(b, "test/avg_ppl") and list(rows(b, "test/avg_ppl")) == [STEPS]
+  # a finished group does nothing more (no second test-split row either)
   again = train.train_and_evaluate(tiny_cfg(data_dir, **OVER, **{"train.seeds": "0,1"}), w)
-  assert again[0]["step"] == STEPS
+  assert again[0]["step"] == STEPS and "test/avg_ppl" not in again[0]
+  n_test = [
+    sum("test/avg_ppl" in r for r in map(json.loads, open(os.path.join(w, f"seed_{s}", "metrics.jsonl")))) for s in (0, 1)
+  ]
+  assert n_test == [1, 1]
 
 
 def test_diverging_run_stops_only_itself(group, tmp_path, data_dir, monkeypatch):
@@ -142,6 +153,7 @@ def test_diverging_run_stops_only_itself(group, tmp_path, data_dir, monkeypatch)
   bad, good = os.path.join(w, "seed_1"), os.path.join(w, "seed_0")
   assert json.load(open(os.path.join(bad, multirun.DIVERGED)))["step"] == 6
   assert max(C.available_steps(bad)) == 5 and max(rows(bad, "train/loss")) == 5
+  assert not rows(bad, "test/avg_ppl") and list(rows(good, "test/avg_ppl")) == [STEPS]  # a diverged run writes no test row
   for s in C.available_steps(bad):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(C.restore_params(bad, s)))
   ref = rows(os.path.join(group[0], "seed_0"), "train/loss")

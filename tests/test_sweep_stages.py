@@ -97,10 +97,12 @@ def test_vectorise_auto_falls_back_per_group(tmp_path, monkeypatch):
   assert (
     "--config=experiments/aioli.py:nano,bigram2" in slurm and "--config.mixture.proportions=easy=1.000000,hard=0.000000" in slurm
   )
-  # the experiment itself needs each run's end-of-run test row, which a vectorised group does not write: all sequential
+  # with the end-of-run test split on (the experiment's own setting; the group writes those rows too), the same plan:
+  # static mixtures as one group each, controllers with host state seed by seed
   sw = SW.Sweep.from_dict(spec, os.path.join(out, "base2"))
-  assert [len(rs) for _, rs in sw.plan()] == [1] * 10 and "--config.train.seeds" not in sw.emit("slurm")
-  assert "writes no end-of-run test/<group>/ppl row" in sw.unvectorisable(sw.groups()[sw.runs()[0].group])
+  assert spec["set"].get("eval.test_at_end", True) and sw.config(sw.runs()[0].point).eval.test_at_end
+  assert sorted(len(rs) for _, rs in sw.plan()) == [1] * 4 + [2] * 3 and sw.emit("slurm").count("--config.train.seeds=0,1") == 3
+  assert sw.unvectorisable(sw.groups()[sw.runs()[0].group]) is None  # stratified
 
 
 def test_dependent_stages(tmp_path, monkeypatch):
