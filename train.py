@@ -27,7 +27,7 @@ from flax import linen as nn
 from data import adversarial, mlm_exact, sources
 from data import pipeline as dp
 from lib import ckpt as C
-from lib import config_check, errors, mixture, multirun, optim, preempt, schedules, sharding, steps, trainloop
+from lib import config_check, errors, mixture, multirun, optim, preempt, sharding, steps, trainloop
 from lib import metrics as MX
 from lib import model as M
 from lib import session as RS
@@ -358,17 +358,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       "mixture": jax.tree.map(jnp.asarray, mix0),
     }
 
-  analysis_steps = schedules.analysis_steps(schedules.parse_schedules(cfg.ckpt.schedule), total)
-  ckpt = run.closing(
-    C.Checkpointer(
-      workdir,
-      analysis_steps=analysis_steps,
-      resume_every=cfg.ckpt.resume_every,
-      keep_resume=cfg.ckpt.keep_resume,
-      params_only=cfg.ckpt.params_only,
-      async_=cfg.ckpt.async_save,
-    )
-  )
+  ckpt = run.closing(C.Checkpointer.from_config(workdir, cfg.ckpt, total))
   rules = nn.logical_axis_rules(sharding.RULES)
   with jax.set_mesh(mesh), rules:
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(cfg.seed))

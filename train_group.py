@@ -26,7 +26,7 @@ from flax import linen as nn
 from data import pipeline as dp
 from data import sources
 from lib import ckpt as C
-from lib import errors, mixture, optim, schedules, sharding, steps, trainloop
+from lib import errors, mixture, optim, sharding, steps, trainloop
 from lib import metrics as MX
 from lib import model as M
 from lib.multirun import (
@@ -306,20 +306,7 @@ def _train(cfg, workdir: str, run, *, seeds, mode: str, mesh, groups, mcfg, stat
       "mixture": jax.tree.map(jnp.asarray, mix0),
     }
 
-  analysis_steps = schedules.analysis_steps(schedules.parse_schedules(cfg.ckpt.schedule), total)
-  ckpts = [
-    run.closing(
-      C.Checkpointer(
-        wd,
-        analysis_steps=analysis_steps,
-        resume_every=cfg.ckpt.resume_every,
-        keep_resume=cfg.ckpt.keep_resume,
-        params_only=cfg.ckpt.params_only,
-        async_=cfg.ckpt.async_save,
-      )
-    )
-    for wd in wds
-  ]
+  ckpts = [run.closing(C.Checkpointer.from_config(wd, cfg.ckpt, total)) for wd in wds]
   alive = np.array([not os.path.exists(os.path.join(wd, DIVERGED)) for wd in wds])
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     p_init = jax.jit(init_state, out_shardings=state_sh)

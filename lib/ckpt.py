@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lib import errors, integrity
+from lib import errors, integrity, schedules
 from lib import io as lio
 
 log = logging.getLogger("lmtrace")
@@ -75,6 +75,18 @@ class Checkpointer:
     self.resume = _manager(os.path.join(workdir, RESUME_DIR), max_to_keep=max(1, keep_resume), async_=async_)
     self._unsealed: list[tuple[str, int]] = []  # (subdir, step) saved by this process, manifest not yet written
     self._seal_leftovers()
+
+  @classmethod
+  def from_config(cls, workdir: str, ckpt_cfg, total: int) -> Checkpointer:
+    """The trainer's checkpointer from a run config's `ckpt` block (schedule, resume cadence, async)."""
+    return cls(
+      workdir,
+      analysis_steps=schedules.analysis_steps(schedules.parse_schedules(ckpt_cfg.schedule), total),
+      resume_every=ckpt_cfg.resume_every,
+      keep_resume=ckpt_cfg.keep_resume,
+      params_only=ckpt_cfg.params_only,
+      async_=ckpt_cfg.async_save,
+    )
 
   def _seal_leftovers(self) -> None:
     """Seals checkpoints an earlier, killed pass committed but did not live to seal (Orbax's commit
