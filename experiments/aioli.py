@@ -41,6 +41,7 @@ Expected runtime: nano ≈ 2-4 min, quick ≤ 30 min on 2 CPU cores
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -78,8 +79,13 @@ def _spec(kind: str, seed: int, n_train: int, n_val: int, n_test: int, **kw) -> 
   return dict(kind=kind, seed=seed, n_train=n_train, n_validation=n_val, n_test=n_test, **kw)
 
 
-def settings(scale: str) -> dict[str, dict]:
-  """Group settings: name -> {group: source spec}. Groups differ in difficulty (entropy) and size."""
+def settings(scale: str, settings_file: str = "") -> dict[str, dict]:
+  """Group settings: name -> {group: source spec}. Groups differ in difficulty (entropy) and size.
+  `settings_file`: a JSON file {setting: {group: source spec}} that replaces the synthetic settings, e.g.
+  the paper's A/SE or GH/C4 from the user's local corpora (`{"kind": "text", "path": "corpora/arxiv"}`,
+  the same tokenizer for every group; see data/text.py). Nothing is downloaded."""
+  if settings_file:
+    return read_settings_file(settings_file)
   if scale == "nano":
     return {
       "bigram2": {
@@ -105,6 +111,26 @@ def settings(scale: str) -> dict[str, dict]:
       "hard": _spec("pcfg", 3, n // 4, v, v, n_nonterminals=40, **pc),
     },
   }
+
+
+def read_settings_file(path: str) -> dict[str, dict]:
+  """The settings of a --settings_file, checked: each setting names >= 2 groups, each a source spec with a kind."""
+  from data.sources import KINDS
+
+  try:
+    with open(path) as f:
+      sets = json.load(f)
+  except (OSError, ValueError) as e:
+    raise LmtraceError(f"--settings_file {path}: cannot read it as JSON ({e})") from None
+  if not isinstance(sets, dict) or not sets:
+    raise LmtraceError(f"--settings_file {path}: expected {{setting: {{group: source spec}}}}, got {sets!r}")
+  for name, groups in sets.items():
+    if not isinstance(groups, dict) or len(groups) < 2:
+      raise LmtraceError(f"--settings_file {path}: setting {name!r} needs at least 2 groups, got {groups!r}")
+    for g, spec in groups.items():
+      if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+        raise LmtraceError(f"--settings_file {path}: group {name}/{g} needs a source spec with kind in {KINDS}, got {spec!r}")
+  return sets
 
 
 SCALES = {
@@ -139,11 +165,12 @@ def run_config(scale: str, groups: dict, seed: int, data_dir: str, **mixture) ->
 
 
 def get_config(arg: str = "quick,pcfg2") -> mlc.ConfigDict:
-  """Run card '<scale>,<setting>': the scale's model and budget on the setting's groups (stratified, seed 0)."""
-  scale, _, setting = (arg or "quick,pcfg2").partition(",")
+  """Run card '<scale>,<setting>[,<settings file>]': the scale's model and budget on the setting's groups
+  (stratified, seed 0)."""
+  scale, setting, settings_file = ((arg or "quick,pcfg2").split(",", 2) + [""])[:3]
   if scale not in SCALES:
     raise ValueError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
-  sets = settings(scale)
+  sets = settings(scale, settings_file)
   if setting not in sets:
     raise ValueError(f"unknown setting {setting!r} at scale {scale}; valid: {sorted(sets)}")
   return run_config(scale, sets[setting], 0, "")
@@ -190,32 +217,37 @@ def _mix(mixture: dict) -> dict:
   return {f"mixture.{k}": v for k, v in mixture.items()}
 
 
-def _entry(scale: str, setting: str, method: str, mixture: dict, seed: int | None = None) -> dict:
+def _card(scale: str, setting: str, settings_file: str = "") -> str:
+  return f"experiments/aioli.py:{scale},{setting}" + (f",{os.path.abspath(settings_file)}" if settings_file else "")
+
+
+def _entry(scale: str, setting: str, method: str, mixture: dict, seed: int | None = None, settings_file: str = "") -> dict:
   name = f"{setting}/{method}" if seed is None else f"{setting}/s{seed}/{method}"
   over = _mix(mixture) | ({"seed": seed} if seed is not None else {})
   return {
     "name": name,
-    "config": f"experiments/aioli.py:{scale},{setting}",
+    "config": _card(scale, setting, settings_file),
     "set": over,
     "labels": {"setting": setting, "method": method},
   }
 
 
-def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str) -> list:
+def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str, settings_file: str = "") -> list:
   """The four dependent sweeps of the study: [(stage, make_spec(done) -> spec)] for sweep.run_stages."""
   s = SCALES[scale]
-  common = {"config": f"experiments/aioli.py:{scale},{next(iter(sets))}", "set": {"data.data_dir": os.path.join(out, "data")}}
+  common = {"config": _card(scale, next(iter(sets)), settings_file), "set": {"data.data_dir": os.path.join(out, "data")}}
+  entry = functools.partial(_entry, settings_file=settings_file)  # every run card names the file: emitted jobs rebuild the groups
   U, R, lp_s, eta = s["aioli"]
 
   def base_stage(done):
     runs = []
     for setting, groups in sets.items():
       runs += [
-        _entry(scale, setting, "stratified", dict(method="stratified")),
-        _entry(scale, setting, "aioli", dict(method="aioli", update_steps=U, lp_rounds=R, lp_steps=lp_s, eta=eta)),
-        _entry(scale, setting, "doge_proxy", dict(method="doge")),
+        entry(scale, setting, "stratified", dict(method="stratified")),
+        entry(scale, setting, "aioli", dict(method="aioli", update_steps=U, lp_rounds=R, lp_steps=lp_s, eta=eta)),
+        entry(scale, setting, "doge_proxy", dict(method="doge")),
         *(
-          _entry(scale, setting, f"onehot_{n}", dict(method="static", proportions=_p(list(groups), np.eye(len(groups))[i])))
+          entry(scale, setting, f"onehot_{n}", dict(method="static", proportions=_p(list(groups), np.eye(len(groups))[i])))
           for i, n in enumerate(groups)
         ),
       ]
@@ -223,7 +255,7 @@ def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str) -> lis
 
   def cover_stage(done):
     runs = [
-      _entry(scale, setting, f"gs{k}", dict(method="static", proportions=_p(list(groups), q)), seed)
+      entry(scale, setting, f"gs{k}", dict(method="static", proportions=_p(list(groups), q)), seed)
       for setting, groups in sets.items()
       for seed in seeds
       for k, q in enumerate(mixing_laws.dirichlet_cover(len(groups), s["gs"], seed=seed))
@@ -236,24 +268,22 @@ def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str) -> lis
       for seed in seeds:
         f = fitted(scale, setting, list(groups), seed, done)
         runs += [
-          _entry(scale, setting, "dml", dict(method="static", proportions=_p(list(groups), f["p_dml"])), seed),
-          _entry(
+          entry(scale, setting, "dml", dict(method="static", proportions=_p(list(groups), f["p_dml"])), seed),
+          entry(
             scale,
             setting,
             "skillit",
             dict(method="skillit", graph=f["graph"], update_steps=s["skillit"], eta=0.2, window=3),
             seed,
           ),
-          _entry(
+          entry(
             scale,
             setting,
             "doremi_proxy",
             dict(method="doremi", reference=done["base"].workdir(f"{setting}/stratified", seed), mu=s["mu"]),
             seed,
           ),
-          _entry(
-            scale, setting, "doge", dict(method="static", proportions=_p(list(groups), f["S"]["doge_proxy"]["w_avg"])), seed
-          ),
+          entry(scale, setting, "doge", dict(method="static", proportions=_p(list(groups), f["S"]["doge_proxy"]["w_avg"])), seed),
         ]
     return common | {"runs": runs, "vectorise": False}
 
@@ -262,7 +292,7 @@ def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str) -> lis
     for setting, groups in sets.items():
       for seed in seeds:
         w = summary(done["fit"].workdir(f"{setting}/s{seed}/doremi_proxy", seed), list(groups))["w_avg"]
-        runs.append(_entry(scale, setting, "doremi", dict(method="static", proportions=_p(list(groups), w)), seed))
+        runs.append(entry(scale, setting, "doremi", dict(method="static", proportions=_p(list(groups), w)), seed))
     return common | {"runs": runs, "vectorise": False}
 
   return [("base", base_stage), ("cover", cover_stage, ()), ("fit", fit_stage), ("doremi", doremi_stage)]
@@ -413,6 +443,7 @@ def main(argv=None) -> int:
   ap.add_argument("--scale", default="quick", choices=sorted(SCALES))
   ap.add_argument("--seeds", type=int, default=0, help="number of seeds (0 = the scale's default)")
   ap.add_argument("--settings", default="", help="comma-separated subset of the scale's settings")
+  ap.add_argument("--settings_file", default="", help="JSON {setting: {group: source spec}} replacing the synthetic settings")
   ap.add_argument("--dry_run", action="store_true", help="print what would be trained (stages whose inputs exist), then stop")
   ap.add_argument("--emit", choices=("slurm", "tpu"), help="write launch commands for the stages that can start now, then stop")
   a = ap.parse_args(argv)
@@ -422,7 +453,7 @@ def main(argv=None) -> int:
 
   MX.quiet_logs()
   try:
-    sets = settings(a.scale)
+    sets = settings(a.scale, a.settings_file)
     if a.settings:
       unknown = sorted(set(a.settings.split(",")) - set(sets))
       if unknown:
@@ -436,9 +467,16 @@ def main(argv=None) -> int:
     then = f"python -m experiments.aioli --out={out} --scale={a.scale} --seeds={len(seeds)}" + (
       f" --settings={a.settings}" if a.settings else ""
     )
+    then += f" --settings_file={os.path.abspath(a.settings_file)}" if a.settings_file else ""
     then += f" --emit={a.emit}  (the next stages, then the table without --emit)"
     done = run_stages(
-      out, stages(a.scale, sets, seeds, out), dry_run=a.dry_run, emit=a.emit, log=log, finished=finished, then=then
+      out,
+      stages(a.scale, sets, seeds, out, a.settings_file),
+      dry_run=a.dry_run,
+      emit=a.emit,
+      log=log,
+      finished=finished,
+      then=then,
     )
     if a.dry_run or a.emit:
       return 0

@@ -101,3 +101,34 @@ def test_findings_counts_settings_and_seed_spread():
   assert "a 0.500, b 0.100" in text
   one = aioli.findings(pd.DataFrame([r for r in rows if r["seed"] == 0]))
   assert "One seed: no estimate" in one
+
+
+def test_settings_file_of_local_corpora(tmp_path, capsys):
+  """The paper's settings from local text corpora: the run cards carry the file, so an emitted job
+  (`train.py --config=experiments/aioli.py:<scale>,<setting>,<file>`) rebuilds the same groups; bad files
+  are one line each."""
+  corpora = {}
+  for name, word in (("law", "court"), ("code", "def")):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "a.txt").write_text("\n\n".join(f"{word} {i} {word * (i % 5)}" for i in range(60)))
+    corpora[name] = {"kind": "text", "path": str(d), "doc_tokens": 32}
+  f = tmp_path / "settings.json"
+  f.write_text(json.dumps({"law_code": corpora}))
+  assert aioli.settings("paper", str(f)) == {"law_code": corpora}
+  cfg = aioli.get_config(f"nano,law_code,{f}")
+  assert {k: dict(v) for k, v in cfg.data.groups.items()} == corpora
+  out = tmp_path / "out"
+  assert aioli.main(["--out", str(out), "--scale", "nano", "--settings_file", str(f), "--emit", "slurm"]) == 0
+  script = (out / "launch_base_slurm.sh").read_text()
+  assert f"experiments/aioli.py:nano,law_code,{f}" in script and "runs/law_code/stratified" in script
+  for bad, why in (
+    ("[1, 2]", "expected {setting: {group: source spec}}"),
+    ('{"s": {"only": {"kind": "text"}}}', "setting 's' needs at least 2 groups"),
+    ('{"s": {"a": {"kind": "text"}, "b": {"kind": "web"}}}', "group s/b needs a source spec with kind in"),
+    ("{not json", "cannot read it as JSON"),
+  ):
+    f.write_text(bad)
+    assert aioli.main(["--out", str(tmp_path / "o2"), "--scale", "nano", "--settings_file", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0], err
