@@ -102,27 +102,6 @@ def console(step: int, total: int, row: dict) -> None:
     print(MX.console_line(step, total, row), flush=True)
 
 
-def held_out_batches(groups, split: str, cfg, mesh) -> list:
-  """Global eval batches of every group's `split` (rows tagged with the group id when mixing)."""
-  elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
-  out = []
-  for gi, g in enumerate(groups):
-    for b in dp.eval_batches(
-      sources.select_split(g, split),
-      batch_size=cfg.eval.batch_size,
-      seq_len=cfg.data.seq_len,
-      num_batches=cfg.eval.batches,
-      rows=(elo, ehi),
-      objective=cfg.data.objective,
-      vocab_size=groups[0].vocab_size,
-      max_docs_per_row=None if cfg.data.packing else 1,
-    ):
-      if len(groups) > 1:
-        b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
-      out.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
-  return out
-
-
 def test_eval(p_eval, params, groups, cfg, mesh, writer, step) -> dict:
   """Per-group TEST-split loss and perplexity at the end of a run (controllers only ever see the
   validation split; the test split is what is reported, as in the Aioli paper). test/avg_ppl is the
@@ -131,7 +110,7 @@ def test_eval(p_eval, params, groups, cfg, mesh, writer, step) -> dict:
   if step is None or not cfg.eval.test_at_end or not all("test" in g.splits for g in groups):
     return {}
   names = [g.name for g in groups]
-  out = test_metrics(run_eval(p_eval, params, held_out_batches(groups, "test", cfg, mesh), names), names)
+  out = test_metrics(run_eval(p_eval, params, dp.held_out_batches(groups, "test", cfg, mesh), names), names)
   writer.write(step, out)
   return out
 
@@ -337,7 +316,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
     group_names=names,
     cache_tokens=cfg.data.cache_tokens,
   )
-  eval_sets = held_out_batches(groups, "validation", cfg, mesh)
+  eval_sets = dp.held_out_batches(groups, "validation", cfg, mesh)
 
   # Model, optimizer, mixture controller, sharded state.
   tx, sched = optim.make_optimizer(cfg.opt, total)

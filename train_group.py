@@ -120,27 +120,6 @@ def _pipelines(cfg, groups, seeds, mesh, shared_data: bool) -> list:
   return pipes
 
 
-def _eval_sets(cfg, groups, mesh, split: str = "validation") -> list:
-  """Global eval batches of every group's `split` (train.held_out_batches)."""
-  elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
-  out = []
-  for gi, g in enumerate(groups):
-    for b in dp.eval_batches(
-      sources.select_split(g, split),
-      batch_size=cfg.eval.batch_size,
-      seq_len=cfg.data.seq_len,
-      num_batches=cfg.eval.batches,
-      rows=(elo, ehi),
-      objective=cfg.data.objective,
-      vocab_size=groups[0].vocab_size,
-      max_docs_per_row=None if cfg.data.packing else 1,
-    ):
-      if len(groups) > 1:
-        b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
-      out.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
-  return out
-
-
 @dataclasses.dataclass
 class GroupRuns:
   """k runs with a leading run axis as the shared loop's `Runs`: one step, k rows, k evals, k checkpoints."""
@@ -334,7 +313,8 @@ def _train(cfg, workdir: str, run, *, seeds, mode: str, mesh, groups, mcfg, stat
         donate_argnums=(0,),
       ),
       p_eval=jax.jit(functools.partial(group_eval_step, mode=mode, model=model, num_groups=len(groups))),
-      p_take=jax.jit(take, out_shardings=state_sh), eval_sets=_eval_sets(cfg, groups, mesh), p_static=p_static,
+      p_take=jax.jit(take, out_shardings=state_sh), p_static=p_static,
+      eval_sets=dp.held_out_batches(groups, "validation", cfg, mesh),
       mesh=mesh, batch=B, seq_len=L, total=total, fpt=M.flops_per_token(mcfg, L, n_params),
       stop_on_nan=cfg.train.stop_on_nan, last_m=[{} for _ in seeds],
     )  # fmt: skip
@@ -357,7 +337,7 @@ def _train(cfg, workdir: str, run, *, seeds, mode: str, mesh, groups, mcfg, stat
     # like train.test_eval: once, when this process took the group to its end (a rerun of a finished group writes no
     # second row), if every data group has a test split
     if step == total > (step0 or 0) and cfg.eval.test_at_end and all("test" in g.splits for g in groups):
-      runs.test_eval(step, state["params"], _eval_sets(cfg, groups, mesh, "test"), test_metrics)
+      runs.test_eval(step, state["params"], dp.held_out_batches(groups, "test", cfg, mesh), test_metrics)
   if step < stop:  # left the loop early: stopped by a signal, with a resume checkpoint of every live run
     raise run.guard.preempted(step, workdir)
   return {s: dict(runs.last_m[i], step=step, diverged=not bool(alive[i])) for i, s in enumerate(seeds)}

@@ -397,3 +397,27 @@ def eval_batches(
   if not out:
     raise DataError("the evaluation split is empty")
   return out
+
+
+def held_out_batches(groups, split: str, cfg, mesh) -> list:
+  """Global eval batches of every group's `split` (rows tagged with the group id when mixing)."""
+  from data.sources import select_split
+  from lib import sharding
+
+  elo, ehi = sharding.local_rows(mesh, cfg.eval.batch_size)
+  out = []
+  for gi, g in enumerate(groups):
+    for b in eval_batches(
+      select_split(g, split),
+      batch_size=cfg.eval.batch_size,
+      seq_len=cfg.data.seq_len,
+      num_batches=cfg.eval.batches,
+      rows=(elo, ehi),
+      objective=cfg.data.objective,
+      vocab_size=groups[0].vocab_size,
+      max_docs_per_row=None if cfg.data.packing else 1,
+    ):
+      if len(groups) > 1:
+        b["group"] = np.full(b["inputs"].shape[0], gi, np.int32)
+      out.append(sharding.global_batch_from_local(mesh, b, cfg.eval.batch_size))
+  return out

@@ -100,7 +100,7 @@ def branch_sweep(workdir: str, step: int, branch_steps: int, mixtures=None, vect
   }
   fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=sched, num_groups=m)
   out, _ = mixing_laws.run_branches(fn, state, batches, vectorise=vectorise)
-  eval_sets = train.held_out_batches(groups, "validation", cfg, mesh)
+  eval_sets = dp.held_out_batches(groups, "validation", cfg, mesh)
   p_eval = jax.jit(functools.partial(steps.eval_step, model=model, num_groups=m))
 
   def losses(p):
