@@ -85,18 +85,6 @@ def fingerprint(batch_np: dict) -> int:
   return zlib.crc32(b"".join(np.ascontiguousarray(batch_np[k]).tobytes() for k in sorted(batch_np)))
 
 
-def model_config(cfg, vocab_size: int) -> M.ModelConfig:
-  """cfg.model with the data's vocabulary filled in (vocab_size=-1), checked against the data."""
-  mcfg = M.ModelConfig.from_config(cfg.model)
-  if mcfg.vocab_size == -1:
-    mcfg = M.ModelConfig(**{**vars(mcfg), "vocab_size": vocab_size})
-  elif mcfg.vocab_size < vocab_size:
-    raise errors.ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
-  if cfg.data.seq_len > mcfg.max_len:
-    raise errors.ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={mcfg.max_len}")
-  return mcfg
-
-
 def console(step: int, total: int, row: dict) -> None:
   if jax.process_index() == 0:
     print(MX.console_line(step, total, row), flush=True)
@@ -295,7 +283,7 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   groups = sources.make_groups(cfg.data)
   names = [g.name for g in groups]
   vocab_size = groups[0].vocab_size
-  mcfg = model_config(cfg, vocab_size)
+  mcfg = M.ModelConfig.for_run(cfg, vocab_size)
   model = M.make(mcfg)
   mlm_eval = mlm_exact.from_config(cfg, groups, model, mesh)  # Liu's exact masked-LM excess loss (None for CLM)
   adv_loss = adversarial.from_config(cfg, groups, model)  # Liu's adversarial objective (None = off)

@@ -65,7 +65,7 @@ def train_group(cfg, workdir: str, *, seeds, state_shardings, check_workdir, tes
       f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}"
     )
   groups = sources.make_groups(cfg.data)
-  mcfg = _model_config(cfg, groups[0].vocab_size)
+  mcfg = M.ModelConfig.for_run(cfg, groups[0].vocab_size)
   # One ordinary workdir per run, each with its own seed in config.json (checked before anything is written).
   wds = run_workdirs(workdir, seeds)
   base_dict = json.loads(cfg.to_json_best_effort())
@@ -84,17 +84,6 @@ def train_group(cfg, workdir: str, *, seeds, state_shardings, check_workdir, tes
       cfg, workdir, run, seeds=seeds, mode=mode, mesh=mesh, groups=groups, mcfg=mcfg, state_shardings=state_shardings,
       test_metrics=test_metrics,
     )  # fmt: skip
-
-
-def _model_config(cfg, vocab_size: int) -> M.ModelConfig:
-  mcfg = M.ModelConfig.from_config(cfg.model)
-  if mcfg.vocab_size == -1:
-    mcfg = M.ModelConfig(**{**vars(mcfg), "vocab_size": vocab_size})
-  elif mcfg.vocab_size < vocab_size:
-    raise errors.ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
-  if cfg.data.seq_len > mcfg.max_len:
-    raise errors.ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={mcfg.max_len}")
-  return mcfg
 
 
 def _pipelines(cfg, groups, seeds, mesh, shared_data: bool) -> list:

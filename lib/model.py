@@ -64,6 +64,21 @@ class ModelConfig:
       raise ValueError(f"unknown model config keys {unknown}; valid: {sorted(names)}")
     return cls(**{k: v for k, v in d.items() if k in names})
 
+  @classmethod
+  def for_run(cls, cfg, vocab_size: int) -> "ModelConfig":
+    """A run config's `model` with the data's vocabulary filled in (vocab_size=-1), checked against the
+    data (vocabulary, sequence length): the single run and the seed-vectorised group both build it here."""
+    from lib import errors
+
+    mcfg = cls.from_config(cfg.model)
+    if mcfg.vocab_size == -1:
+      mcfg = cls(**{**vars(mcfg), "vocab_size": vocab_size})
+    elif mcfg.vocab_size < vocab_size:
+      raise errors.ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's vocabulary ({vocab_size})")
+    if cfg.data.seq_len > mcfg.max_len:
+      raise errors.ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={mcfg.max_len}")
+    return mcfg
+
   def validate(self) -> None:
     choices = {
       "pos": ("learned", "rope"),
