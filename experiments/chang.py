@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import token_table as TT
+from experiments import cli
 from experiments.sweep import Sweep
 from lib import errors
 
@@ -179,19 +180,9 @@ def report(out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, eff: pd.Da
     "",
   ]
   if len(lrt):
-    cols = ["metric", "block", "df", "r2", "adj_r2", "delta_adj_r2", "lr_stat", "p", "n"]
-    lines.append("| " + " | ".join(cols) + " |")
-    lines.append("|" + "---|" * len(cols))
-    for _, row in lrt[cols].iterrows():
-      lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
-  lines += ["", "Not included here: contextual diversity and POS tags (no POS for a synthetic language).", "", "## Figures", ""]
-  lines += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs]
-  if scale == "nano":
-    lines += ["", "Scale `nano` is a smoke test (60 steps): the numbers above show the pipeline works, not the findings."]
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(text)
-  return text
+    lines += cli.md_table(lrt, ["metric", "block", "df", "r2", "adj_r2", "delta_adj_r2", "lr_stat", "p", "n"])
+  lines += ["", "Not included here: contextual diversity and POS tags (no POS for a synthetic language)."]
+  return cli.write_report(out, lines, figs, scale)
 
 
 def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
@@ -216,8 +207,6 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
 
 
 def main(argv=None) -> int:
-  from experiments import cli
-
   return cli.main("chang", __doc__, SCALES, run, argv)
 
 

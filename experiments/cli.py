@@ -27,3 +27,22 @@ def main(name: str, doc: str, scales, run, argv=None) -> int:
     return 2
   print(f"report: {os.path.join(a.out, 'report.md')}")
   return 0
+
+
+def md_table(df, cols) -> list[str]:
+  """Markdown lines of `df[cols]`: floats to 4 significant digits, the rest as str."""
+  lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+  for _, row in df[cols].iterrows():
+    lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+  return lines
+
+
+def write_report(out: str, lines: list[str], figs, scale: str) -> str:
+  """`lines`, a Figures section linking `figs` and (at scale nano) the smoke-test caveat, as DIR/report.md."""
+  lines = lines + ["", "## Figures", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs]
+  if scale == "nano":
+    lines += ["", "Scale `nano` is a smoke test (60 steps): the numbers above show the pipeline works, not the findings."]
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write(text)
+  return text

@@ -25,6 +25,7 @@ import sys
 import numpy as np
 import pandas as pd
 
+from experiments import cli
 from experiments.sweep import Sweep
 from lib import errors
 
@@ -156,20 +157,10 @@ def report(out: str, scale: str, ref: str, fractions: dict, per_size: dict, m: p
     piv = m.pivot_table(index=["trend", "val_ppl"], columns="run", values="ppl").reset_index()
     runs = [c for c in piv.columns if c not in ("trend", "val_ppl")]
     piv["max/min"] = piv[runs].max(axis=1) / piv[runs].min(axis=1)
-    cols = ["trend", "val_ppl", *runs, "max/min"]
-    lines.append("| " + " | ".join(map(str, cols)) + " |")
-    lines.append("|" + "---|" * len(cols))
-    for _, row in piv[cols].iterrows():
-      lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    lines += cli.md_table(piv, ["trend", "val_ppl", *runs, "max/min"])
   else:
     lines.append("The sizes' validation perplexities do not overlap: no matched points.")
-  lines += ["", "## Figures", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs]
-  if scale == "nano":
-    lines += ["", "Scale `nano` is a smoke test (60 steps): the numbers above show the pipeline works, not the findings."]
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(text)
-  return text
+  return cli.write_report(out, lines, figs, scale)
 
 
 def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
@@ -222,8 +213,6 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
 
 
 def main(argv=None) -> int:
-  from experiments import cli
-
   return cli.main("xia", __doc__, SCALES, run, argv)
 
 
