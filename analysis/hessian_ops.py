@@ -402,6 +402,16 @@ class FlatView:
   only the operator call unravels (static slices and reshapes, pinned to the parameters' shardings).
   The selection is applied in flat space by a mask built from iota and the selected leaves' offset
   ranges (adjacent leaves merged): no N-sized constant is baked into the program.
+
+  On one device the leaves are cut out of x_N (and written back) at offsets the compiler cannot see
+  (`dynamic_slice` / `dynamic_update_slice` at offsets passed through an optimisation barrier): every
+  leaf of a given shape then lowers to the same kernel, where static slices give one kernel per leaf
+  (each offset baked in), so the compiled program no longer grows with the number of same-shaped
+  leaves (layers). Same results to the bit (tested). Measured (XLA compile of the 30-step Lanczos
+  body alone, separate processes, alternating): the small preset 12 layers deep 12.0-12.8 s CPU vs
+  15.9-16.1 s with static slices (matfree's 14.9-16.7 s); at its own 4 layers the gain (~5%) is inside
+  the machine's noise. On a mesh the static slices stay: the SPMD partitioner plans their
+  communication from the offsets.
   """
 
   def __init__(self, params: PyTree, sel: tuple[bool, ...] | None = None):
@@ -424,6 +434,8 @@ class FlatView:
           runs.append([self.offsets[i], self.offsets[i + 1]])
     self.runs = [tuple(r) for r in runs]
     self.n_selected = sum(b - a for a, b in self.runs)
+    # runtime offsets: one device (see the class docstring), int32-addressable
+    self.dynamic = self.mesh is None and self.n < 2**31 and any(s > 0 for s in sizes)
 
   def constrain(self, x: jax.Array) -> jax.Array:
     """Pin x_N (or a stack x_kxN) to the flat sharding; a no-op off a mesh."""
@@ -432,16 +444,28 @@ class FlatView:
     spec = P(*([None] * (x.ndim - 1)), tuple(self.mesh.axis_names))
     return lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
+  def _opaque_offsets(self) -> jax.Array:
+    """The leaves' start offsets as an int32 array the compiler cannot constant-fold."""
+    return lax.optimization_barrier(jnp.asarray(self.offsets[:-1], jnp.int32))
+
   def ravel(self, v: PyTree) -> jax.Array:
     """Parameter-shaped v -> x_N float32 (unselected leaves zeroed, statically)."""
-    leaves = jax.tree.leaves(_apply_sel(v, self.sel))
-    return self.constrain(jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves]))
+    leaves = [x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(_apply_sel(v, self.sel))]
+    if not self.dynamic:
+      return self.constrain(jnp.concatenate(leaves))
+    off, x_N = self._opaque_offsets(), jnp.zeros(self.n, jnp.float32)
+    for i, x in enumerate(leaves):
+      if x.size:
+        x_N = lax.dynamic_update_slice(x_N, x, (off[i],))
+    return x_N
 
   def unravel(self, x_N: jax.Array, cast: bool = True) -> PyTree:
     """x_N -> parameter-shaped pytree on the parameters' shardings (params' dtypes if `cast`)."""
+    off = self._opaque_offsets() if self.dynamic else None
+    cut = (lambda i, a, b: lax.dynamic_slice(x_N, (off[i],), (b - a,))) if self.dynamic else (lambda i, a, b: x_N[a:b])
     leaves = [
-      x_N[a:b].reshape(shape).astype(dt if cast else jnp.float32)
-      for a, b, shape, dt in zip(self.offsets[:-1], self.offsets[1:], self.shapes, self.dtypes)
+      cut(i, a, b).reshape(shape).astype(dt if cast else jnp.float32)
+      for i, (a, b, shape, dt) in enumerate(zip(self.offsets[:-1], self.offsets[1:], self.shapes, self.dtypes))
     ]
     return _constrain(jax.tree.unflatten(self.treedef, leaves), self.sh)
 

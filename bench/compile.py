@@ -5,6 +5,7 @@
   python -m bench.compile --before=c4d2d6e                  # adds that revision's Lanczos: before/after
   python -m bench.compile --only=lanczos --repeat=3 --before=main   # ours / before / matfree's, 3 rounds
   python -m bench.compile --hlo                             # compiled-HLO sizes of both Lanczos bodies
+  python -m bench.compile --only=lanczos --n_layers=12      # the small preset 12 layers deep: growth with depth
 
 Each row calls one estimator once on a fresh operator (the project's transformer, `lib.model`, fp32,
 one device; the persistent compilation cache off) and prints the wall seconds JAX spent compiling in
@@ -13,7 +14,8 @@ seconds of that first call minus those of a second, compiled one (steadier on a 
 compiles on one thread). Rows:
   HVP (the operator alone)  the floor every estimator pays: one `make_hvp(...)` call
   lanczos                   analysis.hessian.lanczos: full reorthogonalisation on one flat float32
-                            vector (FlatView), unravelled only for the HVP
+                            vector (FlatView), unravelled only for the HVP (on one device cut at
+                            runtime offsets: one kernel per leaf shape, see FlatView)
   lanczos (before)          with --before=REV (or a file): the same call into that revision's
                             analysis/hessian.py and hessian_ops.py (a file: hessian.py alone)
   lanczos (matfree)         matfree.decomp.tridiag_sym(m, reortho='full') on the raveled HVP
@@ -178,10 +180,19 @@ def load_module(before: str):
 
 
 def bench(
-  preset: str, batch: int, seq_len: int, m: int, before=None, only: str = "", repeat: int = 1, hlo: bool = False
+  preset: str,
+  batch: int,
+  seq_len: int,
+  m: int,
+  before=None,
+  only: str = "",
+  repeat: int = 1,
+  hlo: bool = False,
+  n_layers: int = 0,
 ) -> dict[str, tuple[float, float, float]]:
   vocab = M.OPT_VOCAB if preset.startswith("opt") else 204
-  cfg = M.preset(preset, vocab_size=vocab, max_len=max(seq_len, 16), dtype="float32")
+  depth = {"n_layers": n_layers} if n_layers else {}
+  cfg = M.preset(preset, vocab_size=vocab, max_len=max(seq_len, 16), dtype="float32", **depth)
   model = M.make(cfg)
   params = M.init_params(model, jax.random.key(0), sharding.single_device_mesh())
   loss_fn = lambda p, bb: M.mean_loss(model, p, bb)  # noqa: E731
@@ -201,7 +212,8 @@ def bench(
 
   n_leaves = len(jax.tree.leaves(params))
   print(
-    f"\n{preset}: {M.param_count(model):,} parameters in {n_leaves} leaves, batch {batch}x{seq_len}, {m} Lanczos steps "
+    f"\n{preset} ({cfg.n_layers} layers): {M.param_count(model):,} parameters in {n_leaves} leaves, "
+    f"batch {batch}x{seq_len}, {m} Lanczos steps "
     f"(load average {' '.join(open('/proc/loadavg').read().split()[:3])})",
     flush=True,
   )
@@ -258,6 +270,7 @@ def main():
   ap.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose name has one")
   ap.add_argument("--repeat", type=int, default=1, help="rounds of the rows, interleaved (medians and per-round ratios)")
   ap.add_argument("--hlo", action="store_true", help="print compiled-HLO sizes of the Lanczos bodies instead of timing rows")
+  ap.add_argument("--n_layers", type=int, default=0, help="override the preset's depth (0 = the preset's)")
   ap.add_argument("--before", default="", help="git revision (or path of an older analysis/hessian.py) to time its Lanczos too")
   args = ap.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -266,7 +279,7 @@ def main():
   before = load_module(args.before) if args.before else None
   print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU threads")
   for p in args.presets.split(","):
-    bench(p.strip(), args.batch, args.seq_len, args.steps, before, args.only, args.repeat, args.hlo)
+    bench(p.strip(), args.batch, args.seq_len, args.steps, before, args.only, args.repeat, args.hlo, args.n_layers)
 
 
 if __name__ == "__main__":
