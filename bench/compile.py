@@ -2,7 +2,7 @@
 
   python -m bench.compile                                   # small preset, 4x128 tokens, 30 Lanczos steps
   python -m bench.compile --presets=tiny,small --steps=30
-  python -m bench.compile --before=c4d2d6e                  # adds that revision's Lanczos: before/after
+  python -m bench.compile --before=c4d2d6e                  # adds that revision's estimators: before/after
   python -m bench.compile --only=lanczos --repeat=3 --before=main   # ours / before / matfree's, 3 rounds
   python -m bench.compile --hlo                             # compiled-HLO sizes of both Lanczos bodies
   python -m bench.compile --only=lanczos --n_layers=12      # the small preset 12 layers deep: growth with depth
@@ -20,11 +20,13 @@ compiles on one thread). Rows:
                             analysis/hessian.py and hessian_ops.py (a file: hessian.py alone)
   lanczos (matfree)         matfree.decomp.tridiag_sym(m, reortho='full') on the raveled HVP
                             (jax.flatten_util.ravel_pytree, matfree's documented way to take pytrees)
-  power / hutch++ / hutchinson  the other estimators (Hutchinson: one chunk of 8 probes)
+  power / hutch++ / hutchinson  the other estimators (Hutchinson: one chunk of 8 probes); with
+                            --before, each also as "<name> (before)", and its ratio is printed
 The matfree row is skipped, with a note, when matfree is not installed (`pip install matfree`; it is
 not a dependency of lmtrace). Target: lanczos ≤ lanczos (matfree). `--repeat=R` runs the rows
 round-robin R times (each time on a fresh operator, so each compiles again) and prints each ratio per
-round and its median: on a shared machine the load drifts between rows, and interleaving spreads it.
+round and its median: on a shared machine the load drifts between rows, and interleaving spreads it
+(the row order alternates between rounds).
 
 `--hlo` instead lowers and compiles the two Lanczos bodies (ours from `analysis.hessian._lanczos_fn`,
 matfree's as in its row) and the HVP alone once each, and prints the compile CPU seconds and the size
@@ -228,11 +230,15 @@ def bench(
     rows["lanczos (before)"] = bind(before, lambda h, mv: h.lanczos(mv, params, key, m).alphas)
   if matfree_lanczos(op(), params, m) is not None:
     rows["lanczos (matfree)"] = lambda: matfree_lanczos(op(), params, m)
-  rows |= {
-    "power iteration": bind(H, lambda h, mv: h.power_iteration(mv, params, key, num_iters=m).estimate),
-    "hutch++": bind(H, lambda h, mv: h.hutchpp_trace(mv, params, key, 3 * max(1, m // 3)).estimate),
-    "hutchinson (8-probe chunk)": bind(H, lambda h, mv: h.hutchinson_trace(mv, params, key, 8, chunk=8).estimate),
+  estimators = {
+    "power iteration": lambda h, mv: h.power_iteration(mv, params, key, num_iters=m).estimate,
+    "hutch++": lambda h, mv: h.hutchpp_trace(mv, params, key, 3 * max(1, m // 3)).estimate,
+    "hutchinson (8-probe chunk)": lambda h, mv: h.hutchinson_trace(mv, params, key, 8, chunk=8).estimate,
   }
+  for name, f in estimators.items():
+    rows[name] = bind(H, f)
+    if before is not None:
+      rows[f"{name} (before)"] = bind(before, f)
   rows = {k: v for k, v in rows.items() if not only or any(o in k for o in only.split(","))}
   per_round: dict[str, list] = {name: [] for name in rows}
   for r in range(repeat):
@@ -251,16 +257,17 @@ def bench(
   out = {name: tuple(np.median(np.asarray(v), 0)) for name, v in per_round.items()}
   if "lanczos (matfree)" not in out and (not only or "matfree" in only or "lanczos" in only):
     print("  lanczos (matfree)            skipped: matfree is not installed (pip install matfree)")
-  for other, label in (("lanczos (matfree)", "matfree's"), ("lanczos (before)", "before")):
-    if {"lanczos", other} <= set(out):
-      r_wall = [x[0] / y[0] for x, y in zip(per_round["lanczos"], per_round[other])]
-      r_cpu = [x[2] / y[2] for x, y in zip(per_round["lanczos"], per_round[other])]
-      r_run = [x[3] / y[3] for x, y in zip(per_round["lanczos"], per_round[other])]
+  pairs = [("lanczos", "lanczos (matfree)", "matfree's")] + [(n, f"{n} (before)", "before") for n in ("lanczos", *estimators)]
+  for ours, other, label in pairs:
+    if {ours, other} <= set(out):
+      r_wall = [x[0] / y[0] for x, y in zip(per_round[ours], per_round[other])]
+      r_cpu = [x[2] / y[2] for x, y in zip(per_round[ours], per_round[other])]
+      r_run = [x[3] / y[3] for x, y in zip(per_round[ours], per_round[other])]
       each = f" (rounds: {', '.join(f'{w:.2f}/{c:.2f}' for w, c in zip(r_wall, r_cpu))})" if repeat > 1 else ""
       target = " (target ≤ 1)" if other == "lanczos (matfree)" else ""
-      print(f"  compile time lanczos / {label:<9s} {np.median(r_wall):.2f} wall, {np.median(r_cpu):.2f} CPU{target}{each}")
+      print(f"  compile time {ours} / {label:<9s} {np.median(r_wall):.2f} wall, {np.median(r_cpu):.2f} CPU{target}{each}")
       below = sum(w <= 1 and c <= 1 for w, c in zip(r_wall, r_cpu))
-      print(f"    rounds with lanczos ≤ {label} (wall and CPU): {below}/{len(r_wall)}; compiled run {np.median(r_run):.2f}×")
+      print(f"    rounds with {ours} ≤ {label} (wall and CPU): {below}/{len(r_wall)}; compiled run {np.median(r_run):.2f}×")
   return out
 
 
@@ -274,7 +281,7 @@ def main():
   ap.add_argument("--repeat", type=int, default=1, help="rounds of the rows, interleaved (medians and per-round ratios)")
   ap.add_argument("--hlo", action="store_true", help="print compiled-HLO sizes of the Lanczos bodies instead of timing rows")
   ap.add_argument("--n_layers", type=int, default=0, help="override the preset's depth (0 = the preset's)")
-  ap.add_argument("--before", default="", help="git revision (or path of an older analysis/hessian.py) to time its Lanczos too")
+  ap.add_argument("--before", default="", help="git revision (or an older analysis/hessian.py) to time its estimators too")
   args = ap.parse_args()
   jax.config.update("jax_default_matmul_precision", "highest")
   jax.config.update("jax_enable_compilation_cache", False)
