@@ -56,7 +56,7 @@ def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
 # compile for the small preset's 68 leaves, paid inside every estimator that draws probes. Here the
 # rounds are unrolled (Threefry-2x32-20, Salmon et al. 2011, as jax's non-CPU lowering writes them in
 # jax/_src/random/threefry2x32.py) into one elementwise kernel per leaf, counters = the flat element
-# index as in jax's partitionable bits: the draw compiles ~2x faster and runs faster. Used only where
+# index as in jax's partitionable bits: the draw alone compiles ~2x faster and runs faster. Used only where
 # that is exactly what jax computes (partitionable threefry keys, leaves < 2**32 elements), else
 # jax.random; tests compare both to the bit. Written here, not taken from jax: jax exposes the hash
 # only as a primitive whose CPU lowering is the rolled loop.
@@ -115,7 +115,9 @@ def _draw_like(key, tree: PyTree, leaf_fn: Callable, jax_fn: Callable) -> PyTree
   if not _unrolled_ok(key, tree):
     return jax.tree.unflatten(treedef, [jax_fn(k, x.shape, jnp.float32) for x, k in zip(leaves, keys)])
   kd_Lx2 = jax.random.key_data(keys) if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
-  return jax.tree.unflatten(treedef, [leaf_fn(kd_Lx2[i], tuple(x.shape)) for i, x in enumerate(leaves)])
+  # hashed once and materialised, as jax's loop-made draws are: XLA may not recompute the 20 rounds
+  # inside each consumer (the HVP's tangent ops, the per-leaf dot products)
+  return jax.tree.unflatten(treedef, lax.optimization_barrier([leaf_fn(kd_Lx2[i], tuple(x.shape)) for i, x in enumerate(leaves)]))
 
 
 def rademacher_like(key, tree: PyTree) -> PyTree:
