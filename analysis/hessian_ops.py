@@ -20,6 +20,7 @@ Shape legend:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -89,10 +90,14 @@ def _unit_floats(kd: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1)
 
 
+# jitted per leaf shape: a pytree's draw traces the ~200 ops of the hash once per distinct shape and
+# process, not once per leaf and call (tracing them every time cost seconds per flatness job)
+@functools.partial(jax.jit, static_argnums=1)
 def _rademacher_leaf(kd: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.where(_unit_floats(kd, shape) < jnp.float32(0.5), jnp.float32(1), jnp.float32(-1))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _normal_leaf(kd: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   lo = np.nextafter(np.float32(-1), np.float32(0), dtype=np.float32)
   return np.float32(np.sqrt(2)) * lax.erf_inv(lax.max(jnp.float32(lo), _unit_floats(kd, shape) * (np.float32(1) - lo) + lo))
