@@ -191,7 +191,7 @@ def bench(
   repeat: int = 1,
   hlo: bool = False,
   n_layers: int = 0,
-) -> dict[str, tuple[float, float, float]]:
+) -> dict[str, tuple[float, float, float, float]]:
   vocab = M.OPT_VOCAB if preset.startswith("opt") else 204
   depth = {"n_layers": n_layers} if n_layers else {}
   cfg = M.preset(preset, vocab_size=vocab, max_len=max(seq_len, 16), dtype="float32", **depth)
