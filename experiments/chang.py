@@ -18,6 +18,8 @@ Scales (data: the default random PCFG language of configs/pcfg.py; `paper` is GP
 accelerator: see README):
   nano   nano model, 60 steps, 40 probe documents — what the tests run (seconds of training)
   quick  tiny model, 2000 steps, 300 probe documents (≤ 20 min on 2 idle CPU cores was the target)
+  faithful  the paper's protocol on a CPU-sized model: 5 seeds, 4000 steps, 135 log-spaced checkpoints,
+         600 probe documents (6000 tokens); every frequency effect with a bootstrap CI
   paper  opt-125m-sized model, 100k steps, 10k probe documents (accelerator)
 """
 
@@ -48,6 +50,16 @@ SCALES = {
     sequences=300,
     schedule="exponential:s0=10,s1=60",
     ngram_docs=50_000,
+  ),
+  "faithful": dict(
+    preset="tiny",
+    steps=4000,
+    batch=16,
+    seq_len=64,
+    n_train=100_000,
+    sequences=600,
+    schedule="exponential:s0=4,s1=100",
+    ngram_docs=100_000,
   ),
   "paper": dict(
     preset="opt-125m",

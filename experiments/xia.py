@@ -32,6 +32,9 @@ from lib import errors
 SCALES = {
   "nano": dict(presets=["nano", "tiny"], steps=60, batch=8, seq_len=32, n_train=1000, sequences=30, every=4),
   "quick": dict(presets=["nano", "tiny", "small"], steps=1500, batch=16, seq_len=64, n_train=50_000, sequences=200, every=50),
+  "faithful": dict(
+    presets=["nano", "tiny", "mid", "small"], steps=3000, batch=16, seq_len=64, n_train=100_000, sequences=300, every=50
+  ),
   "paper": dict(
     presets=["opt-125m", "opt-350m", "opt-1.3b"],
     steps=50_000,

@@ -118,6 +118,7 @@ PRESETS.update(
     # CPU-sized models for tests and the README's default run.
     "nano": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_ff=256),
+    "mid": dict(d_model=96, n_layers=3, n_heads=4, d_ff=384),  # between tiny and small (the Xia size ladder)
     "small": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512),
     # A modern variant: RoPE, SwiGLU, RMSNorm, untied head, no biases.
     "tiny-modern": dict(
