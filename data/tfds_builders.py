@@ -185,6 +185,22 @@ def open_splits(builder, name: str) -> dict[str, TfdsSource]:
   return splits
 
 
+def _prepare_once(make, data_dir: str, spec: dict):
+  """Builds under an exclusive file lock, so independent jobs that need the same language at once (two
+  experiments, a sweep's array tasks) build it once: TFDS alone makes the second builder's final rename
+  fail with FileExistsError. Returns a builder made after the build, which sees the finished files."""
+  import fcntl
+
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{spec_name(spec)}.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      make().download_and_prepare()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return make()
+
+
 def build_synthetic(spec: dict, data_dir: str | None = None):
   """Builds (once) and returns the TFDS builder of a synthetic language spec."""
   import jax
@@ -193,7 +209,7 @@ def build_synthetic(spec: dict, data_dir: str | None = None):
   data_dir = data_dir or spec.get("data_dir") or default_data_dir()
   builder = cls(config=cfg_cls(spec), data_dir=data_dir, file_format="array_record")
   if jax.process_index() == 0:
-    builder.download_and_prepare()
+    builder = _prepare_once(lambda: cls(config=cfg_cls(spec), data_dir=data_dir, file_format="array_record"), data_dir, spec)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 

@@ -217,3 +217,28 @@ def test_aioli_training_run_resumes_identically(tmp_path):
     jax.tree.leaves(C.restore_params(str(tmp_path / "resumed"), 12)),
   ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_two_jobs_building_one_language_at_once_both_get_it(tmp_path):
+  """Two experiments started together need the same language: the build is serialised by a file lock, so
+  neither dies on TFDS's final rename (FileExistsError) and both read the same finished data."""
+  import threading
+
+  spec = {"kind": "bigram", "seed": 5, "n_train": 3000, "n_validation": 50, "n_test": 10}
+  start, out, errs = threading.Barrier(3), {}, []
+
+  def build(i):
+    start.wait()
+    try:
+      out[i] = sources.make_group("b", spec, str(tmp_path)).splits["train"]
+    except Exception as e:  # noqa: BLE001 - the test reports what the old code raised
+      errs.append(repr(e))
+
+  threads = [threading.Thread(target=build, args=(i,)) for i in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errs, errs
+  assert len(out) == 3 and all(len(s) == 3000 for s in out.values())
+  assert all(np.array_equal(out[0][7]["tokens"], s[7]["tokens"]) for s in out.values())
