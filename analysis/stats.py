@@ -181,3 +181,38 @@ def clip_sigma(x: np.ndarray, k: float = 5.0) -> np.ndarray:
   x = np.asarray(x, dtype=np.float64)
   mu, sd = np.nanmean(x), np.nanstd(x)
   return np.clip(x, mu - k * sd, mu + k * sd)
+
+
+def cluster_bootstrap(
+  stat, n: int, clusters: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+  """Percentile bootstrap CI of `stat(idx)` (idx: int array of row indices into the n rows).
+
+  With `clusters` (one label per row) whole clusters are resampled with replacement, as the rows of one
+  cluster are not independent: the probe tokens of one token type share its frequency, so a CI of a
+  frequency effect resamples types, not tokens. Resamples where `stat` is not finite are dropped; a
+  vector-valued `stat` gives arrays (lo, hi), each entry over its own finite resamples."""
+  rng = np.random.default_rng(seed)
+  if clusters is None:
+    members = [np.array([i]) for i in range(n)]
+  else:
+    clusters = np.asarray(clusters)
+    _, inv = np.unique(clusters, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inv))[:-1])
+  k = len(members)
+  vals = np.array([stat(np.concatenate([members[j] for j in rng.integers(0, k, k)])) for _ in range(n_boot)], np.float64)
+  a = (1 - level) / 2
+  if vals.ndim > 1:
+    with np.errstate(all="ignore"):
+      import warnings
+
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanquantile(vals, [a, 1 - a], axis=0)
+    return lo, hi
+  vals = vals[np.isfinite(vals)]
+  if not len(vals):
+    return (float("nan"), float("nan"))
+  lo, hi = np.quantile(vals, [a, 1 - a])
+  return (float(lo), float(hi))

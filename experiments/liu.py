@@ -41,7 +41,21 @@ import pandas as pd
 
 from lib import errors
 
-ROAD_SIZES = {"nano": (8, 16), "quick": (8, 16, 24, 32, 48, 64), "paper": (64, 128, 192, 256, 384, 512)}
+ROAD_SIZES = {
+  "nano": (8, 16),
+  "quick": (8, 16, 24, 32, 48, 64),
+  "faithful": (48, 64, 96, 128),
+  "paper": (64, 128, 192, 256, 384, 512),
+}
+# Per scale: the SGD run's length as a multiple of the card's steps, the adversarial weights tried (the
+# one whose loss matches AdamW's is compared), the adversary's task.
+ROADS = {
+  "nano": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
+  "quick": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
+  "faithful": dict(sgd_factor=2, adv_weights=(0.1, 0.3, 1.0), adv_task="task_state6"),
+  "paper": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
+}
+TOL, NEAR, PAST = 0.01, 0.05, 3.0  # same loss: within ±TOL nats; near the optimum: excess ≤ NEAR; SGD ≥ PAST× its plateau
 PAPER = {  # papers.md §1.4 (third-party note quoting the PDF)
   "size": "Tr(H) 19.8 → 12.6 as size grows (>9M params, same loss); task-B probe 40.4% → 50.5%",
   "algorithm": "AdamW vs adversarial (235M): Tr(H) 8.01±0.73 vs 19.34±0.92; task C 55.7±0.6 vs 50.2±1.0; "
@@ -51,6 +65,7 @@ PAPER = {  # papers.md §1.4 (third-party note quoting the PDF)
 ANALYSIS = {  # per scale: flatness probes / batches, downstream seeds / probe epochs
   "nano": dict(probes=2, batches=1, batch_size=8, seeds=2, probe_epochs=10, tasks="task_A,task_B"),
   "quick": dict(probes=8, batches=2, batch_size=16, seeds=3, probe_epochs=30, tasks="task_A,task_B,task_C,task_span8"),
+  "faithful": dict(probes=16, batches=4, batch_size=32, seeds=5, probe_epochs=30, tasks="task_state6,task_state10"),
   "paper": dict(probes=100, batches=8, batch_size=64, seeds=5, probe_epochs=50, tasks="all"),
 }
 
@@ -98,15 +113,85 @@ def grid(scale: str) -> list[Run]:
 
   from configs import liu
 
-  steps = liu.SCALES[scale]["steps"]
+  roads = ROADS[scale]
+  steps = liu.SCALES[scale]["steps"] * roads["sgd_factor"]
   runs = [Run(f"adamw_d{d}", "size", d, "adamw", scale=scale, overrides=width(d)) for d in sizes]
   sgd = (("opt.name", "sgd"), ("opt.schedule", "constant"), ("opt.lr", 0.3), ("opt.warmup_steps", max(int(0.12 * steps), 1)))
-  every = max(steps // 8, 1)  # checkpoints and evals together: excess loss at every measured step
-  sgd += (("ckpt.schedule", f"interval:every={every};explicit:steps={steps}"), ("eval.every", every))
-  adv = (("adversarial.weight", 1.0), ("adversarial.examples", 16 if scale == "nano" else 64))
+  every = max(
+    steps // (8 if scale != "faithful" else 24), 1
+  )  # checkpoints and evals together: excess loss at every measured step
+  sgd += (("train.steps", steps), ("ckpt.schedule", f"interval:every={every};explicit:steps={steps}"), ("eval.every", every))
   runs.append(Run(f"sgd_d{mid}", "convergence", mid, "sgd", scale=scale, overrides=width(mid) + sgd))
-  runs.append(Run(f"adversarial_d{mid}", "algorithm", mid, "adamw+adv", scale=scale, overrides=width(mid) + adv))
+  for w in roads["adv_weights"]:
+    adv = (("adversarial.weight", w), ("adversarial.examples", 16 if scale == "nano" else 64))
+    adv += (("adversarial.task", roads["adv_task"]),) if roads["adv_task"] else ()
+    name = f"adversarial_d{mid}" if len(roads["adv_weights"]) == 1 else f"adversarial_w{w:g}_d{mid}"
+    runs.append(Run(name, "algorithm", mid, "adamw+adv", scale=scale, overrides=width(mid) + adv))
   return runs
+
+
+def plateau_step(steps, excess, delta: float = 0.005) -> int:
+  """The first evaluated step after which the excess loss never improves by more than `delta` nats."""
+  steps, excess = np.asarray(steps), np.asarray(excess, float)
+  later_min = np.minimum.accumulate(excess[::-1])[::-1]
+  return int(steps[np.argmax(excess - later_min <= delta)])
+
+
+def choose_adversarial(final: pd.DataFrame, tol: float = TOL) -> pd.Series | None:
+  """The adversarial run compared with AdamW: the largest weight whose final excess loss is within `tol` of
+  AdamW's at the same width (else the closest one; the protocol table says so)."""
+  adv = final[final["optimizer"] == "adamw+adv"]
+  if not len(adv):
+    return None
+  base = final[(final["road"] == "size") & (final["size"] == adv["size"].iloc[0])]
+  if not len(base):
+    return adv.iloc[0]
+  gap = (adv["excess_loss"] - base["excess_loss"].iloc[0]).abs()
+  ok = adv[gap <= tol]
+  return ok.sort_values("adv_weight").iloc[-1] if len(ok) else adv.loc[gap.idxmin()]
+
+
+def protocol(df: pd.DataFrame, sgd_curve: dict[int, float]) -> pd.DataFrame:
+  """The paper's protocol as invariants measured from the runs: equal losses on each road, near the optimum,
+  the SGD run well past its plateau, the adversary's loss matched to AdamW's."""
+  final = df[(df["road"] != "baseline") & (df["step"] == df.groupby("run")["step"].transform("max"))]
+  rows = []
+  size = final[final["road"] == "size"]
+  if len(size):
+    r = size["excess_loss"].max() - size["excess_loss"].min()
+    got = f"{r:.4f} ({size['excess_loss'].min():.4f} … {size['excess_loss'].max():.4f}, {len(size)} widths)"
+    rows.append(("size road: same loss", f"max − min excess ≤ {TOL}", got, r <= TOL))
+    m = size["excess_loss"].max()
+    rows.append(("size road: near the optimum", f"every excess ≤ {NEAR} nats", f"max {m:.4f}", m <= NEAR))
+  adv = choose_adversarial(final)
+  if adv is not None:
+    base = final[(final["road"] == "size") & (final["size"] == adv["size"])]
+    gap = float(adv["excess_loss"] - base["excess_loss"].iloc[0]) if len(base) else float("nan")
+    tried = ", ".join(f"{w:g}" for w in sorted(final.loc[final["optimizer"] == "adamw+adv", "adv_weight"]))
+    got = f"λ = {adv['adv_weight']:g} (tried {tried}): Δ excess {gap:+.4f}"
+    rows.append(("algorithm road: adversary's loss matches AdamW's", f"|Δ excess| ≤ {TOL}", got, abs(gap) <= TOL))
+    rows.append(("algorithm road: near the optimum", f"excess ≤ {NEAR}", f"{adv['excess_loss']:.4f}", adv["excess_loss"] <= NEAR))
+  if len(sgd_curve) >= 2:
+    st = sorted(sgd_curve)
+    p = plateau_step(st, [sgd_curve[k] for k in st])
+    end = st[-1]
+    rows.append(
+      (
+        "SGD run: past its plateau",
+        f"end ≥ {PAST:g}× the step where excess stops improving (by > 0.005)",
+        f"plateau {p}, end {end}: {end / max(p, 1):.1f}×",
+        end >= PAST * p,
+      )
+    )
+    past = [sgd_curve[k] for k in st if k >= p]
+    r = max(past) - min(past)
+    rows.append(
+      ("convergence road: same loss past the plateau", f"max − min excess ≤ {TOL}", f"{r:.4f} over {len(past)} evals", r <= TOL)
+    )
+    rows.append(("convergence road: near the optimum", f"excess ≤ {NEAR}", f"max {max(past):.4f}", max(past) <= NEAR))
+  return pd.DataFrame(rows, columns=["invariant", "target", "measured", "ok"]).assign(
+    ok=lambda d: d.ok.map({True: "✓", False: "✗"})
+  )
 
 
 def sweep_spec(runs: list[Run], scale: str) -> dict:
@@ -195,6 +280,7 @@ def join(runs: list[Run], dirs: dict[str, str], enlarged: dict[str, str]) -> pd.
     steps = sorted(set(fl["step"]) if len(fl) else set())
     for s in steps:
       row = dict(run=r.name, road=r.road, size=r.size, optimizer=r.optimizer, step=int(s))
+      row["adv_weight"] = float(dict(r.overrides).get("adversarial.weight", 0.0))
       row.update(loss=ev.get(s, {}).get("loss", np.nan), excess_loss=ev.get(s, {}).get("excess_loss", np.nan))
       for est, q in (("hutchinson", "trace"), ("fisher", "fisher_trace")):
         f = fl[(fl["step"] == s) & (fl["estimator"] == est) & (fl["quantity"] == q)] if len(fl) else fl
@@ -253,16 +339,16 @@ def _same_loss(a, b, tol: float = 0.02) -> str:
   return f" (caveat: excess losses differ by {abs(a - b):.3f} nats > {tol}: not the same loss, so not the paper's comparison)"
 
 
-def report(df: pd.DataFrame, out: str, scale: str) -> str:
+def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = None) -> str:
   """DIR/liu.md and the figures; returns the markdown."""
   final = df[df["step"] == df.groupby("run")["step"].transform("max")]
   tasks = sorted(c[4:] for c in df.columns if c.startswith("acc_") and not c.startswith("acc_se_"))
-  lines = [
-    f"# Liu et al. 2022 at scale `{scale}`",
-    "",
-    "Final checkpoint of every run (probe accuracy in %, mean ± SE over seeds):",
-    "",
-  ]
+  lines = [f"# Liu et al. 2022 at scale `{scale}`", ""]
+  if proto is not None and len(proto):
+    from experiments import cli
+
+    lines += ["## Protocol", "", *cli.md_table(proto, ["invariant", "target", "measured", "ok"]), ""]
+  lines += ["## Final models", "", "Final checkpoint of every run (probe accuracy in %, mean ± SE over seeds):", ""]
   head = ["run", "road", "size", "optimizer", "loss", "excess", "Tr(H) hutch", "Tr(H) fisher", "Tr(H) in widest"] + tasks
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for _, r in final.iterrows():
@@ -275,22 +361,24 @@ def report(df: pd.DataFrame, out: str, scale: str) -> str:
   size = final[final["road"] == "size"].sort_values("size")
   verdicts = {}
   if len(size) >= 2:
-    tb = "acc_task_B" if "acc_task_B" in size else None
+    tb = next((f"acc_{t}" for t in ("task_B", "task_state10", "task_state6") if f"acc_{t}" in size), None)
     d_tr = size["trH_hutchinson"].iloc[-1] - size["trH_hutchinson"].iloc[0]
     d_acc = (size[tb].iloc[-1] - size[tb].iloc[0]) if tb else np.nan
     verdicts["size"] = (d_tr < 0) and (d_acc > 0)
     lines.append(
       f"* **Size** — paper: {PAPER['size']}. Here (smallest → largest width): Tr(H) {size['trH_hutchinson'].iloc[0]:.3g} → "
-      f"{size['trH_hutchinson'].iloc[-1]:.3g}, task-B probe {_fmt(size[tb].iloc[0], pct=True) if tb else '–'}% → "
+      f"{size['trH_hutchinson'].iloc[-1]:.3g}, {tb[4:] if tb else 'task_B'} probe "
+      f"{_fmt(size[tb].iloc[0], pct=True) if tb else '–'}% → "
       f"{_fmt(size[tb].iloc[-1], pct=True) if tb else '–'}%, excess loss {size['excess_loss'].iloc[0]:.3f} → "
       f"{size['excess_loss'].iloc[-1]:.3f}: **{'reproduces' if verdicts['size'] else 'does not reproduce'}**"
       f"{_same_loss(size['excess_loss'].iloc[0], size['excess_loss'].iloc[-1])}."
     )
-  adv = final[final["optimizer"] == "adamw+adv"]
+  chosen = choose_adversarial(final) if "adv_weight" in final else None
+  adv = final[final["optimizer"] == "adamw+adv"] if chosen is None else final[final["run"] == chosen["run"]]
   if len(adv):
     base = final[(final["road"] == "size") & (final["size"] == adv["size"].iloc[0])]
     if len(base):
-      tc = next((f"acc_{t}" for t in ("task_C", "task_B", "task_A") if f"acc_{t}" in final), None)
+      tc = next((f"acc_{t}" for t in ("task_C", "task_state6", "task_B", "task_A") if f"acc_{t}" in final), None)
       a, b = adv.iloc[0], base.iloc[0]
       verdicts["algorithm"] = (a["trH_hutchinson"] > b["trH_hutchinson"]) and (tc is not None and a[tc] < b[tc])
       lines.append(
@@ -301,7 +389,7 @@ def report(df: pd.DataFrame, out: str, scale: str) -> str:
       )
   conv = df[df["road"] == "convergence"].sort_values("step")
   if len(conv) >= 2:
-    tc = next((f"acc_{t}" for t in ("task_C", "task_B", "task_A") if f"acc_{t}" in conv), None)
+    tc = next((f"acc_{t}" for t in ("task_C", "task_state6", "task_B", "task_A") if f"acc_{t}" in conv), None)
     half = conv[conv["step"] >= conv["step"].max() / 2]
     ok = len(half) >= 2 and tc is not None
     verdicts["convergence"] = bool(
@@ -316,8 +404,10 @@ def report(df: pd.DataFrame, out: str, scale: str) -> str:
       f"**{'reproduces' if verdicts['convergence'] else 'does not reproduce'}**"
       f"{_same_loss(half['excess_loss'].iloc[0], half['excess_loss'].iloc[-1])}."
     )
-  lines += ["", "## Tr(H) vs probe accuracy among final models (bootstrap 95% CIs over models)", ""]
+  lines += ["", "## Tr(H) vs probe accuracy among final models of the same loss (bootstrap 95% CIs over models)", ""]
   models = final[final["road"] != "baseline"]
+  if chosen is not None:  # the adversaries not matched to AdamW's loss are not same-loss models
+    models = models[(models["optimizer"] != "adamw+adv") | (models["run"] == chosen["run"])]
   for t in tasks:
     c = bootstrap_corr(models["trH_hutchinson"], models[f"acc_{t}"])
     if c["n"] >= 3:
@@ -402,7 +492,17 @@ def main(argv=None) -> int:
     tmp = os.path.join(args.out, "liu.parquet.tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, os.path.join(args.out, "liu.parquet"))
-    md = report(df, args.out, args.scale)
+    from analysis import downstream
+
+    sgd = next(r for r in runs if r.road == "convergence")
+    curve = {
+      k: v["excess_loss"]
+      for k, v in downstream.eval_metrics_at(dirs[sgd.name]).items()
+      if np.isfinite(v.get("excess_loss", np.nan))
+    }
+    proto = protocol(df, curve)
+    proto.to_csv(os.path.join(args.out, "protocol.csv"), index=False)
+    md = report(df, args.out, args.scale, proto)
     print(md)
     print(f"liu: done in {time.time() - t0:.0f}s; {os.path.join(args.out, 'liu.parquet')}")
   except (errors.LmtraceError, ValueError) as e:

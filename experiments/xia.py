@@ -127,35 +127,146 @@ def matched(tab: pd.DataFrame, n_points: int = 6) -> pd.DataFrame:
   return pd.DataFrame(rows)
 
 
-def report(out: str, scale: str, ref: str, fractions: dict, per_size: dict, m: pd.DataFrame, figs, n_tok: int) -> str:
-  up = fractions.get("upward", 0.0)
+def _class_ppl_RxKxC(v_RxCxT: np.ndarray, cls_T: np.ndarray, w_T: np.ndarray) -> np.ndarray:
+  """exp(weighted mean surprisal) of each class's tokens, per run and checkpoint ([R, K, C]; K = TREND_NAMES)."""
+  from analysis import curves
+
+  masks_TxK = np.stack([(cls_T == k) * w_T for k in curves.TREND_NAMES], 1).astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.exp(np.einsum("rct,tk->rkc", v_RxCxT, masks_TxK) / masks_TxK.sum(0)[None, :, None])
+
+
+def spreads(v_RxCxT, val_RxC, steps_C, cls_T, targets_Q, w_T) -> np.ndarray:
+  """[2, K]: per class, the mean over aligned points of log(max/min across sizes) of the class perplexity,
+  aligned at matched validation perplexity (row 0) and at matched step over the classification window
+  (row 1). The paper's claim is that perplexity aligns the sizes' trajectories: row 0 ≪ row 1."""
+  from analysis import curves
+
+  ppl_RxKxC = _class_ppl_RxKxC(v_RxCxT, cls_T, w_T)
+  at_ppl_RxKxQ = np.stack([curves.align_to_ppl(ppl_RxKxC[r], val_RxC[r], targets_Q) for r in range(len(ppl_RxKxC))])
+  win_C = steps_C >= WINDOW * steps_C.max()
+  out = np.full((2, ppl_RxKxC.shape[1]), np.nan)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    for row, a in enumerate((at_ppl_RxKxQ, ppl_RxKxC[:, :, win_C])):
+      lr = np.log(a.max(0) / a.min(0))  # [K, points]
+      ok = np.isfinite(lr).any(1)
+      out[row, ok] = np.nanmean(lr[ok], 1)
+  return out
+
+
+def uncertainty(da, cls_T: np.ndarray, n_points: int = 6, n_boot: int = 300) -> pd.DataFrame:
+  """Trend fractions and the two spreads of `spreads`, each with a 95% CI from a bootstrap over probe
+  DOCUMENTS (the tokens of one document share its context, so they are resampled together)."""
+  from analysis import curves, stats
+
+  v_RxCxT = np.asarray(da.values, np.float64)
+  ok_C = np.isfinite(v_RxCxT).all(axis=(0, 2))
+  v_RxCxT, val_RxC, steps_C = v_RxCxT[:, ok_C], np.asarray(da.val_ppl.values)[:, ok_C], da.step.values[ok_C]
+  lo, hi = max(val_RxC[r].min() for r in range(len(val_RxC))), min(val_RxC[r].max() for r in range(len(val_RxC)))
+  targets_Q = np.geomspace(hi, lo, n_points) if lo < hi else np.array([])
+  T = len(cls_T)
+
+  def stat(idx):
+    w_T = np.bincount(idx, minlength=T).astype(np.float64)
+    frac = [(w_T * (cls_T == k)).sum() / w_T.sum() for k in curves.TREND_NAMES]
+    sp = spreads(v_RxCxT, val_RxC, steps_C, cls_T, targets_Q, w_T) if len(targets_Q) else np.full((2, len(frac)), np.nan)
+    return np.concatenate([frac, sp[0], sp[1]])
+
+  point = stat(np.arange(T))
+  lo_, hi_ = stats.cluster_bootstrap(stat, T, clusters=np.asarray(da.doc.values), n_boot=n_boot)
+  K = len(curves.TREND_NAMES)
+  rows = []
+  for j, q in enumerate(("fraction", "spread_at_matched_ppl", "spread_at_matched_step")):
+    for k, name in enumerate(curves.TREND_NAMES.values()):
+      i = j * K + k
+      rows.append(dict(quantity=q, trend=name, value=float(point[i]), ci_lo=float(lo_[i]), ci_hi=float(hi_[i])))
+  return pd.DataFrame(rows)
+
+
+def protocol(wds: list[str], da, names: list[str], n_matched: int) -> pd.DataFrame:
+  """The paper's protocol as invariants measured from the runs."""
+  from lib import ckpt as C
+
+  cfgs = [C.read_config(w) for w in wds]
+  n_params = [int(x) for x in da.n_params.values]
+  steps_C = da.step.values[np.isfinite(np.asarray(da.values)).all(axis=(0, 2))]
+  in_win = int((steps_C >= WINDOW * steps_C.max()).sum())
+  same_data = len({(json_dumps(c["data"]), c["train"]["steps"], c["train"]["batch_size"]) for c in cfgs}) == 1
+  rows = [
+    ("model sizes", "≥ 4 (paper: 6 OPT sizes, 125M–175B)", f"{len(wds)}: {dict(zip(names, n_params))}", len(wds) >= 4),
+    (
+      "sizes distinct and increasing",
+      "n_params strictly increasing",
+      str(n_params),
+      all(a < b for a, b in zip(n_params, n_params[1:])),
+    ),
+    ("same data, order and steps for every size", "identical data config", "identical" if same_data else "differ", same_data),
+    ("checkpoints in the classification window", "≥ 20 (paper: 36 for 125M)", in_win, in_win >= 20),
+    ("classification window", f"last {1 - WINDOW:.0%} of steps (paper's figures)", f"last {1 - WINDOW:.0%}", True),
+    ("reference model", "one model classifies the tokens (the largest here)", names[-1], True),
+    ("matched validation-perplexity points", "≥ 3 where every size has been", n_matched, n_matched >= 3),
+  ]
+  return pd.DataFrame(rows, columns=["invariant", "target", "measured", "ok"]).assign(
+    ok=lambda d: d.ok.map({True: "✓", False: "✗"})
+  )
+
+
+def json_dumps(x) -> str:
+  import json
+
+  return json.dumps(x, sort_keys=True)
+
+
+def report(out: str, scale: str, ref: str, per_size: dict, m: pd.DataFrame, figs, n_tok: int, proto, unc) -> str:
+  def get(q, t):
+    r = unc[(unc.quantity == q) & (unc.trend == t)]
+    return (float(r.value.iloc[0]), float(r.ci_lo.iloc[0]), float(r.ci_hi.iloc[0])) if len(r) else (np.nan,) * 3
+
+  def pct(q, t):
+    v, lo, hi = get(q, t)
+    return f"{v:.1%} [{lo:.1%}, {hi:.1%}]"
+
   lines = [
     f"# Xia et al. (2023) token trajectories across sizes — scale `{scale}`",
     "",
     f"Sizes {list(per_size)} trained on the same data and order; {n_tok} probe tokens (every position of the "
     f"probe documents); classes from the reference model `{ref}` over the last {1 - WINDOW:.0%} of steps. Data: a "
-    "random PCFG language, not OPT's corpus; models and runs are far smaller than OPT's.",
+    "random PCFG language, not OPT's corpus; models and runs are far smaller than OPT's. 95% CIs from a bootstrap "
+    "over probe documents.",
+    "",
+    "## Protocol",
+    "",
+    *cli.md_table(proto, ["invariant", "target", "measured", "ok"]),
     "",
     "## Trend classes in the reference model beside the paper",
     "",
-    "| class | fraction here | paper |",
+    "| class | fraction here [95% CI] | paper |",
     "|---|---|---|",
-    f"| upward (double descent) | {up:.1%} | ~9.4% (released code's README) |",
-    f"| downward | {fractions.get('downward', 0):.1%} | most tokens (figure, no number) |",
-    f"| stagnated | {fractions.get('stagnated', 0):.1%} | (figure, no number) |",
-    f"| other | {fractions.get('other', 0):.1%} | |",
+    f"| upward (double descent) | {pct('fraction', 'upward')} | ~9.4% (released code's README) |",
+    f"| downward | {pct('fraction', 'downward')} | most tokens (figure, no number) |",
+    f"| stagnated | {pct('fraction', 'stagnated')} | (figure, no number) |",
+    f"| other | {pct('fraction', 'other')} | |",
     "",
     "Fraction upward when each size classifies its own tokens: "
     + ", ".join(f"{k}: {v.get('upward', 0):.1%}" for k, v in per_size.items()),
     "",
     "## Class perplexity at matched validation perplexity",
     "",
-    "Paper (§3.4): at a given validation perplexity, independent of size, a similar subset of tokens gets the "
-    "largest loss reduction; the rest stagnate or show double descent. Here: each class's mean perplexity in "
-    "each size, interpolated at validation perplexities every size reached; the spread across sizes "
-    "(max/min) is small when the claim holds.",
+    "Paper (Xia et al. 2023): at a given validation perplexity, independent of size, a similar subset of tokens "
+    "gets the largest loss reduction; the rest stagnate or show double descent — the trajectories of different "
+    "sizes line up when plotted against validation perplexity, not against steps or compute. Test here: for each "
+    "class, the spread of its perplexity across sizes, mean over aligned points of log(max/min), once at matched "
+    "validation perplexity and once at matched step (same data, same steps for every size). The claim holds "
+    "when the first is clearly below the second.",
     "",
+    "| class | spread at matched ppl [95% CI] | spread at matched step [95% CI] | verdict |",
+    "|---|---|---|---|",
   ]
+  for t in ("downward", "upward", "stagnated", "other"):
+    a, b = get("spread_at_matched_ppl", t), get("spread_at_matched_step", t)
+    verdict = "n/a" if not np.isfinite(a[2] + b[1]) else ("ppl aligns (reproduces)" if a[2] < b[1] else "not separated")
+    lines.append(f"| {t} | {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] | {b[0]:.3f} [{b[1]:.3f}, {b[2]:.3f}] | {verdict} |")
+  lines += ["", "Each class's perplexity in each size at the matched validation perplexities:", ""]
   if len(m):
     piv = m.pivot_table(index=["trend", "val_ppl"], columns="run", values="ppl").reset_index()
     runs = [c for c in piv.columns if c not in ("trend", "val_ppl")]
@@ -211,12 +322,27 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
   figs = [os.path.join(out, "fig_class_ppl_vs_val_ppl.png"), os.path.join(out, "fig_trend_fractions_vs_ppl.png")]
   plots.class_ppl_vs_val_ppl(da, cls).savefig(figs[0], dpi=120)
   plots.trend_fractions_vs_ppl(da, window_frac=WINDOW).savefig(figs[1], dpi=120)
-  report(out, scale, ref, per_size[ref], per_size, m, figs, int(cls.size))
-  return {"workdirs": wds, "fractions": per_size, "class_ppl": tab, "matched": m, "figures": figs}
+  proto = protocol(wds, da, names, int(m["val_ppl"].nunique()) if len(m) else 0)
+  proto.to_csv(os.path.join(out, "protocol.csv"), index=False)
+  unc = uncertainty(da, cls, n_boot=300 if scale != "nano" else 50)
+  unc.to_csv(os.path.join(out, "uncertainty.csv"), index=False, float_format="%.6g")
+  report(out, scale, ref, per_size, m, figs, int(cls.size), proto, unc)
+  return {
+    "protocol": proto,
+    "uncertainty": unc,
+    "workdirs": wds,
+    "fractions": per_size,
+    "class_ppl": tab,
+    "matched": m,
+    "figures": figs,
+  }
 
 
 def main(argv=None) -> int:
-  return cli.main("xia", __doc__, SCALES, run, argv)
+  return cli.main("xia", __doc__, SCALES, run, argv, publish=PUBLISH)
+
+
+PUBLISH = ("report.md", "protocol.csv", "uncertainty.csv")  # what --publish copies (the figures stay in DIR)
 
 
 if __name__ == "__main__":

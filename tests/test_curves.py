@@ -452,3 +452,20 @@ def test_ols_lrt_vif_residualize_match_statsmodels():
   assert seq["llf"].iloc[2] == pytest.approx(ref.llf, rel=1e-12)
   inter, names = st.interaction_block({"a": a, "b": b, "c": c})
   assert names == ["a:b", "a:c", "b:c"] and np.allclose(inter[:, 0], a * b)
+
+
+def test_cluster_bootstrap_resamples_whole_clusters():
+  """A CI over clusters is wider than one over rows when rows within a cluster are copies (the probe
+  tokens of one type), and both cover the true mean of a planted population."""
+  rng = np.random.default_rng(0)
+  vals = rng.normal(0.0, 1.0, 40)
+  x = np.repeat(vals, 25)  # 40 clusters of 25 identical rows
+  clusters = np.repeat(np.arange(40), 25)
+  lo_r, hi_r = st.cluster_bootstrap(lambda i: x[i].mean(), len(x), n_boot=400)
+  lo_c, hi_c = st.cluster_bootstrap(lambda i: x[i].mean(), len(x), clusters=clusters, n_boot=400)
+  assert lo_c <= 0.0 <= hi_c
+  assert (hi_c - lo_c) > 3 * (hi_r - lo_r)  # cluster CI ~ 1/sqrt(40); row CI ~ 1/sqrt(1000)
+  # one-row clusters = the ordinary bootstrap, same draws
+  assert st.cluster_bootstrap(lambda i: x[i].mean(), len(x), clusters=np.arange(len(x)), n_boot=50) == st.cluster_bootstrap(
+    lambda i: x[i].mean(), len(x), n_boot=50
+  )
