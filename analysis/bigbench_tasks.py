@@ -12,7 +12,8 @@ Anything else is refused with one line naming the file and the problem.
 
 Prompt draws:
 * lmtrace (default): one generator seeded `seed` permutes every example's choices in file order, then
-  draws k shots per query (all examples are queries, in file order).
+  draws k shots per query among the examples with another input (all examples are queries, in file
+  order; --max_examples keeps a seeded sample of them).
 * BIG-Bench (`bigbench=True`): the draw order of BIG-Bench's `JsonTask` (bigbench/api/json_task.py,
   reimplemented): each example's sorted choices are permuted by a fresh generator seeded `seed` (so all
   examples with n options share one permutation); a second generator, seeded `seed` too, draws the
@@ -23,6 +24,7 @@ Prompt draws:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -55,7 +57,8 @@ class Task:
   order        the options in the file's order (BIG-Bench's scoring order);
   scores       option -> target score (BIG-Bench's multiple_choice_grade is the chosen option's score);
   answers      the texts a shot may show as its answer (BIG-Bench: `target` if given, else the top option);
-  ident        what BIG-Bench compares to keep a query's equals out of its shots."""
+  ident        what BIG-Bench compares to keep a query's equals out of its shots (as ordered dicts: two
+               examples that differ only in the order of their keys are different examples)."""
 
   name: str
   examples: list[dict]
@@ -80,9 +83,10 @@ class Tasks(list):
 
 
 def _kind(v) -> str:
-  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-    type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__
-  )
+  for cls, word in ((bool, "a boolean"), (dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number")):
+    if isinstance(v, cls):
+      return word
+  return "null" if v is None else type(v).__name__
 
 
 def read_json(path: str):
@@ -93,7 +97,7 @@ def read_json(path: str):
   except OSError as e:
     raise errors.AnalysisError(f"cannot read task {path}: {e.strerror or e}") from e
   try:
-    return json.loads(raw)
+    return json.loads(raw, object_pairs_hook=collections.OrderedDict)  # BIG-Bench compares examples order-sensitively
   except UnicodeDecodeError as e:
     raise errors.AnalysisError(f"task {path} is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})") from e
   except RecursionError as e:
@@ -104,7 +108,8 @@ def read_json(path: str):
 
 
 def _score(v, where: str) -> float:
-  if isinstance(v, bool) or not isinstance(v, (int, float)):
+  """A target score: a finite number (true/false count as 1/0, as in BIG-Bench's max/min)."""
+  if not isinstance(v, (int, float)):
     raise errors.AnalysisError(f"{where} is {_kind(v)}, not a number")
   if not math.isfinite(v):
     raise errors.AnalysisError(f"{where} is {v}, not a finite number")
@@ -141,7 +146,8 @@ def check_example(ex, i: int, path: str) -> dict:
   answers = _answers(ex, correct[0], where)
   choices = sorted(scores)
   order = list(scores)
-  ident = {**ex, "target": answers, "choice": order}  # what BIG-Bench's formatted example holds
+  ident = collections.OrderedDict(ex)  # what BIG-Bench's formatted example holds, keys in its order
+  ident["target"], ident["choice"] = answers, order
   return {
     "input": ex["input"],
     "choices": choices,
@@ -232,7 +238,7 @@ def _subtask_files(path: str) -> list[str]:
   """BIG-Bench's subtasks of a task.json: the task.json one folder below it, sorted."""
   base = os.path.dirname(path)
   subs = [os.path.join(base, s, TASK_FILE) for s in sorted(os.listdir(base or "."))]
-  return [s for s in subs if os.path.isfile(s)]
+  return [s for s in subs if os.path.lexists(s)]
 
 
 def load_tasks(path: str, skipped: list | None = None) -> list[Task]:
@@ -266,10 +272,10 @@ def _task_files(path: str) -> list[str]:
   """BIG-Bench's layout: DIR/task.json (DIR is one task) or DIR/<task>/task.json."""
   if not os.path.exists(path):
     raise errors.AnalysisError(f"{path} does not exist")
-  if os.path.isfile(os.path.join(path, TASK_FILE)):
+  if os.path.lexists(os.path.join(path, TASK_FILE)):
     return [os.path.join(path, TASK_FILE)]
   files = [os.path.join(path, d, TASK_FILE) for d in sorted(os.listdir(path))]
-  files = [f for f in files if os.path.isfile(f)]
+  files = [f for f in files if os.path.lexists(f)]  # a dangling link or a folder named task.json is reported
   if not files:
     raise errors.AnalysisError(f"no task under {path}: BIG-Bench's layout is DIR/<task>/{TASK_FILE}")
   return files
@@ -363,7 +369,10 @@ def lmtrace_draw(t: Task, k: int, seed: int) -> list[tuple[int, str]]:
   _too_few(t, k)
   rng = np.random.RandomState(seed)
   formatted = [format_input(t, ex, rng) for ex in t.examples]
-  equals = _equals(t) if k else []
+  by_input: dict[str, set[int]] = {}
+  for j, ex in enumerate(t.examples):
+    by_input.setdefault(ex["input"], set()).add(j)
+  equals = [by_input[ex["input"]] for ex in t.examples]  # never a shot with the query's own question
   out = []
   for i in range(len(t.examples)):
     shots = rng.choice(_others(t, i, equals, k), k, replace=False) if k else []
