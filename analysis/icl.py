@@ -21,13 +21,16 @@ choice_prefix.join(a seeded permutation of the sorted choices) when append_choic
 example_output_prefix (defaults "\\nQ: ", "\\nA: ", "\\n  choice: ", True); a k-shot query prepends k other
 seeded examples, each formatted input + its answer, joined by few_shot_example_separator (default "\\n");
 task_prefix goes in front. Each option is scored as log p(option tokens | context), prompt and option
-tokenized separately with the model's tokenizer. Two modes:
-* lmtrace (default, seed 0): lmtrace's own draws; context = [BOS] + prompt tokens (lmtrace's models are
-  trained on BOS-framed sequences); --max_examples scores a seeded sample of that many queries.
-* --bigbench_compatible (seed 42 unless given): prompts, shots, option shuffles, query order and
-  --max_examples sample equal those of BIG-Bench's JsonTask for the same seed (split evenly among the
-  subtasks of a composite task); context = prompt tokens without BOS, as BIG-Bench's Hugging Face scorer
-  does; argmax ties are broken by BIG-Bench's hash of the normalised log-probabilities.
+tokenized separately with the model's tokenizer. --max_examples caps the queries per task (a composite
+task's cap is split evenly among its subtasks, as BIG-Bench does). Two modes, named in the `mode` column:
+* lmtrace (default, seed 0): lmtrace's own draws (the numbers of earlier runs stay comparable); context =
+  [BOS] + prompt tokens, as lmtrace's own models are trained on BOS-framed sequences; --max_examples scores
+  a seeded sample of the queries.
+* --bigbench_compatible (seed 42, BIG-Bench's default, unless given): prompts, shots, option shuffles,
+  option order, query order and the --max_examples sample equal those of BIG-Bench's JsonTask for the same
+  seed; context = prompt tokens without BOS, as BIG-Bench's Hugging Face scorer does; argmax ties are
+  broken by BIG-Bench's hash of the normalised log-probabilities. Use it to compare with published
+  BIG-Bench numbers of models whose tokenizer adds no BOS (GPT-2, Pythia imports).
 """
 
 from __future__ import annotations
