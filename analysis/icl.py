@@ -1,130 +1,69 @@
 """Few-shot multiple-choice evaluation on BIG-Bench JSON tasks, per checkpoint (Xia et al. 2022 §3.4).
 
   python -m analysis.icl --workdir=W --tasks=DIR [--k=2] [--seed=0] [--steps=all] [--max_examples=0]
+                         [--bigbench_compatible]
   -> W/analysis/icl.parquet: one row per (step, task): accuracy (sum of option log-probs), accuracy_norm
-     (per-token, length-normalised), random_baseline (mean 1/#choices), ppl_correct / ppl_incorrect (option
-     perplexity exp(-Σ log p / Σ tokens) over correct / incorrect options), tokens of each, val_loss (the
-     run's eval/loss at that step from metrics.jsonl, NaN when absent, e.g. imported series).
+     (per-token, length-normalised), mc_grade (BIG-Bench's multiple_choice_grade: the mean target score of
+     the chosen option, = accuracy for 0/1 scores), random_baseline (mean 1/#choices), ppl_correct /
+     ppl_incorrect (option perplexity exp(-Σ log p / Σ tokens) over correct / incorrect options), tokens of
+     each, val_loss (the run's eval/loss at that step from metrics.jsonl, NaN when absent, e.g. imported
+     series), mode ("lmtrace" or "bigbench": which prompts and scoring made the row), k, seed.
 
 Tasks: `DIR/<name>/task.json` (the layout of the `bigbench` package's `benchmark_tasks/`; `extract_tasks`
-copies them out of a downloaded copy) or a single task.json. Xia's filter keeps multiple-choice tasks with
-< 1000 examples whose every example has exactly one correct target (target_scores value 1); a task given
-explicitly that fails it is refused with one line naming the example, tasks found by scanning a directory
-are skipped with the reason logged.
+copies them out of a downloaded copy, composite tasks' `<name>/<sub>/task.json` included) or a single
+task.json. How files are read and checked (BOM, duplicates, graded target_scores, subtasks `parent:sub`,
+Xia's filter: multiple choice, < 1000 examples, one top-scoring option) is analysis/bigbench_tasks.py's
+doc. A task given explicitly that fails is refused with one line; a directory scan skips each bad file
+with one line and goes on.
 
-Prompts the BIG-Bench way (bigbench/api/json_task.py, reimplemented): each example's input becomes
-example_input_prefix + input [+ choice_prefix + choice_prefix.join(a seeded permutation of the sorted
-choices) when append_choices_to_input] + example_output_prefix (defaults "\\nQ: ", "\\nA: ", "\\n  choice: ",
-True); a k-shot query prepends k other seeded examples, each formatted input + its correct target, joined
-by few_shot_example_separator (default "\\n"); task_prefix goes in front. Each option is scored as
-log p(option tokens | [BOS] + prompt tokens), the two tokenized separately with the model's tokenizer.
+Prompts the BIG-Bench way: each example's input becomes example_input_prefix + input [+ choice_prefix +
+choice_prefix.join(a seeded permutation of the sorted choices) when append_choices_to_input] +
+example_output_prefix (defaults "\\nQ: ", "\\nA: ", "\\n  choice: ", True); a k-shot query prepends k other
+seeded examples, each formatted input + its answer, joined by few_shot_example_separator (default "\\n");
+task_prefix goes in front. Each option is scored as log p(option tokens | context), prompt and option
+tokenized separately with the model's tokenizer. --max_examples caps the queries per task (a composite
+task's cap is split evenly among its subtasks, as BIG-Bench does). Two modes, named in the `mode` column:
+* lmtrace (default, seed 0): lmtrace's own draws (the numbers of earlier runs stay comparable); context =
+  [BOS] + prompt tokens, as lmtrace's own models are trained on BOS-framed sequences; --max_examples scores
+  a seeded sample of the queries.
+* --bigbench_compatible (seed 42, BIG-Bench's default, unless given): prompts, shots, option shuffles,
+  option order, query order and the --max_examples sample equal those of BIG-Bench's JsonTask for the same
+  seed; context = prompt tokens without BOS, as BIG-Bench's Hugging Face scorer does; argmax ties are
+  broken by BIG-Bench's hash of the normalised log-probabilities. Use it to compare with published
+  BIG-Bench numbers of models whose tokenizer adds no BOS (GPT-2, Pythia imports).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
+import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import logsumexp
 
+from analysis.bigbench_tasks import (  # noqa: F401 - load_task, extract_tasks and build_prompts are re-exported
+  MAX_EXAMPLES,
+  Task,
+  build_prompts,
+  draw,
+  extract_tasks,
+  find_tasks,
+  load_task,
+  load_tasks,
+)
 from lib import errors
 from lib import model as M
 
 log = logging.getLogger("lmtrace")
-MAX_EXAMPLES = 1000  # Xia's filter: fewer than this many examples
-
-
-@dataclasses.dataclass
-class Task:
-  name: str
-  examples: list[dict]  # each: input, choices (sorted), correct (index into choices)
-  task_prefix: str = ""
-  input_prefix: str = "\nQ: "
-  output_prefix: str = "\nA: "
-  choice_prefix: str = "\n  choice: "
-  append_choices: bool = True
-  separator: str = "\n"
-
-
-def load_task(path: str, name: str | None = None) -> Task:
-  """A BIG-Bench task.json that passes Xia's filter; AnalysisError (one line) otherwise."""
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.AnalysisError(f"cannot read task {path}: {e}") from e
-  name = name or d.get("name") or os.path.basename(os.path.dirname(os.path.abspath(path)))
-  exs = d.get("examples") or []
-  if not exs:
-    raise errors.AnalysisError(f"task {path} has no examples")
-  if len(exs) >= MAX_EXAMPLES:
-    raise errors.AnalysisError(f"task {path} has {len(exs)} examples (Xia's filter keeps < {MAX_EXAMPLES})")
-  out = []
-  for i, ex in enumerate(exs):
-    ts = ex.get("target_scores")
-    if not isinstance(ts, dict) or len(ts) < 2:
-      raise errors.AnalysisError(f"task {path} example {i} is not multiple choice (needs target_scores with >= 2 options)")
-    correct = [k for k, v in ts.items() if float(v) == 1.0]
-    if len(correct) != 1:
-      raise errors.AnalysisError(f"task {path} example {i} has {len(correct)} correct targets (exactly one is required)")
-    choices = sorted(ts)
-    out.append({"input": str(ex["input"]), "choices": choices, "correct": choices.index(correct[0])})
-  return Task(
-    name,
-    out,
-    d.get("task_prefix", ""),
-    d.get("example_input_prefix", "\nQ: "),
-    d.get("example_output_prefix", "\nA: "),
-    d.get("choice_prefix", "\n  choice: "),
-    bool(d.get("append_choices_to_input", True)),
-    d.get("few_shot_example_separator", "\n"),
-  )
-
-
-def find_tasks(path: str) -> list[Task]:
-  """One task.json (strict) or every */task.json under a directory that passes the filter."""
-  if os.path.isfile(path):
-    return [load_task(path)]
-  files = sorted(glob.glob(os.path.join(path, "**", "task.json"), recursive=True))
-  if not files:
-    raise errors.AnalysisError(f"no task.json under {path}")
-  tasks = []
-  for f in files:
-    try:
-      tasks.append(load_task(f))
-    except errors.AnalysisError as e:
-      log.info("skipping %s", e)
-  if not tasks:
-    raise errors.AnalysisError(
-      f"no task under {path} passes the filter (multiple choice, < {MAX_EXAMPLES} examples, one correct target)"
-    )
-  return tasks
-
-
-def extract_tasks(bigbench_root: str, out_dir: str) -> int:
-  """Copies benchmark_tasks/*/task.json of a downloaded `bigbench` package into out_dir/<name>/task.json."""
-  files = glob.glob(os.path.join(bigbench_root, "**", "benchmark_tasks", "*", "task.json"), recursive=True)
-  for f in files:
-    dst = os.path.join(out_dir, os.path.basename(os.path.dirname(f)))
-    os.makedirs(dst, exist_ok=True)
-    shutil.copy(f, os.path.join(dst, "task.json"))
-  return len(files)
-
-
-def _format_input(t: Task, ex: dict, rng: np.random.RandomState) -> str:
-  s = ex["input"]
-  if t.append_choices:
-    s = s + t.choice_prefix + t.choice_prefix.join(rng.permutation(ex["choices"]).tolist())
-  return t.input_prefix + s + t.output_prefix
+MODES = {False: "lmtrace", True: "bigbench"}  # the table's `mode` column, by bigbench_compatible
 
 
 @dataclasses.dataclass
@@ -132,31 +71,22 @@ class Query:
   task: str
   example: int
   prompt: str
-  contexts: list[np.ndarray]  # per option: [BOS] + prompt ids (the same for every option)
+  contexts: list[np.ndarray]  # per option: [BOS] + prompt ids, or prompt ids alone (BIG-Bench mode)
   options: list[np.ndarray]  # per option: its token ids
   correct: int
+  scores: list[float] | None = None  # per option: its target score (for mc_grade)
 
 
-def build_prompts(t: Task, k: int = 2, seed: int = 0) -> list[tuple[str, list[str], int]]:
-  """(prompt text, options, correct index) per example, k-shot."""
-  if len(t.examples) < k + 1:
-    raise errors.AnalysisError(f"task {t.name} has {len(t.examples)} examples: too few for {k} shots")
-  rng = np.random.RandomState(seed)
-  formatted = [_format_input(t, ex, rng) for ex in t.examples]
-  out = []
-  for i, ex in enumerate(t.examples):
-    others = [j for j in range(len(t.examples)) if j != i]
-    shots = rng.choice(others, k, replace=False) if k else []
-    ctx = [formatted[j] + t.examples[j]["choices"][t.examples[j]["correct"]] for j in shots]
-    prompt = t.task_prefix + t.separator.join(ctx + [formatted[i]])
-    out.append((prompt, ex["choices"], ex["correct"]))
-  return out
-
-
-def build_queries(t: Task, tok, k: int = 2, seed: int = 0, max_len: int | None = None) -> list[Query]:
+def build_queries(
+  t: Task, tok, k: int = 2, seed: int = 0, max_len: int | None = None, max_examples: int = 0, bigbench: bool = False
+) -> list[Query]:
+  """Tokenized k-shot queries of a task (see bigbench_tasks.draw for which queries, in which order)."""
   qs = []
-  for i, (prompt, options, correct) in enumerate(build_prompts(t, k, seed)):
-    ctx = np.concatenate([[tok.bos_id], tok.encode(prompt)]).astype(np.int32)
+  for i, prompt, options in draw(t, k, seed, max_examples, bigbench):
+    ids = tok.encode(prompt)
+    ctx = np.asarray(ids if bigbench else np.concatenate([[tok.bos_id], ids]), np.int32)
+    if len(ctx) == 0:
+      raise errors.AnalysisError(f"task {t.name} example {i}: the prompt tokenizes to nothing (BIG-Bench mode adds no BOS)")
     opts = [tok.encode(o) for o in options]
     for o, text in zip(opts, options):
       if len(o) == 0:
@@ -165,7 +95,9 @@ def build_queries(t: Task, tok, k: int = 2, seed: int = 0, max_len: int | None =
         raise errors.AnalysisError(
           f"task {t.name} example {i}: prompt + option is {len(ctx) + len(o)} tokens, longer than the model's max_len {max_len}"
         )
-    qs.append(Query(t.name, i, prompt, [ctx] * len(opts), opts, correct))
+    ex = t.examples[i]
+    correct = options.index(ex["choices"][ex["correct"]])
+    qs.append(Query(t.name, i, prompt, [ctx] * len(opts), opts, correct, [ex["scores"][o] for o in options]))
   return qs
 
 
@@ -208,12 +140,24 @@ def model_scorer(cfg: M.ModelConfig, params, batch_rows: int = 32) -> Callable:
   return score
 
 
-def evaluate(queries: Sequence[Query], score: Callable) -> dict:
-  """Accuracy (sum and length-normalised), random baseline and option perplexities of one task."""
+def bigbench_argmax(logprobs: np.ndarray, absolute_normalization: bool = False) -> int:
+  """BIG-Bench's choice among options: the highest log-probability, a tie broken by a hash of the scores
+  (sha256 of the float64 log-probabilities, normalised over the options unless the task says
+  absolute_normalization), so that tied options are not always resolved to the first."""
+  lp = np.asarray(logprobs, np.float64)
+  if not absolute_normalization:
+    lp = lp - logsumexp(lp)
+  top = np.flatnonzero(lp == np.max(lp))
+  return int(top[int(hashlib.sha256(lp.tobytes()).hexdigest(), 16) % len(top)])
+
+
+def evaluate(queries: Sequence[Query], score: Callable, bigbench: bool = False, absolute_normalization: bool = False) -> dict:
+  """Accuracy (sum and length-normalised), BIG-Bench's grade, random baseline and option perplexities of one
+  task. bigbench=True breaks argmax ties as BIG-Bench does (bigbench_argmax), else the first option wins."""
   ctx = [c for q in queries for c in q.contexts]
   opt = [o for q in queries for o in q.options]
   lp, n = score(ctx, opt)
-  acc, acc_n, base = [], [], []
+  acc, acc_n, base, grade = [], [], [], []
   lp_c = lp_i = n_c = n_i = 0.0
   i = 0
   per_option = []
@@ -221,7 +165,9 @@ def evaluate(queries: Sequence[Query], score: Callable) -> dict:
     m = len(q.options)
     s, t = lp[i : i + m], n[i : i + m]
     i += m
-    acc.append(int(np.argmax(s)) == q.correct)
+    chosen = bigbench_argmax(s, absolute_normalization) if bigbench else int(np.argmax(s))
+    acc.append(chosen == q.correct)
+    grade.append(q.scores[chosen] if q.scores is not None else float(chosen == q.correct))
     acc_n.append(int(np.argmax(s / t)) == q.correct)
     base.append(1.0 / m)
     for j in range(m):
@@ -233,6 +179,7 @@ def evaluate(queries: Sequence[Query], score: Callable) -> dict:
   return {
     "accuracy": float(np.mean(acc)),
     "accuracy_norm": float(np.mean(acc_n)),
+    "mc_grade": float(np.mean(grade)),
     "random_baseline": float(np.mean(base)),
     "n_examples": len(queries),
     "ppl_correct": float(np.exp(-lp_c / max(n_c, 1))),
@@ -294,29 +241,49 @@ def _val_loss(workdir: str) -> dict:
   return out
 
 
-def run_job(workdir: str, tasks_path: str, k: int = 2, seed: int = 0, steps=None, max_examples: int = 0, mesh=None):
+def task_budget(t: Task, max_examples: int) -> int:
+  """--max_examples for one task: BIG-Bench splits it evenly among a composite task's subtasks."""
+  if not max_examples or t.n_siblings == 1:
+    return max_examples
+  per = max_examples // t.n_siblings
+  if per < 1:
+    parent = t.name.split(":")[0]
+    raise errors.AnalysisError(f"max_examples ({max_examples}) must be >= the number of subtasks of {parent} ({t.n_siblings})")
+  return per
+
+
+def run_job(
+  workdir: str,
+  tasks_path: str,
+  k: int = 2,
+  seed: int | None = None,
+  steps=None,
+  max_examples: int = 0,
+  mesh=None,
+  bigbench_compatible: bool = False,
+):
+  """The table (see the module doc). seed None: 42 in BIG-Bench mode (its default), else 0."""
   import pandas as pd
 
   from analysis.generate import write_parquet
   from lib import ckpt
 
+  bb = bool(bigbench_compatible)
+  seed = (42 if bb else 0) if seed is None else seed
   _, cfg, run_cfg = ckpt.load_model(workdir)
   ckpt.require_causal(workdir, cfg, "few-shot scoring by log-likelihood")
   tok = _tokenizer(run_cfg)
   tasks = find_tasks(tasks_path)
-  queries = {}
-  for t in tasks:
-    q = build_queries(t, tok, k, seed, cfg.max_len)
-    queries[t.name] = q[:max_examples] if max_examples else q
+  queries = {t.name: (t, build_queries(t, tok, k, seed, cfg.max_len, task_budget(t, max_examples), bb)) for t in tasks}
   avail = ckpt.available_steps(workdir)
   steps = sorted(avail) if not steps else [ckpt.resolve_step(workdir, s) for s in steps]
   vl = _val_loss(workdir)
   rows = []
   for st in steps:
     score = model_scorer(cfg, ckpt.restore_params(workdir, st, mesh))
-    for name, q in queries.items():
-      r = evaluate(q, score)
-      rows.append({"step": st, "task": name, "k": k, "seed": seed, **r, "val_loss": vl.get(st, float("nan"))})
+    for name, (t, q) in queries.items():
+      r = evaluate(q, score, bb, t.absolute_normalization)
+      rows.append({"step": st, "task": name, "mode": MODES[bb], "k": k, "seed": seed, **r, "val_loss": vl.get(st, float("nan"))})
   df = pd.DataFrame(rows)
   os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
   write_parquet(df, os.path.join(workdir, "analysis", "icl.parquet"))
@@ -361,23 +328,37 @@ def plot_accuracy_vs_ppl(df, x: str = "val_ppl", ax=None):
   return ax.figure
 
 
+def _steps(arg: str) -> list[int] | None:
+  if arg == "all":
+    return None
+  try:
+    return [int(s) for s in arg.split(",")]
+  except ValueError as e:
+    raise errors.AnalysisError(f"--steps={arg}: not 'all' or a comma-separated list of integers") from e
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m analysis.icl", description=__doc__.split("\n\n")[0])
   ap.add_argument("--workdir", required=True)
-  ap.add_argument("--tasks", required=True, help="a task.json or a directory of */task.json")
+  ap.add_argument("--tasks", required=True, help="a task.json, a task folder, or a folder of <task>/task.json")
   ap.add_argument("--k", type=int, default=2, help="shots")
-  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--seed", type=int, default=None, help="0 by default; 42 (BIG-Bench's) with --bigbench_compatible")
   ap.add_argument("--steps", default="all")
-  ap.add_argument("--max_examples", type=int, default=0, help="examples per task (0 = all)")
+  ap.add_argument("--max_examples", type=int, default=0, help="queries per task, a seeded sample (0 = all)")
+  ap.add_argument(
+    "--bigbench_compatible",
+    action="store_true",
+    help="prompts, draws and scoring (no BOS) equal to BIG-Bench's json_task.py for the same seed",
+  )
   a = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
-    steps = None if a.steps == "all" else [int(s) for s in a.steps.split(",")]
-    df = run_job(a.workdir, a.tasks, a.k, a.seed, steps, a.max_examples)
+    df = run_job(a.workdir, a.tasks, a.k, a.seed, _steps(a.steps), a.max_examples, bigbench_compatible=a.bigbench_compatible)
   except errors.LmtraceError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(df.drop(columns=["option_logprob"]).groupby("step")[["accuracy", "accuracy_norm", "random_baseline"]].mean().to_string())
+  cols = ["accuracy", "accuracy_norm", "mc_grade", "random_baseline"]
+  print(df.drop(columns=["option_logprob"]).groupby(["mode", "step"])[cols].mean().to_string())
   return 0
 
 

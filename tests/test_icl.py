@@ -101,7 +101,8 @@ def test_task_with_zero_or_two_correct_targets_is_one_line(tmp_path, capsys, n_c
 
 
 def test_prompt_longer_than_max_len(tmp_path):
-  exs = [{"input": "the cat " * 40, "target_scores": {"garden": 1, "king": 0}} for _ in range(3)]
+  # distinct inputs: identical examples are one example (duplicates are dropped, as BIG-Bench does)
+  exs = [{"input": "the cat " * 40 + f"{i}", "target_scores": {"garden": 1, "king": 0}} for i in range(3)]
   with pytest.raises(errors.AnalysisError, match="longer than the model's max_len 128"):
     icl.build_queries(icl.load_task(_task(tmp_path, exs)), HFTokenizer(PYTHIA[0]), k=2, max_len=128)
 
