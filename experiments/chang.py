@@ -61,6 +61,19 @@ SCALES = {
     schedule="exponential:s0=4,s1=100",
     ngram_docs=100_000,
   ),
+  # diagnostic: the faithful protocol with each seed reading its own data order (the paper's runs may
+  # differ in data order as well as initialisation; the default scales share one order)
+  "faithful_data_order": dict(
+    preset="tiny",
+    steps=4000,
+    batch=16,
+    seq_len=64,
+    n_train=100_000,
+    sequences=600,
+    schedule="exponential:s0=4,s1=100",
+    ngram_docs=100_000,
+    data_seed=-1,
+  ),
   "paper": dict(
     preset="opt-125m",
     steps=100_000,
@@ -97,6 +110,8 @@ def sweep_spec(scale: str, data_dir: str = "") -> dict:
     "eval.batch_size": 8 if small else 16,
     "log.tensorboard": False,
   }
+  if "data_seed" in s:
+    over["data.seed"] = s["data_seed"]
   if data_dir:
     over["data.data_dir"] = data_dir
   return {"name": f"chang-{scale}", "config": f"configs/chang.py:{s['preset']}", "set": over, "axes": {"seed": SEEDS}}
