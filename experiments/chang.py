@@ -203,6 +203,40 @@ def frequency_effects(tm: pd.DataFrame, eff: pd.DataFrame, n_boot: int = 1000) -
   return pd.DataFrame(rows)
 
 
+def _partial_coef(y: np.ndarray, x: np.ndarray, z: np.ndarray) -> float:
+  """Coefficient of x in OLS y ~ 1 + x + z (z-scored x, so effects are per sd of log frequency)."""
+  if len(y) < 4 or np.std(x) == 0:
+    return float("nan")
+  X = np.column_stack([np.ones_like(x), (x - x.mean()) / x.std(), z])
+  return float(np.linalg.lstsq(X, y, rcond=None)[0][1])
+
+
+def diagnostics(tm: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+  """Two checks of the variability effects, on the same runs: (1) the frequency effect on each variability
+  metric holding the final surprisal fixed (frequent tokens are also the well-predicted ones, and the
+  variability of a surprisal curve grows or shrinks with its level); (2) the variability relative to the
+  level (metric / final surprisal, a coefficient of variation). CIs from the token-type bootstrap."""
+  rows = []
+  for m in ("var_steps", "var_runs"):
+    if m not in tm or "final_surprisal" not in tm:
+      continue
+    d = tm[[m, "final_surprisal", "log_freq", "token"]].dropna()
+    types = d["token"].to_numpy()
+    y, f, x = (d[m].to_numpy(float), d["final_surprisal"].to_numpy(float), d["log_freq"].to_numpy(float))
+    if m == "var_runs":
+      y = np.sqrt(y)  # a standard deviation, like var_steps
+    pc = _partial_coef(y, x, f)
+    lo, hi = stats.cluster_bootstrap(
+      lambda i, y=y, x=x, f=f: _partial_coef(y[i], x[i], f[i]), len(d), clusters=types, n_boot=n_boot
+    )
+    rows.append(dict(metric=m, check="frequency effect given final surprisal (coef per sd)", value=pc, ci_lo=lo, ci_hi=hi))
+    rel = y / np.maximum(f, 1e-6)
+    r = _corr(x, rel)
+    lo, hi = stats.cluster_bootstrap(lambda i, x=x, rel=rel: _corr(x[i], rel[i]), len(d), clusters=types, n_boot=n_boot)
+    rows.append(dict(metric=m, check="r(log freq, variability / final surprisal)", value=r, ci_lo=lo, ci_hi=hi))
+  return pd.DataFrame(rows)
+
+
 def protocol(wds: list[str], tm: pd.DataFrame, steps: list[int], scale: str) -> pd.DataFrame:
   """The paper's protocol as invariants measured from the runs (faithful targets; smaller scales fail some)."""
   from lib import ckpt as C
@@ -260,7 +294,15 @@ def figures(out: str, wds: list[str], tm: pd.DataFrame) -> list[str]:
 
 
 def report(
-  out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, fx: pd.DataFrame, proto: pd.DataFrame, figs, n_ckpt: int
+  out: str,
+  scale: str,
+  tm: pd.DataFrame,
+  lrt: pd.DataFrame,
+  fx: pd.DataFrame,
+  proto: pd.DataFrame,
+  diag: pd.DataFrame,
+  figs,
+  n_ckpt: int,
 ) -> str:
   lines = [
     f"# Chang et al. (2024) learning curves — scale `{scale}`",
@@ -298,6 +340,13 @@ def report(
     "signs of regression effects (its R² and LRT values are printed by its code, not tabulated), so signs and "
     "their uncertainty are what is compared.",
     "",
+    "## Diagnostics of the variability effects",
+    "",
+    "The same runs, two further views (95% CIs from the token-type bootstrap). A negative value is the paper's "
+    "direction. For var_runs the square root is used, so both metrics are standard deviations.",
+    "",
+    *(cli.md_table(diag, ["metric", "check", "value", "ci_lo", "ci_hi"]) if len(diag) else ["(not computed)"]),
+    "",
     "## Sequential likelihood-ratio tests (predictors clipped at mean ± 5 sd as Chang's code; blocks added in Chang's order)",
     "",
   ]
@@ -328,11 +377,18 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
   steps = sorted(set.intersection(*(set(C.available_steps(w)) for w in wds)))
   proto = protocol(wds, tm, steps, scale)
   proto.to_csv(os.path.join(out, "protocol.csv"), index=False)
-  report(out, scale, tm, lrt, fx, proto, figs, len(steps))
+  diag = diagnostics(tm)
+  diag.to_csv(os.path.join(out, "diagnostics.csv"), index=False, float_format="%.6g")
+  report(out, scale, tm, lrt, fx, proto, diag, figs, len(steps))
   return {"workdirs": wds, "token_metrics": tm, "regressions": lrt, "effects": eff, "frequency_effects": fx, "protocol": proto}
 
 
-PUBLISH = ("report.md", "frequency_effects.csv", "protocol.csv")  # what --publish copies (the figures stay in DIR)
+PUBLISH = (
+  "report.md",
+  "frequency_effects.csv",
+  "protocol.csv",
+  "diagnostics.csv",
+)  # what --publish copies (the figures stay in DIR)
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ from lib import errors
 ROAD_SIZES = {
   "nano": (8, 16),
   "quick": (8, 16, 24, 32, 48, 64),
-  "faithful": (48, 64, 96, 128),
+  "faithful": (32, 48, 64, 96),
   "paper": (64, 128, 192, 256, 384, 512),
 }
 # Per scale: the SGD run's length as a multiple of the card's steps, the adversarial weights tried (the
@@ -52,7 +52,7 @@ ROAD_SIZES = {
 ROADS = {
   "nano": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
   "quick": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
-  "faithful": dict(sgd_factor=2, adv_weights=(0.1, 0.3, 1.0), adv_task="task_state6"),
+  "faithful": dict(sgd_factor=2, adv_weights=(0.3, 1.0), adv_task="task_state6"),
   "paper": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
 }
 TOL, NEAR, PAST = 0.01, 0.05, 3.0  # same loss: within ±TOL nats; near the optimum: excess ≤ NEAR; SGD ≥ PAST× its plateau
