@@ -460,6 +460,9 @@ def _figures(df, final, out, tasks) -> None:
     plt.close(fig)
 
 
+PUBLISH = ("liu.md", "protocol.csv", "liu.csv")  # what --publish copies (the figures stay in DIR)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True, help="output directory (runs/, liu.parquet, liu.md, figures)")
@@ -467,6 +470,9 @@ def main(argv=None) -> int:
   ap.add_argument("--no_enlarge", action="store_true", help="skip measuring Tr(H) in the widest architecture")
   ap.add_argument("--dry_run", action="store_true", help="print the runs that would be trained, then stop")
   ap.add_argument("--emit", choices=("slurm", "tpu"), help="write the grid's launch commands for a scheduler, then stop")
+  ap.add_argument(
+    "--publish", default="", help="also copy liu.md and its small tables into this folder (e.g. experiments/results/liu)"
+  )
   args = ap.parse_args(argv)
   from lib import metrics as MX
   from lib import sharding
@@ -503,6 +509,11 @@ def main(argv=None) -> int:
     proto = protocol(df, curve)
     proto.to_csv(os.path.join(args.out, "protocol.csv"), index=False)
     md = report(df, args.out, args.scale, proto)
+    df.to_csv(os.path.join(args.out, "liu.csv"), index=False, float_format="%.6g")
+    if args.publish:
+      from experiments import cli
+
+      print(f"published: {cli.publish_results(args.out, args.publish, PUBLISH)}")
     print(md)
     print(f"liu: done in {time.time() - t0:.0f}s; {os.path.join(args.out, 'liu.parquet')}")
   except (errors.LmtraceError, ValueError) as e:

@@ -29,6 +29,24 @@ def test_bad_input(tmp_path, capsys):
   assert not os.path.exists(tmp_path / "x")
 
 
+def test_plateau_and_matched_adversary():
+  # excess stops improving (by > 0.005) at step 300: 0.30 -> 0.1 -> 0.052 -> 0.050 -> 0.049 -> 0.0495
+  assert liu.plateau_step([100, 200, 300, 400, 500, 600], [0.3, 0.1, 0.052, 0.05, 0.049, 0.0495]) == 300
+  assert liu.plateau_step([1, 2], [0.5, 0.2]) == 2  # still improving at the end: the last step
+  final = pd.DataFrame(
+    dict(
+      run=["adamw_d64", "adv_a", "adv_b", "adv_c"],
+      road=["size", "algorithm", "algorithm", "algorithm"],
+      size=[64] * 4,
+      optimizer=["adamw", "adamw+adv", "adamw+adv", "adamw+adv"],
+      adv_weight=[0.0, 0.1, 0.3, 1.0],
+      excess_loss=[0.040, 0.043, 0.049, 0.090],
+    )
+  )
+  assert liu.choose_adversarial(final)["run"] == "adv_b"  # the largest weight within 0.01 of AdamW
+  assert liu.choose_adversarial(final.assign(excess_loss=[0.04, 0.2, 0.1, 0.3]))["run"] == "adv_b"  # else the closest
+
+
 def test_bootstrap_corr():
   c = liu.bootstrap_corr([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1])
   assert c["spearman"] == pytest.approx(-1.0) and c["pearson"] == pytest.approx(-1.0)
@@ -66,7 +84,12 @@ def test_nano_end_to_end(tmp_path, monkeypatch, capsys):
   assert (final["excess_loss"] > 0).all()
   assert df["trH_hutchinson_enlarged"].notna().any()
   md = open(os.path.join(out, "liu.md")).read()
-  assert "Directions" in md and "19.8" in md
+  assert "Directions" in md and "19.8" in md and "## Protocol" in md
+  proto = pd.read_csv(os.path.join(out, "protocol.csv")).set_index("invariant")
+  assert set(proto["ok"]) <= {"✓", "✗"} and "SGD run: past its plateau" in proto.index
+  from tests.test_experiments import _same_schema_as_published
+
+  _same_schema_as_published(out, "liu", liu.PUBLISH)
   assert os.path.exists(os.path.join(out, "liu_trace_vs_accuracy.png"))
   capsys.readouterr()
   assert liu.main(["--out", out, "--scale=nano"]) == 0  # rerun: every run skipped, tables unchanged
