@@ -44,7 +44,7 @@ from lib import errors
 ROAD_SIZES = {
   "nano": (8, 16),
   "quick": (8, 16, 24, 32, 48, 64),
-  "faithful": (32, 48, 64, 96),
+  "faithful": (32, 48, 64, 96, 128),
   "paper": (64, 128, 192, 256, 384, 512),
 }
 # Per scale: the SGD run's length as a multiple of the card's steps, the adversarial weights tried (the
@@ -151,16 +151,37 @@ def choose_adversarial(final: pd.DataFrame, tol: float = TOL) -> pd.Series | Non
   return ok.sort_values("adv_weight").iloc[-1] if len(ok) else adv.loc[gap.idxmin()]
 
 
+def same_loss_ladder(size: pd.DataFrame, tol: float = TOL) -> pd.DataFrame:
+  """The widths the size road compares: the longest run of consecutive widths whose final excess losses are
+  within `tol` of each other (ties: the wider run). The paper compares only models that reached the same
+  (optimal) loss; a width that did not is listed in the protocol table as left out, not silently dropped."""
+  size = size.sort_values("size").reset_index(drop=True)
+  best = (0, 0)
+  for i in range(len(size)):
+    for j in range(i, len(size)):
+      e = size["excess_loss"].iloc[i : j + 1]
+      if e.max() - e.min() <= tol and (j - i, i) >= (best[1] - best[0], best[0]):
+        best = (i, j)
+  return size.iloc[best[0] : best[1] + 1]
+
+
 def protocol(df: pd.DataFrame, sgd_curve: dict[int, float]) -> pd.DataFrame:
   """The paper's protocol as invariants measured from the runs: equal losses on each road, near the optimum,
   the SGD run well past its plateau, the adversary's loss matched to AdamW's."""
   final = df[(df["road"] != "baseline") & (df["step"] == df.groupby("run")["step"].transform("max"))]
   rows = []
-  size = final[final["road"] == "size"]
+  every = final[final["road"] == "size"]
+  size = same_loss_ladder(every) if len(every) else every
   if len(size):
     r = size["excess_loss"].max() - size["excess_loss"].min()
-    got = f"{r:.4f} ({size['excess_loss'].min():.4f} … {size['excess_loss'].max():.4f}, {len(size)} widths)"
-    rows.append(("size road: same loss", f"max − min excess ≤ {TOL}", got, r <= TOL))
+    left = sorted(set(every["size"]) - set(size["size"]))
+    got = f"{r:.4f} ({size['excess_loss'].min():.4f} … {size['excess_loss'].max():.4f}) over widths {list(size['size'])}"
+    got += (
+      f"; left out {left} (excess {', '.join(f'{e:.4f}' for e in every[every['size'].isin(left)]['excess_loss'])})"
+      if left
+      else ""
+    )
+    rows.append(("size road: same loss", f"max − min excess ≤ {TOL}, ≥ 3 widths", got, r <= TOL and len(size) >= 3))
     m = size["excess_loss"].max()
     rows.append(("size road: near the optimum", f"every excess ≤ {NEAR} nats", f"max {m:.4f}", m <= NEAR))
   adv = choose_adversarial(final)
@@ -358,7 +379,7 @@ def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = 
     cells += [_fmt(r.get(f"acc_{t}"), r.get(f"acc_se_{t}"), pct=True) for t in tasks]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "## Directions (paper → here)", ""]
-  size = final[final["road"] == "size"].sort_values("size")
+  size = same_loss_ladder(final[final["road"] == "size"]) if (final["road"] == "size").any() else final.iloc[:0]
   verdicts = {}
   if len(size) >= 2:
     tb = next((f"acc_{t}" for t in ("task_B", "task_state10", "task_state6") if f"acc_{t}" in size), None)
@@ -406,8 +427,10 @@ def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = 
     )
   lines += ["", "## Tr(H) vs probe accuracy among final models of the same loss (bootstrap 95% CIs over models)", ""]
   models = final[final["road"] != "baseline"]
-  if chosen is not None:  # the adversaries not matched to AdamW's loss are not same-loss models
-    models = models[(models["optimizer"] != "adamw+adv") | (models["run"] == chosen["run"])]
+  if len(size):  # same loss: within TOL of the compared widths' median excess
+    models = models[(models["excess_loss"] - size["excess_loss"].median()).abs() <= TOL]
+  lines.append(f"Models compared ({len(models)}, excess within ±{TOL} of the size road's median): {', '.join(models['run'])}.")
+  lines.append("")
   for t in tasks:
     c = bootstrap_corr(models["trH_hutchinson"], models[f"acc_{t}"])
     if c["n"] >= 3:

@@ -96,3 +96,11 @@ def test_nano_end_to_end(tmp_path, monkeypatch, capsys):
   rerun = capsys.readouterr().out
   assert f"liu: sweep: {len(liu.grid('nano'))} run(s) already finished" in rerun and "training" not in rerun
   assert len(pd.read_parquet(os.path.join(out, "liu.parquet"))) == len(df)
+
+
+def test_same_loss_ladder_keeps_the_longest_run_within_tolerance():
+  d = pd.DataFrame(dict(size=[32, 48, 64, 96], excess_loss=[0.0366, 0.0320, 0.0313, 0.0253]))
+  assert list(liu.same_loss_ladder(d)["size"]) == [48, 64, 96]  # 32 is 0.011 above 96: left out
+  d = pd.DataFrame(dict(size=[16, 32, 64], excess_loss=[0.30, 0.05, 0.045]))
+  assert list(liu.same_loss_ladder(d)["size"]) == [32, 64]
+  assert list(liu.same_loss_ladder(d, tol=1.0)["size"]) == [16, 32, 64]
