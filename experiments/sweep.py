@@ -319,6 +319,10 @@ class Sweep:
       with open(path) as f:
         old = json.load(f)
       if old.get("spec") != me["spec"]:
+        if _extends(old.get("spec", {}), me["spec"]):
+          if write:  # a grown list of named runs: every old run unchanged, new ones appended
+            _write_json(path, me)
+          return
         diff = [k for k in me["spec"] if old.get("spec", {}).get(k) != me["spec"][k]]
         raise SweepError(f"{self.out} holds another sweep (its {', '.join(diff) or 'spec'} differ); use a new --out")
       return
@@ -327,10 +331,7 @@ class Sweep:
     if not write:
       return
     os.makedirs(self.out, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(me, f, indent=1, default=str)
-    os.replace(tmp, path)
+    _write_json(path, me)
 
   # -- running --------------------------------------------------------------------------------
 
@@ -536,3 +537,21 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   sys.exit(main())
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=str)
+  os.replace(tmp, path)
+
+
+def _extends(old: dict, new: dict) -> bool:
+  """A sweep may grow: the same spec except that its list of named runs gained entries, the old ones unchanged
+  (e.g. a wider model added to a size ladder). Anything else is another sweep."""
+  rest = {k for k in set(old) | set(new) if k != "runs"}
+  if any(json.dumps(old.get(k), default=str) != json.dumps(new.get(k), default=str) for k in rest):
+    return False
+  o, n = old.get("runs") or [], new.get("runs") or []
+  norm = [json.dumps(x, sort_keys=True, default=str) for x in n]
+  return bool(o) and len(n) > len(o) and all(json.dumps(x, sort_keys=True, default=str) in norm for x in o)

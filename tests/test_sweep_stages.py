@@ -164,3 +164,18 @@ def test_aioli_emit_stops_at_unfinished_stages(tmp_path, capsys):
   assert "--array=0-7" in cover and "--config.seed=1" in cover  # 4 cover points x 2 seeds, one job each
   assert aioli.main(["--out", out, "--scale=nano", "--dry_run"]) == 2  # another sweep (1 seed) in the same dir
   assert "holds another sweep" in capsys.readouterr().err
+
+
+def test_a_list_of_named_runs_may_grow_but_not_change(tmp_path, monkeypatch):
+  """A width added to a finished ladder trains only the new run; a changed or removed run is another sweep."""
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", _fake(calls))
+  a, b = {"name": "a", "set": {"opt.lr": 0.01}}, {"name": "b", "set": {"opt.lr": 0.02}}
+  out = str(tmp_path / "sw")
+  assert SW.Sweep.from_dict(BASE | {"runs": [a]}, out, finished=_done).run()["trained"] == ["runs/a/seed_0"]
+  grown = SW.Sweep.from_dict(BASE | {"runs": [b, a]}, out, finished=_done).run()
+  assert grown == {"trained": ["runs/b/seed_0"], "skipped": ["runs/a/seed_0"]}
+  assert [r["point"]["name"] for r in json.load(open(os.path.join(out, "sweep.json")))["runs"]] == ["b", "a"]
+  for other in ([{"name": "a", "set": {"opt.lr": 0.5}}, b], [b]):
+    with pytest.raises(SW.SweepError, match="holds another sweep"):
+      SW.Sweep.from_dict(BASE | {"runs": other}, out, finished=_done).run()
