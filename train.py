@@ -273,6 +273,24 @@ def resume(ckpt, target, workdir: str, old_cfg: dict | None, cfg_dict: dict):
   return restored
 
 
+def start_from(state, spec: str, cfg_dict: dict, tx, state_sh, mesh):
+  """`train.init_from`: the parameters of another run's checkpoint ('DIR' = its latest, 'DIR:STEP'), with a
+  fresh optimizer state at step 0 — e.g. SGD continued from a converged AdamW model. The source's model must
+  equal this run's (refused in one line before anything is restored)."""
+  src, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+  if not os.path.isfile(os.path.join(src, "config.json")):
+    raise errors.ConfigError(f"train.init_from={spec!r}: {src} is not a run directory (no config.json)")
+  theirs = {k: v for k, v in C.read_config(src)["model"].items() if k not in INFORMATIONAL_KEYS}
+  mine = {k: v for k, v in cfg_dict["model"].items() if k not in INFORMATIONAL_KEYS}
+  diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+  if diff:
+    raise errors.ConfigError(f"train.init_from={spec!r}: its model differs from this run's in {diff}")
+  params = jax.device_put(C.restore_params(src, int(step) if step else None, mesh), state_sh["params"])
+  log.info("parameters from %s (step %s); optimizer state fresh", src, step or "latest")
+  opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
+  return {**state, "params": params, "opt_state": opt_state}
+
+
 def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   B, L, total = cfg.train.batch_size, cfg.data.seq_len, cfg.train.steps
@@ -335,6 +353,8 @@ def _train_and_evaluate(cfg, workdir: str, run: RS.RunSession) -> dict:
       state, meta = restored
     else:
       state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(cfg.seed))
+      if cfg.train.init_from:
+        state = start_from(state, cfg.train.init_from, cfg_dict, tx, state_sh, mesh)
       meta = {}
     step = int(state["step"])
     writer = run.closing(MX.Writer(workdir, cfg.log.tensorboard, keep_upto=step if restored is not None else -1))

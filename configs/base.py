@@ -45,6 +45,7 @@ def defaults() -> mlc.ConfigDict:
 
   c.train = mlc.ConfigDict()
   c.train.steps = 200  # optimizer updates
+  c.train.init_from = ""  # 'DIR' or 'DIR:STEP': start from that run's parameters (fresh optimizer, step 0); a resume wins
   c.train.batch_size = 16  # global rows per update
   c.train.grad_accum = 1  # microbatches per update (batch_size must divide)
   c.train.log_every = 20  # console + metrics.jsonl cadence (steps)

@@ -172,3 +172,22 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, data_dir):
   r = cli(str(tmp_path / "k"), data_dir, "--config.opt.lrr=1")
   assert r.returncode != 0
   assert "lrr" in r.stderr
+
+
+def test_init_from_another_run(straight, tmp_path, data_dir):
+  """train.init_from: SGD continued from a trained run starts from its parameters (step 0 of the new run is
+  the source's step 8, on another mesh), with a fresh optimizer; a model that differs is one line."""
+  src, _ = straight
+  w = str(tmp_path / "sgd")
+  cfg = tiny_cfg(
+    data_dir, **{"model.d_model": 32, "model.n_heads": 2, "train.init_from": f"{src}:8", "opt.name": "sgd", "train.steps": 4}
+  )
+  train.train_and_evaluate(cfg, w)
+  got, want = C.restore_params(w, 0), C.restore_params(src, 8)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(C.restore_params(w, 4)), jax.tree.leaves(want)))
+  bad = tiny_cfg(data_dir, **{"model.d_model": 64, "train.init_from": src})
+  with pytest.raises(train.errors.ConfigError, match=r"init_from.*differs.*d_model"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad"))
+  with pytest.raises(train.errors.ConfigError, match="not a run directory"):
+    train.train_and_evaluate(tiny_cfg(data_dir, **{"train.init_from": str(tmp_path / "nope")}), str(tmp_path / "bad2"))
