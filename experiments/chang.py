@@ -8,7 +8,8 @@ checkpoint schedule (save interval growing linearly, `ckpt.schedule=exponential:
 surprisals at every checkpoint (analysis.trajectories; 10 random positions per validation document,
 never the first) -> every Chang metric (analysis.curves via write_token_metrics, in bits) -> n-gram
 predictors joined per token -> sequential LRTs of each metric on unigram, 5-gram (residualised on the
-unigram), log context length and context log-prob -> figures -> DIR/report.md beside papers.md §2.4.
+unigram), log context length and context log-prob -> figures -> DIR/report.md beside the paper's findings
+(Chang, Tu and Bergen, "Characterizing Learning Curves During Language Model Pre-Training", TACL 2024).
 
 Outputs in DIR: runs/base/seed_<s>/ (ordinary workdirs), token_metrics.parquet (metrics + predictors),
 regressions.csv (one row per metric x added block), effects.csv (signs of each predictor in the full
@@ -110,7 +111,9 @@ def regressions(tm: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
   return lrt.rename(columns={"nobs": "n"}), eff.rename(columns={"coef_p": "p", "nobs": "n"}).reset_index(drop=True)
 
 
-# Chang §2.4 claims as signs of the frequency (unigram log-prob) effect on each metric.
+PAPER_CITATION = "Chang, Tu and Bergen, TACL 2024, arXiv:2308.15419"
+
+# The paper's findings (its abstract and results) as signs of the frequency (unigram log-prob) effect on each metric.
 PAPER_SIGNS = {
   "final_surprisal": (-1, "more frequent tokens reach lower final surprisal"),
   "var_steps": (-1, "... vary less within a run"),
@@ -152,7 +155,7 @@ def report(out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, eff: pd.Da
     f"{len(tm)} probe tokens (10 random positions per validation document). Surprisal in bits. Data: a random PCFG "
     "language (configs/pcfg.py), not the paper's English corpus; the model and run are far smaller than GPT-2 × 1M steps.",
     "",
-    "## Frequency effects beside the paper (papers.md §2.4)",
+    f"## Frequency effects beside the paper ({PAPER_CITATION})",
     "",
     "| metric | paper | corr(metric, log freq) here | unigram coef (full model) | p | agrees (p < 0.05) |",
     "|---|---|---|---|---|---|",
@@ -171,10 +174,10 @@ def report(out: str, scale: str, tm: pd.DataFrame, lrt: pd.DataFrame, eff: pd.Da
     lines.append(f"| {m} | {claim} (sign {'−' if sign < 0 else '+'}) | {r:+.3f} | {coef:+.3f} | {p:.2g} | {ok} |")
   lines += [
     "",
-    "Paper (§2.4): more frequent tokens reach lower final surprisal, vary less within and across runs, are "
+    "Paper: more frequent tokens reach lower final surprisal, vary less within and across runs, are "
     "acquired earlier and are less forgettable; higher n-gram probability accentuates these; shorter and more "
     "frequent contexts give marginally more stable, earlier-acquired predictions. The paper's numeric R² and "
-    "LRT values were not retrievable (papers.md §2.4), so only the signs and significance are compared.",
+    "LRT values were not available to us, so only the signs and significance are compared.",
     "",
     "## Sequential likelihood-ratio tests (predictors clipped at mean ± 5 sd as Chang's code; blocks added in Chang's order)",
     "",

@@ -11,11 +11,12 @@ every model, and writes:
   DIR/runs/<name>/seed_0/ one ordinary workdir per run
   DIR/liu.parquet         run, road, size, optimizer, step, loss, excess loss, Tr(H) ± SE (hutchinson,
                           fisher), accuracy ± SE per task (acc_<task>, acc_se_<task>)
-  DIR/liu.md              the final models beside the paper's numbers (papers.md §1.4), the directions
+  DIR/liu.md              the final models beside the paper's numbers (Liu et al., ICML 2023, Figs. 1-3 and
+                          Tables 1-2), the directions
                           (does each reproduce?), Spearman / Pearson of Tr(H) vs accuracy with bootstrap CIs
   DIR/liu_*.png           Tr(H) vs accuracy among final models; accuracy and Tr(H) along the SGD run
 
-Roads to the same loss (paper §3): `size` (a width ladder, AdamW), `algorithm` (AdamW, SGD with a
+Roads to the same loss (the paper's three comparisons): `size` (a width ladder, AdamW), `algorithm` (AdamW, SGD with a
 constant lr after 12% warmup, and the adversarial objective of data/adversarial.py at the middle size),
 `convergence` (the SGD run's checkpoints: accuracy and Tr(H) along training). Widths: Tr(H) of each
 ladder model is also measured inside the widest architecture (lib/enlarge.py, `enlarged` rows) when the
@@ -42,7 +43,7 @@ import pandas as pd
 from lib import errors
 
 ROAD_SIZES = {"nano": (8, 16), "quick": (8, 16, 24, 32, 48, 64), "paper": (64, 128, 192, 256, 384, 512)}
-PAPER = {  # papers.md §1.4 (third-party note quoting the PDF)
+PAPER = {  # Liu, Xie, Li, Ma, "Same Pre-training Loss, Better Downstream", ICML 2023 (arXiv:2210.14199)
   "size": "Tr(H) 19.8 → 12.6 as size grows (>9M params, same loss); task-B probe 40.4% → 50.5%",
   "algorithm": "AdamW vs adversarial (235M): Tr(H) 8.01±0.73 vs 19.34±0.92; task C 55.7±0.6 vs 50.2±1.0; "
   "task A 89.9 vs 83.1; task B 49.2 vs 42.3; lookup table: A 71.2, B 39.7",

@@ -10,7 +10,8 @@ spaced) -> per-token surprisal of every position of the probe documents at every
 with p < 0.05 over the last 80% of steps, stagnated by the ±5% band) in the LARGEST model, as the paper
 classifies in one reference model -> each class's mean perplexity in every size, per checkpoint and
 interpolated at matched validation (probe-set) perplexity (analysis.curves.align_to_ppl) -> figures ->
-DIR/report.md beside papers.md §3.
+DIR/report.md beside the paper's findings (Xia et al., "Training Trajectories of Language Models Across
+Scales", ACL 2023).
 
 Outputs in DIR: runs/preset=<p>/seed_0/ (ordinary workdirs), classes.parquet (one row per token),
 class_ppl.csv (size x checkpoint x class), class_ppl_matched.csv (size x matched val ppl x class),
@@ -147,7 +148,7 @@ def report(out: str, scale: str, ref: str, fractions: dict, per_size: dict, m: p
     "",
     "## Class perplexity at matched validation perplexity",
     "",
-    "Paper (§3.4): at a given validation perplexity, independent of size, a similar subset of tokens gets the "
+    "Paper (Xia et al. 2023, ACL): at a given validation perplexity, independent of size, a similar subset of tokens gets the "
     "largest loss reduction; the rest stagnate or show double descent. Here: each class's mean perplexity in "
     "each size, interpolated at validation perplexities every size reached; the spread across sizes "
     "(max/min) is small when the claim holds.",

@@ -1,4 +1,4 @@
-"""The import graph of lmtrace's packages, and its cycles (issue 9: there must be none).
+"""The import graph of lmtrace's packages, and its cycles (there must be none).
 
   python -m lib.import_graph                 # prints each cycle and layer violation; exit 1 if any
   python -m lib.import_graph --edges         # also prints every edge

@@ -41,7 +41,7 @@ def test_chang_nano(tmp_path, data_dir):
   assert list(lrt[lrt.metric == "aoa_gam"]["block"]) == ["intercept", *chang.BLOCKS]
   assert lrt["p"].dropna().between(0, 1).all()
   text = open(os.path.join(out, "report.md")).read()
-  assert "§2.4" in text and "final_surprisal" in text and all(os.path.exists(f) for f in res["figures"])
+  assert "Chang, Tu and Bergen" in text and "final_surprisal" in text and all(os.path.exists(f) for f in res["figures"])
   from experiments.sweep import Sweep
 
   assert Sweep.from_dict(chang.sweep_spec("nano", data_dir), out).plan() == []  # a rerun trains nothing

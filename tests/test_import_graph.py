@@ -1,4 +1,4 @@
-"""Module boundaries (issue 9): no import cycles among lib/, data/, analysis/, experiments/ (function-level
+"""Module boundaries: no import cycles among lib/, data/, analysis/, experiments/ (function-level
 imports included), and no import from a higher layer (lib < data < analysis < experiments)."""
 
 import os

@@ -335,7 +335,7 @@ def test_token_metrics_and_plots(two_runs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed probe rows (issue 16), invalid checkpoints (issue 10), n-gram join (issue 11)
+# Packed probe rows, invalid checkpoints, n-gram join
 
 
 def test_pack_rows_by_hand():
