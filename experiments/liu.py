@@ -40,7 +40,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from lib import errors
+from lib import config_check, errors
 
 ROAD_SIZES = {"nano": (8, 16), "quick": (8, 16, 24, 32, 48, 64), "paper": (64, 128, 192, 256, 384, 512)}
 PAPER = {  # Liu, Xie, Li, Ma, "Same Pre-training Loss, Better Downstream", ICML 2023 (arXiv:2210.14199)
@@ -77,12 +77,7 @@ class Run:
 
     c = liu.get_config(self.scale)
     c.unlock()
-    for k, v in self.overrides:
-      node = c
-      *path, key = k.split(".")
-      for p in path:
-        node = node[p]
-      node[key] = v
+    config_check.set_keys(c, dict(self.overrides))
     c.lock()
     return c
 
