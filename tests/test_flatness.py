@@ -19,6 +19,8 @@ from lib import model as M
 from lib.sharding import ShardingError
 from tests.helpers import tiny_cfg
 
+pytestmark = pytest.mark.slow  # trains a run, then flatness jobs over its checkpoints
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

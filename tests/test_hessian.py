@@ -77,6 +77,7 @@ def within(r, exact, n_se=4.0):
 # 1. HVP
 
 
+@pytest.mark.slow
 def test_hvp_equals_exact_hessian_times_v(mlp):
   params, batch, hess = mlp
   u, v = H.gaussian_like(jax.random.key(1), params), H.rademacher_like(jax.random.key(2), params)
@@ -89,6 +90,7 @@ def test_hvp_equals_exact_hessian_times_v(mlp):
   assert np.linalg.norm(flat(mv(params, v)) - ref) < 1e-5 * np.linalg.norm(ref)
 
 
+@pytest.mark.slow
 def test_make_hvp_weights_batches_by_loss_tokens(mlp):
   params, batch, hess = mlp
   v = H.rademacher_like(jax.random.key(3), params)
@@ -116,6 +118,7 @@ def test_make_hvp_weights_batches_by_loss_tokens(mlp):
 # 2. Hutchinson, blocks, filters, Hutch++ on the MLP
 
 
+@pytest.mark.slow
 def test_hutchinson_trace_blocks_and_stderr_scaling(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
@@ -141,6 +144,7 @@ def test_hutchinson_trace_blocks_and_stderr_scaling(mlp):
   assert seen == [8, 8, 4] and counted.n_matvecs == 20
 
 
+@pytest.mark.slow
 def test_filter_gives_the_diagonal_block(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
@@ -156,6 +160,7 @@ def test_filter_gives_the_diagonal_block(mlp):
   assert set(H.param_blocks(params)) == {"l1/w", "l1/b", "l2/w", "l2/b"}
 
 
+@pytest.mark.slow
 def test_hutchpp_on_the_mlp(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
@@ -178,6 +183,7 @@ def quadratic(eigs, seed=0):
   return A, {"x": jnp.zeros(n, jnp.float32)}, (lambda p, v: {"x": A_f32 @ v["x"]})
 
 
+@pytest.mark.slow
 def test_lanczos_power_and_slq_on_a_known_spectrum():
   eigs = np.concatenate([[10.0, 7.0, 5.0, 4.0, 3.5, -12.0], np.linspace(-1, 1, 194)])
   A, params, mv = quadratic(eigs)
@@ -229,6 +235,7 @@ def lanczos_f64(A, q, m):
   return np.array(alphas), np.array(betas)
 
 
+@pytest.mark.slow
 def test_flat_lanczos_matches_a_float64_reference(mlp):
   """The flat-vector Lanczos (one x_N, unravelled only for the HVP) is the Lanczos process of the exact
   Hessian: same tridiagonal as float64 Lanczos from the same start, on the whole and on a selection."""
@@ -246,6 +253,7 @@ def test_flat_lanczos_matches_a_float64_reference(mlp):
   np.testing.assert_allclose(T.alphas[:4], lanczos_f64(hess, flat(v0), 4)[0], atol=1e-4 * scale)  # early steps: no loss yet
 
 
+@pytest.mark.slow
 def test_flat_operator_weights_batches_like_apply(mlp):
   """Inside the estimators an HVPOperator's batches are weighted and summed on the flat x_N (one op per
   batch, not per leaf): still the exact token-weighted (or user-weighted) Hessian times v, for looped
@@ -279,6 +287,7 @@ def test_flat_operator_weights_batches_like_apply(mlp):
   np.testing.assert_allclose(np.append(T.betas, T.beta_last), b, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 def test_flat_view_runtime_offsets_equal_static_slices(mlp):
   """On one device FlatView cuts leaves at runtime offsets (one kernel per leaf shape, not per leaf):
   ravel, unravel (with a selection, a zero-size and a bfloat16 leaf) and a Lanczos run through the view
@@ -416,6 +425,7 @@ def exact_fisher_trace(params, batches):
   return num / T
 
 
+@pytest.mark.slow
 def test_fisher_trace_equals_exact_per_token_fisher(mlp):
   params, batch, _ = mlp
   ragged = [{k: x[:1] for k, x in batch.items()}, {k: x[1:] for k, x in batch.items()}]
@@ -434,6 +444,7 @@ def test_fisher_trace_equals_exact_per_token_fisher(mlp):
   np.testing.assert_allclose(early.samples, r.samples[: len(early.samples)], rtol=1e-5)  # sample i: (key, i) only
 
 
+@pytest.mark.slow
 def test_fisher_trace_matches_hessian_trace_when_labels_follow_the_model():
   params = make_params(seed=3)
   big = {"x": jnp.asarray(np.random.default_rng(4).normal(size=(8, 16, D)), jnp.float32), "mask": jnp.ones((8, 16), jnp.float32)}
@@ -467,6 +478,7 @@ def explicit_ggn(params, batch):
   return np.einsum("t,tvn,tvu,tum->nm", w_T, J_TxVxN, Hz_TxVxV, J_TxVxN)
 
 
+@pytest.mark.slow
 def test_ggn_operator_against_the_explicit_gauss_newton_matrix(mlp):
   params, batch, _ = mlp
   G = explicit_ggn(params, batch)
@@ -511,6 +523,7 @@ def mesh222():
   return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+@pytest.mark.slow
 def test_estimators_agree_on_a_mesh_and_one_device(mlp):
   params, batch, _ = mlp
   mesh = mesh222()
@@ -546,6 +559,7 @@ def test_estimators_agree_on_a_mesh_and_one_device(mlp):
   assert len(hv["l1"]["w"].sharding.device_set) == 8
 
 
+@pytest.mark.slow
 def test_transformer_hutchinson_on_a_mesh_matches_one_device():
   from flax import linen as nn
 
@@ -636,6 +650,7 @@ def test_errors(mlp):
     H.top_eigenvalues(mv, params, jax.random.key(0), which="BE")
 
 
+@pytest.mark.slow
 def test_nan_in_an_hvp_is_reported_not_averaged():
   params = {"x": jnp.ones(3)}
   mv = H.make_hvp(lambda p, b: jnp.sum(jnp.sqrt(p["x"] - 2.0)), [{"mask": np.ones(1)}])

@@ -12,6 +12,8 @@ import pytest
 import train
 from experiments import aioli
 
+pytestmark = pytest.mark.slow  # trains a seed group and each seed alone
+
 SEEDS = (0, 1)
 
 
