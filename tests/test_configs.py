@@ -35,6 +35,7 @@ def _shrink(c, data_dir, corpus):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", CARDS)
 def test_config_card_runs_two_steps(card, tmp_path):
   corpus = tmp_path / "corpus"
