@@ -1,4 +1,4 @@
-"""Downstream transfer of a run's checkpoints (Liu et al. 2022 §2): linear probes and fine-tuning.
+"""Downstream transfer of a run's checkpoints (Liu et al. 2022): linear probes and fine-tuning.
 
   python -m analysis.downstream --workdir=W [--steps=all|0,250] [--tasks=task_A,task_C]
       [--method=probe,finetune,lookup] [--pool=concat|mean] [--seeds=5]

@@ -17,7 +17,7 @@ forward of `lib.model` every step (the reference the cached path is tested again
 (temperature 0) or sampling with temperature, top-k and top-p (nucleus; the smallest set whose mass
 reaches p, the top token always kept).
 
-Mixture of models (Xia et al. 2022, released code utils.OPTSubtract; papers.md §3.3): for models with
+Mixture of models (Xia et al. 2022, released code utils.OPTSubtract): for models with
 weights λ_i (e.g. λ_l = 1, λ_s = -1), p = Σ λ_i softmax(logits_i); negative entries are clipped to 0,
 1e-7 is added and the log is taken; the sampler's softmax renormalises (no explicit renormalisation).
 

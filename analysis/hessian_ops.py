@@ -20,7 +20,6 @@ Shape legend:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -51,89 +50,23 @@ def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
   return sum((_leaf_dot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), jnp.float32(0))
 
 
-# Probes: the numbers of jax.random.rademacher / jax.random.normal (float32) leaf by leaf, to the bit, but
-# drawn without jax's CPU lowering of threefry, which rolls the 20 rounds into a while loop (5 steps
-# carrying the key schedule) per leaf: a pytree's draw compiled to one loop per leaf, ~8-10 s of XLA
-# compile for the small preset's 68 leaves, paid inside every estimator that draws probes. Here the
-# rounds are unrolled (Threefry-2x32-20, Salmon et al. 2011, as jax's non-CPU lowering writes them in
-# jax/_src/random/threefry2x32.py) into one elementwise kernel per leaf, counters = the flat element
-# index as in jax's partitionable bits: the draw alone compiles ~2x faster and runs faster. Used only where
-# that is exactly what jax computes (partitionable threefry keys, leaves < 2**32 elements), else
-# jax.random; tests compare both to the bit. Written here, not taken from jax: jax exposes the hash
-# only as a primitive whose CPU lowering is the rolled loop.
-
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
-  ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
-  x0, x1 = x0 + ks[0], x1 + ks[1]
-  for i in range(5):
-    for r in _THREEFRY_ROTATIONS[i % 2]:
-      x0 = x0 + x1
-      x1 = x0 ^ ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r)))
-    x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-  return x0, x1
-
-
-def _unit_floats(kd: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """jax.random.uniform(key, shape, float32)'s values in [0, 1): 32 partitionable threefry bits per
-  element (counter = row-major flat index, built from per-axis iotas as jax does, so that a sharded
-  leaf's draw partitions without a reshape), then the mantissa trick."""
-  count = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    count = count + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    stride *= shape[axis]
-  b0, b1 = _threefry2x32(kd[0], kd[1], jnp.zeros_like(count), count)
-  bits = (b0 ^ b1) >> jnp.uint32(9) | jnp.uint32(0x3F800000)
-  return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1)
-
-
-# jitted per leaf shape: a pytree's draw traces the ~200 ops of the hash once per distinct shape and
-# process, not once per leaf and call (tracing them every time cost seconds per flatness job)
-@functools.partial(jax.jit, static_argnums=1)
-def _rademacher_leaf(kd: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  return jnp.where(_unit_floats(kd, shape) < jnp.float32(0.5), jnp.float32(1), jnp.float32(-1))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _normal_leaf(kd: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  lo = np.nextafter(np.float32(-1), np.float32(0), dtype=np.float32)
-  return np.float32(np.sqrt(2)) * lax.erf_inv(lax.max(jnp.float32(lo), _unit_floats(kd, shape) * (np.float32(1) - lo) + lo))
-
-
-def _unrolled_ok(key, tree: PyTree) -> bool:
-  impl = jax.random.key_impl(key)
-  return (
-    jax.config.jax_threefry_partitionable
-    and str(getattr(impl, "name", impl)) == "threefry2x32"
-    and all(x.size < 2**32 for x in jax.tree.leaves(tree))
-  )
-
-
-def _draw_like(key, tree: PyTree, leaf_fn: Callable, jax_fn: Callable) -> PyTree:
-  """Leaf i from key split(key, n_leaves)[i]: from the tree structure only, the same numbers on every mesh
-  (elementwise in the flat index, so XLA partitions the draw like the leaf it is constrained to)."""
+def _draw_like(key, tree: PyTree, jax_fn: Callable) -> PyTree:
+  """Leaf i = jax_fn(split(key, n_leaves)[i], leaf.shape, float32): a function of the key and the tree's
+  structure only, so the same numbers on every mesh."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  if not _unrolled_ok(key, tree):
-    return jax.tree.unflatten(treedef, [jax_fn(k, x.shape, jnp.float32) for x, k in zip(leaves, keys)])
-  kd_Lx2 = jax.random.key_data(keys) if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
-  # hashed once and materialised, as jax's loop-made draws are: XLA may not recompute the 20 rounds
-  # inside each consumer (the HVP's tangent ops, the per-leaf dot products)
-  return jax.tree.unflatten(treedef, lax.optimization_barrier([leaf_fn(kd_Lx2[i], tuple(x.shape)) for i, x in enumerate(leaves)]))
+  return jax.tree.unflatten(treedef, [jax_fn(k, x.shape, jnp.float32) for x, k in zip(leaves, keys)])
 
 
 def rademacher_like(key, tree: PyTree) -> PyTree:
-  """±1 float32 leaves shaped like `tree`, leaf i = jax.random.rademacher(split(key, n_leaves)[i]) to
-  the bit (pure; use `probe_like` for a sharded, jitted draw)."""
-  return _draw_like(key, tree, _rademacher_leaf, jax.random.rademacher)
+  """±1 float32 leaves shaped like `tree`, leaf i = jax.random.rademacher(split(key, n_leaves)[i])
+  (pure; use `probe_like` for a sharded, jitted draw)."""
+  return _draw_like(key, tree, jax.random.rademacher)
 
 
 def gaussian_like(key, tree: PyTree) -> PyTree:
-  """N(0, 1) float32 leaves, leaf i = jax.random.normal(split(key, n_leaves)[i]) to the bit."""
-  return _draw_like(key, tree, _normal_leaf, jax.random.normal)
+  """N(0, 1) float32 leaves, leaf i = jax.random.normal(split(key, n_leaves)[i])."""
+  return _draw_like(key, tree, jax.random.normal)
 
 
 DISTRIBUTIONS: dict[str, Callable[[Any, PyTree], PyTree]] = {"rademacher": rademacher_like, "gaussian": gaussian_like}

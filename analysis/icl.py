@@ -1,4 +1,4 @@
-"""Few-shot multiple-choice evaluation on BIG-Bench JSON tasks, per checkpoint (Xia et al. 2022 §3.4).
+"""Few-shot multiple-choice evaluation on BIG-Bench JSON tasks, per checkpoint (Xia et al. 2022).
 
   python -m analysis.icl --workdir=W --tasks=DIR [--k=2] [--seed=0] [--steps=all] [--max_examples=0]
                          [--bigbench_compatible]

@@ -8,8 +8,11 @@
 
 Shape legend: R runs, C checkpoints (steps), T probe tokens.
 
-Each analysis job writes its own tables under W/analysis/; add a loader per job below (one
-section each, returning DataFrames / DataArrays).
+Each analysis job writes its own tables under W/analysis/. This module holds the loaders of the
+trainer's metrics, the trajectory store and the flatness table; the other jobs' loaders live beside
+their jobs (`load_downstream` in analysis/downstream.py, `load_icl` in analysis/icl.py,
+`load_generations` in analysis/generate.py, `load_sweep` in analysis/sweeps.py). `import analysis`
+re-exports all of them (analysis/__init__.py's `LOADERS`).
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ def load_token_metrics(workdir: str, path: str | None = None) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------
-# Flatness (analysis/flatness.py): `load_flatness(workdir) -> DataFrame` belongs here.
+# Flatness (analysis/flatness.py)
 
 
 def load_flatness(workdirs: str | Sequence[str], valid_only: bool = False) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared accelerator check, one command, for a session that is lent a GPU (see the device tool):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)  -> $OUT/gpu_check.log
-# It prints what issues 2 and 4 ask of a GPU: HVP time / (loss+grad) time and the per-probe cost of
+# It prints, on a GPU: HVP time / (loss+grad) time and the per-probe cost of
 # `hutchinson_trace` for OPT-125M and 1.3B (fp32, bench/hvp.py, with the cost of a 100-checkpoint sweep),
 # then training-step MFU (bf16, bench/train_step.py); at most 8 minutes in all. The device image has jax, flax, optax, orbax,
 # pandas; the trainer's data stack is not there: carry its wheels in .whl/ (README "Benchmarks") or the

@@ -5,7 +5,7 @@
 
 For each run card: the pipeline alone (this host's rows, packing included) in the calling thread
 and through the grain iterator (background threads), each with the row-by-row reference packing
-(`Pipeline.batch_reference`, the code before issue 16 item 4) and the vectorised packing
+(`Pipeline.batch_reference`, the code before vectorised packing) and the vectorised packing
 (`Pipeline.batch`, what the trainer uses), in one run, interleaved; the batches are checked equal.
 Then the bare jitted train step of the card's model on the same batch; prints the ratio pipeline /
 trainer (want >> 1: the pipeline is not the bottleneck). Note on 2 cores the two compete for the

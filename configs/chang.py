@@ -9,8 +9,8 @@ analysis checkpoints follow the exponential-rate schedule (interval growing line
 the initialisation; `data.seed` is fixed at 0 here so every run sees the same data order (set
 --config.data.seed=-1 to tie the data order to `seed` as well).
 Expected (measured, seed 0, tiny, 2000 steps): eval excess loss 0.163 nats/token at step 250, 0.095
-at step 1000, 0.067 at step 2000. Runtime: 2.5 min wall per seed on a 2-core CPU shared with other
-jobs (load average ~19; PCFG dataset already built); five seeds ≈ 5 × that (not measured).
+at step 1000, 0.067 at step 2000. Runtime: 2.5 min wall per seed on a shared 2-core CPU (PCFG
+dataset already built); five seeds ≈ 5 × that (not measured).
 """
 
 from configs import pcfg

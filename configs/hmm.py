@@ -6,7 +6,7 @@ HMM: 100 hidden states, 200 tokens, 16-token sentences (data/hmm.py); exact next
 forward algorithm, so eval/excess_loss is the model's loss above the optimum.
 Expected (measured, tiny, seed 0, 1000 steps): eval excess loss 0.573 nats/token at step 250, 0.542
 at step 1000 (eval loss 4.860 vs the exact optimum 4.317): the tiny model learns this HMM slowly.
-Runtime: 2.9 min wall on a 2-core CPU shared with other jobs (load average ~17; dataset build included).
+Runtime: 2.9 min wall on a shared 2-core CPU (dataset build included).
 """
 
 import ml_collections as mlc

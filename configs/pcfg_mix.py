@@ -9,8 +9,8 @@ reports mixture/p/<group>, data/rows/<group>, train/<group>/loss and eval/<group
 optimal_loss, excess_loss} on each group's own validation split.
 Expected (measured, stratified, tiny, seed 0, 300 steps): eval excess loss 0.394 nats/token at step
 100, 0.294 at step 300; per group at step 300 easy 0.205, medium 0.307, hard 0.377 (optimal losses
-3.65 / 4.05 / 4.64). Runtime: 2.7 min wall on a 2-core CPU shared with other jobs (load average ~16;
-datasets already built; a first run builds them first).
+3.65 / 4.05 / 4.64). Runtime: 2.7 min wall on a shared 2-core CPU (datasets already
+built; a first run builds them first).
 """
 
 import ml_collections as mlc

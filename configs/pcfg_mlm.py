@@ -9,8 +9,8 @@ the mean over selected tokens. Every eval also logs Liu's exact masked-LM number
 eval/mlm_loss (expected cross-entropy against the exact masked-token conditional, each position of
 `eval.mlm_sentences` validation sentences masked in turn), eval/optimal_loss and eval/excess_loss.
 Expected (measured, tiny, seed 0, 1000 steps): eval masked-token loss 4.716 nats at step 250, 4.557
-at step 1000. Runtime: 3.7 min of training wall on a 2-core CPU shared with other jobs (load average
-~18), after a first-use build of the default PCFG dataset (330 s at that load; later runs reuse it).
+at step 1000. Runtime: 3.7 min of training wall on a shared 2-core CPU, after a first-use build of
+the default PCFG dataset (330 s on that machine; later runs reuse it).
 """
 
 from configs import pcfg

@@ -20,7 +20,7 @@ finally run without --emit for the table. Then writes
                          to stratified, extra runs, the final p, the chosen run's workdir
   DIR/p_over_time.parquet  p (or DoReMi/DoGE's weights w) per logged step, per method
   DIR/p_over_time.png    p of the first group over time, one line per method, one panel per setting
-  DIR/report.md          the Table-2-shaped table beside the paper's Table 2 (papers.md §4.5)
+  DIR/report.md          the Table-2-shaped table beside the paper's Table 2 (Chen et al., Aioli, ICLR 2025, v2)
 
 Methods and their extra runs (as the paper counts them):
   stratified  p = 1/m                                                                  0
@@ -501,7 +501,8 @@ def main(argv=None) -> int:
       f"# Aioli Table 2, scale={a.scale}, seeds={df.seed.nunique()}\n\n"
       "Average test perplexity (mean over groups of exp(test loss)), mean over seeds; the Stratified row "
       "is absolute, the others are differences to it (negative = better).\n\n"
-      f"{tab}\n\n{findings(df)}\n\n## The paper's Table 2 (papers.md §4.5; SlimPajama groups, Pythia-160M, 5k/40k steps)\n\n"
+      f"{tab}\n\n{findings(df)}\n\n## The paper's Table 2 (Chen et al., Aioli, ICLR 2025, arXiv:2411.05735 v2; "
+      "SlimPajama groups, Pythia-160M, 5k/40k steps)\n\n"
       f"{PAPER_TABLE2}\n"
     )
   print(tab)

@@ -1,5 +1,5 @@
 """The LMO framework's own measurement: fit the dynamic mixing law on branches forked from a checkpoint,
-and compare a method's implied A with it (papers.md §4.1, the paper's Fig. 3).
+and compare a method's implied A with it (Chen et al. 2024, Aioli: the fidelity sim(Ã, A⋆) of §4 and Fig. 3).
 
   python -m experiments.aioli_fidelity --workdir=RUN --step=T [--branch_steps=20] [--out=fid.json]
 

@@ -8,7 +8,8 @@ checkpoint schedule (save interval growing linearly, `ckpt.schedule=exponential:
 surprisals at every checkpoint (analysis.trajectories; 10 random positions per validation document,
 never the first) -> every Chang metric (analysis.curves via write_token_metrics, in bits) -> n-gram
 predictors joined per token -> sequential LRTs of each metric on unigram, 5-gram (residualised on the
-unigram), log context length and context log-prob -> figures -> DIR/report.md beside papers.md §2.4.
+unigram), log context length and context log-prob -> figures -> DIR/report.md beside the paper's findings
+(Chang, Tu and Bergen, "Characterizing Learning Curves During Language Model Pre-Training", TACL 2024).
 
 Outputs in DIR: runs/base/seed_<s>/ (ordinary workdirs), token_metrics.parquet (metrics + predictors),
 regressions.csv (one row per metric x added block), effects.csv (signs of each predictor in the full
@@ -139,7 +140,9 @@ def regressions(tm: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
   return lrt.rename(columns={"nobs": "n"}), eff.rename(columns={"coef_p": "p", "nobs": "n"}).reset_index(drop=True)
 
 
-# Chang §2.4 claims as signs of the frequency (unigram log-prob) effect on each metric.
+PAPER_CITATION = "Chang, Tu and Bergen, TACL 2024, arXiv:2308.15419"
+
+# The paper's findings (its abstract and results) as signs of the frequency (unigram log-prob) effect on each metric.
 PAPER_SIGNS = {
   "final_surprisal": (-1, "more frequent tokens reach lower final surprisal"),
   "var_steps": (-1, "... vary less within a run"),
@@ -306,6 +309,8 @@ def report(
 ) -> str:
   lines = [
     f"# Chang et al. (2024) learning curves — scale `{scale}`",
+    "",
+    f"Paper: {PAPER_CITATION}.",
     "",
     f"{len(SEEDS)} seeds trained as one vectorised group; {n_ckpt} checkpoints on the exponential schedule; "
     f"{len(tm)} probe tokens of {tm['token'].nunique()} types (≤ 10 random positions per validation document, never "

@@ -1,4 +1,5 @@
-"""The command-line skeleton shared by the one-command experiments (experiments.chang, experiments.xia)."""
+"""The command-line skeleton shared by the one-command experiments (experiments.chang, experiments.xia; experiments.liu and
+experiments.aioli have their own, with sweep options)."""
 
 from __future__ import annotations
 

@@ -11,11 +11,12 @@ every model, and writes:
   DIR/runs/<name>/seed_0/ one ordinary workdir per run
   DIR/liu.parquet         run, road, size, optimizer, step, loss, excess loss, Tr(H) ± SE (hutchinson,
                           fisher), accuracy ± SE per task (acc_<task>, acc_se_<task>)
-  DIR/liu.md              the final models beside the paper's numbers (papers.md §1.4), the directions
+  DIR/liu.md              the final models beside the paper's numbers (Liu et al., ICML 2023, Figs. 1-3 and
+                          Tables 1-2), the directions
                           (does each reproduce?), Spearman / Pearson of Tr(H) vs accuracy with bootstrap CIs
   DIR/liu_*.png           Tr(H) vs accuracy among final models; accuracy and Tr(H) along the SGD run
 
-Roads to the same loss (paper §3): `size` (a width ladder, AdamW), `algorithm` (AdamW, SGD with a
+Roads to the same loss (the paper's three comparisons): `size` (a width ladder, AdamW), `algorithm` (AdamW, SGD with a
 constant lr after 12% warmup, and the adversarial objective of data/adversarial.py at the middle size),
 `convergence` (the SGD run's checkpoints: accuracy and Tr(H) along training). Widths: Tr(H) of each
 ladder model is also measured inside the widest architecture (lib/enlarge.py, `enlarged` rows) when the
@@ -39,7 +40,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from lib import errors
+from lib import config_check, errors
 
 ROAD_SIZES = {
   "nano": (8, 16),
@@ -56,7 +57,7 @@ ROADS = {
   "paper": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
 }
 TOL, NEAR, PAST = 0.01, 0.05, 3.0  # same loss: within ±TOL nats; near the optimum: excess ≤ NEAR; SGD ≥ PAST× its plateau
-PAPER = {  # papers.md §1.4 (third-party note quoting the PDF)
+PAPER = {  # Liu et al. (ICML 2023): Figs. 1-3 and Tables 1-2, as quoted by a reading of the paper
   "size": "Tr(H) 19.8 → 12.6 as size grows (>9M params, same loss); task-B probe 40.4% → 50.5%",
   "algorithm": "AdamW vs adversarial (235M): Tr(H) 8.01±0.73 vs 19.34±0.92; task C 55.7±0.6 vs 50.2±1.0; "
   "task A 89.9 vs 83.1; task B 49.2 vs 42.3; lookup table: A 71.2, B 39.7",
@@ -91,12 +92,7 @@ class Run:
 
     c = liu.get_config(self.scale)
     c.unlock()
-    for k, v in self.overrides:
-      node = c
-      *path, key = k.split(".")
-      for p in path:
-        node = node[p]
-      node[key] = v
+    config_check.set_keys(c, dict(self.overrides))
     c.lock()
     return c
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import importlib.util
 import itertools
 import json
@@ -63,6 +62,7 @@ import sys
 from collections.abc import Sequence
 
 import lib.errors as errors
+from lib import config_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_JSON = "sweep.json"
@@ -113,31 +113,12 @@ def load_card(spec: str):
     raise SweepError(f"run card {spec!r}: {e}") from None
 
 
-def _keys(cfg, prefix="") -> list[str]:
-  out = []
-  for k, v in cfg.items():
-    if hasattr(v, "items") and not isinstance(v, dict):
-      out += _keys(v, f"{prefix}{k}.")
-    out.append(f"{prefix}{k}")
-  return out
-
-
 def set_key(cfg, key: str, value) -> None:
   """cfg['a.b.c'] = value on an ml_collections ConfigDict, refusing unknown keys with a suggestion."""
-  node = cfg
-  *path, last = key.split(".")
   try:
-    for p in path:
-      node = node[p]
-    if last not in node:
-      raise KeyError(last)
-    node[last] = value
-  except (KeyError, AttributeError):
-    near = difflib.get_close_matches(key, _keys(cfg), n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise SweepError(f"unknown config key {key!r}{hint}; keys are listed in configs/base.py") from None
-  except (TypeError, ValueError) as e:
-    raise SweepError(f"config key {key!r} cannot take {value!r}: {e}") from None
+    config_check.set_keys(cfg, {key: value})
+  except errors.ConfigError as e:
+    raise SweepError(str(e)) from None
 
 
 def _fmt(v) -> str:

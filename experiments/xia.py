@@ -10,7 +10,8 @@ spaced) -> per-token surprisal of every position of the probe documents at every
 with p < 0.05 over the last 80% of steps, stagnated by the ±5% band) in the LARGEST model, as the paper
 classifies in one reference model -> each class's mean perplexity in every size, per checkpoint and
 interpolated at matched validation (probe-set) perplexity (analysis.curves.align_to_ppl) -> figures ->
-DIR/report.md beside papers.md §3.
+DIR/report.md beside the paper's findings (Xia et al., "Training Trajectories of Language Models Across
+Scales", ACL 2023).
 
 Outputs in DIR: runs/preset=<p>/seed_0/ (ordinary workdirs), classes.parquet (one row per token),
 class_ppl.csv (size x checkpoint x class), class_ppl_matched.csv (size x matched val ppl x class),

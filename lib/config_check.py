@@ -3,15 +3,18 @@
 `validate(cfg)` raises `errors.ConfigError` with one line naming the key and the problem; the
 trainer calls it before it creates or touches the workdir, so a bad command leaves nothing behind.
 `resume_differences(old, new)` lists the keys a resumed run changes (recorded in the workdir's
-`resume_history.jsonl`, see `record_resume`).
+`resume_history.jsonl`, see `record_resume`). `set_keys(cfg, {"opt.lr": 1e-3, ...})` applies dotted-key
+overrides (ml_collections' `update_from_flattened_dict`), refusing unknown keys with a suggestion.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
 import time
+from typing import Any, Mapping
 
 from lib import errors, mixture, optim, schedules
 from lib import model as M
@@ -21,6 +24,36 @@ OBJECTIVES = ("clm", "mlm")
 UNRECORDED_ON_RESUME = ("train.stop_at", "data.num_threads", "data.data_dir", "model.preset", "log.tensorboard")
 UNRECORDED_SECTIONS = ("distributed",)
 RESUME_HISTORY = "resume_history.jsonl"
+
+
+def _leaf_keys(cfg, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in cfg.items():
+    if hasattr(v, "items") and not isinstance(v, dict):
+      out += _leaf_keys(v, f"{prefix}{k}.")
+    out.append(f"{prefix}{k}")
+  return out
+
+
+def set_keys(cfg, overrides: Mapping[str, Any]) -> None:
+  """cfg['a.b.c'] = value for each dotted key of `overrides` (ml_collections' update_from_flattened_dict);
+  an unknown key or a value of the wrong type is a ConfigError naming the key (with the nearest known key)."""
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split(".")
+    try:
+      for p in path:
+        node = node[p]
+      if last not in node:
+        raise KeyError(last)
+    except (KeyError, AttributeError, TypeError):
+      near = difflib.get_close_matches(key, _leaf_keys(cfg), n=1)
+      hint = f" (did you mean {near[0]!r}?)" if near else ""
+      raise errors.ConfigError(f"unknown config key {key!r}{hint}; keys are listed in configs/base.py") from None
+    try:
+      cfg.update_from_flattened_dict({key: value})
+    except (TypeError, ValueError) as e:
+      raise errors.ConfigError(f"config key {key!r} cannot take {value!r}: {e}") from None
 
 
 def _fail(msg: str):

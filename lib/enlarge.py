@@ -11,7 +11,8 @@ carries r copies of the small one's, x' = [x, x, …, x] (np.tile along the widt
     by r instead (an untied head [D, V] is tiled along D and divided by r).
 
 Liu et al.'s released enlarge.py (tile(W, r×r)/r for hidden weights, embeddings and decoder
-repeat/r, LayerNorm repeated) does not run (undefined names, wrong output path; papers.md §1.3) and,
+repeat/r, LayerNorm repeated) does not run (undefined names `args.small_model_path` and `state_dict_large`; it writes to
+the wrong path) and,
 in a pre-LN model, dividing the embeddings by r would not preserve the function: the residual adds
 unscaled sub-layer outputs to them. The logits of the widened model equal the small model's up to
 float rounding (tests/test_enlarge.py: ≤ 1e-5), so Tr(H) of a small model can be measured inside a

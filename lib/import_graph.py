@@ -1,12 +1,24 @@
-"""The import graph of lmtrace's packages, and its cycles (issue 9: there must be none).
+"""The import graph of lmtrace's packages, and its cycles (there must be none).
 
   python -m lib.import_graph                 # prints each cycle and layer violation; exit 1 if any
   python -m lib.import_graph --edges         # also prints every edge
 
 Every `import` / `from ... import` statement counts, including those inside functions (a lazy
 import only hides a cycle from the interpreter, not from the reader). `from pkg import name` is an
-edge to the module `pkg.name` when that is a module, else to `pkg` itself. Layers: lib/ imports
-only lib/, data/ only lib/ and data/, analysis/ not experiments/.
+edge to the module `pkg.name` when that is a module, else to `pkg` itself.
+
+Layers, lowest first (a module imports only its own layer and the layers below it):
+  lib          reusable pieces: model, sharding, steps, checkpoints, mixing controllers, ...
+  configs      run cards: the config schema (configs/base.py) and presets, built on lib's model presets
+  data         languages, sources and the input pipeline (they read a config's data section, not configs/)
+  analysis     jobs over workdirs; never the trainer
+  entry points train.py and train_group.py (the trainer calls analysis's in-training probe hook), and
+               lib.hf_import, which writes a whole workdir (checkpoints and a full run card from
+               configs/base.py) as the trainer does: an entry point that lives in lib/ beside the model
+               code its converter shares
+  experiments  studies over many runs; nothing imports them
+A name is a package, a top-level module (train) or a module (lib.hf_import); the longest matching
+dotted prefix decides a module's layer.
 """
 
 from __future__ import annotations
@@ -16,15 +28,19 @@ import ast
 import os
 import sys
 
-PACKAGES = ("lib", "data", "analysis", "experiments")
+PACKAGES = ("lib", "configs", "data", "analysis", "experiments", "train", "train_group")  # packages and top-level modules
 # Layers, lowest first: a module may import its own layer and the layers below it, never above.
-LAYERS = ("lib", "data", "analysis", "experiments")
+LAYERS = (("lib",), ("configs",), ("data",), ("analysis",), ("train", "train_group", "lib.hf_import"), ("experiments",))
 
 
 def modules(root: str, packages=PACKAGES) -> dict[str, str]:
-  """{dotted module name: file path} of every .py file under the packages (missing ones skipped)."""
+  """{dotted module name: file path} of every .py file under the packages, or of the top-level module
+  `<name>.py` (missing ones skipped)."""
   out = {}
   for pkg in packages:
+    if os.path.isfile(os.path.join(root, f"{pkg}.py")):
+      out[pkg] = os.path.join(root, f"{pkg}.py")
+      continue
     for dirpath, dirnames, files in os.walk(os.path.join(root, pkg)):
       dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
       for f in sorted(files):
@@ -118,11 +134,19 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
   return [_shortest_cycle(g, set(comp), comp[0]) for comp in _components(g)]
 
 
+def layer_of(module: str, layers=LAYERS) -> int:
+  """The index of `module`'s layer: its longest dotted prefix named in `layers` (-1: none)."""
+  rank = {name: i for i, names in enumerate(layers) for name in names}
+  parts = module.split(".")
+  for k in range(len(parts), 0, -1):
+    if ".".join(parts[:k]) in rank:
+      return rank[".".join(parts[:k])]
+  return -1
+
+
 def layer_violations(g: dict[str, set[str]], layers=LAYERS) -> list[str]:
   """'a -> b' for every import of a module from a higher layer (e.g. lib importing data)."""
-  rank = {name: i for i, name in enumerate(layers)}
-  top = lambda m: rank.get(m.split(".")[0], -1)  # noqa: E731
-  return [f"{a} -> {b}" for a in sorted(g) for b in sorted(g[a]) if top(b) > top(a) >= 0]
+  return [f"{a} -> {b}" for a in sorted(g) for b in sorted(g[a]) if layer_of(b, layers) > layer_of(a, layers) >= 0]
 
 
 def main(argv=None) -> int:
@@ -138,7 +162,7 @@ def main(argv=None) -> int:
   for c in cyc:
     print("import cycle: " + " -> ".join(c))
   for e in bad:
-    print(f"layer violation ({' < '.join(LAYERS)}): {e}")
+    print(f"layer violation ({' < '.join('/'.join(names) for names in LAYERS)}): {e}")
   print(f"{len(g)} modules, {sum(map(len, g.values()))} imports, {len(cyc)} cycle(s), {len(bad)} layer violation(s)")
   return 1 if cyc or bad else 0
 

@@ -1,4 +1,4 @@
-"""Mixing laws of the Aioli paper's LMO framework (papers.md §4.1-4.2): fitting, choosing p, fidelity.
+"""Mixing laws of the Aioli paper's LMO framework (Chen et al. 2024, arXiv:2411.05735): fitting, choosing p, fidelity.
 
 Legend: m groups, N runs (static sweep), K branches (dynamic sweep), S steps.
 
@@ -164,7 +164,8 @@ def fidelity(A_method, A_true) -> float:
 
 def implied_A(method: str, *, A=None, excess=None, doge_score=None, graph=None, window_loss=None) -> np.ndarray:
   """The LMO parameters A^t [m, m] (rows: evaluated group i, columns: trained group j) that a method's
-  update implies (papers.md §4.2), from the quantities it computes at round t:
+  update implies (the paper's table of methods written as linear mixing optimisation), from the
+  quantities it computes at round t:
 
     aioli     A = Â (its own estimate)
     doremi    A = diag(excess), excess_i = max(ℓ_i − ℓ_i^ref, 0) (per token, averaged per group)

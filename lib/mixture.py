@@ -86,7 +86,7 @@ class Static(Controller):
 
 
 class Aioli(Controller):
-  """Aioli (Chen et al. 2024), as in the released `trainer/aioli_trainer.py` (papers.md §4.3).
+  """Aioli (Chen et al. 2024), as in the released `trainer/aioli_trainer.py` of HazyResearch/aioli.
 
   Rounds of U = `update_steps` steps. Each round starts with per-group validation losses ℓ⁰, then
   LearnParams: for each of R·m sub-phases (groups in R random permutations) train s = `lp_steps` real
@@ -113,7 +113,7 @@ class Aioli(Controller):
     if self.branches not in ("", "vmap", "sequential"):
       raise ConfigError(f"Aioli: mixture.lp_branches={self.branches!r} must be '', 'vmap' or 'sequential'")
     # Restricted setting: train on `prior` for `prior_steps` steps, then run Aioli's rounds starting
-    # from p = prior. (The released code resets p to uniform after the prior stage, papers.md §4.3.6;
+    # from p = prior. (The released code resets p to uniform after the prior stage;
     # we follow the paper's description, "Aioli adjusts the prior", and document the difference.)
     prior = g("prior", "")
     self.prior = parse_proportions(prior, group_names) if prior else None

@@ -23,10 +23,5 @@ def tiny_cfg(data_dir: str, **over):
   c.ckpt.schedule = "pythia:every=4"
   c.ckpt.resume_every = 3
   c.log.tensorboard = False
-  for k, v in over.items():
-    node = c
-    *path, key = k.split(".")
-    for p in path:
-      node = node[p]
-    node[key] = v
+  c.update_from_flattened_dict(over)
   return c

@@ -57,6 +57,7 @@ def _cfg(tmp_path, **over):
   return cfg
 
 
+@pytest.mark.slow
 def test_adversarial_run_and_bad_task(tmp_path):
   wd = str(tmp_path / "adv")
   train.train_and_evaluate(_cfg(tmp_path), wd)

@@ -35,6 +35,7 @@ def _shrink(c, data_dir, corpus):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", CARDS)
 def test_config_card_runs_two_steps(card, tmp_path):
   corpus = tmp_path / "corpus"
@@ -46,3 +47,18 @@ def test_config_card_runs_two_steps(card, tmp_path):
     c.opt.lrr = 1.0  # noqa: B018 - a typo must not silently add a key
   out = train.train_and_evaluate(_shrink(c, str(tmp_path / "data"), str(corpus)), str(tmp_path / "w"))
   assert out["step"] == 2
+
+
+def test_set_keys_applies_dotted_overrides_and_refuses_unknown_keys():
+  from configs import base
+  from lib import config_check, errors
+
+  c = base.defaults()
+  c.lock()
+  config_check.set_keys(c, {"opt.lr": 0.5, "data.source.kind": "hmm", "train.seeds": "0-1"})
+  assert (c.opt.lr, c.data.source.kind, c.train.seeds) == (0.5, "hmm", "0-1")
+  with pytest.raises(errors.ConfigError, match=r"unknown config key 'opt\.lrr' \(did you mean 'opt\.lr'\?\)"):
+    config_check.set_keys(c, {"opt.lrr": 1.0})
+  with pytest.raises(errors.ConfigError, match=r"config key 'opt\.lr' cannot take 'abc'"):
+    config_check.set_keys(c, {"opt.lr": "abc"})
+  assert c.opt.lr == 0.5  # a refused override changes nothing

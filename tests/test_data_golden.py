@@ -1,5 +1,5 @@
-"""Golden fingerprints of the data path, pinned from the code before the data/ restructuring (issue 9)
-and the vectorised packing (issue 16 item 4): sampled sentences, exact log-probs, downstream-task
+"""Golden fingerprints of the data path, pinned from the code before the data/ restructuring
+and before the vectorised packing: sampled sentences, exact log-probs, downstream-task
 labels and packed training batches must stay bit-identical (sha256 of every array's dtype, shape and
 bytes). A change here changes every cached TFDS build and every training run's data."""
 

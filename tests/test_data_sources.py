@@ -99,6 +99,7 @@ def test_optimal_loss_metadata_matches_exact_conditionals(tmp_path):
   assert g.info["optimal_loss_stderr"] > 0
 
 
+@pytest.mark.slow
 def test_multi_group_training_reports_groups_and_exact_counts(tmp_path):
   import train
   from tests.helpers import tiny_cfg
@@ -188,6 +189,7 @@ def test_aioli_controller_schedule_and_update():
   assert np.argmax(st["p"]) == 1 and abs(st["p"].sum() - 1) < 1e-6
 
 
+@pytest.mark.slow
 def test_aioli_training_run_resumes_identically(tmp_path):
   import train
   from lib import ckpt as C

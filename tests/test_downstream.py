@@ -71,6 +71,7 @@ def test_pool_features_layout():
   np.testing.assert_allclose(np.asarray(DS.pool_features(h, tok, "mean"))[0], (h[0, 1] + h[0, 2]) / 2)
 
 
+@pytest.mark.slow
 def test_trained_beats_init_and_lookup_baseline(pcfg_run):
   # task_B: on this 20-non-terminal grammar, task_A's probe on the random init's concatenated token
   # states (≈ one-hot words) matches or beats the trained model's (measured: 0.47 init vs 0.43 after
@@ -93,6 +94,7 @@ def test_trained_beats_init_and_lookup_baseline(pcfg_run):
   assert len(loaded) == len(df) and "workdir" in loaded
 
 
+@pytest.mark.slow
 def test_finetune_and_damaged_checkpoint(pcfg_run, tmp_path):
   wd = str(tmp_path / "copy")
   shutil.copytree(pcfg_run, wd)
@@ -110,6 +112,7 @@ def test_finetune_and_damaged_checkpoint(pcfg_run, tmp_path):
   assert (~bad["valid"]).all() and bad["reason"].str.contains("800 is damaged").all()  # the integrity manifest's verdict
 
 
+@pytest.mark.slow
 def test_bad_input(pcfg_run, tmp_path, capsys):
   with pytest.raises(DS.DownstreamError, match="unknown task 'task_Z'"):
     DS.run(pcfg_run, _args("--tasks=task_Z"))
@@ -124,6 +127,7 @@ def test_bad_input(pcfg_run, tmp_path, capsys):
   assert not os.path.exists(DS.table_path(bigram))
 
 
+@pytest.mark.slow
 def test_features_on_any_mesh(pcfg_run):
   import jax
 

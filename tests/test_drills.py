@@ -1,4 +1,4 @@
-"""Fault drills (issue 10): kill -9, damaged checkpoints, a changed config, two writers, SIGTERM, bad input.
+"""Fault drills: kill -9, damaged checkpoints, a changed config, two writers, SIGTERM, bad input.
 
 Each drill injects the fault into the tiny bigram run card (tests/helpers.py) and checks the exact
 outcome: parameters bit-identical to an uninterrupted run, one metrics row per step, damage detected

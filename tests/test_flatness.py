@@ -19,6 +19,8 @@ from lib import model as M
 from lib.sharding import ShardingError
 from tests.helpers import tiny_cfg
 
+pytestmark = pytest.mark.slow  # trains a run, then flatness jobs over its checkpoints
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -267,7 +269,7 @@ def test_cli_prints_project_errors_as_one_line_and_keeps_tracebacks_for_bugs(run
 
 
 def test_no_progress_bars_when_stderr_is_not_a_terminal(run, capsys):
-  """Redirected output (log files, CI) gets no bars and no carriage-return escape codes (issue 10)."""
+  """Redirected output (log files, CI) gets no bars and no carriage-return escape codes."""
   F.run(run, _args(steps="0", estimator="hutchinson", probes=2))
   err = capsys.readouterr().err
   assert "\r" not in err and "ckpt" not in err

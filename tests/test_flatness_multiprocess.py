@@ -8,10 +8,13 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis import flatness as F
 from tests.test_multiprocess import _free_port
 from tests.test_train import cli
+
+pytestmark = pytest.mark.slow  # two processes, each importing jax and compiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [

@@ -195,6 +195,7 @@ def test_repetition_metrics():
   assert G.repeated_ngram_rate([1, 2, 3, 1, 2, 3, 1], 3) == 2 / 5
 
 
+@pytest.mark.slow
 def test_job_on_a_trained_bigram_run_scores_by_the_grammar(tmp_path):
   import train
   from tests import helpers
@@ -220,6 +221,7 @@ def test_job_on_a_trained_bigram_run_scores_by_the_grammar(tmp_path):
   assert frac[8] > frac[0]
 
 
+@pytest.mark.slow
 def test_mixture_job_on_two_imported_workdirs(tmp_path):
   large, small = str(tmp_path / "large"), str(tmp_path / "small")
   H.import_series([os.path.join(FIX, "pythia", "step200")], large)

@@ -77,6 +77,7 @@ def within(r, exact, n_se=4.0):
 # 1. HVP
 
 
+@pytest.mark.slow
 def test_hvp_equals_exact_hessian_times_v(mlp):
   params, batch, hess = mlp
   u, v = H.gaussian_like(jax.random.key(1), params), H.rademacher_like(jax.random.key(2), params)
@@ -89,6 +90,7 @@ def test_hvp_equals_exact_hessian_times_v(mlp):
   assert np.linalg.norm(flat(mv(params, v)) - ref) < 1e-5 * np.linalg.norm(ref)
 
 
+@pytest.mark.slow
 def test_make_hvp_weights_batches_by_loss_tokens(mlp):
   params, batch, hess = mlp
   v = H.rademacher_like(jax.random.key(3), params)
@@ -116,6 +118,7 @@ def test_make_hvp_weights_batches_by_loss_tokens(mlp):
 # 2. Hutchinson, blocks, filters, Hutch++ on the MLP
 
 
+@pytest.mark.slow
 def test_hutchinson_trace_blocks_and_stderr_scaling(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
@@ -141,6 +144,7 @@ def test_hutchinson_trace_blocks_and_stderr_scaling(mlp):
   assert seen == [8, 8, 4] and counted.n_matvecs == 20
 
 
+@pytest.mark.slow
 def test_filter_gives_the_diagonal_block(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
@@ -156,6 +160,7 @@ def test_filter_gives_the_diagonal_block(mlp):
   assert set(H.param_blocks(params)) == {"l1/w", "l1/b", "l2/w", "l2/b"}
 
 
+@pytest.mark.slow
 def test_hutchpp_on_the_mlp(mlp):
   params, batch, hess = mlp
   mv = H.make_hvp(mlp_loss, [batch])
@@ -178,6 +183,7 @@ def quadratic(eigs, seed=0):
   return A, {"x": jnp.zeros(n, jnp.float32)}, (lambda p, v: {"x": A_f32 @ v["x"]})
 
 
+@pytest.mark.slow
 def test_lanczos_power_and_slq_on_a_known_spectrum():
   eigs = np.concatenate([[10.0, 7.0, 5.0, 4.0, 3.5, -12.0], np.linspace(-1, 1, 194)])
   A, params, mv = quadratic(eigs)
@@ -229,6 +235,7 @@ def lanczos_f64(A, q, m):
   return np.array(alphas), np.array(betas)
 
 
+@pytest.mark.slow
 def test_flat_lanczos_matches_a_float64_reference(mlp):
   """The flat-vector Lanczos (one x_N, unravelled only for the HVP) is the Lanczos process of the exact
   Hessian: same tridiagonal as float64 Lanczos from the same start, on the whole and on a selection."""
@@ -246,6 +253,7 @@ def test_flat_lanczos_matches_a_float64_reference(mlp):
   np.testing.assert_allclose(T.alphas[:4], lanczos_f64(hess, flat(v0), 4)[0], atol=1e-4 * scale)  # early steps: no loss yet
 
 
+@pytest.mark.slow
 def test_flat_operator_weights_batches_like_apply(mlp):
   """Inside the estimators an HVPOperator's batches are weighted and summed on the flat x_N (one op per
   batch, not per leaf): still the exact token-weighted (or user-weighted) Hessian times v, for looped
@@ -279,6 +287,7 @@ def test_flat_operator_weights_batches_like_apply(mlp):
   np.testing.assert_allclose(np.append(T.betas, T.beta_last), b, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 def test_flat_view_runtime_offsets_equal_static_slices(mlp):
   """On one device FlatView cuts leaves at runtime offsets (one kernel per leaf shape, not per leaf):
   ravel, unravel (with a selection, a zero-size and a bfloat16 leaf) and a Lanczos run through the view
@@ -310,35 +319,36 @@ def test_flat_view_runtime_offsets_equal_static_slices(mlp):
     np.testing.assert_array_equal(x, y)
 
 
-def _bits(tree):
-  return [np.asarray(x, np.float32).view(np.uint32) for x in jax.tree.leaves(tree)]
-
-
-def test_probes_equal_jax_random_to_the_bit_without_a_threefry_loop():
-  """rademacher_like / gaussian_like hash with an unrolled Threefry-2x32 (jax's CPU lowering rolls it
-  into a while loop per leaf, seconds of compile): leaf i must be jax.random's draw from
-  split(key, n_leaves)[i], bit for bit — eager and jitted, typed and raw keys, scalar, zero-size,
-  odd-shaped and bfloat16-shaped leaves, on 8 devices — and so must the fallback (non-partitionable
-  threefry); the compiled draw has no while loop per leaf (else the compile-time saving silently vanishes)."""
+def test_probes_distribution_shape_and_sharding():
+  """rademacher_like / gaussian_like: float32 leaves shaped like the tree (scalar, zero-size, odd-shaped and
+  bfloat16-shaped leaves too), ±1 with mean ≈ 0 / mean ≈ 0 and variance ≈ 1, independent across leaves,
+  the same eager and jitted, for typed and raw keys, and the same numbers on 1 and 8 devices; probe_like
+  lands in the parameters' sharding."""
   tree = {"a": jnp.zeros((3, 5)), "b": jnp.zeros(()), "c": jnp.zeros((0, 4)), "d": jnp.zeros((7, 2, 3))}
   tree["e"] = jnp.zeros(9, jnp.bfloat16)
+  big = {"x": jnp.zeros((200, 300)), "y": jnp.zeros((200, 300))}
   mesh = jax.make_mesh((8,), ("data",))
   on_mesh = {"w": jax.device_put(jnp.zeros((16, 24)), NamedSharding(mesh, P(None, "data")))}
   for key in (jax.random.key(3), jax.random.PRNGKey(11)):
-    for ours, theirs in ((H.rademacher_like, jax.random.rademacher), (H.gaussian_like, jax.random.normal)):
-      for t in (tree, on_mesh):
-        leaves, _ = jax.tree.flatten(t)
-        ref = [theirs(k, x.shape, jnp.float32) for k, x in zip(jax.random.split(key, len(leaves)), leaves)]
-        for got in (ours(key, t), jax.jit(ours)(key, t)):
-          assert all(np.array_equal(a, b) for a, b in zip(_bits(ref), _bits(got))), (ours.__name__, key.dtype)
-      with jax.threefry_partitionable(False):  # jax's other bit layout: the fallback draws with jax.random
-        leaves, _ = jax.tree.flatten(tree)
-        ref = [theirs(k, x.shape, jnp.float32) for k, x in zip(jax.random.split(key, len(leaves)), leaves)]
-        assert all(np.array_equal(a, b) for a, b in zip(_bits(ref), _bits(ours(key, tree))))
+    for draw in (H.rademacher_like, H.gaussian_like):
+      got = draw(key, tree)
+      assert jax.tree.structure(got) == jax.tree.structure(tree)
+      assert all(g.shape == x.shape and g.dtype == jnp.float32 for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(tree)))
+      assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.jit(draw)(key, tree))))
+      one = np.asarray(draw(key, {"w": jnp.zeros((16, 24))})["w"])
+      np.testing.assert_array_equal(np.asarray(draw(key, on_mesh)["w"]), one)  # 8 devices = 1 device
+      np.testing.assert_array_equal(np.asarray(jax.jit(draw)(key, on_mesh)["w"]), one)
+      x, y = (np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(draw(key, big)))
+      assert abs(x.mean()) < 0.01 and abs(x.var() - 1.0) < 0.02 and abs(np.corrcoef(x, y)[0, 1]) < 0.01
+      if draw is H.rademacher_like:
+        assert set(np.unique(np.concatenate([x, y]))) == {-1.0, 1.0}
+      else:
+        assert abs(np.mean(np.abs(x) < 1.0) - 0.6827) < 0.01  # Gaussian, not merely unit variance
+  assert not np.array_equal(
+    np.asarray(H.rademacher_like(jax.random.key(0), big)["x"]), np.asarray(H.rademacher_like(jax.random.key(1), big)["x"])
+  )
   vs = jax.jit(lambda k: H.probe_like(k, on_mesh))(jax.random.key(0))
   assert vs["w"].sharding.is_equivalent_to(on_mesh["w"].sharding, 2)
-  hlo = jax.jit(H.rademacher_like).lower(jax.random.key(0), tree).compile().as_text()
-  assert hlo.count(" while(") == 1  # the key split's (jax.random.split), none per leaf (jax's own: 1 + 4)
 
 
 def test_residual_bounds_are_floored_at_float32_rounding():
@@ -415,6 +425,7 @@ def exact_fisher_trace(params, batches):
   return num / T
 
 
+@pytest.mark.slow
 def test_fisher_trace_equals_exact_per_token_fisher(mlp):
   params, batch, _ = mlp
   ragged = [{k: x[:1] for k, x in batch.items()}, {k: x[1:] for k, x in batch.items()}]
@@ -433,6 +444,7 @@ def test_fisher_trace_equals_exact_per_token_fisher(mlp):
   np.testing.assert_allclose(early.samples, r.samples[: len(early.samples)], rtol=1e-5)  # sample i: (key, i) only
 
 
+@pytest.mark.slow
 def test_fisher_trace_matches_hessian_trace_when_labels_follow_the_model():
   params = make_params(seed=3)
   big = {"x": jnp.asarray(np.random.default_rng(4).normal(size=(8, 16, D)), jnp.float32), "mask": jnp.ones((8, 16), jnp.float32)}
@@ -466,6 +478,7 @@ def explicit_ggn(params, batch):
   return np.einsum("t,tvn,tvu,tum->nm", w_T, J_TxVxN, Hz_TxVxV, J_TxVxN)
 
 
+@pytest.mark.slow
 def test_ggn_operator_against_the_explicit_gauss_newton_matrix(mlp):
   params, batch, _ = mlp
   G = explicit_ggn(params, batch)
@@ -510,6 +523,7 @@ def mesh222():
   return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+@pytest.mark.slow
 def test_estimators_agree_on_a_mesh_and_one_device(mlp):
   params, batch, _ = mlp
   mesh = mesh222()
@@ -545,6 +559,7 @@ def test_estimators_agree_on_a_mesh_and_one_device(mlp):
   assert len(hv["l1"]["w"].sharding.device_set) == 8
 
 
+@pytest.mark.slow
 def test_transformer_hutchinson_on_a_mesh_matches_one_device():
   from flax import linen as nn
 
@@ -635,6 +650,7 @@ def test_errors(mlp):
     H.top_eigenvalues(mv, params, jax.random.key(0), which="BE")
 
 
+@pytest.mark.slow
 def test_nan_in_an_hvp_is_reported_not_averaged():
   params = {"x": jnp.ones(3)}
   mv = H.make_hvp(lambda p, b: jnp.sum(jnp.sqrt(p["x"] - 2.0)), [{"mask": np.ones(1)}])

@@ -1,13 +1,16 @@
-"""The README's must-show: import the committed tiny GPT-NeoX fixture as a 3-checkpoint series, run
+"""The end-to-end check: import the committed tiny GPT-NeoX fixture as a 3-checkpoint series, run
 trajectories + ICL + generation on it, and load all three tables."""
 
 import os
 
 import numpy as np
+import pytest
 
 import analysis
 from analysis import generate, icl, trajectories
 from lib import hf_import
+
+pytestmark = pytest.mark.slow  # import + trajectories + ICL + generation, end to end
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 

@@ -1,5 +1,6 @@
-"""Module boundaries (issue 9): no import cycles among lib/, data/, analysis/, experiments/ (function-level
-imports included), and no import from a higher layer (lib < data < analysis < experiments)."""
+"""Module boundaries: no import cycles among lib/, configs/, data/, analysis/, experiments/, train.py and
+train_group.py (function-level imports included), and no import from a higher layer
+(lib < configs < data < analysis < train, train_group, lib.hf_import < experiments)."""
 
 import os
 import textwrap
@@ -19,6 +20,43 @@ def test_no_import_from_a_higher_layer():
   assert import_graph.layer_violations(g) == []
   assert not any(d.startswith("data") for d in g["lib.mixture"])
   assert g["data.hmm"] == {"data.estimates"}  # not pcfg's private helpers
+  assert {"configs.base", "configs.pcfg", "train", "train_group"} <= set(g)  # run cards and the trainer are checked too
+  assert "analysis.probes" in g["train"] and "configs.base" in g["lib.hf_import"]
+  L = import_graph.layer_of
+  assert L("lib.model") < L("configs.base") < L("data.pipeline") < L("analysis.probes") < L("train") < L("experiments.liu")
+  assert L("lib.hf_import") == L("train") == L("train_group")  # an entry point that writes whole workdirs
+
+
+def test_checker_covers_configs_and_entry_points(tmp_path):
+  _tree(
+    tmp_path,
+    {
+      "lib/__init__.py": "",
+      "lib/model.py": "",
+      "lib/opt.py": "from configs import base\n",  # lib below configs
+      "lib/hf_import.py": "from configs import base\n",  # the importer writes a full run card: allowed
+      "configs/__init__.py": "",
+      "configs/base.py": "from lib import model\n",
+      "configs/pcfg.py": "from configs import base\nfrom data import pipeline\n",  # run cards never import data
+      "data/__init__.py": "",
+      "data/pipeline.py": "",
+      "analysis/__init__.py": "",
+      "analysis/probes.py": "def hook():\n  import train\n",  # analysis never imports the trainer
+      "train.py": "from analysis import probes\nimport train_group\n",
+      "train_group.py": "from lib import model\ndef f():\n  from experiments import x\n",
+      "experiments/__init__.py": "",
+      "experiments/x.py": "import train\n",
+    },
+  )
+  g = import_graph.graph(str(tmp_path))
+  assert g["train"] == {"analysis.probes", "train_group"} and g["experiments.x"] == {"train"}
+  assert import_graph.layer_violations(g) == [
+    "analysis.probes -> train",
+    "configs.pcfg -> data.pipeline",
+    "lib.opt -> configs.base",
+    "train_group -> experiments.x",
+  ]
+  assert import_graph.cycles(g) == [["analysis.probes", "train", "analysis.probes"]]
 
 
 def _tree(root, files):

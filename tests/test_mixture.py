@@ -225,6 +225,7 @@ def test_doremi_per_token_excess_hand_computed():
   np.testing.assert_allclose(steps.group_excess(loss, ref, batch, 3), [1.0, 0.5, 0.0], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["doremi", "doremi_per_token", "doge"])
 def test_reweighting_step_matches_independent_gradients(method):
   model, params, batch = _tiny()
@@ -398,6 +399,7 @@ def test_implied_A_of_every_method_and_fidelity_on_a_planted_law():
     mixing_laws.implied_A("gs")
 
 
+@pytest.mark.slow
 def test_vectorised_branches_equal_sequential():
   model, params, batch = _tiny()
   tx = optax.adam(1e-2)

@@ -92,6 +92,7 @@ def test_causal_model_refused():
     mlm_exact.MaskedEval(model, g, [np.array([0, 1])], seq_len=16, batch_size=8)
 
 
+@pytest.mark.slow
 def test_mlm_run_logs_excess_loss(tmp_path):
   cfg = tiny_cfg(str(tmp_path / "tfds"))
   cfg.unlock()

@@ -99,6 +99,7 @@ def _loss_and_grads(model, params, batch):
   return jax.jit(jax.value_and_grad(lambda p: M.mean_loss(model, p, batch)))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
 def test_sharded_loss_and_grads_match_single_device(shape):
   cfg = M.preset("nano", vocab_size=48, max_len=32, n_heads=4, d_model=32, d_ff=64)

@@ -8,8 +8,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from lib import ckpt as C
+
+pytestmark = pytest.mark.slow  # two processes, each importing jax and compiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [

@@ -74,6 +74,7 @@ def test_parse_seeds():
     multirun.parse_seeds("a,b")
 
 
+@pytest.mark.slow
 def test_group_writes_ordinary_workdirs(group):
   w, out = group
   assert sorted(out) == [0, 1] and all(m["step"] == STEPS and not m["diverged"] for m in out.values())
@@ -86,6 +87,7 @@ def test_group_writes_ordinary_workdirs(group):
     assert sorted(rows(wd, "train/loss")) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["map", "vmap"])
 def test_each_run_equals_its_seed_trained_alone(mode, request, singles):
   w = request.getfixturevalue("group")[0] if mode == "map" else request.getfixturevalue("group_vmap")
@@ -111,6 +113,7 @@ def test_each_run_equals_its_seed_trained_alone(mode, request, singles):
   assert rows(os.path.join(w, "seed_0"), "train/loss")[STEPS] != rows(os.path.join(w, "seed_1"), "train/loss")[STEPS]
 
 
+@pytest.mark.slow
 def test_group_resume_is_bit_identical(group, tmp_path, data_dir):
   w0, _ = group
   w = str(tmp_path / "resumed")
@@ -135,6 +138,7 @@ def test_group_resume_is_bit_identical(group, tmp_path, data_dir):
   assert n_test == [1, 1]
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_only_itself(group, tmp_path, data_dir, monkeypatch):
   """Seed 1's update at step 5 is poisoned with NaN inside the program; seed 0 must be untouched."""
   orig = steps.train_step
@@ -190,6 +194,7 @@ def test_group_refuses_a_locked_member_and_writes_nothing(tmp_path, data_dir):
     holder.wait()
 
 
+@pytest.mark.slow
 def test_group_sigterm_saves_and_resumes_bit_identical(group, tmp_path, data_dir, monkeypatch):
   """SIGTERM (a real signal to this process) during step 6's log: every run gets a resume checkpoint of
   step 7, the locks are released, and the rerun ends bit-identical to the uninterrupted group."""

@@ -12,6 +12,8 @@ import pytest
 import train
 from experiments import aioli
 
+pytestmark = pytest.mark.slow  # trains a seed group and each seed alone
+
 SEEDS = (0, 1)
 
 
@@ -21,9 +23,7 @@ def cfg(data_dir, seed=0, **over):
     "nano", aioli.settings("nano")["bigram2"], seed, data_dir, method="static", proportions="easy=0.7,hard=0.3"
   )
   c.eval.every = 8
-  for k, v in over.items():
-    sec, key = k.split(".")
-    c[sec][key] = v
+  c.update_from_flattened_dict(over)
   return c
 
 

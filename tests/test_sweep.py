@@ -44,6 +44,7 @@ def spec(data_dir, **extra):
   return s
 
 
+@pytest.mark.slow
 def test_grid_runs_once_and_loads_labelled(tmp_path, data_dir, monkeypatch):
   out = str(tmp_path / "sw")
   sw = SW.Sweep.from_dict(spec(data_dir), out)

@@ -81,6 +81,7 @@ def test_run_writes_metrics_checkpoints_and_config(straight):
   assert json.load(open(os.path.join(w, "config.json")))["model"]["d_model"] == 32
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_is_bit_for_bit(straight, tmp_path, data_dir):
   w_straight, _ = straight
   w = str(tmp_path / "resumed")
@@ -110,6 +111,7 @@ def test_restore_params_across_meshes(straight):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_trained_on_one_device_read_on_eight(tmp_path, data_dir):
   w = str(tmp_path / "one")
   r = cli(w, data_dir, "--config.train.steps=2", devices=1)
@@ -121,6 +123,7 @@ def test_trained_on_one_device_read_on_eight(tmp_path, data_dir):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_skipped(straight, tmp_path, data_dir, caplog):
   w = str(tmp_path / "corrupt")
   shutil.copytree(straight[0], w)
@@ -154,6 +157,7 @@ def test_mesh_that_does_not_divide(tmp_path, data_dir):
     train.train_and_evaluate(tiny_cfg(data_dir, **{"mesh.data": -1, "mesh.tensor": 3}), str(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_nan_stops_with_step_and_keeps_checkpoints(tmp_path, data_dir):
   w = str(tmp_path / "nan")
   cfg = tiny_cfg(

@@ -73,6 +73,7 @@ def _hook_store(w):
   return TJ.Store.of(w)
 
 
+@pytest.mark.slow
 def test_hook_recorded_every_probe_step(run):
   w, cfg = run
   st = _hook_store(w)
@@ -87,6 +88,7 @@ def test_hook_recorded_every_probe_step(run):
   assert rows[-1]["probe_loss"] < rows[0]["probe_loss"] - 0.05
 
 
+@pytest.mark.slow
 def test_probe_set_definition(run):
   w, cfg = run
   every = TJ.ProbeSet.load(TJ.store_dir(w))
@@ -117,6 +119,7 @@ def test_probe_set_definition(run):
   assert TJ.build_probe_set(cfg.data, TJ.ProbeSpec(SEQS, 3, 0)).meta() == k3.meta()
 
 
+@pytest.mark.slow
 def test_mean_surprisal_equals_model_loss(run, offline1):
   """The stored surprisal is the model's per-token loss on those documents, computed directly."""
   w, cfg = run
@@ -138,6 +141,7 @@ def test_mean_surprisal_equals_model_loss(run, offline1):
     assert st.row(step)["probe_ppl"] == pytest.approx(math.exp(st.row(step)["probe_loss"]), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_offline_same_mesh_equals_hook_exactly(run):
   w, _ = run
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -150,6 +154,7 @@ def test_offline_same_mesh_equals_hook_exactly(run):
   assert json.load(open(os.path.join(off.dir, "probes.json"))) == json.load(open(os.path.join(hook.dir, "probes.json")))
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight(run, offline1):
   w, rep = offline1
   assert rep.computed[os.path.basename(w)] == STEPS
@@ -159,6 +164,7 @@ def test_one_device_equals_eight(run, offline1):
     np.testing.assert_allclose(one.read(s), hook.read(s), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_recompile_across_checkpoints(run):
   w, cfg = run
   model, _, _ = C.load_model(w)
@@ -172,6 +178,7 @@ def test_no_recompile_across_checkpoints(run):
   assert fn.fn._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_resumable(run, offline1, tmp_path):
   w, _ = run
   before = LD.load_trajectories(w, store="one")
@@ -198,6 +205,7 @@ def _copy_config(w, dst, edit):
   return str(dst)
 
 
+@pytest.mark.slow
 def test_incompatible_runs_are_refused(run, tmp_path, capsys):
   w, _ = run
   small = lambda c: c["data"]["source"].update(n_train=20, n_validation=SEQS, n_test=2)  # noqa: E731
@@ -220,6 +228,7 @@ def test_incompatible_runs_are_refused(run, tmp_path, capsys):
   assert "different vocabulary/tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop after a failed read
 def test_corrupt_and_missing_checkpoints_are_skipped_and_listed(run, tmp_path, capsys):
   w, _ = run
@@ -241,6 +250,7 @@ def test_corrupt_and_missing_checkpoints_are_skipped_and_listed(run, tmp_path, c
   np.testing.assert_allclose(st.read(8), TJ.Store.of(w, "one").read(8), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bits_are_nats_over_ln2(offline1):
   w, _ = offline1
   nats, bits = LD.load_trajectories(w, store="one"), LD.load_trajectories(w, store="one", unit="bits")
@@ -265,6 +275,7 @@ def two_runs(run, offline1, tmp_path_factory):
   return w, w2
 
 
+@pytest.mark.slow
 def test_loader_shapes_and_coords(two_runs, tmp_path):
   w, w_other = two_runs
   w2 = str(tmp_path / "seed1")  # a second run that lacks step 2
@@ -296,6 +307,7 @@ def test_loader_shapes_and_coords(two_runs, tmp_path):
   assert len(probes) == T and (probes["context_len"] == probes["position"] + 1).all()
 
 
+@pytest.mark.slow
 def test_token_metrics_and_plots(two_runs):
   from analysis import curves, plots
 
@@ -335,7 +347,7 @@ def test_token_metrics_and_plots(two_runs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed probe rows (issue 16), invalid checkpoints (issue 10), n-gram join (issue 11)
+# Packed probe rows, invalid checkpoints, n-gram join
 
 
 def test_pack_rows_by_hand():
@@ -355,6 +367,7 @@ def test_pack_rows_by_hand():
   assert p.rows["positions"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
 
 
+@pytest.mark.slow
 def test_packed_equals_unpacked_per_token(run):
   """The packed forward pass gives every probe the surprisal of its one-document row, with far fewer rows."""
   w, _ = run
@@ -377,6 +390,7 @@ def test_packed_equals_unpacked_per_token(run):
     np.testing.assert_allclose(packed(params), unpacked(params), rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop after a failed read
 def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monkeypatch, capsys):
   """Unrestorable (CheckpointError) and non-finite checkpoints: no result stored, an invalid marker with
@@ -425,6 +439,7 @@ def test_invalid_checkpoints_are_recorded_listed_and_retried(run, tmp_path, monk
     np.testing.assert_allclose(st.read(s), TJ.Store.of(w, "one").read(s), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ngram_predictors_joined(two_runs, tmp_path):
   """token_metrics carries n-gram surprisals that equal brute-force counts of the training documents."""
   import collections
@@ -470,6 +485,7 @@ def test_store_result_marks_nonfinite_invalid_then_clears(tmp_path):
   assert st.steps() == [3] and st.invalid() == [] and st.read(3).tolist() == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.slow
 def test_extraction_lists_once_overlaps_writes_and_surfaces_write_failures(run, offline1, tmp_path, monkeypatch):
   """One listing of the workdir per job (no per-checkpoint available_steps/read_meta), the same records
   as before, every phase timed; a store write that fails in the background writer fails the job, the
