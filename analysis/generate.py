@@ -618,11 +618,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--mix_with", default="", help="WORKDIR[@STEP]: decode each checkpoint mixed with this model (Xia)")
   ap.add_argument("--weights", default="1,-1", help="mixture weights lambda_W,lambda_mix (e.g. 1,-1: large minus small)")
   a = ap.parse_args(argv)
+  with errors.one_line_interrupt("lmtrace generate", "nothing written (the tables are written at the end)"):
+    return _main(a)
+
+
+def _main(a) -> int:
   try:
-    steps = None if a.steps == "all" else [int(s) for s in a.steps.split(",")]
+    try:
+      steps = None if a.steps == "all" else [int(s) for s in a.steps.split(",")]
+      wts = [float(x) for x in a.weights.split(",")]
+    except ValueError:
+      raise errors.AnalysisError(f"--steps={a.steps!r} / --weights={a.weights!r}: expected comma-separated numbers") from None
     s = Sampling(0.0 if a.method == "greedy" else a.temperature, a.top_k, a.top_p)
     mw, _, ms = a.mix_with.partition("@")
-    wts = [float(x) for x in a.weights.split(",")]
     _, summ = run_job(
       a.workdir, steps, a.num, a.max_new, s, a.prompt_len, a.seed, mix_workdir=mw or None, mix_step=ms or None, weights=wts
     )

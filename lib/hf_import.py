@@ -688,6 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--tokens_per_step", type=int, default=0, help="recorded as tokens seen per step (Pythia: 2097152; 0 = none)")
   a = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  with errors.one_line_interrupt("lmtrace hf_import", f"nothing imported ({a.workdir}.partial removed)"):
+    return _main(a)
+
+
+def _main(a) -> int:
   try:
     mesh = None
     if a.mesh:
