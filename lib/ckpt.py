@@ -208,10 +208,10 @@ class Checkpointer:
     the save is refused whole rather than torn. `need`: the estimated bytes (1 MiB is added)."""
     need = int(need) + (1 << 20)
     try:
-      free = shutil.disk_usage(self.workdir).free
+      u = shutil.disk_usage(self.workdir)
+      short = u.total > 0 and u.free < need  # total 0: a file system that reports no sizes (some FUSE mounts)
     except OSError:
-      free = need
-    short = free < need
+      short = False
     if jax.process_count() > 1:  # the save is collective: every process refuses, or none
       from jax.experimental import multihost_utils
 
