@@ -45,8 +45,9 @@ def check_workdir(workdir: str, cfg_dict: dict) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = C.read_json(path, "the run's config as trained")
+  if not isinstance(old, dict):
+    raise C.CheckpointError(f"{path} (the run's config as trained) is damaged: a {type(old).__name__}, not a JSON object")
   diffs = []
   for sec in IDENTITY_SECTIONS:
     a, b = old.get(sec), cfg_dict.get(sec)

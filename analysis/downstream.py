@@ -483,13 +483,14 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   MX.quiet_logs()
   sharding.enable_compilation_cache()
-  try:
-    for w in args.workdir:
-      df = run(w, args)
-      print(f"{w}: {len(df)} rows in {table_path(w)} ({int((~df['valid']).sum()) if len(df) else 0} invalid)")
-  except (errors.LmtraceError, ValueError) as e:
-    print(f"lmtrace downstream: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  with errors.one_line_interrupt("lmtrace downstream", "the table keeps every checkpoint finished so far"):
+    try:
+      for w in args.workdir:
+        df = run(w, args)
+        print(f"{w}: {len(df)} rows in {table_path(w)} ({int((~df['valid']).sum()) if len(df) else 0} invalid)")
+    except (errors.LmtraceError, ValueError) as e:
+      print(f"lmtrace downstream: error: {e}", file=sys.stderr)
+      sys.exit(2)
 
 
 if __name__ == "__main__":

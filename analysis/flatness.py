@@ -321,7 +321,11 @@ def table_path(workdir: str) -> str:
 def _todo(workdir: str, job: Job) -> list[int]:
   available = C.available_steps(workdir)
   if job.steps not in ("all", ""):
-    return [C.resolve_step(workdir, int(s)) for s in str(job.steps).split(",") if s.strip()]
+    try:
+      wanted = [int(s) for s in str(job.steps).split(",") if s.strip()]
+    except ValueError:
+      raise FlatnessError(f"--steps={job.steps!r}: expected 'all' or comma-separated checkpoint steps (e.g. 0,100,200)") from None
+    return [C.resolve_step(workdir, s) for s in wanted]
   steps = sorted(s for s, sub in available.items() if job.include_resume or sub == C.ANALYSIS_DIR)
   if not steps:
     where = f"{C.ANALYSIS_DIR}/ or {C.RESUME_DIR}/" if job.include_resume else f"{C.ANALYSIS_DIR}/"
@@ -350,6 +354,8 @@ def run(workdir: str, job: Job) -> pd.DataFrame:
   st = job.settings
   C.read_config(workdir)  # a missing directory or a non-lmtrace one: one clear error
   todo = _todo(workdir, job)
+  if jax.process_index() == 0:  # before measuring anything: a read-only workdir is one line, not a lost hour
+    lib_io.check_writable(os.path.dirname(table_path(workdir)), "flatness cannot write its table: ")
   mesh = sharding.mesh_from_flag(job.mesh)
   sharding.check_batch(mesh, st.batch_size, "--batch_size")  # before any batch is placed on the mesh
   batches, fp = fixed_batches(workdir, batches=st.batches, batch_size=st.batch_size, seed=st.data_seed, mesh=mesh)
@@ -373,12 +379,12 @@ def run(workdir: str, job: Job) -> pd.DataFrame:
     pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt", disable=None if writer else True
   ):
     try:
+      meta = C.read_meta(workdir, step)  # damaged meta (not JSON): the checkpoint is skipped like damaged params
       rows = measure_checkpoint(workdir, step, ests, st, batches, mesh, measurer)
     except C.CheckpointError as e:  # damaged or vanished: mark it, measure the others; a rerun retries it
       if writer:
         print(f"lmtrace flatness: skipping step {step}: {e}", file=sys.stderr)
-      rows = _invalid_rows(step, ests, UNREADABLE + str(e))
-    meta = C.read_meta(workdir, step)
+      rows, meta = _invalid_rows(step, ests, UNREADABLE + str(e)), {}
     for r in rows:
       r.update(tokens_seen=meta.get("tokens_seen", np.nan), data_fingerprint=fp, settings=key, **cfg_cols)
     new = pd.DataFrame(rows)
@@ -448,16 +454,18 @@ def main(argv=None) -> None:
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   MX.quiet_logs()
   sharding.enable_compilation_cache()
-  try:
-    job = job_from_args(args)
-    for w in args.workdir:
-      df = run(w, job)
-      ok = df[df["valid"]] if len(df) else df
-      if jax.process_index() == 0:
-        print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
-  except errors.LmtraceError as e:  # bad input or state: one line; anything else is a bug and keeps its traceback
-    print(f"lmtrace flatness: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  kept = "the table keeps every checkpoint measured so far: rerun the same command to measure the rest"
+  with errors.one_line_interrupt("lmtrace flatness", kept):
+    try:
+      job = job_from_args(args)
+      for w in args.workdir:
+        df = run(w, job)
+        ok = df[df["valid"]] if len(df) else df
+        if jax.process_index() == 0:
+          print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
+    except errors.LmtraceError as e:  # bad input or state: one line; anything else is a bug and keeps its traceback
+      print(f"lmtrace flatness: error: {e}", file=sys.stderr)
+      sys.exit(2)
 
 
 if __name__ == "__main__":

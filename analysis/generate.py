@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import math
 import os
 import sys
@@ -43,6 +44,7 @@ from lib import errors
 from lib import io as lib_io
 from lib import model as M
 
+log = logging.getLogger("lmtrace")
 Array = jax.Array
 MIX_EPS = 1e-7
 
@@ -187,16 +189,91 @@ class Generated:
 
 
 def _left_pad(prompts: Sequence[np.ndarray], pad_id: int):
-  P = max(len(p) for p in prompts)
   if min(len(p) for p in prompts) == 0:
     raise errors.AnalysisError("every prompt needs at least one token (e.g. BOS)")
-  toks = np.full((len(prompts), P), pad_id, np.int32)
-  valid = np.zeros((len(prompts), P), bool)
-  for i, p in enumerate(prompts):
-    toks[i, P - len(p) :] = p
-    valid[i, P - len(p) :] = True
-  pos = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
+  toks, valid, pos, _ = M.left_pad(prompts, pad_id)
   return toks, valid, pos
+
+
+class _FromWorkdir:
+  """Default of generate()'s eos_id/pad_id: the workdir's special ids (see special_ids)."""
+
+  def __repr__(self):
+    return "FROM_WORKDIR"
+
+
+FROM_WORKDIR = _FromWorkdir()
+
+
+def special_ids(workdir_or_cfg) -> dict:
+  """{"bos", "eos", "pad"} ids of a run (a workdir or its config dict): an imported model's own (its
+  tokenizer's, recorded at import), a text run's Hugging Face tokenizer's, else lmtrace's reserved ids
+  (data/vocab.py: PAD 0, BOS 1, EOS 2)."""
+  from data import vocab
+
+  cfg = workdir_or_cfg
+  if isinstance(cfg, (str, os.PathLike)):
+    from lib import ckpt
+
+    cfg = ckpt.read_config(os.fspath(cfg))
+  imp = cfg.get("import") or {}
+  if imp.get("special_ids"):
+    return {k: int(v) for k, v in imp["special_ids"].items()}
+  src = (cfg.get("data") or {}).get("source") or {}
+  if src.get("kind") == "text" and src.get("tokenizer") == "hf" and src.get("tokenizer_model"):
+    from lib.tokenizer import HFTokenizer
+
+    return HFTokenizer(src["tokenizer_model"]).special_ids()
+  return {"bos": vocab.BOS, "eos": vocab.EOS, "pad": vocab.PAD}
+
+
+def _special(workdir, eos_id, pad_id) -> tuple[int | None, int]:
+  """generate()'s (eos_id, pad_id): the given ones, the rest from `workdir`; without a workdir, no EOS
+  stop and pad 0, with a warning (a caller that passes neither gets no silent stopping rule)."""
+  if eos_id is FROM_WORKDIR or pad_id is FROM_WORKDIR:
+    if workdir is not None:
+      sp = special_ids(workdir)
+      eos_id = sp["eos"] if eos_id is FROM_WORKDIR else eos_id
+      pad_id = sp["pad"] if pad_id is FROM_WORKDIR else pad_id
+    else:
+      if eos_id is FROM_WORKDIR:
+        log.warning("generate(): no eos_id and no workdir: decoding will not stop at an end-of-sequence token "
+                    "(pass workdir=W to use the run's special ids, or eos_id=/pad_id=)")  # fmt: skip
+      eos_id = None if eos_id is FROM_WORKDIR else eos_id
+      pad_id = 0 if pad_id is FROM_WORKDIR else pad_id
+  return eos_id, int(pad_id)
+
+
+def text_batch(workdir: str, texts: Sequence[str], *, bos: bool = True, length: int | None = None) -> dict:
+  """A left-padded next-token batch (M.ragged_batch) of `texts` encoded with the workdir's tokenizer
+  (an imported model's own, or a text run's Hugging Face or byte tokenizer), each prefixed with BOS:
+  per_token_loss on it equals each text scored alone."""
+  from lib import ckpt
+
+  cfg = ckpt.read_config(workdir)
+  sp = special_ids(cfg)
+  enc = _encoder(workdir, cfg)
+  seqs = [np.concatenate([[sp["bos"]] if bos else [], enc(t)]).astype(np.int32) for t in texts]
+  return M.ragged_batch(seqs, sp["pad"], length)
+
+
+def _encoder(workdir: str, cfg: dict):
+  imp = cfg.get("import") or {}
+  src = (cfg.get("data") or {}).get("source") or {}
+  path = imp.get("tokenizer") or (src.get("tokenizer_model") if src.get("tokenizer") == "hf" else None)
+  if path:
+    from lib.tokenizer import HFTokenizer
+
+    return HFTokenizer(path).encode
+  if src.get("kind") == "text" and src.get("tokenizer", "bytes") == "bytes":
+    from data import text, vocab
+
+    tk = text.Tokenizer("bytes")
+    return lambda t: tk.encode(t) + vocab.N_SPECIAL  # lmtrace's shifted byte ids
+  raise errors.AnalysisError(
+    f"{workdir}: text_batch encodes text with a Hugging Face or byte tokenizer; this run's data is "
+    f"{src.get('kind')!r} (tokenizer {src.get('tokenizer')!r}): encode it yourself and use lib.model.ragged_batch"
+  )
 
 
 def generate(
@@ -206,13 +283,18 @@ def generate(
   *,
   sampling: Sampling = Sampling(),
   seed: int = 0,
-  eos_id: int | None = None,
-  pad_id: int = 0,
+  eos_id=FROM_WORKDIR,
+  pad_id=FROM_WORKDIR,
+  workdir: str | None = None,
   weights: Sequence[float] | None = None,
   cache: bool = True,
 ) -> Generated:
   """Decodes `max_new` tokens after each prompt. `models` is [(cfg, params)]; with several models,
-  `weights` are Xia's λs (mixture-of-models decoding). Same seed -> same tokens, cached or not."""
+  `weights` are Xia's λs (mixture-of-models decoding). Same seed -> same tokens, cached or not.
+
+  eos_id (stop; None = never) and pad_id (fills after EOS) default to the special ids of `workdir`
+  (`special_ids`: an imported model's tokenizer, else lmtrace's PAD 0 / EOS 2); given explicitly, they win."""
+  eos_id, pad_id = _special(workdir, eos_id, pad_id)
   models = list(models)
   weights = list(weights) if weights is not None else [1.0] * len(models)
   if len(weights) != len(models):
@@ -360,13 +442,10 @@ def _prompts(run_cfg: dict, num: int, prompt_len: int, seed: int, max_len: int) 
   tokens of seeded validation documents."""
   import ml_collections
 
-  from data import sources, vocab
+  from data import sources
 
   data = ml_collections.ConfigDict(run_cfg["data"])
-  special = {"bos": vocab.BOS, "eos": vocab.EOS, "pad": vocab.PAD}
-  imp = run_cfg.get("import") or {}
-  if imp.get("special_ids"):
-    special = dict(imp["special_ids"])
+  special = special_ids(run_cfg)
   if prompt_len <= 0:
     return [np.asarray([special["bos"]], np.int32)] * num, special
   if prompt_len >= max_len:
@@ -539,11 +618,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--mix_with", default="", help="WORKDIR[@STEP]: decode each checkpoint mixed with this model (Xia)")
   ap.add_argument("--weights", default="1,-1", help="mixture weights lambda_W,lambda_mix (e.g. 1,-1: large minus small)")
   a = ap.parse_args(argv)
+  with errors.one_line_interrupt("lmtrace generate", "nothing written (the tables are written at the end)"):
+    return _main(a)
+
+
+def _main(a) -> int:
   try:
-    steps = None if a.steps == "all" else [int(s) for s in a.steps.split(",")]
+    try:
+      steps = None if a.steps == "all" else [int(s) for s in a.steps.split(",")]
+      wts = [float(x) for x in a.weights.split(",")]
+    except ValueError:
+      raise errors.AnalysisError(f"--steps={a.steps!r} / --weights={a.weights!r}: expected comma-separated numbers") from None
     s = Sampling(0.0 if a.method == "greedy" else a.temperature, a.top_k, a.top_p)
     mw, _, ms = a.mix_with.partition("@")
-    wts = [float(x) for x in a.weights.split(",")]
     _, summ = run_job(
       a.workdir, steps, a.num, a.max_new, s, a.prompt_len, a.seed, mix_workdir=mw or None, mix_step=ms or None, weights=wts
     )

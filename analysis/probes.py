@@ -448,10 +448,17 @@ def extract(
   wanted = parse_steps(steps)
   phases = dict.fromkeys(_PHASES, 0.0)
   plans = []
-  for r in runs:
+  avails = [C.available_steps(r.workdir) for r in runs]
+  for r, avail in zip(runs, avails):  # a request no checkpoint matches is refused before anything is written
+    if wanted is not None and not set(wanted) & set(avail):
+      near = sorted(sorted(avail, key=lambda a: min(abs(a - w) for w in wanted))[:3])
+      raise errors.CheckpointError(
+        f"{r.workdir} has no checkpoint at step(s) {wanted[:6]}{' ...' if len(wanted) > 6 else ''} "
+        f"(nearest: {near}; {len(avail)} available); nothing written"
+      )
+  for r, avail in zip(runs, avails):
     st = Store.of(r.workdir, store)
     st.init_probes(r.probes)
-    avail = C.available_steps(r.workdir)
     # 'all' = the analysis checkpoints (the run's kept schedule); resume ones come and go
     want = (sorted(s for s, sub in avail.items() if sub == C.ANALYSIS_DIR) or sorted(avail)) if wanted is None else wanted
     done = set(st.steps())

@@ -86,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error("--ngram_n must be >= 0, --freq_docs, --batch_size and --prefetch >= 1")
   MX.quiet_logs()  # orbax and tfds log every read at INFO
   sharding.enable_compilation_cache()
+  kept = "the store keeps every checkpoint stored so far: rerun the same command to add the rest"
+  with errors.one_line_interrupt("lmtrace trajectories", kept):
+    return _main(a)
+
+
+def _main(a) -> int:
   try:
     spec = {"sequences": a.sequences, "positions": a.positions, "seed": a.probe_seed}
     rep = extract(

@@ -294,6 +294,13 @@ class Sweep:
 
   def _claim(self, write: bool = True) -> None:
     """Writes DIR/sweep.json, or checks that DIR holds this very sweep (only checks when not `write`)."""
+    from lib import config_check
+
+    for r in self._runs:  # a value the trainer would refuse is refused before DIR/sweep.json exists
+      try:
+        config_check.validate(self.config(r.point))
+      except errors.ConfigError as e:
+        raise SweepError(f"run {os.path.relpath(r.workdir, self.out)}: {e}") from None
     path = os.path.join(self.out, SWEEP_JSON)
     me = {"spec": self.spec, "runs": [{"workdir": os.path.relpath(r.workdir, self.out), "point": r.point} for r in self._runs]}
     if os.path.exists(path):

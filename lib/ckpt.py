@@ -17,16 +17,20 @@ directory: the size and CRC32 of every file of the checkpoint (lib/integrity.py)
 trainer's resume, `restore_params`, hence every analysis job) verifies the files it reads first; a
 mismatch is treated like an unreadable checkpoint. A checkpoint whose `meta` says it will be sealed
 but has no manifest yet is still being written (or its writer died before sealing): it is not listed
-by `available_steps`. Checkpoints written before manifests existed load with a note.
+by `available_steps`; a trainer starting in the workdir moves it aside (`<step>.unsealed`: its bytes were
+never hashed, and Orbax's files do not detect a flipped bit) and recomputes that step. Checkpoints
+written before manifests existed load with a note.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -57,6 +61,35 @@ def _manager(path: str, *, read_only: bool = False, max_to_keep: int | None = No
   return ocp.CheckpointManager(os.path.abspath(path), options=opts)
 
 
+@contextlib.contextmanager
+def _storage_errors(workdir: str):
+  """A full disk hit inside Orbax (raised from its writer threads as OSError or as TensorStore's text)
+  becomes one errors.StorageError naming the workdir and its free space."""
+  try:
+    yield
+  except Exception as e:
+    conv = errors.storage_error(e, os.path.abspath(workdir)) if errors.is_disk_full(e) else None
+    if conv is None:
+      raise
+    raise conv from None
+
+
+class _DiskFullLogFilter(logging.Filter):
+  """Drops Orbax's own tracebacks of a full disk (dozens, from its writer threads): the trainer reports
+  it once, as one line naming the workdir and its free space (errors.StorageError)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    texts = [record.getMessage()]
+    e = record.exc_info[1] if record.exc_info else None
+    while e is not None and len(texts) < 8:
+      texts.append(str(e))
+      e = e.__cause__ or e.__context__
+    return not any("No space left on device" in t or "Disk quota exceeded" in t for t in texts)
+
+
+_DISK_FULL_FILTER = _DiskFullLogFilter()
+
+
 def _items(step_dir: str) -> set[str]:
   return {d for d in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, d))} if os.path.isdir(step_dir) else set()
 
@@ -74,6 +107,9 @@ class Checkpointer:
     self.analysis = _manager(os.path.join(workdir, ANALYSIS_DIR), async_=async_)
     self.resume = _manager(os.path.join(workdir, RESUME_DIR), max_to_keep=max(1, keep_resume), async_=async_)
     self._unsealed: list[tuple[str, int]] = []  # (subdir, step) saved by this process, manifest not yet written
+    for name in ("absl", "orbax"):
+      if _DISK_FULL_FILTER not in logging.getLogger(name).filters:
+        logging.getLogger(name).addFilter(_DISK_FULL_FILTER)
     self._seal_leftovers()
 
   @classmethod
@@ -89,20 +125,31 @@ class Checkpointer:
     )
 
   def _seal_leftovers(self) -> None:
-    """Seals checkpoints an earlier, killed pass committed but did not live to seal (Orbax's commit
-    means their files are complete), so they are listed and resumable again."""
-    if jax.process_index() == 0:
-      for sub in (ANALYSIS_DIR, RESUME_DIR):
-        root = os.path.join(self.workdir, sub)
-        for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-          d = os.path.join(root, name)
-          if name.isdigit() and is_committed(d) and not integrity.sealed_or_legacy(d):
-            log.info("sealing %s, committed by a run that stopped before sealing it", d)
-            integrity.seal(d)
+    """Quarantines checkpoints that Orbax committed but nobody sealed (a killed writer, or a deleted
+    manifest): their bytes were never hashed, and Orbax's own files do not detect a flipped bit in the
+    array data, so nothing can show they are intact. Each is moved to `<step>.unsealed` with a warning,
+    and the resume point is kept below the oldest of them (`restore_latest`), so the deterministic
+    rerun recomputes and re-saves every one of those steps."""
+    self.quarantined: list[int] = []
+    for sub in (ANALYSIS_DIR, RESUME_DIR):
+      root = os.path.join(self.workdir, sub)
+      for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        d = os.path.join(root, name)
+        if name.isdigit() and is_committed(d) and not integrity.sealed_or_legacy(d):
+          self.quarantined.append(int(name))
+          if jax.process_index() == 0:
+            log.warning(
+              "%s was committed but never sealed (its writer stopped before sealing it, or its manifest was deleted): its "
+              "files cannot be verified, so it is moved to %s.unsealed and step %s will be recomputed", d, d, name
+            )  # fmt: skip
+            os.replace(d, f"{d}.unsealed")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
-      multihost_utils.sync_global_devices("lmtrace: leftover checkpoints sealed")
+      multihost_utils.sync_global_devices("lmtrace: unsealed leftover checkpoints moved aside")
+    if self.quarantined:
+      self.analysis.reload()
+      self.resume.reload()
 
   def wants(self, step: int, last: bool = False) -> tuple[bool, bool]:
     """(save an analysis checkpoint, save a resume checkpoint) at `step`."""
@@ -127,14 +174,58 @@ class Checkpointer:
     )
     # A step that already exists was written by the identical (deterministic) earlier pass of a
     # resumed run: keep it rather than overwrite.
-    if a and step not in self.analysis.all_steps():
-      items = full if not self.params_only else dict(params=full["params"], meta=full["meta"])
-      self.analysis.save(step, args=ocp.args.Composite(**items), force=True)
-      self._unsealed.append((ANALYSIS_DIR, step))
-    if r and step not in self.resume.all_steps():
-      self.resume.save(step, args=ocp.args.Composite(**full), force=True)
-      self._unsealed.append((RESUME_DIR, step))
-    return a or r
+    a = a and step not in self.analysis.all_steps()
+    r = r and step not in self.resume.all_steps()
+    trees = [state["params"]] + ([state["opt_state"]] if (r or (a and not self.params_only)) else [])
+    leaves = jax.tree.leaves(trees)
+    # on disk: as much as the largest of the newest checkpoints (+25%), or before any was written, twice the
+    # arrays' bytes and ~16 KiB of OCDBT/metadata files per array
+    est = int(1.25 * self._largest_on_disk()) or 2 * sum(int(getattr(x, "nbytes", 0)) for x in leaves) + (16 << 10) * len(leaves)
+    self._check_space(step, (int(a) + int(r)) * est)
+    with _storage_errors(self.workdir):
+      if a:
+        items = full if not self.params_only else dict(params=full["params"], meta=full["meta"])
+        self.analysis.save(step, args=ocp.args.Composite(**items), force=True)
+        self._unsealed.append((ANALYSIS_DIR, step))
+      if r:
+        self.resume.save(step, args=ocp.args.Composite(**full), force=True)
+        self._unsealed.append((RESUME_DIR, step))
+    return True
+
+  def _largest_on_disk(self) -> int:
+    """Bytes of the largest of the newest committed checkpoints (one per kind): a measured size per save."""
+    out = 0
+    for sub in (ANALYSIS_DIR, RESUME_DIR):
+      root = os.path.join(self.workdir, sub)
+      steps = [int(n) for n in os.listdir(root) if n.isdigit()] if os.path.isdir(root) else []
+      if steps:
+        d = os.path.join(root, str(max(steps)))
+        out = max(out, sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs))
+    return out
+
+  def _check_space(self, step: int, need: int) -> None:
+    """errors.StorageError (one line, every process) before a save that the file system has no room for:
+    the save is refused whole rather than torn. `need`: the estimated bytes (1 MiB is added)."""
+    need = int(need) + (1 << 20)
+    try:
+      u = shutil.disk_usage(self.workdir)
+      short = u.total > 0 and u.free < need  # total 0: a file system that reports no sizes (some FUSE mounts)
+    except OSError:
+      short = False
+    if jax.process_count() > 1:  # the save is collective: every process refuses, or none
+      from jax.experimental import multihost_utils
+
+      short = bool(multihost_utils.broadcast_one_to_all(np.int32(short)))
+    if short:
+      self.wait()  # the saves already under way finish and are sealed: the message lists them
+      done = sorted(available_steps(self.workdir))
+      err = errors.StorageError(
+        f"no space left on device for the checkpoint of step {step} in {os.path.abspath(self.workdir)}: it needs about "
+        f"{need / 2**20:.1f} MiB and {errors.free_space(self.workdir)} is free there; free some space, then rerun the same "
+        f"command (the checkpoints written so far are intact, the latest: {done[-3:]})"
+      )
+      err.errno = 28
+      raise err
 
   def seal_committed(self) -> None:
     """Writes the manifest of every checkpoint this run saved whose (async) save has committed."""
@@ -149,9 +240,10 @@ class Checkpointer:
     self._unsealed = left
 
   def wait(self) -> None:
-    self.analysis.wait_until_finished()
-    self.resume.wait_until_finished()
-    self.seal_committed()
+    with _storage_errors(self.workdir):
+      self.analysis.wait_until_finished()
+      self.resume.wait_until_finished()
+      self.seal_committed()
 
   def close(self) -> None:
     self.analysis.close()
@@ -174,9 +266,10 @@ class Checkpointer:
     `errors.ConfigError` naming the differences (plus `mismatch_hint`), and nothing is touched.
     """
     candidates = []
+    below = min(getattr(self, "quarantined", []) or [math.inf])  # recompute every quarantined step
     for mngr, sub in ((self.resume, RESUME_DIR), (self.analysis, ANALYSIS_DIR)):
       for s in mngr.all_steps():
-        if {"params", "opt_state", "train"} <= _items(os.path.join(self.workdir, sub, str(s))):
+        if s < below and {"params", "opt_state", "train"} <= _items(os.path.join(self.workdir, sub, str(s))):
           candidates.append((s, sub, mngr))
     train_t = {"step": target_state["step"], "rng": target_state["rng"], "mixture": target_state.get("mixture", {})}
     items_t = {"params": target_state["params"], "opt_state": target_state["opt_state"], "train": train_t}
@@ -272,8 +365,21 @@ def read_config(workdir: str) -> dict:
     raise CheckpointError(f"workdir {workdir} does not exist")
   if not os.path.exists(path):
     raise CheckpointError(f"{workdir} has no config.json: not an lmtrace workdir (train with train.py --workdir={workdir})")
-  with open(path) as f:
-    return json.load(f)
+  cfg = read_json(path, "the run's config")
+  if not isinstance(cfg, dict):
+    raise CheckpointError(f"{path} holds a {type(cfg).__name__}, not a run config")
+  return cfg
+
+
+def read_json(path: str, what: str):
+  """The JSON in `path`; CheckpointError (one line) if it cannot be read or parsed (truncated, garbage)."""
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read().decode("utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} ({what}) is damaged: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+  except OSError as e:
+    raise CheckpointError(f"cannot read {path} ({what}): {e.strerror or e}") from None
 
 
 def is_committed(step_dir: str) -> bool:
@@ -332,8 +438,10 @@ def read_meta_at(step_dir: str) -> dict:
   path = os.path.join(step_dir, "meta", "metadata")
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  meta = read_json(path, "the checkpoint's meta")
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{path} (the checkpoint's meta) is damaged: a {type(meta).__name__}, not a JSON object")
+  return meta
 
 
 def resolve_step(workdir: str, step) -> int:
@@ -344,6 +452,14 @@ def resolve_step(workdir: str, step) -> int:
     return max(steps)
   step = int(step)
   if step not in steps:
+    for sub in (ANALYSIS_DIR, RESUME_DIR):
+      d = os.path.join(workdir, sub, str(step))
+      if is_committed(d) and not integrity.sealed_or_legacy(d):
+        raise CheckpointError(
+          f"{d} exists but is unsealed: it has no integrity manifest (a trainer is still writing it, its writer stopped "
+          f"before sealing it, or the manifest was deleted), so its files cannot be verified; rerunning the trainer in "
+          f"{workdir} moves it aside and recomputes step {step}"
+        )
     near = sorted(steps, key=lambda s: abs(s - step))[:5]
     raise CheckpointError(f"{workdir} has no checkpoint at step {step}; nearest: {sorted(near)} ({len(steps)} steps available)")
   return step

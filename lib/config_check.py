@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
+import math
 import os
 import socket
 import time
@@ -24,6 +26,7 @@ OBJECTIVES = ("clm", "mlm")
 UNRECORDED_ON_RESUME = ("train.stop_at", "data.num_threads", "data.data_dir", "model.preset", "log.tensorboard")
 UNRECORDED_SECTIONS = ("distributed",)
 RESUME_HISTORY = "resume_history.jsonl"
+log = logging.getLogger("lmtrace")
 
 
 def _leaf_keys(cfg, prefix: str = "") -> list[str]:
@@ -65,6 +68,8 @@ def _positive(cfg, *keys: str, allow_zero: bool = False) -> None:
     node = cfg
     for part in key.split("."):
       node = node[part]
+    if isinstance(node, (int, float)) and not isinstance(node, bool) and not math.isfinite(node):
+      _fail(f"{key}={node!r} must be a finite number")
     ok = isinstance(node, (int, float)) and not isinstance(node, bool) and (node >= 0 if allow_zero else node > 0)
     if not ok:
       _fail(f"{key}={node!r} must be {'>= 0' if allow_zero else '> 0'}")
@@ -93,6 +98,11 @@ def validate(cfg) -> M.ModelConfig:
   _positive(cfg, "ckpt.keep_resume", "eval.batch_size")
   if cfg.eval.every:
     _positive(cfg, "eval.batches")
+  if cfg.opt.warmup_steps > cfg.train.steps:
+    log.warning(
+      "opt.warmup_steps=%s exceeds train.steps=%s: the learning rate never reaches opt.lr=%s (it ends at %.3g of it)",
+      cfg.opt.warmup_steps, cfg.train.steps, cfg.opt.lr, cfg.train.steps / cfg.opt.warmup_steps,
+    )  # fmt: skip
   if cfg.train.batch_size % cfg.train.grad_accum:
     _fail(f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}")
   if cfg.data.objective not in OBJECTIVES:

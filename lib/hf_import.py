@@ -6,7 +6,8 @@
 Each source directory is one revision: an HF `config.json`, weights (`*.safetensors`, sharded ones via
 `model.safetensors.index.json`; `pytorch_model*.bin` when torch is installed) and, in the first source
 (or `--tokenizer=DIR`), a `tokenizer.json`. Revision i becomes `W/checkpoints/<step>/`, the step read
-from the directory name (`step143000` anywhere in the path) unless `--steps` gives them. `W/config.json`
+from the revision folder's own name (`step143000`, `checkpoint-500`, a Hugging Face cache snapshot's
+`step<N>` ref; never a parent folder) unless `--steps` gives them. `W/config.json`
 is a full lmtrace run config (configs/base.py defaults) whose `model` section describes the imported
 architecture, whose `import` section records the sources and whose `data.source` is a text source tokenized
 by the model's own tokenizer (copied to `W/tokenizer/`), so the trajectory/ICL/generation jobs run on the
@@ -481,29 +482,73 @@ def load_params(src: str, mesh=None, dtype=np.float32):
 # Workdir
 
 
-_STEP = re.compile(r"step[-_]?(\d+)")
+_STEP_TOKEN = re.compile(r"(?:step|checkpoint|ckpt|iter)[-_]?(\d+)", re.IGNORECASE)
+_SNAPSHOT = re.compile(r"[0-9a-f]{40}")
+
+
+def _snapshot_refs(src: str) -> list[str]:
+  """Names of the refs (e.g. 'step1000', 'main') of a Hugging Face cache snapshot folder
+  (.../models--org--name/snapshots/<commit>), read from the cache's refs/ files; [] for other folders."""
+  path = os.path.abspath(src)
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  refs = os.path.join(os.path.dirname(parent), "refs")
+  if not _SNAPSHOT.fullmatch(name) or os.path.basename(parent) != "snapshots" or not os.path.isdir(refs):
+    return []
+  out = []
+  for root, _, files in os.walk(refs):
+    for f in files:
+      try:
+        with open(os.path.join(root, f)) as fh:
+          if fh.read().strip() == name:
+            out.append(os.path.relpath(os.path.join(root, f), refs))
+      except OSError:
+        continue
+  return sorted(out)
 
 
 def step_of(src: str) -> int | None:
-  m = _STEP.findall(os.path.abspath(src))
-  return int(m[-1]) if m else None
+  """The training step a revision folder names: its OWN name ('step143000', 'step-1000', 'checkpoint-500',
+  'pythia-70m-step3000', or digits only like '1000'), or the step<N> ref of a Hugging Face cache snapshot.
+  Parent folders never count (--src=/data/step2_runs/opt-125m names no step). None if the name gives
+  no step; errors.ConfigError if it gives several."""
+  name = os.path.basename(os.path.normpath(os.path.abspath(src)))
+  if name.isdigit():
+    return int(name)
+  found = sorted({int(m) for m in _STEP_TOKEN.findall(name)})
+  if not found:
+    found = sorted({int(m) for r in _snapshot_refs(src) for m in _STEP_TOKEN.findall(os.path.basename(r))})
+    name = f"{name} (refs {_snapshot_refs(src)})" if found else name
+  if len(found) > 1:
+    raise errors.ConfigError(f"--src {src}: the folder name {name!r} names several steps {found}; pass --steps=")
+  return found[0] if found else None
 
 
 def _steps(srcs: list[str], steps: str | None) -> list[int]:
+  """One step per source: from --steps, else from each revision folder's own name (step_of). A series
+  in which some folders name a step and others do not, or two name the same step, is refused."""
   if steps:
-    out = [int(s) for s in steps.split(",") if s.strip()]
+    try:
+      out = [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+      raise errors.ConfigError(f"--steps={steps!r} is not comma-separated integers") from None
     if len(out) != len(srcs):
       raise errors.ConfigError(f"--steps gives {len(out)} steps for {len(srcs)} --src directories")
+    if any(s < 0 for s in out):
+      raise errors.ConfigError(f"--steps={steps!r}: steps must be >= 0")
   else:
     out = [step_of(s) for s in srcs]
     if None in out:
-      if len(srcs) == 1:
-        out = [0]
-      else:
-        bad = srcs[out.index(None)]
-        raise errors.ConfigError(f"cannot read a step from {bad!r} (expected e.g. '.../step143000'); pass --steps=")
+      bad = srcs[out.index(None)]
+      if len(srcs) > 1:
+        raise errors.ConfigError(
+          f"cannot read a step from the folder name of {bad!r} (expected e.g. '.../step143000' or '.../checkpoint-500'; "
+          f"parent folders are not read); pass --steps="
+        )
+      log.info("the folder name of %s names no step: imported as step 0 (pass --steps= to choose)", bad)
+      out = [0]
   if len(set(out)) != len(out):
-    raise errors.ConfigError(f"two revisions map to the same step: {out}")
+    dup = sorted({s for s in out if out.count(s) > 1})
+    raise errors.ConfigError(f"two revisions map to the same step {dup} (steps {out}); pass --steps=")
   return out
 
 
@@ -632,7 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m lib.hf_import", description=__doc__.split("\n\n")[0])
   ap.add_argument("--src", required=True, help="comma-separated local HF model directories, one per revision")
   ap.add_argument("--workdir", required=True, help="new lmtrace workdir")
-  ap.add_argument("--steps", default="", help="comma-separated steps per --src (default: read 'step<N>' from each path)")
+  ap.add_argument(
+    "--steps", default="", help="comma-separated steps per --src (default: read 'step<N>' from each folder's own name)"
+  )
   ap.add_argument("--tokenizer", default=None, help="directory or tokenizer.json (default: the first --src that has one)")
   ap.add_argument(
     "--probe_text", default="", help="local text file for probe sets (trajectories), tokenized by the model's tokenizer"
@@ -641,6 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--tokens_per_step", type=int, default=0, help="recorded as tokens seen per step (Pythia: 2097152; 0 = none)")
   a = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  with errors.one_line_interrupt("lmtrace hf_import", f"nothing imported ({a.workdir}.partial removed)"):
+    return _main(a)
+
+
+def _main(a) -> int:
   try:
     mesh = None
     if a.mesh:

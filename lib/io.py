@@ -10,9 +10,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
+
+from lib import errors
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
@@ -25,10 +28,29 @@ def atomic_write(path: str, data: bytes | str) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    conv = errors.storage_error(e, path)  # disk full, read-only, no permission: one line, the old file intact
+    if conv is not None:
+      raise conv from None
     raise
+
+
+def check_writable(directory: str, what: str = "") -> None:
+  """errors.StorageError (one line) unless a file can be created in `directory` (made if missing): tried
+  for real (a probe file made and removed), since permission bits do not stop root and a read-only
+  mount or a full disk shows only on writing."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".lmtrace-write-probe-", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    conv = errors.storage_error(e, directory)
+    if conv is None:
+      raise
+    raise errors.StorageError(f"{what}{conv}") from None
 
 
 def json_default(o):
@@ -52,5 +74,11 @@ def atomic_parquet(df, path: str) -> None:
   """A pandas DataFrame as a parquet table, written atomically (parent directories made)."""
   buf = io.BytesIO()
   df.to_parquet(buf, index=False)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  except OSError as e:
+    conv = errors.storage_error(e, path)
+    if conv is None:
+      raise
+    raise conv from None
   atomic_write(path, buf.getvalue())

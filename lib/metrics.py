@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lib import errors
 from lib import io as lio
 
 # Dense bf16 peak FLOP/s per device (no sparsity). MFU is reported against these.
@@ -126,16 +127,31 @@ class Writer:
     if not self.active:
       return
     row = {"step": int(step), "time": time.time(), **flatten(metrics)}
-    self._f.write(json.dumps(row, default=float, allow_nan=True) + "\n")
-    self._f.flush()
+    try:
+      self._f.write(json.dumps(row, default=float, allow_nan=True) + "\n")
+      self._f.flush()
+    except OSError as e:
+      conv = errors.storage_error(e, self.path)
+      if conv is None:
+        raise
+      self._drop()  # its buffered bytes could not be written: closing it would only fail again
+      raise conv from None
     if self.tb is not None:
       for k, v in row.items():
         if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
           self.tb.add_scalar(k, v, int(step))
 
+  def _drop(self) -> None:
+    f, self._f = self._f, None
+    try:
+      f.close()
+    except OSError:
+      pass
+
   def close(self) -> None:
     if self._f:
-      self._f.close()
+      f, self._f = self._f, None
+      f.close()
     if self.tb is not None:
       self.tb.close()
 

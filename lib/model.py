@@ -21,7 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from lib import errors
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -365,6 +368,44 @@ def mean_loss(model: Transformer, params, batch, **kw) -> Array:
   loss_BxL = per_token_loss(model, params, batch, **kw)
   mask_BxL = batch["mask"].astype(jnp.float32)
   return loss_BxL.sum() / jnp.maximum(mask_BxL.sum(), 1.0)
+
+
+PAD_SEGMENT = 0  # segment id of the pad slots of a left-padded batch (real tokens: 1); see left_pad
+
+
+def left_pad(seqs, pad_id: int, length: int | None = None):
+  """(tokens_BxL, valid_BxL, positions_BxL, segment_ids_BxL) of ragged token sequences, LEFT-padded to
+  `length` (default: the longest). Positions count from each sequence's first real token; pad slots
+  get their own segment id (PAD_SEGMENT), so no real token attends to a pad and a padded row computes
+  exactly what the sequence alone computes. numpy int32 arrays (valid: bool)."""
+  seqs = [np.asarray(s, np.int32).reshape(-1) for s in seqs]
+  if not seqs:
+    raise errors.DataError("no sequences to batch")
+  L = max(len(s) for s in seqs) if length is None else int(length)
+  if max(len(s) for s in seqs) > L:
+    raise errors.DataError(f"a sequence of {max(len(s) for s in seqs)} tokens does not fit length {L}")
+  toks = np.full((len(seqs), L), pad_id, np.int32)
+  valid = np.zeros((len(seqs), L), bool)
+  for i, s in enumerate(seqs):
+    if len(s):
+      toks[i, L - len(s) :] = s
+      valid[i, L - len(s) :] = True
+  pos = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
+  seg = np.where(valid, PAD_SEGMENT + 1, PAD_SEGMENT).astype(np.int32)
+  return toks, valid, pos, seg
+
+
+def ragged_batch(seqs, pad_id: int, length: int | None = None) -> dict:
+  """A next-token batch for `per_token_loss`/`logits` of ragged token sequences (each e.g. [BOS, ...]):
+  row i scores seqs[i][1:] given its prefix, left-padded to `length` predicted slots (default: the
+  longest sequence minus one). `mask` is 1 exactly on the real targets, so
+  per_token_loss(batch)[i][mask[i] > 0] equals the loss of seqs[i] computed alone, without padding."""
+  seqs = [np.asarray(s, np.int32).reshape(-1) for s in seqs]
+  if any(len(s) < 2 for s in seqs):
+    raise errors.DataError("every sequence needs at least two tokens (a context token, e.g. BOS, and a target)")
+  toks, valid, pos, seg = left_pad([s[:-1] for s in seqs], pad_id, length)
+  tgt, _, _, _ = left_pad([s[1:] for s in seqs], pad_id, toks.shape[1])
+  return {"inputs": toks, "targets": tgt, "mask": valid.astype(np.int32), "positions": pos, "segment_ids": seg}
 
 
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None = None) -> dict:

@@ -6,7 +6,9 @@ run (one jax.distributed job) hold it through process 0 and learn its verdict by
 they refuse together. A lock left by a dead holder is stale and taken over with a warning: on the
 same host when its pid no longer runs (or runs another program: the start time differs); on another
 host when its heartbeat (the file's mtime, touched at least every HEARTBEAT_S by the holder) is
-older than STALE_S. Readers (analysis jobs) never take the lock.
+older than STALE_S. A takeover renames the stale file away and checks that what it renamed is the file
+it judged (inode, size, mtime, bytes), putting back a fresh lock another trainer made meanwhile, so two
+trainers taking over one stale lock at once cannot both hold it. Readers (analysis jobs) never take the lock.
 """
 
 from __future__ import annotations
@@ -50,22 +52,51 @@ class WorkdirLock:
     self.path = os.path.join(workdir, LOCK)
     self.held = False
     self._beat = 0.0
+    self._token = ""
 
-  def _holder(self) -> dict | None:
+  def _holder(self) -> tuple[dict | None, tuple]:
+    """(the lock's JSON, its identity: inode, size, mtime and bytes) as read now; (None, ()) if there is none."""
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      with open(self.path, "rb") as f:
+        st, raw = os.fstat(f.fileno()), f.read()
     except FileNotFoundError:
-      return None
-    except (OSError, ValueError):
-      return {}  # being written right now, or damaged: judged by its age below
+      return None, ()
+    except OSError:
+      return {}, ()
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, raw)
+    try:
+      h = json.loads(raw)
+    except ValueError:
+      h = None
+    return (h if isinstance(h, dict) else {}), ident  # {}: being written right now, or damaged: judged by its age
 
-  def _stale(self, h: dict) -> bool:
-    age = time.time() - os.path.getmtime(self.path)
+  def _stale(self, h: dict, ident: tuple) -> bool:
+    age = time.time() - (ident[3] / 1e9 if ident else os.path.getmtime(self.path))
     if h.get("host") == socket.gethostname() and "pid" in h:
       now = _pid_start(int(h["pid"]))
       return now is None or (now != "?" and h.get("pid_start") not in (None, now))
     return age > STALE_S
+
+  def _take_over(self, ident: tuple) -> None:
+    """Removes the stale lock judged from `ident`, atomically: whatever lock file is there now is renamed
+    to a private name, and if it is not the one judged stale (another trainer took the lock over first
+    and made a fresh one), it is put back (a hard link: never over a newer lock) and left alone."""
+    aside = f"{self.path}.takeover.{socket.gethostname()}.{os.getpid()}.{id(self)}"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return  # removed meanwhile: try creating again
+    try:
+      with open(aside, "rb") as f:
+        st, raw = os.fstat(f.fileno()), f.read()
+      if ident and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, raw) == ident:
+        return  # exactly the stale lock: removed below
+      try:
+        os.link(aside, self.path)
+      except FileExistsError:  # a third trainer created a lock in this instant: it holds the workdir now
+        log.warning("lock %s changed hands during a takeover; the newest holder keeps it", self.path)
+    finally:
+      os.remove(aside)
 
   def _try_acquire(self) -> str:
     """'' when acquired, else the reason (one line)."""
@@ -75,28 +106,27 @@ class WorkdirLock:
       "pid_start": _pid_start(os.getpid()),
       "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
       "processes": jax.process_count(),
+      "token": f"{id(self):x}.{time.time_ns():x}",  # tells two locks of one process apart
     }
-    for _ in range(3):
+    for _ in range(5):
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
-        try:
-          h = self._holder()
-          if h is None:
-            continue  # released meanwhile: try again
-          if not self._stale(h):
-            return (
-              f"workdir {os.path.dirname(self.path)} is in use by another trainer (pid {h.get('pid', '?')} on "
-              f"{h.get('host', '?')} since {h.get('since', '?')}); wait for it to finish, or, if that process is gone, "
-              f"delete {self.path}"
-            )
-          log.warning("taking over the stale lock %s of a dead trainer (%s)", self.path, h)
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
+        h, ident = self._holder()
+        if h is None:
+          continue  # released meanwhile: try again
+        if not self._stale(h, ident):
+          return (
+            f"workdir {os.path.dirname(self.path)} is in use by another trainer (pid {h.get('pid', '?')} on "
+            f"{h.get('host', '?')} since {h.get('since', '?')}); wait for it to finish, or, if that process is gone, "
+            f"delete {self.path}"
+          )
+        log.warning("taking over the stale lock %s of a dead trainer (%s)", self.path, h)
+        self._take_over(ident)
         continue
       with os.fdopen(fd, "w") as f:
         json.dump(me, f)
+      self._token = me["token"]
       return ""
     return f"could not take the lock {self.path} (other processes keep creating it)"
 
@@ -126,8 +156,8 @@ class WorkdirLock:
     if not self.held:
       return
     self.held = False
-    h = self._holder()
-    if h and h.get("pid") == os.getpid() and h.get("host") == socket.gethostname():
+    h, _ = self._holder()
+    if h and h.get("pid") == os.getpid() and h.get("host") == socket.gethostname() and h.get("token", self._token) == self._token:
       os.remove(self.path)
 
   def __enter__(self):

@@ -6,8 +6,9 @@ close, and the rule that a failed start leaves nothing behind.
       ...
       if run.stop_requested(step): ...      # preemption (all processes agree) + lock heartbeat
 
-If the session created the workdir and the run fails before any checkpoint was committed, the
-workdir is removed again (process 0), so the corrected command starts clean.
+If the session created the workdir (its own mkdir, atomic) and the run fails before any checkpoint was
+committed, the workdir is removed again (process 0), so the corrected command starts clean. A start
+refused by the lock removes nothing: the workdir is the lock holder's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 
 from lib import ckpt as C
 from lib import errors, preempt, runlock
+from lib import io as lio
 
 log = logging.getLogger("lmtrace")
 
@@ -28,6 +30,9 @@ def check_workdir_path(workdir: str) -> None:
   """ConfigError unless `workdir` is a directory or can be created as one."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory (new or a run's)")
+  if os.path.isdir(workdir):  # an existing workdir: it must take new files (checkpoints, metrics, the lock)
+    lio.check_writable(workdir, f"--workdir={workdir} exists but this trainer cannot write it: ")
+    return
   parent = os.path.dirname(os.path.abspath(workdir))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -43,7 +48,7 @@ class RunSession:
   def __init__(self, workdir: str):
     check_workdir_path(workdir)
     self.workdir = workdir
-    self.created = not os.path.exists(workdir)
+    self.created = False  # set by __enter__: this process's mkdir made the workdir
     self.lock = runlock.WorkdirLock(workdir)
     self.guard = preempt.PreemptionGuard()
     self._closables: list = []
@@ -58,12 +63,19 @@ class RunSession:
     return self.guard.stop_requested(step)
 
   def __enter__(self):
-    os.makedirs(self.workdir, exist_ok=True)
-    try:
-      self.lock.acquire()
-    except errors.LmtraceError:
-      self._remove_if_fresh()
-      raise
+    # Only the process whose mkdir made the directory may remove it again (an atomic test: of two trainers
+    # started on one new workdir, exactly one created it); a refused lock removes nothing, since the
+    # workdir then belongs to the trainer that holds it.
+    os.makedirs(os.path.dirname(os.path.abspath(self.workdir)), exist_ok=True)
+    if jax.process_index() == 0:
+      try:
+        os.mkdir(self.workdir)
+        self.created = True
+      except FileExistsError:
+        pass
+    else:
+      os.makedirs(self.workdir, exist_ok=True)
+    self.lock.acquire()
     self.guard.__enter__()
     return self
 

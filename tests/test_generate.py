@@ -257,3 +257,66 @@ def test_masked_lm_is_refused_by_the_causal_only_jobs(tmp_path, capsys):
   assert icl.main([f"--workdir={w}", f"--tasks={tmp_path}"]) == 2
   assert "few-shot scoring" in capsys.readouterr().err
   assert sorted(os.listdir(w)) == ["config.json"]
+
+
+def test_generate_takes_eos_and_pad_from_the_workdir(tmp_path, caplog):
+  """Issue 25: generate() defaulted to pad 0 and no EOS whatever the model; the special ids now come from
+  the workdir (an imported model's tokenizer: Pythia's eos 0, pad 1) unless given."""
+  from lib import ckpt
+
+  w = str(tmp_path / "pythia")
+  H.import_series([os.path.join(FIX, "pythia", "step200")], w)
+  _, cfg, _ = ckpt.load_model(w)
+  params = ckpt.restore_params(w)
+  assert G.special_ids(w) == {"bos": 0, "eos": 0, "pad": 1}
+  assert G.special_ids({"data": {"source": {"kind": "bigram"}}}) == {"bos": vocab.BOS, "eos": vocab.EOS, "pad": vocab.PAD}
+  prompts = [np.array([0, 5, 9]), np.array([0])]
+  kw = dict(sampling=G.Sampling(1.0), seed=4)
+  auto = G.generate([(cfg, params)], prompts, 24, workdir=w, **kw)
+  explicit = G.generate([(cfg, params)], prompts, 24, eos_id=0, pad_id=1, **kw)
+  np.testing.assert_array_equal(auto.tokens, explicit.tokens)
+  np.testing.assert_array_equal(auto.lengths, explicit.lengths)
+  # an explicit id still wins over the workdir's
+  never = G.generate([(cfg, params)], prompts, 24, workdir=w, eos_id=None, **kw)
+  assert (never.lengths == 24).all()
+  # neither a workdir nor ids: no silent stopping rule
+  caplog.set_level("WARNING")
+  G.generate([(cfg, params)], prompts, 4, **kw)
+  assert "no eos_id and no workdir" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["nano", "neox_parallel"])
+def test_ragged_batch_loss_equals_each_sequence_alone(name):
+  """Left padding with positions from each sequence's first token and pad slots in their own segment:
+  per_token_loss of the padded batch equals every sequence's loss computed alone, unpadded."""
+  cfg = CFGS[name]
+  params, model = _random(cfg), M.make(cfg)
+  seqs = [np.array([1, 5, 9, 3, 7, 11, 2]), np.array([1, 7]), np.array([1, 4, 6, 8, 10])]
+  batch = M.ragged_batch(seqs, pad_id=0)
+  assert batch["inputs"].shape == (3, 6) and batch["mask"].sum() == 6 + 1 + 4
+  assert (batch["segment_ids"][1] == [0, 0, 0, 0, 0, 1]).all() and (batch["positions"][2] == [0, 0, 0, 1, 2, 3]).all()
+  loss = np.asarray(M.per_token_loss(model, params, jax.tree.map(jnp.asarray, batch)))
+  for i, s in enumerate(seqs):
+    alone = M.ragged_batch([s], pad_id=0)
+    want = np.asarray(M.per_token_loss(model, params, jax.tree.map(jnp.asarray, alone)))[0]
+    np.testing.assert_allclose(loss[i][batch["mask"][i] > 0], want, atol=2e-5)
+  with pytest.raises(errors.DataError, match="at least two tokens"):
+    M.ragged_batch([np.array([1])], pad_id=0)
+
+
+def test_text_batch_uses_the_workdir_tokenizer_and_scores_as_alone(tmp_path):
+  from lib import ckpt
+
+  w = str(tmp_path / "pythia")
+  H.import_series([os.path.join(FIX, "pythia", "step100")], w)
+  model, _, _ = ckpt.load_model(w)
+  params = ckpt.restore_params(w)
+  texts = ["the cat sat", "a"]
+  batch = G.text_batch(w, texts)
+  assert (np.diff(batch["mask"], axis=1) >= 0).all() and (batch["inputs"][batch["mask"] == 0] == 1).all()  # left pads, id 1
+  loss = np.asarray(M.per_token_loss(model, params, jax.tree.map(jnp.asarray, batch)))
+  for i, t in enumerate(texts):
+    one = G.text_batch(w, [t])
+    want = np.asarray(M.per_token_loss(model, params, jax.tree.map(jnp.asarray, one)))[0]
+    np.testing.assert_allclose(loss[i][batch["mask"][i] > 0], want, atol=2e-5)
+    assert one["inputs"][0, 0] == 0  # Pythia's BOS

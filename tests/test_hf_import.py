@@ -144,3 +144,44 @@ def test_tokens_per_step_recorded(tmp_path):
   w = str(tmp_path / "w")
   H.import_series(PYTHIA[1:2], w, tokens_per_step=1000)
   assert ckpt.read_meta(w, 100)["tokens_seen"] == 100_000
+
+
+def test_step_is_read_from_the_revision_folder_own_name_only(tmp_path, capsys):
+  """Issue 25: `--src=/data/step2_runs/opt-125m` was silently step 2 (a `step<N>` anywhere in the path)."""
+  assert H.step_of("/data/step2_runs/opt-125m") is None
+  assert H.step_of("/data/step2_runs/pythia/step300/") == 300
+  assert H.step_of("/x/checkpoint-500") == 500 and H.step_of("/x/pythia-70m-step3000") == 3000 and H.step_of("/x/1000") == 1000
+  with pytest.raises(errors.ConfigError, match=r"names several steps \[100, 200\]"):
+    H.step_of("/x/step100-step200")
+  with pytest.raises(errors.ConfigError, match="cannot read a step from the folder name of 'runs/step5/b'"):
+    H._steps(["runs/step5/a/step1", "runs/step5/b"], None)
+  with pytest.raises(errors.ConfigError, match=r"same step \[7\]"):
+    H._steps(["a/step7", "b/checkpoint-7"], None)
+  with pytest.raises(errors.ConfigError, match="not comma-separated integers"):
+    H._steps(["a", "b"], "1,x")
+  # end to end: a single revision under a 'step2_runs' parent is step 0 (or --steps), never 2
+  src = _copy(PYTHIA[1], tmp_path / "step2_runs" / "pythia-70m")
+  w = str(tmp_path / "w")
+  assert H.main([f"--src={src}", f"--workdir={w}"]) == 0
+  assert sorted(ckpt.available_steps(w)) == [0]
+  w2 = str(tmp_path / "w2")
+  assert H.main([f"--src={src},{src}", f"--workdir={w2}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "cannot read a step from the folder name" in err[0] and not os.path.exists(w2)
+
+
+def test_step_of_a_hugging_face_cache_snapshot_comes_from_its_ref(tmp_path):
+  """HF's cache stores revision `step1000` as snapshots/<commit> with refs/step1000 holding the commit."""
+  repo = tmp_path / "models--EleutherAI--pythia-70m"
+  sha_a, sha_b = "a" * 40, "b" * 40
+  for sha in (sha_a, sha_b):
+    (repo / "snapshots" / sha).mkdir(parents=True)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "step1000").write_text(sha_a)
+  (repo / "refs" / "main").write_text(sha_b)
+  (repo / "refs" / "step143000").write_text(sha_b)
+  assert H.step_of(str(repo / "snapshots" / sha_a)) == 1000
+  assert H.step_of(str(repo / "snapshots" / sha_b)) == 143000
+  (repo / "refs" / "step9").write_text(sha_a)
+  with pytest.raises(errors.ConfigError, match="several steps"):
+    H.step_of(str(repo / "snapshots" / sha_a))
