@@ -129,14 +129,14 @@ def test_srun_two_processes_match_one_and_scancel_requeue_resumes_identically(sl
   # (d) a node "dead-node-7" holds the workdir's lock: refused while its heartbeat is fresh, taken over once stale
   lock = pre / runlock.LOCK
   lock.write_text(json.dumps({"host": "dead-node-7", "pid": 4242, "pid_start": "1", "since": "earlier", "processes": 2}))
-  subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=60)
+  slurm_cluster.requeue(job)
   assert slurm_cluster.wait(job) == ["FAILED"]
   text = out.read_text()
   assert text.count("is in use by another trainer (pid 4242 on dead-node-7") == 1, text[-3000:]  # process 0's message
   assert text.count("process 0 could not lock") == 1 and max(C.available_steps(str(pre))) == n  # process 1 refuses too
   old = time.time() - runlock.STALE_S - 60
   os.utime(lock, (old, old))
-  subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=60)
+  slurm_cluster.requeue(job)
   assert slurm_cluster.wait(job) == ["COMPLETED"], out.read_text()[-3000:]
   text = out.read_text()
   assert "taking over the stale lock" in text and "dead-node-7" in text and not lock.exists()
