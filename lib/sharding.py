@@ -100,15 +100,16 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
   processes sharing CPU devices over gloo). ShardingError after `timeout_s` without the coordinator."""
   if not coordinator or jax.distributed.is_initialized():
     return
+  # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends; jax 0.10's default, set
+  # explicitly for other versions). Must not touch the backend before initialize(), so no
+  # jax.default_backend() here.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    if coordinator == "auto":
+    if coordinator == "auto":  # TPU pods, SLURM (srun): jax reads the cluster's environment
       jax.distributed.initialize(initialization_timeout=int(timeout_s))
       return
     if process_id != 0:  # XLA's client aborts the process (no Python error) when it cannot connect: look first
       _wait_for_coordinator(coordinator, num_processes, process_id, timeout_s)
-    # Cross-process collectives for CPU devices (a no-op for GPU/TPU backends). Must not touch the
-    # backend before initialize(), so no jax.default_backend() here.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
       coordinator, num_processes=num_processes, process_id=process_id, initialization_timeout=int(timeout_s)
     )

@@ -43,6 +43,12 @@ def run(runs: Runs, state, step: int, *, stop: int, total: int, log_every: int, 
     state, m, batch_np = runs.train(state, step)
     step += 1
     pending.append((step, m))
+    if jax.process_count() > 1:
+      # stop_requested's cross-process allgather must not run while this step's program is still in flight:
+      # with CPU (gloo) collectives two programs in flight interleave their collectives differently in each
+      # process and deadlock (seen under srun: one process in the step's all-reduce, the other in the
+      # allgather). On GPU/TPU the allgather's host read waits for the step anyway, so this costs nothing.
+      jax.block_until_ready(m)
     at_end = step == stop or stop_requested(step)  # a signal stops here, with a resume checkpoint
     do_eval = bool(eval_every) and (step % eval_every == 0 or step == total)
     do_mix = runs.wants_mix(step)

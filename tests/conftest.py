@@ -11,3 +11,18 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.devices()}"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+  """A one-node SLURM cluster (munged, slurmctld, slurmd) for the tests marked `slurm`; skipped where
+  the packages are absent or not root. Stopped by pid at the end of the session."""
+  from tests import slurm_cluster as SC
+
+  why = SC.missing()
+  if why:
+    pytest.skip(why)
+  with SC.SlurmCluster(str(tmp_path_factory.mktemp("slurm"))) as c:
+    yield c
