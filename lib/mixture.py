@@ -332,8 +332,9 @@ class DoReMi(_Reweighting):
 
   Each step (on device, after the step's forward pass): excess_g = per-token max(ℓ − ℓ_ref, 0) averaged
   over group g's tokens, where ℓ_ref is the reference model's loss on the same tokens (its forward runs
-  inside the jitted step); log w ← log w + μ·excess; w ← (1−ε)·softmax(log w) + ε/m; the proxy's loss
-  is Σ_i w_i ℓ_i (reweighted, not resampled), with the w of the previous step. ONE optimizer update per
+  inside the jitted step); w_t = (1−ε)·normalise(w_{t−1}·exp(μ·excess)) + ε/m, starting from the
+  previous *smoothed* weights as in the paper and the released code (state "logw" = log w_{t−1}); the
+  proxy's loss is Σ_i w_t,i ℓ_i (reweighted, not resampled) with the just-updated w_t. ONE optimizer update per
   step (the released trainer's per-micro-batch optimizer.step() is not copied).
   `mixture.reference`: the workdir of a same-size stratified reference run with the same model (its
   latest checkpoint's params are restored once: DoReMi proper), or 'a=3.1,b=2.0', per-group reference

@@ -134,14 +134,18 @@ def group_excess(loss_BxL, ref_BxL, batch, num_groups: int):
 
 
 def doremi_weights(logw_G, group_loss_G, ref_G, mu: float, eps: float):
-  """DoReMi's update from per-group losses: log w += μ·max(ℓ − ℓ_ref, 0); w = (1−ε)·softmax(log w) + ε/G."""
+  """DoReMi's update from per-group losses: excess = max(ℓ − ℓ_ref, 0), then doremi_weights_from_excess."""
   return doremi_weights_from_excess(logw_G, jnp.maximum(group_loss_G - ref_G, 0.0), mu, eps)
 
 
 def doremi_weights_from_excess(logw_G, excess_G, mu: float, eps: float):
-  """log w += μ·excess; w = (1−ε)·softmax(log w) + ε/G. Returns (log w, w)."""
-  logw_G = logw_G + mu * excess_G
-  return logw_G, (1.0 - eps) * jax.nn.softmax(logw_G) + eps / logw_G.shape[0]
+  """One DoReMi step (Xie et al. 2023, Alg. 1): α_t = (1−ε)·normalise(α_{t−1}·exp(μ·excess)) + ε/G.
+
+  `logw_G` is log α_{t−1}, the log of the previous *smoothed* weights (any constant offset is harmless:
+  zeros = uniform), so the smoothing feeds back into the next step as in the paper and the released
+  trainers. Returns (log α_t, α_t)."""
+  w_G = (1.0 - eps) * jax.nn.softmax(logw_G + mu * excess_G) + eps / logw_G.shape[0]
+  return jnp.log(w_G), w_G
 
 
 def doge_weights(logw_G, grads_GxP, lr, mu: float, g_val_P=None):
@@ -189,11 +193,12 @@ def mixing_train_step(
   """One optimizer update on group-reweighted losses, with the weights w updated on device.
 
   Inputs beyond the training rows travel in the batch dict (lib/mixture.MixtureRunner.step_inputs):
-  mode "doremi": loss Σ_g w_g ℓ_g with w from state["mixture"] (previous step's); then the excess
-  loss: with batch["ref_params"] (the reference model's params; DoReMi proper) per token,
-  excess_g = Σ_{tokens∈g} max(ℓ − ℓ_ref, 0) / #tokens∈g with ℓ_ref from the reference model's forward
-  on the same rows; without them, max(ℓ_g − ref_g, 0) from the state's per-group reference losses.
-  log w += μ·excess; w = (1−ε)·softmax(log w) + ε/G.
+  mode "doremi": first the excess loss: with batch["ref_params"] (the reference model's params; DoReMi
+  proper) per token, excess_g = Σ_{tokens∈g} max(ℓ − ℓ_ref, 0) / #tokens∈g with ℓ_ref from the
+  reference model's forward on the same rows; without them, max(ℓ_g − ref_g, 0) from the state's
+  per-group reference losses. Then w_t = (1−ε)·normalise(w_{t−1}·exp(μ·excess)) + ε/G (the previous
+  smoothed weights fed back), and the proxy's loss is Σ_g w_t,g ℓ_g with the just-updated w_t, as in
+  the paper's Alg. 1 and the released trainers.
   mode "doge": per-group training gradients g_G (jacrev of ℓ_G; groups from batch["group"]) and the
   target gradient g_val = ∇ mean_g ℓ_g^val on batch["val"], a held-out validation batch with rows of
   every group; s = clip(lr·⟨g_G, g_val⟩ / mean‖g_G‖, 0, 5·lr); log w += s/μ; w = softmax(log w);
@@ -207,19 +212,15 @@ def mixing_train_step(
   f = functools.partial(_group_losses, model=model, num_groups=num_groups, key=rng)
   lr = schedule(state["step"])
   extra_metrics = {}
-  if mode == "doremi":
-
-    def weighted(p):
-      gl_G, aux = f(p, batch)
-      return (mix["w"] * gl_G).sum(), (gl_G, aux)
-
-    grads, (gl_G, (sums, loss_BxL)) = jax.grad(weighted, has_aux=True)(params)
+  if mode == "doremi":  # forward, excess loss, new w_t; then the gradient of Σ_g w_t,g ℓ_g (one backward: vjp)
+    gl_G, vjp_fn, (sums, loss_BxL) = jax.vjp(lambda p: f(p, batch), params, has_aux=True)
     if "ref_params" in extras:
       ref_BxL = M.per_token_loss(model, jax.lax.stop_gradient(extras["ref_params"]), batch)
       excess_G = group_excess(loss_BxL, ref_BxL, batch, num_groups)
     else:
       excess_G = jnp.maximum(gl_G - mix["ref"], 0.0)
     logw, w = doremi_weights_from_excess(mix["logw"], excess_G, mu, eps)
+    (grads,) = vjp_fn(jax.lax.stop_gradient(w).astype(gl_G.dtype))
     extra_metrics["mixture/excess"] = excess_G
   elif mode == "doge":
     if "val" not in extras:

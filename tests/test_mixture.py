@@ -165,10 +165,35 @@ def test_skillit_hand_computed_updates():
 
 def test_doremi_hand_computed_update():
   logw, w = steps.doremi_weights(jnp.zeros(2), jnp.array([3.0, 2.0]), jnp.array([2.5, 2.5]), mu=0.1, eps=0.01)
-  # excess = (0.5, 0) -> log w = (0.05, 0); w = 0.99·softmax + 0.005
-  np.testing.assert_allclose(logw, [0.05, 0.0], rtol=1e-6)
+  # excess = (0.5, 0) -> softmax(0 + 0.1·(0.5, 0)) = softmax(0.05, 0); w = 0.99·softmax + 0.005
   s0 = 1 / (1 + np.exp(-0.05))
   np.testing.assert_allclose(w, [0.99 * s0 + 0.005, 0.99 * (1 - s0) + 0.005], rtol=1e-6)
+  np.testing.assert_allclose(logw, np.log(w), rtol=1e-6)  # the state carries log of the smoothed w (fed back next step)
+
+
+def test_doremi_feeds_the_smoothed_weights_back_over_steps():
+  """Two steps, m = 2, excess (1, 0) twice, μ = 1, ε = 0.1, by hand from α_t = (1−ε)·normalise(α_{t−1}·e^{μλ}) + ε/m:
+  step 1: softmax(1, 0) = (0.7311, 0.2689) -> α_1 = (0.7080, 0.2920); step 2: 0.7080·e / (0.7080·e + 0.2920) = 0.8683
+  -> α_2 = 0.9·0.8683 + 0.05 = 0.8314. (Accumulating unsmoothed log-weights gave 0.8427.)"""
+  logw, w = jnp.zeros(2), None
+  for _ in range(2):
+    logw, w = steps.doremi_weights_from_excess(logw, jnp.array([1.0, 0.0]), 1.0, 0.1)
+  np.testing.assert_allclose(w, [0.8314, 0.1686], atol=1e-4)
+  a = np.array([0.5, 0.5])
+  for _ in range(2):  # the same recursion in numpy
+    a = a * np.exp([1.0, 0.0])
+    a = 0.9 * a / a.sum() + 0.05
+  np.testing.assert_allclose(w, a, rtol=1e-6)
+
+  # 10k steps at μ = 0.01, ε = 1e-3, constant excess (0.5, 0): the weights saturate at
+  # α = 0.999·αe^{0.005}/(αe^{0.005} + 1 − α) + 0.0005 near 0.9; their average over training is [0.899, 0.101]
+  # (unsmoothed accumulation: [0.986, 0.014])
+  def body(lw, _):
+    lw, w = steps.doremi_weights_from_excess(lw, jnp.array([0.5, 0.0]), 0.01, 1e-3)
+    return lw, w
+
+  _, ws = jax.lax.scan(body, jnp.zeros(2), None, length=10_000)
+  np.testing.assert_allclose(np.asarray(ws).mean(0), [0.899, 0.101], atol=2e-3)
 
 
 def test_doge_hand_computed_update():
@@ -257,11 +282,11 @@ def test_reweighting_step_matches_independent_gradients(method):
   gl, grads = zip(*(vg(params, batch, g) for g in (0, 1)))
   gl = np.array(gl)
   np.testing.assert_allclose(m["train/group_loss"], gl, rtol=1e-5)
-  if method == "doremi":  # the previous step's w weights the loss; then w moves with the excess loss
-    w_used = np.asarray(mix["w"])
+  if method == "doremi":  # w moves with the excess loss; the just-updated w_t weights the loss (DoReMi's Alg. 1)
     logw, w_new = steps.doremi_weights(mix["logw"], jnp.asarray(gl), jnp.array([3.0, 3.2]), 0.5, 1e-3)
+    w_used = np.asarray(w_new)
+    assert not np.allclose(w_used, mix["w"], atol=1e-3)
   elif method == "doremi_per_token":  # excess from per-token losses of proxy and reference, brute force in numpy
-    w_used = np.asarray(mix["w"])
     lp, lr_ = (np.asarray(M.per_token_loss(model, p, batch), np.float64) for p in (params, ref_params))
     mask, grp = np.asarray(batch["mask"]), np.asarray(batch["group"])
     excess = np.zeros(2)
@@ -270,8 +295,9 @@ def test_reweighting_step_matches_independent_gradients(method):
       excess[gi] = sum(max(lp[b, t] - lr_[b, t], 0.0) for b, t in toks) / len(toks)
     assert excess.min() > 0 and not np.allclose(excess, np.maximum(gl - np.array([3.0, 3.2]), 0))
     np.testing.assert_allclose(m["mixture/excess"], excess, rtol=1e-4)
-    logw = np.asarray(mix["logw"]) + 0.5 * excess
-    w_new = 0.999 * np.exp(logw) / np.exp(logw).sum() + 0.0005
+    z = np.asarray(mix["logw"]) + 0.5 * excess  # log of the previous weights + μ·excess
+    w_new = 0.999 * np.exp(z) / np.exp(z).sum() + 0.0005
+    logw, w_used = np.log(w_new), w_new  # the state keeps log of the smoothed w_t, which weights the loss
   else:  # the new w weights the per-group gradients; the target is the validation batch's gradient
     flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64) for g in grads]
     vals = [vg(params, val, g) for g in (0, 1)]
