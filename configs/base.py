@@ -97,8 +97,8 @@ def defaults() -> mlc.ConfigDict:
   c.mixture.one_hot_factor = 0.625  # aioli: weight f of the probed group in q^(j)
   c.mixture.lp_branches = ""  # aioli: '' = chained LearnParams (released); 'vmap'|'sequential' = R·m branches forked per round
   c.mixture.eta = 0.2  # aioli, skillit: step size η
-  c.mixture.ema = 0.0  # aioli: EMA γ of Â (0 = cumulative multiplicative update)
-  c.mixture.prior = ""  # aioli restricted mode: proportions 'name=p,...' for the first prior_steps steps
+  c.mixture.ema = 0.0  # aioli: EMA γ of Â, Ā¹ = Â¹, p ∝ p⁰·exp(η·1ᵀĀ) (0 = cumulative multiplicative update)
+  c.mixture.prior = ""  # aioli restricted mode: 'name=p,...' trained for prior_steps, then p⁰ of every round's update
   c.mixture.prior_steps = 0  # aioli restricted mode: steps trained on the prior before the first round
   c.mixture.window = 3  # skillit: number of recent evaluations summed in the update
   c.mixture.graph = ""  # skillit: skills graph 'a,b;c,d' (row i = trained group), see mixture.skills_graph

@@ -92,8 +92,15 @@ class Aioli(Controller):
   LearnParams: for each of R·m sub-phases (groups in R random permutations) train s = `lp_steps` real
   steps on q^(j) = f·e_j + (1−f)/(m−1)·(1−e_j) and accumulate G[:, j] += ℓ_prev − ℓ_new; G /= R;
   solve G[i, :] = W Â[i, :] (W[j] = q^(j)); if min Â < 0 shift it; Â /= ΣÂ; then
-  p ← p ⊙ exp(η·1ᵀÂ) (cumulative) or, with `ema` γ > 0, Ā = (1−γ)Â + γĀ, p ∝ exp(η·1ᵀĀ). The rest
-  of the round trains on p. Config: mixture.{update_steps, lp_rounds, lp_steps, one_hot_factor, eta, ema}.
+  p ← p ⊙ exp(η·1ᵀÂ) (cumulative) or, with `ema` γ > 0, Ā¹ = Â¹, Āᵗ = (1−γ)Âᵗ + γĀᵗ⁻¹ and
+  p ∝ p⁰ ⊙ exp(η·1ᵀĀ) (not cumulative). The rest of the round trains on p.
+  Config: mixture.{update_steps, lp_rounds, lp_steps, one_hot_factor, eta, ema}.
+
+  p⁰ is uniform, or in the restricted setting (`prior`, `prior_steps`) the prior: the run trains on the
+  prior for prior_steps steps, then its rounds adjust the prior in both update forms: cumulative,
+  pᵗ = prior ⊙ Π_τ exp(η·1ᵀÂ^τ) (renormalised); with the EMA, pᵗ ∝ prior ⊙ exp(η·1ᵀĀᵗ), so the prior
+  is kept in every round, not only the first. (The released code restarts from uniform after the prior
+  stage; we follow the paper's description, "Aioli adjusts the prior".)
   """
 
   name = "aioli"
@@ -205,9 +212,10 @@ class Aioli(Controller):
       A = A - A.min()
     A = A / max(A.sum(), 1e-12)
     state["A"] = A.astype(np.float32)
-    if self.ema > 0:
-      A_bar = (1 - self.ema) * A + self.ema * state["A_ema"]
-      logits = self.eta * A_bar.sum(0)
+    if self.ema > 0:  # Ā¹ = Â¹ (the released code's EMA starts from the first round's Â, not from 0)
+      A_bar = A if int(state["rounds"]) == 0 else (1 - self.ema) * A + self.ema * state["A_ema"]
+      p0 = self.prior if self.prior is not None else np.full(self.m, 1.0 / self.m)
+      logits = np.log(np.maximum(p0, 1e-30)) + self.eta * A_bar.sum(0)  # p ∝ p⁰ ⊙ exp(η·1ᵀĀ): p⁰ = the prior, or uniform
       state["A_ema"] = A_bar.astype(np.float32)
     else:
       logits = np.log(np.maximum(state["p"], 1e-30)) + self.eta * A.sum(0)

@@ -95,12 +95,38 @@ def test_aioli_branch_mode_round_equals_the_chained_round_on_the_same_drops():
     mixture.make(_mcfg(method="aioli", lp_branches="gpu"), ["a", "b"])
 
 
-def test_aioli_ema_round():
+def test_aioli_ema_rounds():
   c = mixture.make(_mcfg(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, eta=1.0, ema=0.5), ["a", "b"])
   st = _aioli_round(c, c.init(), 0, [3.0, 3.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
-  # Ā = 0.5·Â + 0.5·0, p ∝ exp(η·1ᵀĀ) (not cumulative)
-  p0 = 1 / (1 + np.exp(0.5 * 4 / 30))
+  # round 1: Ā¹ = Â¹ (the released EMA starts from Â itself, not from 0), p ∝ exp(η·1ᵀĀ) with 1ᵀÂ¹ = (13/30, 17/30)
+  p0 = 1 / (1 + np.exp(4 / 30))
   np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+  # round 2: probing group 0 lowers (0.4, 0), group 1 (0, 0.1): G = [[.4, 0], [0, .1]]; Â rows = W⁻¹G[i, :]:
+  # [0.6, -0.2], [-0.05, 0.15]; shift by 0.2 -> [[.8, 0], [.15, .35]] / 1.3; 1ᵀÂ² = (0.95, 0.35)/1.3
+  st = _aioli_round(c, st, 4, [2.0, 2.0], {0: [0.4, 0.0], 1: [0.0, 0.1]})
+  A2 = np.array([[0.8, 0.0], [0.15, 0.35]]) / 1.3
+  np.testing.assert_allclose(st["A"], A2, rtol=1e-5, atol=1e-7)
+  # Ā² = 0.5·Â² + 0.5·Ā¹; p ∝ exp(η·1ᵀĀ²) (not cumulative)
+  col = 0.5 * np.array([0.95, 0.35]) / 1.3 + 0.5 * np.array([13, 17]) / 30
+  p0 = 1 / (1 + np.exp(col[1] - col[0]))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+
+
+def test_aioli_restricted_mode_with_ema_keeps_the_prior_in_every_round():
+  kw = dict(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, eta=1.0, ema=0.1)
+  drops = [{0: [0.2, 0.1], 1: [0.05, 0.3]}, {0: [0.4, 0.0], 1: [0.0, 0.1]}, {0: [0.1, 0.1], 1: [0.1, 0.2]}]
+  ps = {}
+  for name, extra in (("prior", dict(prior="a=0.7,b=0.3", prior_steps=2)), ("none", {})):
+    c = mixture.make(_mcfg(**kw, **extra), ["a", "b"])
+    st, bars = c.init(), []
+    for r, d in enumerate(drops):
+      st = _aioli_round(c, st, c.P + 4 * r, [3.0 - r, 3.0 - r], d)
+      A = np.asarray(st["A"], np.float64)
+      bars.append(A if r == 0 else 0.9 * A + 0.1 * bars[-1])  # Ā¹ = Â¹, Āᵗ = (1−γ)Âᵗ + γĀᵗ⁻¹
+      q = (np.array([0.7, 0.3]) if name == "prior" else np.full(2, 0.5)) * np.exp(bars[-1].sum(0))
+      np.testing.assert_allclose(st["p"], q / q.sum(), rtol=1e-5)  # p ∝ p⁰ ⊙ exp(η·1ᵀĀᵗ) in every round
+    ps[name] = np.asarray(st["p"])
+  assert abs(ps["prior"][0] - ps["none"][0]) > 0.1  # the prior still counts after 3 rounds
 
 
 def test_aioli_permutation_depends_on_the_run_seed():
