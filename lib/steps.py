@@ -160,6 +160,15 @@ def doge_weights(logw_G, grads_GxP, lr, mu: float, g_val_P=None):
   return logw_G, jax.nn.softmax(logw_G)
 
 
+def clip_rows(x_GxP, max_norm: float):
+  """Each row scaled to norm <= max_norm (torch's clip_grad_norm_ per row); max_norm <= 0: unchanged.
+  Returns (clipped rows, per-row scale [G])."""
+  if max_norm <= 0:
+    return x_GxP, jnp.ones(x_GxP.shape[:1], x_GxP.dtype)
+  scale_G = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.linalg.norm(x_GxP, axis=-1), 1e-12))
+  return x_GxP * scale_G[:, None], scale_G
+
+
 def _flat(tree, lead: tuple = ()):
   return jnp.concatenate([x.reshape(lead + (-1,)) for x in jax.tree.leaves(tree)], axis=-1)
 
@@ -189,6 +198,7 @@ def mixing_train_step(
   mode: str,
   mu: float = 0.01,
   eps: float = 1e-3,
+  doge_clip: float = 0.0,
 ) -> tuple[dict, dict]:
   """One optimizer update on group-reweighted losses, with the weights w updated on device.
 
@@ -202,7 +212,9 @@ def mixing_train_step(
   mode "doge": per-group training gradients g_G (jacrev of ℓ_G; groups from batch["group"]) and the
   target gradient g_val = ∇ mean_g ℓ_g^val on batch["val"], a held-out validation batch with rows of
   every group; s = clip(lr·⟨g_G, g_val⟩ / mean‖g_G‖, 0, 5·lr); log w += s/μ; w = softmax(log w);
-  applied gradient Σ_g w_g g_g. Both accumulate w_sum, n for the averaged weights (lib/mixture).
+  applied gradient Σ_g w_g g_g. With doge_clip > 0 (the released trainer: 1.0) every g_g and g_val is
+  first clipped to that norm, and the clipped g_g enter the score, the mean norm and the applied gradient.
+  Both accumulate w_sum, n for the averaged weights (lib/mixture).
   """
   rng = jax.random.fold_in(state["rng"], state["step"])
   mix = state["mixture"]
@@ -231,10 +243,11 @@ def mixing_train_step(
       return gl_G, (gl_G, aux)
 
     jac, (gl_G, (sums, _)) = jax.jacrev(losses, has_aux=True)(params)  # leaves [G, ...]
-    flat_GxP = _flat(jac, (num_groups,))
+    flat_GxP, scale_G = clip_rows(_flat(jac, (num_groups,)), doge_clip)
     g_val_P, val_gl_G = val_gradient(params, extras["val"], model=model, num_groups=num_groups)
+    g_val_P = clip_rows(g_val_P[None], doge_clip)[0][0]
     logw, w = doge_weights(mix["logw"], flat_GxP, lr, mu, g_val_P)
-    grads = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), jac)
+    grads = jax.tree.map(lambda x: jnp.tensordot(w * scale_G, x, axes=1), jac)
     extra_metrics["mixture/val_loss"] = val_gl_G
     extra_metrics["mixture/doge_score"] = flat_GxP @ g_val_P  # ⟨g_j, g_val⟩: 1ᵀA/m of DoGE's implied LMO A
   else:

@@ -168,7 +168,9 @@ def test_skills_graph_from_one_hot_runs():
 
 
 def test_skillit_hand_computed_updates():
-  c = mixture.make(_mcfg(method="skillit", graph="0.5,0.1;0.2,0.4", eta=0.2, window=2, update_steps=5), ["a", "b"])
+  c = mixture.make(
+    _mcfg(method="skillit", graph="0.5,0.1;0.2,0.4", eta=0.2, window=2, update_steps=5, skillit_form="fresh"), ["a", "b"]
+  )
   st = c.init()
   assert [t for t in range(12) if c.wants_eval(st, t)] == [0, 5, 10]
   st = c.update(st, 0, {"eval/group_loss": np.array([3.0, 2.0])})
@@ -184,6 +186,39 @@ def test_skillit_hand_computed_updates():
   p0 = 1 / (1 + np.exp(0.2 * (1.4 - 1.7)))
   np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
   np.testing.assert_allclose(c.proportions(st, 11), st["p"])
+
+
+def test_skillit_released_form_stale_window_over_updates():
+  """The released trainer's form: evaluate every E = 2 steps, update every U = 4 from the last w = 2
+  evaluations taken before the update step; p¹ ∝ exp(η·A·1); the off-diagonal 1 becomes 0.5."""
+  c = mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", eta=0.2, window=2, update_steps=4, eval_every=2), ["a", "b"])
+  A = np.array([[0.5, 0.5], [0.2, 0.4]])
+  np.testing.assert_allclose(c.A, A)
+
+  def p_of(logits):
+    return np.exp(logits) / np.exp(logits).sum()
+
+  st = c.init()
+  np.testing.assert_allclose(st["p"], p_of(0.2 * A @ np.ones(2)), rtol=1e-6)  # logits 0.2·(1.0, 0.6)
+  assert [t for t in range(10) if c.wants_eval(st, t)] == [0, 2, 4, 6, 8]
+  losses = {0: [3.0, 2.0], 2: [2.5, 1.5], 4: [2.0, 1.0], 6: [1.5, 1.0], 8: [1.0, 0.5]}
+  expect = {
+    0: 0.2 * A @ np.ones(2),  # evaluations only: p stays
+    2: 0.2 * A @ np.ones(2),
+    4: 0.2 * A @ np.array([5.5, 3.5]),  # evaluations at 0 and 2 (not the one at 4): logits 0.2·(4.5, 2.5)
+    6: 0.2 * A @ np.array([5.5, 3.5]),
+    8: 0.2 * A @ np.array([3.5, 2.0]),  # evaluations at 4 and 6: 0.2·(2.75, 1.5)
+  }
+  for t, ell in losses.items():
+    st = c.update(st, t, {"eval/group_loss": np.array(ell)})
+    np.testing.assert_allclose(st["p"], p_of(expect[t]), rtol=1e-5, err_msg=f"step {t}")
+    np.testing.assert_allclose(c.proportions(st, t + 1), st["p"])
+  fresh = mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", update_steps=4, skillit_form="fresh"), ["a", "b"])
+  assert fresh.A[0, 1] == 1.0 and np.allclose(fresh.init()["p"], 0.5)  # the fresh form keeps the graph and starts uniform
+  with pytest.raises(errors.ConfigError, match="eval_every=3 must divide update_steps=4"):
+    mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", update_steps=4, eval_every=3), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="skillit_form"):
+    mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", skillit_form="paper"), ["a", "b"])
 
 
 # ---------------------------------------------------------------- DoReMi / DoGE updates
@@ -258,6 +293,28 @@ def _group_loss_fn(model, params, batch, g):
   return (loss * sel).sum() / sel.sum()
 
 
+def test_doge_released_clipping_over_steps():
+  """The released trainer clips each per-group gradient and the validation gradient to norm 1 before the
+  inner products: g = ((3, 4), (0, 0.5)) -> ((0.6, 0.8), (0, 0.5)) (scales 0.2, 1); g_val (0, 2) -> (0, 1);
+  scores (0.8, 0.5), mean norm 0.75, s = 0.1·(0.8, 0.5)/0.75; two identical steps add s/μ twice."""
+  g, g_val = jnp.array([[3.0, 4.0], [0.0, 0.5]]), jnp.array([0.0, 2.0])
+  gc, scale = steps.clip_rows(g, 1.0)
+  np.testing.assert_allclose(scale, [0.2, 1.0], rtol=1e-6)
+  vc = steps.clip_rows(g_val[None], 1.0)[0][0]
+  logw = jnp.zeros(2)
+  for _ in range(2):
+    logw, w = steps.doge_weights(logw, gc, 0.1, mu=1.0, g_val_P=vc)
+  s = 0.1 * np.array([0.8, 0.5]) / 0.75
+  np.testing.assert_allclose(logw, 2 * s, rtol=1e-5)
+  np.testing.assert_allclose(w, np.exp(2 * s) / np.exp(2 * s).sum(), rtol=1e-5)
+  unclipped, _ = steps.doge_weights(jnp.zeros(2), g, 0.1, mu=1.0, g_val_P=g_val)
+  np.testing.assert_allclose(unclipped, 0.1 * np.array([8.0, 1.0]) / 2.75, rtol=1e-5)  # the unclipped form differs
+  assert steps.clip_rows(g, 0.0)[0] is g  # 0 = off
+  assert mixture.make(_mcfg(method="doge"), ["a", "b"]).clip == 1.0  # the released form is the default
+  with pytest.raises(errors.ConfigError, match="doge_clip"):
+    mixture.make(_mcfg(method="doge", doge_clip=-1.0), ["a", "b"])
+
+
 def test_doge_hand_computed_update_with_a_validation_gradient():
   g = jnp.array([[1.0, 0.0], [0.0, 2.0]])
   g_val = jnp.array([-1.0, 3.0])  # a held-out batch's gradient, not the training groups' mean
@@ -276,12 +333,13 @@ def test_doremi_per_token_excess_hand_computed():
   np.testing.assert_allclose(steps.group_excess(loss, ref, batch, 3), [1.0, 0.5, 0.0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["doremi", "doremi_per_token", "doge"])
+@pytest.mark.parametrize("method", ["doremi", "doremi_per_token", "doge", "doge_clip"])
 def test_reweighting_step_matches_independent_gradients(method):
   model, params, batch = _tiny()
   lr = 0.1
   tx = optax.sgd(lr)
-  mode = method.removesuffix("_per_token")
+  mode = method.removesuffix("_per_token").removesuffix("_clip")
+  clip = 0.05 if method == "doge_clip" else 0.0  # small enough that every gradient here is clipped
   c = mixture.make(_mcfg(method=mode, reference="a=3.0,b=3.2", mu=0.5), ["a", "b"])
   mix = jax.tree.map(jnp.asarray, c.init())
   mix["logw"] = jnp.array([0.3, -0.2])
@@ -295,14 +353,22 @@ def test_reweighting_step_matches_independent_gradients(method):
   }
   fn = jax.jit(
     functools.partial(
-      steps.mixing_train_step, model=model, tx=tx, schedule=lambda s: lr, num_groups=2, mode=mode, mu=0.5, eps=1e-3
+      steps.mixing_train_step,
+      model=model,
+      tx=tx,
+      schedule=lambda s: lr,
+      num_groups=2,
+      mode=mode,
+      mu=0.5,
+      eps=1e-3,
+      doge_clip=clip,
     )
   )
   # extra inputs: a validation batch (other rows, other group layout) and a reference model's params
   _, _, val = _tiny(seed=1)
   val = dict(val, group=jnp.array([1, 1, 0, 0, 1, 0, 1, 1], jnp.int32))
   ref_params = M.init_params(model, jax.random.key(7), sharding.single_device_mesh())
-  extra = {"doge": {"val": val}, "doremi_per_token": {"ref_params": ref_params}}.get(method, {})
+  extra = {"doge": {"val": val}, "doge_clip": {"val": val}, "doremi_per_token": {"ref_params": ref_params}}.get(method, {})
   new, m = fn(state, dict(batch, **extra))
   vg = jax.jit(jax.value_and_grad(lambda p, b, g: _group_loss_fn(model, p, b, g)))
   gl, grads = zip(*(vg(params, batch, g) for g in (0, 1)))
@@ -328,13 +394,19 @@ def test_reweighting_step_matches_independent_gradients(method):
     flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64) for g in grads]
     vals = [vg(params, val, g) for g in (0, 1)]
     g_val = np.mean([np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for _, g in vals], axis=0).astype(np.float64)
+    scale = np.ones(2)
+    if clip:  # the released form: every gradient clipped to norm `clip` first
+      scale = np.array([min(1.0, clip / np.linalg.norm(x)) for x in flat])
+      assert scale.max() < 1 and np.linalg.norm(g_val) > clip
+      flat = [x * c for x, c in zip(flat, scale)]
+      g_val = g_val * clip / np.linalg.norm(g_val)
     np.testing.assert_allclose(m["mixture/val_loss"], [v for v, _ in vals], rtol=1e-5)
     norm_mean = np.mean([np.linalg.norm(x) for x in flat])
     s = np.clip(lr * np.array([x @ g_val for x in flat]) / norm_mean, 0, 5 * lr)
     assert not np.allclose(s, np.clip(lr * np.array([x @ np.mean(flat, 0) for x in flat]) / norm_mean, 0, 5 * lr))
     logw = np.asarray(mix["logw"]) + s / 0.5
     w_new = np.exp(logw) / np.exp(logw).sum()
-    w_used = np.asarray(w_new)
+    w_used = np.asarray(w_new) * scale  # the (clipped) per-group gradients, weighted
   np.testing.assert_allclose(new["mixture"]["logw"], logw, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(new["mixture"]["w"], w_new, rtol=1e-5)
   np.testing.assert_allclose(new["mixture"]["w_sum"], np.asarray(w_new), rtol=1e-5)
