@@ -204,13 +204,19 @@ class Aioli(Controller):
       state = self._finish_round(state, state["G"].astype(np.float64) / self.R)
     return state
 
-  def _finish_round(self, state: dict, G) -> dict:
-    """Â from the round's G (solve, shift, normalise), then the proportions' update."""
+  def estimate_A(self, G) -> np.ndarray:
+    """Â from a round's averaged loss drops G [m, m] (G[i, j]: drop of group i per sub-phase probing j):
+    solve G[i, :] = W Â[i, :] (W[j] = q^(j)), shift by min Â if negative, normalise to sum 1."""
+    G = np.asarray(G, np.float64)
     W = np.stack([self._q(i) for i in range(self.m)])
     A = np.linalg.solve(W, G.T).T if self.f != 1.0 else G  # rows i: G[i, :] = W Â[i, :]
     if A.min() < 0:
       A = A - A.min()
-    A = A / max(A.sum(), 1e-12)
+    return A / max(A.sum(), 1e-12)
+
+  def _finish_round(self, state: dict, G) -> dict:
+    """Â from the round's G (estimate_A), then the proportions' update."""
+    A = self.estimate_A(G)
     state["A"] = A.astype(np.float32)
     if self.ema > 0:  # Ā¹ = Â¹ (the released code's EMA starts from the first round's Â, not from 0)
       A_bar = A if int(state["rounds"]) == 0 else (1 - self.ema) * A + self.ema * state["A_ema"]

@@ -24,6 +24,8 @@ def _fake_train(calls):
       p = np.array([0.3, 0.7])
     L = mixing_laws.static_law(p, C, B, A)[0]
     os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json())
     rows = [{"step": 0, **{f"eval/{n}/loss": 4.0 for n in names}}]
     row = {"step": cfg.train.steps, "train/loss": 1.0, **{f"mixture/p/{n}": float(x) for n, x in zip(names, p)}}
     if mc.method in ("doremi", "doge"):
