@@ -476,6 +476,24 @@ def t_ci(x, level: float = 0.95) -> tuple[float, float, float]:
   return m, m - h, m + h
 
 
+TABLE_COLUMNS = ["setting", "method", "m", "seeds", "test_avg_ppl", "diff", "ci_low", "ci_high", "p_final", "extra_runs"]
+
+
+def report_schema(text: str) -> dict:
+  """What every scale's report.md shares: its section headers and its protocol invariants (names without the
+  per-setting / per-m suffix). A test checks the nano command against the committed faithful report."""
+  import re
+
+  heads = [ln for ln in text.splitlines() if ln.startswith("## ")]
+  inv = []
+  for ln in text.split("## Protocol", 1)[-1].split("\n## ", 1)[0].splitlines()[4:]:
+    if ln.startswith("| "):
+      name = re.sub(r" \((?:[^()]*)\)$| at m = \d+.*$", "", ln.split(" | ")[0][2:])
+      if name not in inv:
+        inv.append(name)
+  return {"sections": heads, "invariants": inv}
+
+
 def ci_table(df):
   """One row per (setting, method): seeds, mean test ppl, the difference to stratified with its 95% t CI over
   seeds (paired by seed), the mean final p. The CSV committed next to the report."""
@@ -499,7 +517,7 @@ def ci_table(df):
         extra_runs=int(g["extra_runs"].iloc[0]),
       )  # fmt: skip
     )
-  return pd.DataFrame(out)
+  return pd.DataFrame(out, columns=TABLE_COLUMNS)
 
 
 def ci_markdown(tab) -> str:
@@ -617,7 +635,7 @@ def noise_floor(df, aioli_runs: dict) -> list[str]:
   """How far each method's mixture moves on statistically identical groups (setting `identical`)."""
   sub = df[df.setting == "identical"]
   if sub.empty:
-    return []
+    return ["No identical-groups control at this scale (the faithful scale has one: setting `identical`)."]
   lines = [
     "| Method | max_j abs(p_j − 1/m) of the final / chosen p, mean over seeds [max] | online: max over the run |",
     "|---|---|---|",
@@ -674,9 +692,7 @@ def report(df, a, out: str) -> str:
     "",
     PAPER_TABLE2,
   ]
-  nf = noise_floor(df, aioli_runs)
-  if nf:
-    lines += ["", "## Identical groups: how far each method moves (its noise floor)", ""] + nf
+  lines += ["", "## Identical groups: how far each method moves (its noise floor)", ""] + noise_floor(df, aioli_runs)
   return "\n".join(lines) + "\n"
 
 

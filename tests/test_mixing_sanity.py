@@ -60,7 +60,15 @@ def _series(rows, names, key="mixture/p") -> np.ndarray:
 # μ = 0.06 keeps the released lr/μ (experiments/aioli.py DOGE_MU, the same rule)
 DOGE_MU = 0.01 * 3e-3 / 5e-4
 AIOLI = dict(
-  method="aioli", update_steps=U, lp_rounds=4, lp_steps=4, one_hot_factor=0.625, eta=0.2, ema=0.1, prior="0.5,0.5", prior_steps=WARMUP
+  method="aioli",
+  update_steps=U,
+  lp_rounds=4,
+  lp_steps=4,
+  one_hot_factor=0.625,
+  eta=0.2,
+  ema=0.1,
+  prior="0.5,0.5",
+  prior_steps=WARMUP,
 )
 
 
