@@ -676,6 +676,7 @@ def report(df, a, out: str) -> str:
     {json.dumps(mixture_form(r.method_workdir)) for r in df[df.method.isin(["skillit", "doge", "doremi"])].itertuples()}
   )
   lines += ["", "Method forms used (from the runs' config.json): " + "; ".join(forms) + "."]
+  lines += ["", protocol_notes(a.scale)]
   lines += [
     "",
     "## Table 2 (ours)",
@@ -694,6 +695,30 @@ def report(df, a, out: str) -> str:
   ]
   lines += ["", "## Identical groups: how far each method moves (its noise floor)", ""] + noise_floor(df, aioli_runs)
   return "\n".join(lines) + "\n"
+
+
+def protocol_notes(scale: str) -> str:
+  """What this scale keeps from the paper's protocol and what it shrinks, in words (from SCALES)."""
+  s = SCALES[scale]
+  if s["aioli"] != "released":
+    U, R, lp_s, eta = s["aioli"]
+    return (
+      f"Scale `{scale}` is not the paper's protocol: {s['steps']} steps, Aioli U = {U}, R = {R}, s = {lp_s}, η = {eta}, "
+      "no EMA, LearnParams from step 0 (inside the warmup). Use `--scale=faithful` for the protocol above."
+    )
+  U = (s["steps"] - s["warmup"]) // s["rounds"]
+  share = {m: v["lp_rounds"] * v["lp_steps"] * m / U for m, v in RELEASED_AIOLI.items()}
+  return (
+    f"Scale `{scale}`: the model ({s['model']} preset) and data shrink to a 2-core CPU, the protocol does not: "
+    f"{s['steps']} steps of {s['batch']}x{s['seq_len']} tokens; a {s['warmup']}-step warmup trained on uniform p "
+    f"(Aioli's restricted mode with a uniform prior), then {s['rounds']} Aioli rounds of U = {U} steps with the released "
+    f"scripts' R, s, f, η, γ; LearnParams takes {share[2]:.0%} of a round at m = 2 and {share[3]:.0%} at m = 3 (released: "
+    "12.8% and 28.8% of U = 250; 70% at m = 7). Skill-It: released form, η = 0.2, window 3, an update every "
+    f"{s['skillit']} steps (10 per run, evaluations every {s['skillit'] // 2}). DoReMi: μ = {s['mu']}, ε = 1e-3, the proxy "
+    f"as long as the run ({s['steps']} steps; released: 10k). DoGE: gradients clipped to norm 1, μ = {doge_mu(scale):.2f} "
+    "so that lr/μ matches the released μ = 0.01 at lr 5e-4. GS: a Dirichlet cover of "
+    f"{s['gs']} points (the paper: 10). Test ppl on {s['eval_batches']}x{s['eval_batch_size']} rows per group."
+  )
 
 
 def mixture_form(workdir: str) -> dict:

@@ -111,6 +111,7 @@ def _run(tmp_path, method, world):
   return _series(rows, names, "mixture/w"), names, rows
 
 
+@pytest.mark.slow  # 20-80 s each on a loaded 2-core machine (1-3 training runs of ~400 steps)
 @pytest.mark.parametrize("method", ["aioli", "skillit", "doremi", "doge"])
 def test_identical_groups_keep_p_near_uniform(tmp_path, method):
   p, names, rows = _run(tmp_path, method, "identical")
@@ -127,6 +128,7 @@ SKILLIT_SEEKS_NOISE = pytest.mark.xfail(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["aioli", pytest.param("skillit", marks=SKILLIT_SEEKS_NOISE), "doremi", "doge"])
 def test_noise_group_loses_share(tmp_path, method):
   p, names, rows = _run(tmp_path, method, "noise")
