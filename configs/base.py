@@ -98,11 +98,14 @@ def defaults() -> mlc.ConfigDict:
   c.mixture.one_hot_factor = 0.625  # aioli: weight f of the probed group in q^(j)
   c.mixture.lp_branches = ""  # aioli: '' = chained LearnParams (released); 'vmap'|'sequential' = R·m branches forked per round
   c.mixture.eta = 0.2  # aioli, skillit: step size η
-  c.mixture.ema = 0.0  # aioli: EMA γ of Â (0 = cumulative multiplicative update)
-  c.mixture.prior = ""  # aioli restricted mode: proportions 'name=p,...' for the first prior_steps steps
+  c.mixture.ema = 0.0  # aioli: EMA γ of Â, Ā¹ = Â¹, p ∝ p⁰·exp(η·1ᵀĀ) (0 = cumulative multiplicative update)
+  c.mixture.prior = ""  # aioli restricted mode: 'name=p,...' trained for prior_steps, then p⁰ of every round's update
   c.mixture.prior_steps = 0  # aioli restricted mode: steps trained on the prior before the first round
   c.mixture.window = 3  # skillit: number of recent evaluations summed in the update
   c.mixture.graph = ""  # skillit: skills graph 'a,b;c,d' (row i = trained group), see mixture.skills_graph
+  c.mixture.skillit_form = "released"  # skillit: released (eval every eval_every, stale window, p¹ ∝ e^{ηA1}) | fresh
+  c.mixture.eval_every = 0  # skillit released form: evaluation cadence E, must divide update_steps (0 = update_steps/2)
+  c.mixture.doge_clip = 1.0  # doge: clip each per-group and the validation gradient to this norm first (released; 0 = off)
   c.mixture.reference = ""  # doremi: reference run dir (its params: per-token ref losses) or 'name=loss,...'
   c.mixture.mu = 0.01  # doremi: step size of log w; doge: log w += s/mu
   c.mixture.smoothing = 1e-3  # doremi: w <- (1-eps) w + eps/m

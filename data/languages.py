@@ -26,6 +26,7 @@ NON_LANGUAGE_KEYS = {
   "n_validation",
   "n_test",
   "n_downstream",
+  "sample_seed",  # offset of every split's sampling seed: the same language, other sentences (default 0)
   "name",
   "data_dir",
   "path",

@@ -90,9 +90,11 @@ def _builder_cls():
       spec = self.builder_config.spec
       lang = language(spec)
       sizes = {k: int(spec.get(k, v)) for k, v in DEFAULT_SIZES.items()}
-      # Distinct sampling seeds per split so splits share no sampling stream.
-      val = synthetic_examples(lang, sizes["n_validation"], 1_000_001, with_true=True)
-      test = synthetic_examples(lang, sizes["n_test"], 2_000_002, with_true=True)
+      # Distinct sampling seeds per split so splits share no sampling stream; `sample_seed` (default 0)
+      # offsets all three: two groups of the same language with different sentences.
+      off = int(spec.get("sample_seed", 0))
+      val = synthetic_examples(lang, sizes["n_validation"], 1_000_001 + off, with_true=True)
+      test = synthetic_examples(lang, sizes["n_test"], 2_000_002 + off, with_true=True)
       nll = -np.concatenate([e["true_logprob"] for e in val]).astype(np.float64)
       per_sent = np.array([-e["true_logprob"].sum() for e in val])
       lens = np.array([len(e["true_logprob"]) for e in val], np.float64)
@@ -112,7 +114,7 @@ def _builder_cls():
       tasks = downstream_tasks(lang, sizes["n_downstream"], 3_000_003)
       self.info.metadata["tasks"] = json.dumps({k: len(v) for k, v in tasks.items()})
       return {
-        "train": self._generate_examples(("train", lang, sizes["n_train"])),
+        "train": self._generate_examples(("train", lang, sizes["n_train"], off)),
         "validation": self._generate_examples(("list", val)),
         "test": self._generate_examples(("list", test)),
         **{k: self._generate_examples(("list", v)) for k, v in tasks.items()},
@@ -124,8 +126,8 @@ def _builder_cls():
         for i, e in enumerate(what[1]):
           yield i, {"tokens": e["tokens"], "true_logprob": e.get("true_logprob", empty), "label": e.get("label", -1)}
         return
-      _, lang, n = what
-      for i, e in enumerate(synthetic_examples(lang, n, 0, with_true=False)):
+      _, lang, n, off = what
+      for i, e in enumerate(synthetic_examples(lang, n, off, with_true=False)):
         yield i, {"tokens": e["tokens"], "true_logprob": empty, "label": -1}
 
   return LmtraceSynthetic, SyntheticConfig

@@ -93,10 +93,9 @@ def settings(scale: str, settings_file: str = "") -> dict[str, dict]:
         "hard": _spec("bigram", 2, 200, 40, 40, n_terminals=16),
       }
     }
-  big = scale == "paper"
-  n, v = (50_000, 1_000) if big else (4_000, 200)
+  n, v = {"paper": (50_000, 1_000), "faithful": (20_000, 1_000)}.get(scale, (4_000, 200))
   pc = dict(n_terminals=60)
-  return {
+  sets = {
     "pcfg2": {
       "easy": _spec("pcfg", 1, n, v, v, n_nonterminals=12, n_roots=3, levels=2, **pc),
       "hard": _spec("pcfg", 3, n // 2, v, v, n_nonterminals=40, **pc),
@@ -111,6 +110,10 @@ def settings(scale: str, settings_file: str = "") -> dict[str, dict]:
       "hard": _spec("pcfg", 3, n // 4, v, v, n_nonterminals=40, **pc),
     },
   }
+  if scale == "faithful":  # a control: two groups of one language with different sentences (statistically identical)
+    same = _spec("pcfg", 2, n // 2, v, v, n_nonterminals=25, n_roots=5, levels=3, **pc)
+    sets["identical"] = {"a": dict(same, sample_seed=0), "b": dict(same, sample_seed=11)}
+  return sets
 
 
 def read_settings_file(path: str) -> dict[str, dict]:
@@ -134,11 +137,57 @@ def read_settings_file(path: str) -> dict[str, dict]:
 
 
 SCALES = {
-  # steps, batch, seq_len, model preset, #GS points, Aioli (U, R, s, eta), Skill-It update steps, seeds
+  # steps, batch, seq_len, model preset, #GS points, Aioli (U, R, s, eta), Skill-It update steps, seeds, DoReMi μ
   "nano": dict(steps=16, batch=8, seq_len=32, model="nano", gs=4, aioli=(8, 1, 1, 1.0), skillit=4, seeds=1, mu=1.0),
   "quick": dict(steps=120, batch=16, seq_len=32, model="nano", gs=5, aioli=(40, 1, 2, 1.0), skillit=20, seeds=2, mu=1.0),
   "paper": dict(steps=5000, batch=16, seq_len=64, model="tiny", gs=10, aioli=(250, 4, 4, 0.2), skillit=500, seeds=5, mu=0.01),
+  # the paper's protocol on a CPU-sized model and data: 10 Aioli rounds after a 20-step warmup, the
+  # released scripts' R/s/f/η/γ per m (RELEASED_AIOLI), Skill-It's released form (10 updates, evaluations
+  # every U/2), DoReMi μ = 0.01, DoGE clipped gradients, 8 validation batches of 16 rows per group, 5 seeds
+  "faithful": dict(
+    steps=1020,
+    batch=16,
+    seq_len=32,
+    model="nano",
+    gs=4,
+    aioli="released",
+    skillit=100,
+    seeds=5,
+    mu=0.01,
+    warmup=20,
+    rounds=10,
+    eval_batches=8,
+    eval_batch_size=16,
+    log_every=10,
+  ),  # fmt: skip
 }
+# The released scripts' Aioli hyperparameters (HazyResearch/aioli scripts; Chen et al. 2024): m -> R, s, f, η, γ
+RELEASED_AIOLI = {
+  2: dict(lp_rounds=4, lp_steps=4, one_hot_factor=0.625, eta=0.2, ema=0.1),
+  3: dict(lp_rounds=4, lp_steps=6, one_hot_factor=0.5, eta=0.1, ema=0.5),
+}
+
+
+def aioli_mixture(scale: str, m: int) -> dict:
+  """The Aioli run's mixture settings at `scale` for m groups. Faithful: the released scripts' R, s, f, η, γ;
+  U = (steps − warmup) / rounds; the rounds start after the warmup (restricted mode with a uniform prior
+  for the warmup steps, so LearnParams never trains at the warmup's near-zero learning rates)."""
+  s = SCALES[scale]
+  if s["aioli"] != "released":
+    U, R, lp_s, eta = s["aioli"]
+    return dict(method="aioli", update_steps=U, lp_rounds=R, lp_steps=lp_s, eta=eta)
+  if m not in RELEASED_AIOLI:
+    raise LmtraceError(f"scale {scale}: the released scripts set Aioli's settings for m in {sorted(RELEASED_AIOLI)}, not m={m}")
+  U = (s["steps"] - s["warmup"]) // s["rounds"]
+  prior = ",".join([f"{1 / m:.6f}"] * (m - 1) + [f"{1 - (m - 1) * round(1 / m, 6):.6f}"])
+  return dict(method="aioli", update_steps=U, prior=prior, prior_steps=s["warmup"], **RELEASED_AIOLI[m])
+
+
+def skillit_mixture(scale: str, graph: str) -> dict:
+  """Skill-It's settings: η = 0.2, window 3 (released), the released form (stale window, evaluations every U/2)."""
+  U = SCALES[scale]["skillit"]
+  mix = dict(method="skillit", graph=graph, update_steps=U, eval_every=max(U // 2, 1), eta=0.2, window=3)
+  return mix | {"skillit_form": "released"}
 
 
 def run_config(scale: str, groups: dict, seed: int, data_dir: str, **mixture) -> mlc.ConfigDict:
@@ -153,8 +202,9 @@ def run_config(scale: str, groups: dict, seed: int, data_dir: str, **mixture) ->
   c.data.seq_len = s["seq_len"]
   c.data.num_threads = 1
   c.train.steps, c.train.batch_size = s["steps"], s["batch"]
-  c.train.log_every = max(1, s["steps"] // 16)
-  c.eval.every, c.eval.batches, c.eval.batch_size = s["steps"], 2, 8
+  c.train.log_every = s.get("log_every", max(1, s["steps"] // 16))
+  c.eval.every, c.eval.batches, c.eval.batch_size = s["steps"], s.get("eval_batches", 2), s.get("eval_batch_size", 8)
+  c.opt.warmup_steps = s.get("warmup", c.opt.warmup_steps)
   c.ckpt.schedule, c.ckpt.resume_every, c.ckpt.keep_resume = f"interval:every={s['steps']}", s["steps"], 1
   c.ckpt.async_save = False
   c.log.tensorboard = False
@@ -174,6 +224,12 @@ def get_config(arg: str = "quick,pcfg2") -> mlc.ConfigDict:
   if setting not in sets:
     raise ValueError(f"unknown setting {setting!r} at scale {scale}; valid: {sorted(sets)}")
   return run_config(scale, sets[setting], 0, "")
+
+
+def doge_mu(scale: str) -> float:
+  """DoGE's μ: its weight step is lr·score/μ, and the released μ = 0.01 goes with the released peak lr 5e-4;
+  at the faithful scale μ keeps that lr/μ at our learning rate (0.06 at 3e-3); other scales use 0.01."""
+  return 0.01 * base.defaults().opt.lr / 5e-4 if scale == "faithful" else 0.01
 
 
 def finished(workdir: str) -> bool:
@@ -237,15 +293,14 @@ def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str, settin
   s = SCALES[scale]
   common = {"config": _card(scale, next(iter(sets)), settings_file), "set": {"data.data_dir": os.path.join(out, "data")}}
   entry = functools.partial(_entry, settings_file=settings_file)  # every run card names the file: emitted jobs rebuild the groups
-  U, R, lp_s, eta = s["aioli"]
 
   def base_stage(done):
     runs = []
     for setting, groups in sets.items():
       runs += [
         entry(scale, setting, "stratified", dict(method="stratified")),
-        entry(scale, setting, "aioli", dict(method="aioli", update_steps=U, lp_rounds=R, lp_steps=lp_s, eta=eta)),
-        entry(scale, setting, "doge_proxy", dict(method="doge")),
+        entry(scale, setting, "aioli", aioli_mixture(scale, len(groups))),
+        entry(scale, setting, "doge_proxy", dict(method="doge", mu=doge_mu(scale), doge_clip=1.0)),
         *(
           entry(scale, setting, f"onehot_{n}", dict(method="static", proportions=_p(list(groups), np.eye(len(groups))[i])))
           for i, n in enumerate(groups)
@@ -269,18 +324,12 @@ def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str, settin
         f = fitted(scale, setting, list(groups), seed, done)
         runs += [
           entry(scale, setting, "dml", dict(method="static", proportions=_p(list(groups), f["p_dml"])), seed),
-          entry(
-            scale,
-            setting,
-            "skillit",
-            dict(method="skillit", graph=f["graph"], update_steps=s["skillit"], eta=0.2, window=3),
-            seed,
-          ),
+          entry(scale, setting, "skillit", skillit_mixture(scale, f["graph"]), seed),
           entry(
             scale,
             setting,
             "doremi_proxy",
-            dict(method="doremi", reference=done["base"].workdir(f"{setting}/stratified", seed), mu=s["mu"]),
+            dict(method="doremi", reference=done["base"].workdir(f"{setting}/stratified", seed), mu=s["mu"], smoothing=1e-3),
             seed,
           ),
           entry(scale, setting, "doge", dict(method="static", proportions=_p(list(groups), f["S"]["doge_proxy"]["w_avg"])), seed),
@@ -321,6 +370,7 @@ def setting_rows(scale: str, setting: str, groups: dict, seed: int, done: dict) 
   wd[f"gs{gs_best}"] = done["cover"].workdir(f"{setting}/s{seed}/gs{gs_best}", seed)
   wd |= {k: done["fit"].workdir(f"{setting}/s{seed}/{k}", seed) for k in ("dml", "skillit", "doremi_proxy", "doge")}
   wd["doremi"] = done["doremi"].workdir(f"{setting}/s{seed}/doremi", seed)
+  wd["doge_proxy"] = done["base"].workdir(f"{setting}/doge_proxy", seed)
   S |= {k: summary(wd[k], names) for k in ("dml", "skillit", "doremi_proxy", "doge", "doremi")}
   chosen = {
     "stratified": ("stratified", 0, np.full(m, 1 / m)),
@@ -347,6 +397,7 @@ def setting_rows(scale: str, setting: str, groups: dict, seed: int, done: dict) 
         extra_runs=extra,
         p_final=json.dumps(dict(zip(names, np.round(np.asarray(final_p, float), 4).tolist()))),
         workdir=wd[run],
+        method_workdir=wd[traj_run],  # the run whose mixture config says which form of the method ran (the proxy's)
         traj=json.dumps(S[traj_run]["traj"]),
         dml_fit_r2=f["law"]["r2"] if meth == "dml" else None,
       )
@@ -411,6 +462,276 @@ def findings(df) -> str:
   else:
     lines.append("- One seed: no estimate of seed-to-seed noise; run with --seeds >= 2 before reading small differences.")
   return "\n".join(lines)
+
+
+def t_ci(x, level: float = 0.95) -> tuple[float, float, float]:
+  """Mean and the t confidence interval over seeds (nan bounds with fewer than 2 values)."""
+  from scipy import stats
+
+  x = np.asarray(x, np.float64)
+  m = float(x.mean())
+  if len(x) < 2:
+    return m, float("nan"), float("nan")
+  h = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+  return m, m - h, m + h
+
+
+TABLE_COLUMNS = ["setting", "method", "m", "seeds", "test_avg_ppl", "diff", "ci_low", "ci_high", "p_final", "extra_runs"]
+
+
+def report_schema(text: str) -> dict:
+  """What every scale's report.md shares: its section headers and its protocol invariants (names without the
+  per-setting / per-m suffix). A test checks the nano command against the committed faithful report."""
+  import re
+
+  heads = [ln for ln in text.splitlines() if ln.startswith("## ")]
+  inv = []
+  for ln in text.split("## Protocol", 1)[-1].split("\n## ", 1)[0].splitlines()[4:]:
+    if ln.startswith("| "):
+      name = re.sub(r" \((?:[^()]*)\)$| at m = \d+.*$", "", ln.split(" | ")[0][2:])
+      if name not in inv:
+        inv.append(name)
+  return {"sections": heads, "invariants": inv}
+
+
+def ci_table(df):
+  """One row per (setting, method): seeds, mean test ppl, the difference to stratified with its 95% t CI over
+  seeds (paired by seed), the mean final p. The CSV committed next to the report."""
+  import pandas as pd
+
+  out = []
+  for (setting, meth), g in df.groupby(["setting", "method"], sort=False):
+    d, lo, hi = t_ci(g["diff_vs_stratified"])
+    ps = np.array([list(json.loads(x).values()) for x in g["p_final"]])
+    out.append(
+      dict(
+        setting=setting,
+        method=meth,
+        m=int(g["m"].iloc[0]),
+        seeds=len(g),
+        test_avg_ppl=float(g["test_avg_ppl"].mean()),
+        diff=d,
+        ci_low=lo,
+        ci_high=hi,
+        p_final=json.dumps(np.round(ps.mean(0), 4).tolist()),
+        extra_runs=int(g["extra_runs"].iloc[0]),
+      )  # fmt: skip
+    )
+  return pd.DataFrame(out, columns=TABLE_COLUMNS)
+
+
+def ci_markdown(tab) -> str:
+  """Table-2-shaped: Stratified's absolute ppl, every other method's difference [95% CI] per setting."""
+  sets = list(dict.fromkeys(tab.setting))
+  t = tab.set_index(["method", "setting"])
+  lines = ["| Method | " + " | ".join(sets) + " | #<strat (CI < 0) | extra runs |", "|" + "---|" * (len(sets) + 3)]
+  for meth in METHODS:
+    if meth not in set(tab.method):
+      continue
+    if meth == "stratified":
+      cells, nb = [f"{t.loc[(meth, x), 'test_avg_ppl']:.3f}" for x in sets], "–"
+    else:
+      cells = [
+        f"{t.loc[(meth, x), 'diff']:+.3f} [{t.loc[(meth, x), 'ci_low']:+.3f}, {t.loc[(meth, x), 'ci_high']:+.3f}]" for x in sets
+      ]
+      below = sum(t.loc[(meth, x), "diff"] < 0 for x in sets)
+      sig = sum(t.loc[(meth, x), "ci_high"] < 0 for x in sets)
+      nb = f"{below} ({sig})"
+    ex = "m" if meth == "skillit" else str(int(t.loc[(meth, sets[0]), "extra_runs"]))
+    lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + f" | {nb} | {ex} |")
+  return "\n".join(lines)
+
+
+def aioli_rounds(workdir: str) -> dict:
+  """Aioli's rounds rebuilt from a run's logged evaluations (every LearnParams sub-phase is evaluated):
+  per round the column sums 1ᵀÂ (what moves p) and their jackknife standard error over the R LearnParams
+  repeats; the run's R, s, f, η, γ, warmup, the first LearnParams step, the lowest learning rate logged
+  inside LearnParams, the validation tokens per group and p between rounds (outside LearnParams)."""
+  import ml_collections as mlc
+
+  from lib import ckpt as C
+  from lib import mixture
+
+  cfg = mlc.ConfigDict(C.read_config(workdir))
+  names = list(cfg.data.groups)
+  c = mixture.make(cfg.mixture, names, seed=cfg.seed)
+  rows, total = read_rows(workdir), int(cfg.train.steps)
+  ev = {r["step"]: np.array([r[f"eval/{n}/loss"] for n in names]) for r in rows if f"eval/{names[0]}/loss" in r}
+  tokens = [r["eval/tokens"] / len(names) for r in rows if "eval/tokens" in r]
+  K = c.R * c.m
+  lp = set()
+  cols, ses = [], []
+  for r in range(total):
+    t0 = c.P + r * c.U
+    steps_ = [t0 + k * c.s for k in range(K + 1)]
+    if steps_[-1] > total or not all(t in ev for t in steps_):
+      break
+    lp.update(range(t0, t0 + K * c.s))
+    Gq = np.zeros((c.R, c.m, c.m))
+    for k, j in enumerate(c.permutation(r)):
+      Gq[k // c.m, :, int(j)] = ev[steps_[k]] - ev[steps_[k + 1]]
+    cols.append(c.estimate_A(Gq.mean(0)).sum(0))
+    jack = np.array([c.estimate_A(np.delete(Gq, q, 0).mean(0)).sum(0) for q in range(c.R)])
+    ses.append(np.sqrt((c.R - 1) / c.R * ((jack - jack.mean(0)) ** 2).sum(0)))
+  lr_lp = [r["train/lr"] for r in rows if "train/lr" in r and r["step"] - 1 in lp]
+  p_out = [[r[f"mixture/p/{n}"] for n in names] for r in rows if f"mixture/p/{names[0]}" in r and r["step"] - 1 not in lp]
+  return dict(
+    names=names, rounds=len(cols), R=c.R, s=c.s, f=c.f, eta=c.eta, ema=c.ema, warmup=int(cfg.opt.warmup_steps), U=c.U,
+    first_lp=c.P if cols else None, lr_lp_min=min(lr_lp) if lr_lp else float("nan"), val_tokens=min(tokens) if tokens else 0.0,
+    colsums=np.array(cols), colsum_se=np.array(ses), p_between=np.array(p_out),
+  )  # fmt: skip
+
+
+def protocol(df, aioli_runs: dict, scale: str, wall_s: float | None) -> list[tuple[str, str, str, bool]]:
+  """The faithful protocol's invariants, measured from the runs: (invariant, target, measured, ok)."""
+  A = list(aioli_runs.values())
+  out = []
+  rounds = min(a["rounds"] for a in A)
+  out.append(("Aioli rounds per run", ">= 10", f"min {rounds} over {len(A)} runs", rounds >= 10))
+  R = min(a["R"] for a in A)
+  out.append(("LearnParams repeats R (evaluations per round / m)", ">= 4", f"min {R}", R >= 4))
+  for m in sorted({len(a["names"]) for a in A}):
+    got = sorted({(a["s"], a["f"], a["eta"], a["ema"]) for a in A if len(a["names"]) == m})
+    want = RELEASED_AIOLI.get(m, {})
+    target = (want.get("lp_steps"), want.get("one_hot_factor"), want.get("eta"), want.get("ema"))
+    out.append((f"s, f, η, γ at m = {m} (the released scripts)", str(target), ", ".join(map(str, got)), got == [target]))
+  first = min((a["first_lp"] for a in A if a["first_lp"] is not None), default=-1)
+  warm = max(a["warmup"] for a in A)
+  lr_min = min(a["lr_lp_min"] for a in A)
+  out.append(
+    ("LearnParams outside the zero-lr warmup", f"first LearnParams step >= warmup ({warm}), lr > 0",
+     f"first step {first}, lowest logged lr inside LearnParams {lr_min:.2e}", first >= warm and lr_min > 0)
+  )  # fmt: skip
+  vt = min(a["val_tokens"] for a in A)
+  out.append(("Validation tokens per group", "reported", f"{vt:.0f}", vt > 0))
+  for setting in [x for x in dict.fromkeys(df.setting) if x != "identical"]:
+    runs = [a for k, a in aioli_runs.items() if k[0] == setting]
+    cs = [a["colsums"] for a in runs if a["rounds"]]
+    if not cs:
+      out.append((f"Â's standard error < its spread ({setting})", "SE < spread", "no complete round", False))
+      continue
+    se = float(np.median(np.concatenate([a["colsum_se"].mean(1) for a in runs if a["rounds"]])))
+    between = float(np.mean([np.ptp(x, axis=1).mean() for x in cs]))
+    sd = float(np.nanstd(np.concatenate(cs), axis=0, ddof=1).mean()) if sum(len(x) for x in cs) > 1 else float("nan")
+    out.append(
+      (f"Â's standard error < its spread ({setting})", "SE < spread",
+       f"SE {se:.4f} (jackknife over the R repeats, median); spread {between:.4f} (between groups, mean over rounds); "
+       f"sd over rounds and seeds {sd:.4f}", se < between)
+    )  # fmt: skip
+  seeds = df.seed.nunique()
+  out.append(("Seeds", ">= 5", str(seeds), seeds >= 5))
+  sets = [x for x in df.setting.unique() if x != "identical"]
+  out.append(("Settings (besides the identical-groups control)", ">= 3", str(len(sets)), len(sets) >= 3))
+  cells = df.groupby(["setting", "method"]).seed.nunique()
+  out.append(
+    ("Every method's difference to stratified has a seed CI", ">= 2 seeds per cell", f"min {cells.min()} seeds", cells.min() >= 2)
+  )
+  if wall_s is not None:
+    out.append(("Study wall time (first run start to last run end)", "<= 90 min", f"{wall_s / 60:.1f} min", wall_s <= 5400))
+  return out
+
+
+def noise_floor(df, aioli_runs: dict) -> list[str]:
+  """How far each method's mixture moves on statistically identical groups (setting `identical`)."""
+  sub = df[df.setting == "identical"]
+  if sub.empty:
+    return ["No identical-groups control at this scale (the faithful scale has one: setting `identical`)."]
+  lines = [
+    "| Method | max_j abs(p_j − 1/m) of the final / chosen p, mean over seeds [max] | online: max over the run |",
+    "|---|---|---|",
+  ]
+  for meth in METHODS:
+    g = sub[sub.method == meth]
+    if g.empty or meth == "stratified":
+      continue
+    dev = [float(np.abs(np.array(list(json.loads(x).values())) - 1 / len(json.loads(x))).max()) for x in g.p_final]
+    online = ""
+    if meth == "aioli":
+      online = f"{max(float(np.abs(a['p_between'] - 0.5).max()) for k, a in aioli_runs.items() if k[0] == 'identical'):.4f}"
+    elif meth in ("skillit", "doremi", "doge"):
+      online = f"{max(max(abs(v - 0.5) for t in json.loads(x) for k, v in t.items() if k != 'step') for x in g.traj):.4f}"
+    lines.append(f"| {LABELS[meth]} | {np.mean(dev):.4f} [{np.max(dev):.4f}] | {online} |")
+  return lines
+
+
+def study_wall(out: str) -> float | None:
+  """Seconds from the first run's config.json to the last run's metrics.jsonl (file times), None without runs."""
+  import glob
+
+  starts = [os.path.getmtime(f) for f in glob.glob(os.path.join(out, "*", "runs", "**", "config.json"), recursive=True)]
+  ends = [os.path.getmtime(f) for f in glob.glob(os.path.join(out, "*", "runs", "**", "metrics.jsonl"), recursive=True)]
+  return max(ends) - min(starts) if starts and ends else None
+
+
+def report(df, a, out: str) -> str:
+  """report.md: the protocol table (measured), our Table 2 with seed CIs, the paper's, the noise floor."""
+  aioli_runs = {(r.setting, r.seed): aioli_rounds(r.workdir) for r in df[df.method == "aioli"].itertuples()}
+  tab = ci_table(df)
+  tab.to_csv(os.path.join(out, "aioli_table.csv"), index=False, float_format="%.5f")
+  lines = [f"# Aioli Table 2, scale={a.scale}, seeds={df.seed.nunique()}", ""]
+  lines += ["## Protocol", "", "| Invariant | Target | Measured (from the runs) | |", "|---|---|---|---|"]
+  for inv, target, got, ok in protocol(df, aioli_runs, a.scale, study_wall(out)):
+    lines.append(f"| {inv} | {target} | {got} | {'✓' if ok else '✗'} |")
+  forms = sorted(
+    {json.dumps(mixture_form(r.method_workdir)) for r in df[df.method.isin(["skillit", "doge", "doremi"])].itertuples()}
+  )
+  lines += ["", "Method forms used (from the runs' config.json): " + "; ".join(forms) + "."]
+  lines += ["", protocol_notes(a.scale)]
+  lines += [
+    "",
+    "## Table 2 (ours)",
+    "",
+    "Average test perplexity (mean over groups of exp(test loss)); Stratified: absolute, mean over seeds; the others: "
+    "difference to stratified (paired by seed; negative = better), mean [95% t interval over seeds]. `#<strat`: settings "
+    "with a negative mean (with the whole interval below 0).",
+    "",
+    ci_markdown(tab),
+    "",
+    findings(df),
+    "",
+    "## The paper's Table 2 (Chen et al. 2024, v2; SlimPajama groups, Pythia-160M, 5k/40k steps)",
+    "",
+    PAPER_TABLE2,
+  ]
+  lines += ["", "## Identical groups: how far each method moves (its noise floor)", ""] + noise_floor(df, aioli_runs)
+  return "\n".join(lines) + "\n"
+
+
+def protocol_notes(scale: str) -> str:
+  """What this scale keeps from the paper's protocol and what it shrinks, in words (from SCALES)."""
+  s = SCALES[scale]
+  if s["aioli"] != "released":
+    U, R, lp_s, eta = s["aioli"]
+    return (
+      f"Scale `{scale}` is not the paper's protocol: {s['steps']} steps, Aioli U = {U}, R = {R}, s = {lp_s}, η = {eta}, "
+      "no EMA, LearnParams from step 0 (inside the warmup). Use `--scale=faithful` for the protocol above."
+    )
+  U = (s["steps"] - s["warmup"]) // s["rounds"]
+  share = {m: v["lp_rounds"] * v["lp_steps"] * m / U for m, v in RELEASED_AIOLI.items()}
+  return (
+    f"Scale `{scale}`: the model ({s['model']} preset) and data shrink to a 2-core CPU, the protocol does not: "
+    f"{s['steps']} steps of {s['batch']}x{s['seq_len']} tokens; a {s['warmup']}-step warmup trained on uniform p "
+    f"(Aioli's restricted mode with a uniform prior), then {s['rounds']} Aioli rounds of U = {U} steps with the released "
+    f"scripts' R, s, f, η, γ; LearnParams takes {share[2]:.0%} of a round at m = 2 and {share[3]:.0%} at m = 3 (released: "
+    "12.8% and 28.8% of U = 250; 70% at m = 7). Skill-It: released form, η = 0.2, window 3, an update every "
+    f"{s['skillit']} steps (10 per run, evaluations every {s['skillit'] // 2}). DoReMi: μ = {s['mu']}, ε = 1e-3, the proxy "
+    f"as long as the run ({s['steps']} steps; released: 10k). DoGE: gradients clipped to norm 1, μ = {doge_mu(scale):.2f} "
+    "so that lr/μ matches the released μ = 0.01 at lr 5e-4. GS: a Dirichlet cover of "
+    f"{s['gs']} points (the paper: 10). Test ppl on {s['eval_batches']}x{s['eval_batch_size']} rows per group."
+  )
+
+
+def mixture_form(workdir: str) -> dict:
+  """The mixture keys that say which form of a method a run used (Skill-It's form, DoGE's clipping, μ)."""
+  from lib import ckpt as C
+
+  mc = C.read_config(workdir)["mixture"]
+  keep = {
+    "skillit": ("skillit_form", "eval_every", "update_steps", "window", "eta"),
+    "doge": ("doge_clip", "mu"),
+    "doremi": ("mu", "smoothing"),
+  }
+  return {"method": mc["method"], **{k: mc.get(k) for k in keep.get(mc["method"], ())}}
 
 
 def plot(df, path: str) -> None:
@@ -481,10 +802,11 @@ def main(argv=None) -> int:
     if a.dry_run or a.emit:
       return 0
     rows = [r for seed in seeds for name, groups in sets.items() for r in setting_rows(a.scale, name, groups, seed, done)]
+    df = pd.DataFrame(rows)
+    text = report(df, a, out)
   except LmtraceError as e:
     print(f"aioli: error: {e}", file=sys.stderr)
     return 2
-  df = pd.DataFrame(rows)
   df.to_parquet(os.path.join(a.out, "aioli.parquet"))
   traj = [
     dict(setting=r.setting, seed=r.seed, method=r.method, step=t["step"], group=k, p=v)
@@ -495,17 +817,9 @@ def main(argv=None) -> int:
   ]
   pd.DataFrame(traj).to_parquet(os.path.join(a.out, "p_over_time.parquet"))
   plot(df, os.path.join(a.out, "p_over_time.png"))
-  tab = table(df)
   with open(os.path.join(a.out, "report.md"), "w") as f:
-    f.write(
-      f"# Aioli Table 2, scale={a.scale}, seeds={df.seed.nunique()}\n\n"
-      "Average test perplexity (mean over groups of exp(test loss)), mean over seeds; the Stratified row "
-      "is absolute, the others are differences to it (negative = better).\n\n"
-      f"{tab}\n\n{findings(df)}\n\n## The paper's Table 2 (Chen et al., Aioli, ICLR 2025, arXiv:2411.05735 v2; "
-      "SlimPajama groups, Pythia-160M, 5k/40k steps)\n\n"
-      f"{PAPER_TABLE2}\n"
-    )
-  print(tab)
+    f.write(text)
+  print(table(df))
   return 0
 
 

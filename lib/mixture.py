@@ -92,8 +92,15 @@ class Aioli(Controller):
   LearnParams: for each of R·m sub-phases (groups in R random permutations) train s = `lp_steps` real
   steps on q^(j) = f·e_j + (1−f)/(m−1)·(1−e_j) and accumulate G[:, j] += ℓ_prev − ℓ_new; G /= R;
   solve G[i, :] = W Â[i, :] (W[j] = q^(j)); if min Â < 0 shift it; Â /= ΣÂ; then
-  p ← p ⊙ exp(η·1ᵀÂ) (cumulative) or, with `ema` γ > 0, Ā = (1−γ)Â + γĀ, p ∝ exp(η·1ᵀĀ). The rest
-  of the round trains on p. Config: mixture.{update_steps, lp_rounds, lp_steps, one_hot_factor, eta, ema}.
+  p ← p ⊙ exp(η·1ᵀÂ) (cumulative) or, with `ema` γ > 0, Ā¹ = Â¹, Āᵗ = (1−γ)Âᵗ + γĀᵗ⁻¹ and
+  p ∝ p⁰ ⊙ exp(η·1ᵀĀ) (not cumulative). The rest of the round trains on p.
+  Config: mixture.{update_steps, lp_rounds, lp_steps, one_hot_factor, eta, ema}.
+
+  p⁰ is uniform, or in the restricted setting (`prior`, `prior_steps`) the prior: the run trains on the
+  prior for prior_steps steps, then its rounds adjust the prior in both update forms: cumulative,
+  pᵗ = prior ⊙ Π_τ exp(η·1ᵀÂ^τ) (renormalised); with the EMA, pᵗ ∝ prior ⊙ exp(η·1ᵀĀᵗ), so the prior
+  is kept in every round, not only the first. (The released code restarts from uniform after the prior
+  stage; we follow the paper's description, "Aioli adjusts the prior".)
   """
 
   name = "aioli"
@@ -197,17 +204,24 @@ class Aioli(Controller):
       state = self._finish_round(state, state["G"].astype(np.float64) / self.R)
     return state
 
-  def _finish_round(self, state: dict, G) -> dict:
-    """Â from the round's G (solve, shift, normalise), then the proportions' update."""
+  def estimate_A(self, G) -> np.ndarray:
+    """Â from a round's averaged loss drops G [m, m] (G[i, j]: drop of group i per sub-phase probing j):
+    solve G[i, :] = W Â[i, :] (W[j] = q^(j)), shift by min Â if negative, normalise to sum 1."""
+    G = np.asarray(G, np.float64)
     W = np.stack([self._q(i) for i in range(self.m)])
     A = np.linalg.solve(W, G.T).T if self.f != 1.0 else G  # rows i: G[i, :] = W Â[i, :]
     if A.min() < 0:
       A = A - A.min()
-    A = A / max(A.sum(), 1e-12)
+    return A / max(A.sum(), 1e-12)
+
+  def _finish_round(self, state: dict, G) -> dict:
+    """Â from the round's G (estimate_A), then the proportions' update."""
+    A = self.estimate_A(G)
     state["A"] = A.astype(np.float32)
-    if self.ema > 0:
-      A_bar = (1 - self.ema) * A + self.ema * state["A_ema"]
-      logits = self.eta * A_bar.sum(0)
+    if self.ema > 0:  # Ā¹ = Â¹ (the released code's EMA starts from the first round's Â, not from 0)
+      A_bar = A if int(state["rounds"]) == 0 else (1 - self.ema) * A + self.ema * state["A_ema"]
+      p0 = self.prior if self.prior is not None else np.full(self.m, 1.0 / self.m)
+      logits = np.log(np.maximum(p0, 1e-30)) + self.eta * A_bar.sum(0)  # p ∝ p⁰ ⊙ exp(η·1ᵀĀ): p⁰ = the prior, or uniform
       state["A_ema"] = A_bar.astype(np.float32)
     else:
       logits = np.log(np.maximum(state["p"], 1e-30)) + self.eta * A.sum(0)
@@ -255,6 +269,14 @@ class SkillIt(Controller):
 
   Not cumulative (restarts from uniform every update, as released). A = `mixture.graph` ('a,b;c,d',
   rows = trained group; build it with `skills_graph` from m one-hot runs: the method's m extra runs).
+
+  `mixture.skillit_form` picks what the paper leaves open:
+    "released" (default; the Aioli authors' released trainer): per-group validation losses every
+      E = `eval_every` steps (0 = U/2, the released scripts' 250/500); at step kU (k >= 1) the update
+      uses the last w evaluations taken *before* kU (a stale window: the newest is from kU − E); the
+      first p is ∝ exp(η·A·1) (the paper's Alg. 1 start); off-diagonal graph entries equal to 1 are set
+      to 0.5 (a no-op for graphs of relative loss drops, which stay below 1).
+    "fresh": one evaluation at every kU, used at once; the first p is uniform; the graph as given.
   """
 
   name = "skillit"
@@ -270,35 +292,56 @@ class SkillIt(Controller):
     self.U, self.eta, self.w = int(g("update_steps", 250)), float(g("eta", 0.2)), int(g("window", 3))
     if self.w < 1 or self.U < 1:
       raise ConfigError(f"Skill-It: window={self.w} and update_steps={self.U} must be >= 1")
+    self.form = str(g("skillit_form", "released"))
+    if self.form not in ("released", "fresh"):
+      raise ConfigError(f"Skill-It: mixture.skillit_form={self.form!r} must be 'released' or 'fresh'")
+    self.E = self.U
+    if self.form == "released":
+      self.E = int(g("eval_every", 0)) or max(self.U // 2, 1)
+      if self.E < 1 or self.U % self.E:
+        raise ConfigError(f"Skill-It: mixture.eval_every={self.E} must divide update_steps={self.U}")
+      off = ~np.eye(self.m, dtype=bool)
+      self.A = np.where(off & (self.A == 1.0), 0.5, self.A)
+
+  def _p(self, S) -> np.ndarray:
+    logits = self.eta * self.A @ np.asarray(S, np.float64)
+    p = np.exp(logits - logits.max())
+    return (p / p.sum()).astype(np.float32)
 
   def init(self) -> dict:
+    p = self._p(np.ones(self.m)) if self.form == "released" else np.full(self.m, 1.0 / self.m, np.float32)
     return {
-      "p": np.full(self.m, 1.0 / self.m, np.float32),
+      "p": p,
       "hist": np.zeros((self.w, self.m), np.float32),
       "n": np.zeros((), np.int32),
+      "S": np.zeros(self.m, np.float32),  # the window sum behind the current p (0 before the first update)
     }
 
   def wants_eval(self, state: dict, step: int) -> bool:
-    return int(step) % self.U == 0
+    return int(step) % self.E == 0
 
   def update(self, state: dict, step: int, obs: dict) -> dict:
     ell = np.asarray(obs["eval/group_loss"], np.float64)
-    hist = np.roll(np.asarray(state["hist"], np.float64), 1, axis=0)
+    state = {k: np.array(v) for k, v in state.items()}
+    hist, n = np.asarray(state["hist"], np.float64), int(state["n"])
+    if self.form == "released" and int(step) > 0 and int(step) % self.U == 0:  # the stale window: evaluations before step
+      state["S"] = hist[: min(n, self.w)].sum(0).astype(np.float32)
+      state["p"] = self._p(state["S"])
+    hist = np.roll(hist, 1, axis=0)
     hist[0] = ell
-    n = int(state["n"]) + 1
-    S = hist[: min(n, self.w)].sum(0)  # Σ over the last w evaluations
-    logits = self.eta * self.A @ S
-    p = np.exp(logits - logits.max())
-    return {"p": (p / p.sum()).astype(np.float32), "hist": hist.astype(np.float32), "n": np.asarray(n, np.int32)}
+    n += 1
+    if self.form == "fresh":
+      state["S"] = hist[: min(n, self.w)].sum(0).astype(np.float32)  # Σ over the last w evaluations, this one included
+      state["p"] = self._p(state["S"])
+    state["hist"], state["n"] = hist.astype(np.float32), np.asarray(n, np.int32)
+    return state
 
   def implied_A(self, state: dict, vectors: dict):
     from lib import mixing_laws
 
-    n = int(state["n"])
-    if n == 0:
+    if not np.any(state["S"]):
       return None
-    S = np.asarray(state["hist"], np.float64)[: min(n, self.w)].sum(0)
-    return mixing_laws.implied_A("skillit", graph=self.A, window_loss=S)
+    return mixing_laws.implied_A("skillit", graph=self.A, window_loss=np.asarray(state["S"], np.float64))
 
 
 class _Reweighting(Controller):
@@ -332,8 +375,9 @@ class DoReMi(_Reweighting):
 
   Each step (on device, after the step's forward pass): excess_g = per-token max(ℓ − ℓ_ref, 0) averaged
   over group g's tokens, where ℓ_ref is the reference model's loss on the same tokens (its forward runs
-  inside the jitted step); log w ← log w + μ·excess; w ← (1−ε)·softmax(log w) + ε/m; the proxy's loss
-  is Σ_i w_i ℓ_i (reweighted, not resampled), with the w of the previous step. ONE optimizer update per
+  inside the jitted step); w_t = (1−ε)·normalise(w_{t−1}·exp(μ·excess)) + ε/m, starting from the
+  previous *smoothed* weights as in the paper and the released code (state "logw" = log w_{t−1}); the
+  proxy's loss is Σ_i w_t,i ℓ_i (reweighted, not resampled) with the just-updated w_t. ONE optimizer update per
   step (the released trainer's per-micro-batch optimizer.step() is not copied).
   `mixture.reference`: the workdir of a same-size stratified reference run with the same model (its
   latest checkpoint's params are restored once: DoReMi proper), or 'a=3.1,b=2.0', per-group reference
@@ -377,11 +421,20 @@ class DoGE(_Reweighting):
   gradient of the mean over groups of the per-group validation losses on a held-out validation batch
   (rows of every group, cycled through the validation split: MixtureRunner.step_inputs), DoGE's
   universal-generalisation setting. s_i = clip(lr·⟨g_i, g_val⟩ / mean_i ‖g_i‖, 0, 5·lr);
-  log w ← log w + s/μ; w = softmax(log w); the applied gradient is Σ_i w_i g_i with the new w."""
+  log w ← log w + s/μ; w = softmax(log w); the applied gradient is Σ_i w_i g_i with the new w.
+  `mixture.doge_clip` (default 1.0, the released trainer's form): each g_i and g_val is first clipped
+  to that norm (torch's clip_grad_norm_), and the clipped g_i enter the scores, the mean norm and the
+  applied gradient; 0 = the unclipped form (the DoGE paper's equations)."""
 
   name = "doge"
   needs = frozenset({"group_grads", "validation_batch"})
   mode = "doge"
+
+  def __init__(self, group_names, cfg=None):
+    super().__init__(group_names, cfg)
+    self.clip = float(cfg.get("doge_clip", 1.0)) if cfg is not None else 1.0
+    if self.clip < 0:
+      raise ConfigError(f"DoGE: mixture.doge_clip={self.clip} must be >= 0 (0 = off)")
 
   def implied_A(self, state: dict, vectors: dict):
     from lib import mixing_laws
@@ -492,7 +545,15 @@ class MixtureRunner:
       raise ConfigError(f"mixture.method={self.controller.name} reweights per-group losses in one pass: set train.grad_accum=1")
     c = self.controller
     return functools.partial(
-      steps.mixing_train_step, model=model, tx=tx, schedule=schedule, num_groups=m, mode=mode, mu=c.mu, eps=c.eps
+      steps.mixing_train_step,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      num_groups=m,
+      mode=mode,
+      mu=c.mu,
+      eps=c.eps,
+      doge_clip=getattr(c, "clip", 0.0),
     )
 
   def prepare(self, *, eval_sets=(), mesh=None, params_like=None) -> None:

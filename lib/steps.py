@@ -134,14 +134,18 @@ def group_excess(loss_BxL, ref_BxL, batch, num_groups: int):
 
 
 def doremi_weights(logw_G, group_loss_G, ref_G, mu: float, eps: float):
-  """DoReMi's update from per-group losses: log w += μ·max(ℓ − ℓ_ref, 0); w = (1−ε)·softmax(log w) + ε/G."""
+  """DoReMi's update from per-group losses: excess = max(ℓ − ℓ_ref, 0), then doremi_weights_from_excess."""
   return doremi_weights_from_excess(logw_G, jnp.maximum(group_loss_G - ref_G, 0.0), mu, eps)
 
 
 def doremi_weights_from_excess(logw_G, excess_G, mu: float, eps: float):
-  """log w += μ·excess; w = (1−ε)·softmax(log w) + ε/G. Returns (log w, w)."""
-  logw_G = logw_G + mu * excess_G
-  return logw_G, (1.0 - eps) * jax.nn.softmax(logw_G) + eps / logw_G.shape[0]
+  """One DoReMi step (Xie et al. 2023, Alg. 1): α_t = (1−ε)·normalise(α_{t−1}·exp(μ·excess)) + ε/G.
+
+  `logw_G` is log α_{t−1}, the log of the previous *smoothed* weights (any constant offset is harmless:
+  zeros = uniform), so the smoothing feeds back into the next step as in the paper and the released
+  trainers. Returns (log α_t, α_t)."""
+  w_G = (1.0 - eps) * jax.nn.softmax(logw_G + mu * excess_G) + eps / logw_G.shape[0]
+  return jnp.log(w_G), w_G
 
 
 def doge_weights(logw_G, grads_GxP, lr, mu: float, g_val_P=None):
@@ -154,6 +158,15 @@ def doge_weights(logw_G, grads_GxP, lr, mu: float, g_val_P=None):
   s_G = jnp.clip(lr * (grads_GxP @ g_val_P) / norm_mean, 0.0, 5.0 * lr)
   logw_G = logw_G + s_G / mu
   return logw_G, jax.nn.softmax(logw_G)
+
+
+def clip_rows(x_GxP, max_norm: float):
+  """Each row scaled to norm <= max_norm (torch's clip_grad_norm_ per row); max_norm <= 0: unchanged.
+  Returns (clipped rows, per-row scale [G])."""
+  if max_norm <= 0:
+    return x_GxP, jnp.ones(x_GxP.shape[:1], x_GxP.dtype)
+  scale_G = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.linalg.norm(x_GxP, axis=-1), 1e-12))
+  return x_GxP * scale_G[:, None], scale_G
 
 
 def _flat(tree, lead: tuple = ()):
@@ -185,19 +198,23 @@ def mixing_train_step(
   mode: str,
   mu: float = 0.01,
   eps: float = 1e-3,
+  doge_clip: float = 0.0,
 ) -> tuple[dict, dict]:
   """One optimizer update on group-reweighted losses, with the weights w updated on device.
 
   Inputs beyond the training rows travel in the batch dict (lib/mixture.MixtureRunner.step_inputs):
-  mode "doremi": loss Σ_g w_g ℓ_g with w from state["mixture"] (previous step's); then the excess
-  loss: with batch["ref_params"] (the reference model's params; DoReMi proper) per token,
-  excess_g = Σ_{tokens∈g} max(ℓ − ℓ_ref, 0) / #tokens∈g with ℓ_ref from the reference model's forward
-  on the same rows; without them, max(ℓ_g − ref_g, 0) from the state's per-group reference losses.
-  log w += μ·excess; w = (1−ε)·softmax(log w) + ε/G.
+  mode "doremi": first the excess loss: with batch["ref_params"] (the reference model's params; DoReMi
+  proper) per token, excess_g = Σ_{tokens∈g} max(ℓ − ℓ_ref, 0) / #tokens∈g with ℓ_ref from the
+  reference model's forward on the same rows; without them, max(ℓ_g − ref_g, 0) from the state's
+  per-group reference losses. Then w_t = (1−ε)·normalise(w_{t−1}·exp(μ·excess)) + ε/G (the previous
+  smoothed weights fed back), and the proxy's loss is Σ_g w_t,g ℓ_g with the just-updated w_t, as in
+  the paper's Alg. 1 and the released trainers.
   mode "doge": per-group training gradients g_G (jacrev of ℓ_G; groups from batch["group"]) and the
   target gradient g_val = ∇ mean_g ℓ_g^val on batch["val"], a held-out validation batch with rows of
   every group; s = clip(lr·⟨g_G, g_val⟩ / mean‖g_G‖, 0, 5·lr); log w += s/μ; w = softmax(log w);
-  applied gradient Σ_g w_g g_g. Both accumulate w_sum, n for the averaged weights (lib/mixture).
+  applied gradient Σ_g w_g g_g. With doge_clip > 0 (the released trainer: 1.0) every g_g and g_val is
+  first clipped to that norm, and the clipped g_g enter the score, the mean norm and the applied gradient.
+  Both accumulate w_sum, n for the averaged weights (lib/mixture).
   """
   rng = jax.random.fold_in(state["rng"], state["step"])
   mix = state["mixture"]
@@ -207,19 +224,15 @@ def mixing_train_step(
   f = functools.partial(_group_losses, model=model, num_groups=num_groups, key=rng)
   lr = schedule(state["step"])
   extra_metrics = {}
-  if mode == "doremi":
-
-    def weighted(p):
-      gl_G, aux = f(p, batch)
-      return (mix["w"] * gl_G).sum(), (gl_G, aux)
-
-    grads, (gl_G, (sums, loss_BxL)) = jax.grad(weighted, has_aux=True)(params)
+  if mode == "doremi":  # forward, excess loss, new w_t; then the gradient of Σ_g w_t,g ℓ_g (one backward: vjp)
+    gl_G, vjp_fn, (sums, loss_BxL) = jax.vjp(lambda p: f(p, batch), params, has_aux=True)
     if "ref_params" in extras:
       ref_BxL = M.per_token_loss(model, jax.lax.stop_gradient(extras["ref_params"]), batch)
       excess_G = group_excess(loss_BxL, ref_BxL, batch, num_groups)
     else:
       excess_G = jnp.maximum(gl_G - mix["ref"], 0.0)
     logw, w = doremi_weights_from_excess(mix["logw"], excess_G, mu, eps)
+    (grads,) = vjp_fn(jax.lax.stop_gradient(w).astype(gl_G.dtype))
     extra_metrics["mixture/excess"] = excess_G
   elif mode == "doge":
     if "val" not in extras:
@@ -230,10 +243,11 @@ def mixing_train_step(
       return gl_G, (gl_G, aux)
 
     jac, (gl_G, (sums, _)) = jax.jacrev(losses, has_aux=True)(params)  # leaves [G, ...]
-    flat_GxP = _flat(jac, (num_groups,))
+    flat_GxP, scale_G = clip_rows(_flat(jac, (num_groups,)), doge_clip)
     g_val_P, val_gl_G = val_gradient(params, extras["val"], model=model, num_groups=num_groups)
+    g_val_P = clip_rows(g_val_P[None], doge_clip)[0][0]
     logw, w = doge_weights(mix["logw"], flat_GxP, lr, mu, g_val_P)
-    grads = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), jac)
+    grads = jax.tree.map(lambda x: jnp.tensordot(w * scale_G, x, axes=1), jac)
     extra_metrics["mixture/val_loss"] = val_gl_G
     extra_metrics["mixture/doge_score"] = flat_GxP @ g_val_P  # ⟨g_j, g_val⟩: 1ᵀA/m of DoGE's implied LMO A
   else:

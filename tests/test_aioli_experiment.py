@@ -24,6 +24,8 @@ def _fake_train(calls):
       p = np.array([0.3, 0.7])
     L = mixing_laws.static_law(p, C, B, A)[0]
     os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json())
     rows = [{"step": 0, **{f"eval/{n}/loss": 4.0 for n in names}}]
     row = {"step": cfg.train.steps, "train/loss": 1.0, **{f"mixture/p/{n}": float(x) for n, x in zip(names, p)}}
     if mc.method in ("doremi", "doge"):
@@ -69,6 +71,15 @@ def test_aioli_experiment_on_a_planted_law(tmp_path, monkeypatch):
   assert list(r["extra_runs"]) == [0, 4, 4, 2, 2, 1, 0]
   report = open(os.path.join(out, "report.md")).read()
   assert "| Stratified | " in report and "SlimPajama" in report and "| DML | " in report
+  # the nano command writes the faithful study's schema: the committed report's sections, protocol rows, CSV columns
+  schema = aioli.report_schema(report)
+  assert schema["sections"][:2] == ["## Protocol", "## Table 2 (ours)"] and "Aioli rounds per run" in schema["invariants"]
+  table = pd.read_csv(os.path.join(out, "aioli_table.csv"))
+  assert list(table.columns) == aioli.TABLE_COLUMNS and len(table) == len(aioli.METHODS)
+  committed = os.path.join(os.path.dirname(aioli.__file__), "results", "aioli")
+  if os.path.exists(os.path.join(committed, "report.md")):
+    assert aioli.report_schema(open(os.path.join(committed, "report.md")).read()) == schema
+    assert list(pd.read_csv(os.path.join(committed, "aioli_table.csv")).columns) == aioli.TABLE_COLUMNS
   assert os.path.getsize(os.path.join(out, "p_over_time.png")) > 0
   assert len(pd.read_parquet(os.path.join(out, "p_over_time.parquet")))
   # finished runs are skipped: a second invocation trains nothing

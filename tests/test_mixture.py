@@ -95,12 +95,38 @@ def test_aioli_branch_mode_round_equals_the_chained_round_on_the_same_drops():
     mixture.make(_mcfg(method="aioli", lp_branches="gpu"), ["a", "b"])
 
 
-def test_aioli_ema_round():
+def test_aioli_ema_rounds():
   c = mixture.make(_mcfg(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, eta=1.0, ema=0.5), ["a", "b"])
   st = _aioli_round(c, c.init(), 0, [3.0, 3.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
-  # Ā = 0.5·Â + 0.5·0, p ∝ exp(η·1ᵀĀ) (not cumulative)
-  p0 = 1 / (1 + np.exp(0.5 * 4 / 30))
+  # round 1: Ā¹ = Â¹ (the released EMA starts from Â itself, not from 0), p ∝ exp(η·1ᵀĀ) with 1ᵀÂ¹ = (13/30, 17/30)
+  p0 = 1 / (1 + np.exp(4 / 30))
   np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+  # round 2: probing group 0 lowers (0.4, 0), group 1 (0, 0.1): G = [[.4, 0], [0, .1]]; Â rows = W⁻¹G[i, :]:
+  # [0.6, -0.2], [-0.05, 0.15]; shift by 0.2 -> [[.8, 0], [.15, .35]] / 1.3; 1ᵀÂ² = (0.95, 0.35)/1.3
+  st = _aioli_round(c, st, 4, [2.0, 2.0], {0: [0.4, 0.0], 1: [0.0, 0.1]})
+  A2 = np.array([[0.8, 0.0], [0.15, 0.35]]) / 1.3
+  np.testing.assert_allclose(st["A"], A2, rtol=1e-5, atol=1e-7)
+  # Ā² = 0.5·Â² + 0.5·Ā¹; p ∝ exp(η·1ᵀĀ²) (not cumulative)
+  col = 0.5 * np.array([0.95, 0.35]) / 1.3 + 0.5 * np.array([13, 17]) / 30
+  p0 = 1 / (1 + np.exp(col[1] - col[0]))
+  np.testing.assert_allclose(st["p"], [p0, 1 - p0], rtol=1e-5)
+
+
+def test_aioli_restricted_mode_with_ema_keeps_the_prior_in_every_round():
+  kw = dict(method="aioli", update_steps=4, lp_rounds=1, lp_steps=1, eta=1.0, ema=0.1)
+  drops = [{0: [0.2, 0.1], 1: [0.05, 0.3]}, {0: [0.4, 0.0], 1: [0.0, 0.1]}, {0: [0.1, 0.1], 1: [0.1, 0.2]}]
+  ps = {}
+  for name, extra in (("prior", dict(prior="a=0.7,b=0.3", prior_steps=2)), ("none", {})):
+    c = mixture.make(_mcfg(**kw, **extra), ["a", "b"])
+    st, bars = c.init(), []
+    for r, d in enumerate(drops):
+      st = _aioli_round(c, st, c.P + 4 * r, [3.0 - r, 3.0 - r], d)
+      A = np.asarray(st["A"], np.float64)
+      bars.append(A if r == 0 else 0.9 * A + 0.1 * bars[-1])  # Ā¹ = Â¹, Āᵗ = (1−γ)Âᵗ + γĀᵗ⁻¹
+      q = (np.array([0.7, 0.3]) if name == "prior" else np.full(2, 0.5)) * np.exp(bars[-1].sum(0))
+      np.testing.assert_allclose(st["p"], q / q.sum(), rtol=1e-5)  # p ∝ p⁰ ⊙ exp(η·1ᵀĀᵗ) in every round
+    ps[name] = np.asarray(st["p"])
+  assert abs(ps["prior"][0] - ps["none"][0]) > 0.1  # the prior still counts after 3 rounds
 
 
 def test_aioli_permutation_depends_on_the_run_seed():
@@ -142,7 +168,9 @@ def test_skills_graph_from_one_hot_runs():
 
 
 def test_skillit_hand_computed_updates():
-  c = mixture.make(_mcfg(method="skillit", graph="0.5,0.1;0.2,0.4", eta=0.2, window=2, update_steps=5), ["a", "b"])
+  c = mixture.make(
+    _mcfg(method="skillit", graph="0.5,0.1;0.2,0.4", eta=0.2, window=2, update_steps=5, skillit_form="fresh"), ["a", "b"]
+  )
   st = c.init()
   assert [t for t in range(12) if c.wants_eval(st, t)] == [0, 5, 10]
   st = c.update(st, 0, {"eval/group_loss": np.array([3.0, 2.0])})
@@ -160,15 +188,73 @@ def test_skillit_hand_computed_updates():
   np.testing.assert_allclose(c.proportions(st, 11), st["p"])
 
 
+def test_skillit_released_form_stale_window_over_updates():
+  """The released trainer's form: evaluate every E = 2 steps, update every U = 4 from the last w = 2
+  evaluations taken before the update step; p¹ ∝ exp(η·A·1); the off-diagonal 1 becomes 0.5."""
+  c = mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", eta=0.2, window=2, update_steps=4, eval_every=2), ["a", "b"])
+  A = np.array([[0.5, 0.5], [0.2, 0.4]])
+  np.testing.assert_allclose(c.A, A)
+
+  def p_of(logits):
+    return np.exp(logits) / np.exp(logits).sum()
+
+  st = c.init()
+  np.testing.assert_allclose(st["p"], p_of(0.2 * A @ np.ones(2)), rtol=1e-6)  # logits 0.2·(1.0, 0.6)
+  assert [t for t in range(10) if c.wants_eval(st, t)] == [0, 2, 4, 6, 8]
+  losses = {0: [3.0, 2.0], 2: [2.5, 1.5], 4: [2.0, 1.0], 6: [1.5, 1.0], 8: [1.0, 0.5]}
+  expect = {
+    0: 0.2 * A @ np.ones(2),  # evaluations only: p stays
+    2: 0.2 * A @ np.ones(2),
+    4: 0.2 * A @ np.array([5.5, 3.5]),  # evaluations at 0 and 2 (not the one at 4): logits 0.2·(4.5, 2.5)
+    6: 0.2 * A @ np.array([5.5, 3.5]),
+    8: 0.2 * A @ np.array([3.5, 2.0]),  # evaluations at 4 and 6: 0.2·(2.75, 1.5)
+  }
+  for t, ell in losses.items():
+    st = c.update(st, t, {"eval/group_loss": np.array(ell)})
+    np.testing.assert_allclose(st["p"], p_of(expect[t]), rtol=1e-5, err_msg=f"step {t}")
+    np.testing.assert_allclose(c.proportions(st, t + 1), st["p"])
+  fresh = mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", update_steps=4, skillit_form="fresh"), ["a", "b"])
+  assert fresh.A[0, 1] == 1.0 and np.allclose(fresh.init()["p"], 0.5)  # the fresh form keeps the graph and starts uniform
+  with pytest.raises(errors.ConfigError, match="eval_every=3 must divide update_steps=4"):
+    mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", update_steps=4, eval_every=3), ["a", "b"])
+  with pytest.raises(errors.ConfigError, match="skillit_form"):
+    mixture.make(_mcfg(method="skillit", graph="0.5,1;0.2,0.4", skillit_form="paper"), ["a", "b"])
+
+
 # ---------------------------------------------------------------- DoReMi / DoGE updates
 
 
 def test_doremi_hand_computed_update():
   logw, w = steps.doremi_weights(jnp.zeros(2), jnp.array([3.0, 2.0]), jnp.array([2.5, 2.5]), mu=0.1, eps=0.01)
-  # excess = (0.5, 0) -> log w = (0.05, 0); w = 0.99·softmax + 0.005
-  np.testing.assert_allclose(logw, [0.05, 0.0], rtol=1e-6)
+  # excess = (0.5, 0) -> softmax(0 + 0.1·(0.5, 0)) = softmax(0.05, 0); w = 0.99·softmax + 0.005
   s0 = 1 / (1 + np.exp(-0.05))
   np.testing.assert_allclose(w, [0.99 * s0 + 0.005, 0.99 * (1 - s0) + 0.005], rtol=1e-6)
+  np.testing.assert_allclose(logw, np.log(w), rtol=1e-6)  # the state carries log of the smoothed w (fed back next step)
+
+
+def test_doremi_feeds_the_smoothed_weights_back_over_steps():
+  """Two steps, m = 2, excess (1, 0) twice, μ = 1, ε = 0.1, by hand from α_t = (1−ε)·normalise(α_{t−1}·e^{μλ}) + ε/m:
+  step 1: softmax(1, 0) = (0.7311, 0.2689) -> α_1 = (0.7080, 0.2920); step 2: 0.7080·e / (0.7080·e + 0.2920) = 0.8683
+  -> α_2 = 0.9·0.8683 + 0.05 = 0.8314. (Accumulating unsmoothed log-weights gave 0.8427.)"""
+  logw, w = jnp.zeros(2), None
+  for _ in range(2):
+    logw, w = steps.doremi_weights_from_excess(logw, jnp.array([1.0, 0.0]), 1.0, 0.1)
+  np.testing.assert_allclose(w, [0.8314, 0.1686], atol=1e-4)
+  a = np.array([0.5, 0.5])
+  for _ in range(2):  # the same recursion in numpy
+    a = a * np.exp([1.0, 0.0])
+    a = 0.9 * a / a.sum() + 0.05
+  np.testing.assert_allclose(w, a, rtol=1e-6)
+
+  # 10k steps at μ = 0.01, ε = 1e-3, constant excess (0.5, 0): the weights saturate at
+  # α = 0.999·αe^{0.005}/(αe^{0.005} + 1 − α) + 0.0005 near 0.9; their average over training is [0.899, 0.101]
+  # (unsmoothed accumulation: [0.986, 0.014])
+  def body(lw, _):
+    lw, w = steps.doremi_weights_from_excess(lw, jnp.array([0.5, 0.0]), 0.01, 1e-3)
+    return lw, w
+
+  _, ws = jax.lax.scan(body, jnp.zeros(2), None, length=10_000)
+  np.testing.assert_allclose(np.asarray(ws).mean(0), [0.899, 0.101], atol=2e-3)
 
 
 def test_doge_hand_computed_update():
@@ -207,6 +293,28 @@ def _group_loss_fn(model, params, batch, g):
   return (loss * sel).sum() / sel.sum()
 
 
+def test_doge_released_clipping_over_steps():
+  """The released trainer clips each per-group gradient and the validation gradient to norm 1 before the
+  inner products: g = ((3, 4), (0, 0.5)) -> ((0.6, 0.8), (0, 0.5)) (scales 0.2, 1); g_val (0, 2) -> (0, 1);
+  scores (0.8, 0.5), mean norm 0.75, s = 0.1·(0.8, 0.5)/0.75; two identical steps add s/μ twice."""
+  g, g_val = jnp.array([[3.0, 4.0], [0.0, 0.5]]), jnp.array([0.0, 2.0])
+  gc, scale = steps.clip_rows(g, 1.0)
+  np.testing.assert_allclose(scale, [0.2, 1.0], rtol=1e-6)
+  vc = steps.clip_rows(g_val[None], 1.0)[0][0]
+  logw = jnp.zeros(2)
+  for _ in range(2):
+    logw, w = steps.doge_weights(logw, gc, 0.1, mu=1.0, g_val_P=vc)
+  s = 0.1 * np.array([0.8, 0.5]) / 0.75
+  np.testing.assert_allclose(logw, 2 * s, rtol=1e-5)
+  np.testing.assert_allclose(w, np.exp(2 * s) / np.exp(2 * s).sum(), rtol=1e-5)
+  unclipped, _ = steps.doge_weights(jnp.zeros(2), g, 0.1, mu=1.0, g_val_P=g_val)
+  np.testing.assert_allclose(unclipped, 0.1 * np.array([8.0, 1.0]) / 2.75, rtol=1e-5)  # the unclipped form differs
+  assert steps.clip_rows(g, 0.0)[0] is g  # 0 = off
+  assert mixture.make(_mcfg(method="doge"), ["a", "b"]).clip == 1.0  # the released form is the default
+  with pytest.raises(errors.ConfigError, match="doge_clip"):
+    mixture.make(_mcfg(method="doge", doge_clip=-1.0), ["a", "b"])
+
+
 def test_doge_hand_computed_update_with_a_validation_gradient():
   g = jnp.array([[1.0, 0.0], [0.0, 2.0]])
   g_val = jnp.array([-1.0, 3.0])  # a held-out batch's gradient, not the training groups' mean
@@ -225,13 +333,13 @@ def test_doremi_per_token_excess_hand_computed():
   np.testing.assert_allclose(steps.group_excess(loss, ref, batch, 3), [1.0, 0.5, 0.0], rtol=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["doremi", "doremi_per_token", "doge"])
+@pytest.mark.parametrize("method", ["doremi", "doremi_per_token", "doge", "doge_clip"])
 def test_reweighting_step_matches_independent_gradients(method):
   model, params, batch = _tiny()
   lr = 0.1
   tx = optax.sgd(lr)
-  mode = method.removesuffix("_per_token")
+  mode = method.removesuffix("_per_token").removesuffix("_clip")
+  clip = 0.05 if method == "doge_clip" else 0.0  # small enough that every gradient here is clipped
   c = mixture.make(_mcfg(method=mode, reference="a=3.0,b=3.2", mu=0.5), ["a", "b"])
   mix = jax.tree.map(jnp.asarray, c.init())
   mix["logw"] = jnp.array([0.3, -0.2])
@@ -245,24 +353,32 @@ def test_reweighting_step_matches_independent_gradients(method):
   }
   fn = jax.jit(
     functools.partial(
-      steps.mixing_train_step, model=model, tx=tx, schedule=lambda s: lr, num_groups=2, mode=mode, mu=0.5, eps=1e-3
+      steps.mixing_train_step,
+      model=model,
+      tx=tx,
+      schedule=lambda s: lr,
+      num_groups=2,
+      mode=mode,
+      mu=0.5,
+      eps=1e-3,
+      doge_clip=clip,
     )
   )
   # extra inputs: a validation batch (other rows, other group layout) and a reference model's params
   _, _, val = _tiny(seed=1)
   val = dict(val, group=jnp.array([1, 1, 0, 0, 1, 0, 1, 1], jnp.int32))
   ref_params = M.init_params(model, jax.random.key(7), sharding.single_device_mesh())
-  extra = {"doge": {"val": val}, "doremi_per_token": {"ref_params": ref_params}}.get(method, {})
+  extra = {"doge": {"val": val}, "doge_clip": {"val": val}, "doremi_per_token": {"ref_params": ref_params}}.get(method, {})
   new, m = fn(state, dict(batch, **extra))
   vg = jax.jit(jax.value_and_grad(lambda p, b, g: _group_loss_fn(model, p, b, g)))
   gl, grads = zip(*(vg(params, batch, g) for g in (0, 1)))
   gl = np.array(gl)
   np.testing.assert_allclose(m["train/group_loss"], gl, rtol=1e-5)
-  if method == "doremi":  # the previous step's w weights the loss; then w moves with the excess loss
-    w_used = np.asarray(mix["w"])
+  if method == "doremi":  # w moves with the excess loss; the just-updated w_t weights the loss (DoReMi's Alg. 1)
     logw, w_new = steps.doremi_weights(mix["logw"], jnp.asarray(gl), jnp.array([3.0, 3.2]), 0.5, 1e-3)
+    w_used = np.asarray(w_new)
+    assert not np.allclose(w_used, mix["w"], atol=1e-3)
   elif method == "doremi_per_token":  # excess from per-token losses of proxy and reference, brute force in numpy
-    w_used = np.asarray(mix["w"])
     lp, lr_ = (np.asarray(M.per_token_loss(model, p, batch), np.float64) for p in (params, ref_params))
     mask, grp = np.asarray(batch["mask"]), np.asarray(batch["group"])
     excess = np.zeros(2)
@@ -271,19 +387,26 @@ def test_reweighting_step_matches_independent_gradients(method):
       excess[gi] = sum(max(lp[b, t] - lr_[b, t], 0.0) for b, t in toks) / len(toks)
     assert excess.min() > 0 and not np.allclose(excess, np.maximum(gl - np.array([3.0, 3.2]), 0))
     np.testing.assert_allclose(m["mixture/excess"], excess, rtol=1e-4)
-    logw = np.asarray(mix["logw"]) + 0.5 * excess
-    w_new = 0.999 * np.exp(logw) / np.exp(logw).sum() + 0.0005
+    z = np.asarray(mix["logw"]) + 0.5 * excess  # log of the previous weights + μ·excess
+    w_new = 0.999 * np.exp(z) / np.exp(z).sum() + 0.0005
+    logw, w_used = np.log(w_new), w_new  # the state keeps log of the smoothed w_t, which weights the loss
   else:  # the new w weights the per-group gradients; the target is the validation batch's gradient
     flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64) for g in grads]
     vals = [vg(params, val, g) for g in (0, 1)]
     g_val = np.mean([np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for _, g in vals], axis=0).astype(np.float64)
+    scale = np.ones(2)
+    if clip:  # the released form: every gradient clipped to norm `clip` first
+      scale = np.array([min(1.0, clip / np.linalg.norm(x)) for x in flat])
+      assert scale.max() < 1 and np.linalg.norm(g_val) > clip
+      flat = [x * c for x, c in zip(flat, scale)]
+      g_val = g_val * clip / np.linalg.norm(g_val)
     np.testing.assert_allclose(m["mixture/val_loss"], [v for v, _ in vals], rtol=1e-5)
     norm_mean = np.mean([np.linalg.norm(x) for x in flat])
     s = np.clip(lr * np.array([x @ g_val for x in flat]) / norm_mean, 0, 5 * lr)
     assert not np.allclose(s, np.clip(lr * np.array([x @ np.mean(flat, 0) for x in flat]) / norm_mean, 0, 5 * lr))
     logw = np.asarray(mix["logw"]) + s / 0.5
     w_new = np.exp(logw) / np.exp(logw).sum()
-    w_used = np.asarray(w_new)
+    w_used = np.asarray(w_new) * scale  # the (clipped) per-group gradients, weighted
   np.testing.assert_allclose(new["mixture"]["logw"], logw, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(new["mixture"]["w"], w_new, rtol=1e-5)
   np.testing.assert_allclose(new["mixture"]["w_sum"], np.asarray(w_new), rtol=1e-5)
