@@ -53,7 +53,7 @@ ROAD_SIZES = {
 ROADS = {
   "nano": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
   "quick": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
-  "faithful": dict(sgd_factor=2, adv_weights=(0.3, 1.0), adv_task="task_state6", sgd_lr=0.005, sgd_from_adamw=True),
+  "faithful": dict(sgd_factor=2, adv_weights=(0.1, 0.3), adv_task="task_state6", sgd_lr=0.005, sgd_from_adamw=True),
   "paper": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
 }
 TOL, NEAR, PAST = 0.01, 0.05, 3.0  # same loss: within ±TOL nats; near the optimum: excess ≤ NEAR; SGD ≥ PAST× its plateau
