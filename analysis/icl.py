@@ -353,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   a = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
-    df = run_job(a.workdir, a.tasks, a.k, a.seed, _steps(a.steps), a.max_examples, bigbench_compatible=a.bigbench_compatible)
+    with errors.one_line_interrupt("lmtrace icl", "nothing written (the table is written at the end)"):
+      df = run_job(a.workdir, a.tasks, a.k, a.seed, _steps(a.steps), a.max_examples, bigbench_compatible=a.bigbench_compatible)
   except errors.LmtraceError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -379,7 +379,7 @@ def test_sweep_refused_for_a_bad_set_value_leaves_no_sweep_json(tmp_path, data_d
 # Ctrl-C in an analysis job
 
 
-@pytest.mark.parametrize("job", ["flatness", "trajectories", "generate"])
+@pytest.mark.parametrize("job", ["flatness", "trajectories", "generate", "icl"])
 def test_ctrl_c_in_an_analysis_job_is_one_line_exit_130(tmp_path, monkeypatch, capsys, job):
   def interrupted(*a, **k):
     raise KeyboardInterrupt
@@ -391,6 +391,11 @@ def test_ctrl_c_in_an_analysis_job_is_one_line_exit_130(tmp_path, monkeypatch, c
   elif job == "trajectories":
     monkeypatch.setattr(TJ, "extract", interrupted)
     main = lambda: TJ.main([f"--workdir={w}", "--quiet"])  # noqa: E731
+  elif job == "icl":
+    from analysis import icl
+
+    monkeypatch.setattr(icl, "run_job", interrupted)
+    main = lambda: icl.main([f"--workdir={w}", f"--tasks={w}"])  # noqa: E731
   else:
     monkeypatch.setattr(G, "run_job", interrupted)
     main = lambda: G.main([f"--workdir={w}"])  # noqa: E731
