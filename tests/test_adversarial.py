@@ -14,6 +14,7 @@ from lib import model as M
 from tests.helpers import tiny_cfg
 
 
+@pytest.mark.slow
 def test_head_loss_equals_primal_ridge():
   cfg = M.preset("nano", vocab_size=20, max_len=16, causal=False)
   model = M.make(cfg)

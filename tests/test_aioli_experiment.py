@@ -1,12 +1,13 @@
 """experiments/aioli.py's logic on a planted world: a fake trainer whose final losses follow a known
 static mixing law, so GS, DML and the table can be checked exactly without training (fast). The real
-trainer end-to-end is covered by tests/test_mixture.py (every controller) and the nano run in README."""
+trainer end-to-end is covered by tests/test_mixture.py (every controller)."""
 
 import json
 import os
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from experiments import aioli
 from lib import mixing_laws, mixture
@@ -42,6 +43,7 @@ def _fake_train(calls):
   return train_and_evaluate
 
 
+@pytest.mark.slow
 def test_aioli_experiment_on_a_planted_law(tmp_path, monkeypatch):
   import train
 

@@ -45,6 +45,7 @@ def pcfg_run(tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow
 def test_planted_separable_task_reaches_100():
   rng = np.random.default_rng(0)
   X = rng.normal(size=(3000, 20)).astype(np.float32)

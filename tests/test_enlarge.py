@@ -24,6 +24,7 @@ def _noisy_params(model, seed):
   "preset,r,causal",
   [("nano", 2, True), ("nano", 3, False), ("tiny-modern", 2, True)],
 )
+@pytest.mark.slow
 def test_widened_logits_equal(preset, r, causal):
   cfg = M.preset(preset, vocab_size=23, max_len=16, causal=causal)
   small = M.make(cfg)

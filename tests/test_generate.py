@@ -70,6 +70,7 @@ def test_ragged_batch_equals_each_prompt_alone():
     np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
 
 
+@pytest.mark.slow
 def test_cached_logits_equal_model_forward_on_imported_pythia():
   params, cfg, _ = H.load_params(os.path.join(FIX, "pythia", "step200"))
   ids = np.asarray([[0, 5, 9, 14, 20, 33, 41, 7]])

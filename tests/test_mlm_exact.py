@@ -48,6 +48,7 @@ def _model(n_terminals, mesh=None):
   return model, M.init_params(model, jax.random.PRNGKey(3), mesh or sharding.single_device_mesh())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
 def test_pcfg_matches_brute_force(mesh_shape):
   g = PCFG.from_rules(TINY_RULES)
@@ -64,6 +65,7 @@ def test_pcfg_matches_brute_force(mesh_shape):
   assert got["eval/excess_loss"] > 0
 
 
+@pytest.mark.slow
 def test_hmm_matches_brute_force():
   lang = hmm.HMM.random(seed=1, n_states=3, n_tokens=5, length=4, transition_support=None, emission_support=None)
   toks, _ = lang.sample(12, seed=0)

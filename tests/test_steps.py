@@ -58,6 +58,7 @@ def _state(params, tx):
   }
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_full_batch():
   model, params, batch = _setup()
   tx, sched = optim.make_optimizer(_opt("sgd", 0.5), 10)
@@ -73,6 +74,7 @@ def test_gradient_accumulation_equals_full_batch():
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,lr", [("adamw", 1e-2), ("sgd", 0.3), ("adafactor", 1e-2), ("lion", 1e-3)])
 def test_each_optimizer_reduces_the_loss(name, lr):
   model, params, batch = _setup()
@@ -85,6 +87,7 @@ def test_each_optimizer_reduces_the_loss(name, lr):
   assert int(s["step"]) == 16
 
 
+@pytest.mark.slow
 def test_remat_and_bf16():
   model, params, batch = _setup()
   remat_model, _, _ = _setup(remat=True)
@@ -99,6 +102,7 @@ def test_remat_and_bf16():
   assert abs(float(lb) - float(l1)) < 0.05 and float(lb) != float(l1)
 
 
+@pytest.mark.slow
 def test_per_group_losses_in_train_step():
   model, params, batch = _setup()
   batch = dict(batch, group=jnp.array([0, 0, 1, 1, 1, 2, 2, 2]))
