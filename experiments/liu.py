@@ -443,8 +443,9 @@ def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = 
       lines.append(f"* {t} (n={c['n']}): Spearman {sp}, Pearson {pe}")
   lines += ["", "The paper predicts negative correlations (flatter → better transfer) among models of equal loss."]
   md = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "liu.md"), "w") as f:
-    f.write(md)
+  for name in ("liu.md", "report.md"):  # report.md: the name every study's report has
+    with open(os.path.join(out, name), "w") as f:
+      f.write(md)
   _figures(df, final, out, tasks)
   with open(os.path.join(out, "liu_verdicts.json"), "w") as f:
     json.dump({k: bool(v) for k, v in verdicts.items()}, f)
@@ -488,7 +489,7 @@ def _figures(df, final, out, tasks) -> None:
     plt.close(fig)
 
 
-PUBLISH = ("liu.md", "protocol.csv", "liu.csv")  # what --publish copies (the figures stay in DIR)
+PUBLISH = ("report.md", "protocol.csv", "liu.csv")  # what --publish copies (the figures stay in DIR)
 
 
 def main(argv=None) -> int:
