@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import re
 import sys
 
@@ -30,6 +31,8 @@ from lib import errors
 from lib.sharding import MESH_AXES
 
 GiB = 1024**3
+# libtpu takes /tmp/libtpu_lockfile to guard a real TPU; compiling only, two processes may share the host
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +143,10 @@ def collectives(hlo: str) -> dict[str, dict]:
     if "-done" in kind:
       continue
     parts = _SHAPE.findall(shape)
-    if shape.startswith("(") and kind != "all-reduce":  # async start ops return (operand, result, ...): the result
-      parts = parts[-1:]
-    b = sum(_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in parts)
+    sizes = [_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in parts]
+    # an all-reduce of a tuple reduces every element; async starts return (operand, result, u32 contexts...):
+    # the larger of operand and result is what one device moves
+    b = sum(sizes) if kind == "all-reduce" or not shape.startswith("(") else max(sizes, default=0)
     n = _group_size(rest)
     share = (n - 1) / n if n > 1 else 0.0
     traffic = {"all-reduce": 2 * b * share, "collective-permute": b}.get(kind, b * share)

@@ -44,12 +44,15 @@ def test_collectives_parsed_from_hlo_lines():
       "  %all-reduce.2 = (f32[16]{0:T(128)}, /*index=1*/f32[]{:T(128)}) all-reduce(%a, %b), channel_id=4, "
       "replica_groups=[2,8]<=[16], to_apply=%add",
       "  %reduce-scatter.3 = f32[4,8]{1,0} reduce-scatter(%g), replica_groups={{0,1},{2,3}}, dimensions={0}",
+      "  %collective-permute-start.4 = (bf16[64,16]{1,0}, bf16[64,16]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) "
+      "collective-permute-start(%x), channel_id=9, source_target_pairs={{0,1},{1,0}}",
     ]
   )
   c = aot.collectives(hlo)
   assert c["all-gather"] == {"count": 1, "bytes": 32 * 64 * 2, "traffic": 32 * 64 * 2 * 3 / 4}
   assert c["all-reduce"]["bytes"] == 17 * 4 and c["all-reduce"]["traffic"] == 2 * 17 * 4 * 7 / 8
   assert c["reduce-scatter"]["traffic"] == 4 * 8 * 4 / 2
+  assert c["collective-permute"] == {"count": 1, "bytes": 64 * 16 * 2, "traffic": 64 * 16 * 2}  # not the u32 contexts
 
 
 @pytest.mark.tpu_aot
