@@ -385,7 +385,16 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
   diag = diagnostics(tm)
   diag.to_csv(os.path.join(out, "diagnostics.csv"), index=False, float_format="%.6g")
   report(out, scale, tm, lrt, fx, proto, diag, figs, len(steps))
-  return {"workdirs": wds, "token_metrics": tm, "regressions": lrt, "effects": eff, "frequency_effects": fx, "protocol": proto}
+  return {
+    "workdirs": wds,
+    "token_metrics": tm,
+    "regressions": lrt,
+    "effects": eff,
+    "frequency_effects": fx,
+    "protocol": proto,
+    "diagnostics": diag,
+    "figures": figs,
+  }
 
 
 PUBLISH = (

@@ -385,6 +385,8 @@ def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = 
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "## Directions (paper → here)", ""]
   size = same_loss_ladder(final[final["road"] == "size"]) if (final["road"] == "size").any() else final.iloc[:0]
+  if len(size) < 2:  # no two widths of the same loss (e.g. nano): every width, with the caveat _same_loss adds
+    size = final[final["road"] == "size"].sort_values("size")
   verdicts = {}
   if len(size) >= 2:
     tb = next((f"acc_{t}" for t in ("task_B", "task_state10", "task_state6") if f"acc_{t}" in size), None)

@@ -89,10 +89,10 @@ def test_xia_nano(tmp_path, data_dir):
   unc = pd.read_csv(os.path.join(out, "uncertainty.csv"))
   fr = unc[unc.quantity == "fraction"]
   assert (
-    abs(fr["value"].sum() - 1.0) < 1e-9
+    abs(fr["value"].sum() - 1.0) < 1e-5  # the CSV keeps 6 significant digits
     and (fr["ci_lo"] <= fr["value"] + 1e-12).all()
     and (fr["value"] <= fr["ci_hi"] + 1e-12).all()
   )
   want = {k: v for k, v in res["fractions"]["tiny"].items()}
-  assert {r.trend: r.value for r in fr.itertuples()} == pytest.approx({k: want.get(k, 0.0) for k in fr.trend})
+  assert {r.trend: r.value for r in fr.itertuples()} == pytest.approx({k: want.get(k, 0.0) for k in fr.trend}, abs=1e-6)
   _same_schema_as_published(out, "xia", xia.PUBLISH)
