@@ -62,19 +62,6 @@ SCALES = {
     schedule="exponential:s0=4,s1=100",
     ngram_docs=100_000,
   ),
-  # diagnostic: the faithful protocol with each seed reading its own data order (the paper's runs may
-  # differ in data order as well as initialisation; the default scales share one order)
-  "faithful_data_order": dict(
-    preset="tiny",
-    steps=4000,
-    batch=16,
-    seq_len=64,
-    n_train=100_000,
-    sequences=600,
-    schedule="exponential:s0=4,s1=100",
-    ngram_docs=100_000,
-    data_seed=-1,
-  ),
   "paper": dict(
     preset="opt-125m",
     steps=100_000,
@@ -86,6 +73,9 @@ SCALES = {
     ngram_docs=2_000_000,
   ),
 }
+# diagnostic: the faithful protocol with each seed reading its own data order (the paper's runs may differ in
+# data order as well as initialisation; the other scales share one order)
+SCALES["faithful_data_order"] = dict(SCALES["faithful"], data_seed=-1)
 SEEDS = [0, 1, 2, 3, 4]
 BLOCKS = TT.CHANG_BLOCKS  # unigram, ngram (residualised on unigram), context_loglen, context_logprob
 
