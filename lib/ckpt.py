@@ -142,7 +142,7 @@ class Checkpointer:
               "%s was committed but never sealed (its writer stopped before sealing it, or its manifest was deleted): its "
               "files cannot be verified, so it is moved to %s.unsealed and step %s will be recomputed", d, d, name
             )  # fmt: skip
-            os.replace(d, f"{d}.unsealed")
+            os.replace(d, _free_name(f"{d}.unsealed"))  # a step quarantined twice (killed twice) keeps both
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -535,3 +535,13 @@ def restore_params_at(step_dir: str, mcfg, mesh=None):
 def save_json(path: str, obj: Any) -> None:
   """`obj` as JSON, written atomically (lib/io.py)."""
   lio.atomic_json(path, obj)
+
+
+def _free_name(path: str) -> str:
+  """`path`, or `path.1`, `path.2`, … : the first that does not exist (os.replace cannot move a directory onto
+  a non-empty one, so a second quarantine of the same step needs its own name)."""
+  out, k = path, 0
+  while os.path.exists(out):
+    k += 1
+    out = f"{path}.{k}"
+  return out

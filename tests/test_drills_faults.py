@@ -406,3 +406,15 @@ def test_ctrl_c_in_an_analysis_job_is_one_line_exit_130(tmp_path, monkeypatch, c
     got = e
   assert isinstance(got, SystemExit) and got.code == 130, repr(got)
   assert one_line(capsys.readouterr().err).startswith(f"lmtrace {job}: interrupted (Ctrl-C)")
+
+
+def test_a_step_quarantined_twice_gets_a_free_name(tmp_path):
+  """Killed twice before sealing the same step (the kill -9 drill hit it): the second quarantine of resume/6
+  cannot be moved onto the first, non-empty 6.unsealed, so it takes 6.unsealed.1."""
+  from lib import ckpt as C
+
+  first = tmp_path / "6.unsealed"
+  first.mkdir()
+  (first / "x").write_text("a")
+  assert C._free_name(str(tmp_path / "7.unsealed")) == str(tmp_path / "7.unsealed")
+  assert C._free_name(str(first)) == str(first) + ".1"
