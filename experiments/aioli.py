@@ -767,6 +767,7 @@ def main(argv=None) -> int:
   ap.add_argument("--settings_file", default="", help="JSON {setting: {group: source spec}} replacing the synthetic settings")
   ap.add_argument("--dry_run", action="store_true", help="print what would be trained (stages whose inputs exist), then stop")
   ap.add_argument("--emit", choices=("slurm", "tpu"), help="write launch commands for the stages that can start now, then stop")
+  ap.add_argument("--publish", default="", help="also copy report.md and its small tables into this folder (e.g. experiments/results/aioli)")
   a = ap.parse_args(argv)
   import pandas as pd
 
@@ -820,7 +821,14 @@ def main(argv=None) -> int:
   with open(os.path.join(a.out, "report.md"), "w") as f:
     f.write(text)
   print(table(df))
+  if a.publish:
+    from experiments import cli
+
+    print(f"published: {cli.publish_results(a.out, a.publish, PUBLISH)}")
   return 0
+
+
+PUBLISH = ("report.md", "aioli_table.csv")  # what --publish copies (the figures and parquet tables stay in DIR)
 
 
 if __name__ == "__main__":
