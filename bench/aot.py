@@ -78,10 +78,12 @@ class Setting:
   mesh: tuple[int, int, int]  # data, fsdp, tensor
   remat: bool = False
   grad_accum: int = 1
+  loss_chunk: int = 0  # model.loss_chunk: logits made this many positions at a time (0 = all at once)
 
   def label(self) -> str:
     d, f, t = self.mesh
-    return f"data={d} fsdp={f} tensor={t} remat={'on' if self.remat else 'off'} micro-batches={self.grad_accum}"
+    chunk = f" loss_chunk={self.loss_chunk}" if self.loss_chunk else ""
+    return f"data={d} fsdp={f} tensor={t} remat={'on' if self.remat else 'off'} micro-batches={self.grad_accum}{chunk}"
 
 
 def check_setting(s: Setting, n_devices: int, batch: int, n_heads: int, d_ff: int) -> None:
@@ -178,6 +180,7 @@ def build(cfg, topology: str, s: Setting, batch: int, seq_len: int):
   topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
   mesh = sharding.make_mesh(dict(zip(MESH_AXES, s.mesh)), list(topo.devices))
   cfg.model.remat = s.remat
+  cfg.model.loss_chunk = s.loss_chunk
   mcfg = model_config(cfg, seq_len)
   model = M.make(mcfg)
   tx, sched = optim.make_optimizer(cfg.opt, cfg.train.steps)
@@ -231,7 +234,8 @@ class Report:
     return max(self.times, key=self.times.get) if self.times else "-"
 
 
-def analyse(compiled, s: Setting, chip: Chip, n_dev: int, tokens: int, fpt: float) -> Report:
+def analyse(compiled, s: Setting, chip: Chip, n_dev: int, tokens: int, fpt: float, recompute_fpt: float = 0.0) -> Report:
+  """`recompute_fpt`: FLOPs per token run again beyond remat's forward (a chunked loss remakes the logits)."""
   ma = compiled.memory_analysis()
   mem = {
     "arguments": ma.argument_size_in_bytes,
@@ -246,6 +250,7 @@ def analyse(compiled, s: Setting, chip: Chip, n_dev: int, tokens: int, fpt: floa
   coll = collectives(compiled.as_text())
   model_flops = fpt * tokens / n_dev
   exec_flops = model_flops * (4 / 3 if s.remat else 1.0)  # remat recomputes the forward pass (2N of 6N)
+  exec_flops += recompute_fpt * tokens / n_dev
   hbm = float(ca.get("bytes accessed", 0.0))
   times = {
     "compute": exec_flops / chip.peak,
@@ -269,7 +274,8 @@ def compile_one(cfg, topology: str, s: Setting, batch: int, seq_len: int, chip: 
     msg = str(e).strip().splitlines()[0][:300]
     print(f"  {s.label()}: does not compile ({msg})", file=sys.stderr)
     return Report(s, False, {}, 0.0, fpt * batch * seq_len / device_count(topology), 0.0, {}, {}, error=msg)
-  r = analyse(compiled, s, chip, device_count(topology), batch * seq_len, fpt)
+  head = 2 * mcfg.vocab_size * (mcfg.embed_proj_dim or mcfg.d_model) if s.loss_chunk else 0  # the remade logits
+  r = analyse(compiled, s, chip, device_count(topology), batch * seq_len, fpt, head)
   print(f"  {s.label()}: compiled in {time.time() - t0:.0f} s, {r.memory['total'] / GiB:.2f} GiB/device", file=sys.stderr)
   return r
 
@@ -301,6 +307,9 @@ def show(r: Report, chip: Chip, n_dev: int) -> None:
   )
 
 
+CHUNK = 512  # --search's chunked-loss candidate: positions per chunk of float32 logits
+
+
 def candidates(n_dev: int, batch: int, n_heads: int, d_ff: int) -> list[Setting]:
   """Meshes (pure FSDP first, then FSDP x tensor, then data x FSDP) x remat x micro-batches, cheapest first."""
   meshes = []
@@ -311,13 +320,14 @@ def candidates(n_dev: int, batch: int, n_heads: int, d_ff: int) -> list[Setting]
   out = []
   for remat in (False, True):
     for accum in (1, 2, 4, 8):
-      for m in meshes:
-        s = Setting(m, remat, accum)
-        try:
-          check_setting(s, n_dev, batch, n_heads, d_ff)
-        except errors.ShardingError:
-          continue
-        out.append(s)
+      for chunk in (0, CHUNK):
+        for m in meshes:
+          s = Setting(m, remat, accum, chunk)
+          try:
+            check_setting(s, n_dev, batch, n_heads, d_ff)
+          except errors.ShardingError:
+            continue
+          out.append(s)
   return out
 
 
@@ -349,6 +359,7 @@ def main(argv=None) -> int:
     ap.add_argument(f"--mesh.{a}", dest=a, type=int, default=None)
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
+  ap.add_argument("--loss_chunk", type=int, default=0, help="make the loss's float32 logits this many positions at a time")
   ap.add_argument("--dtype", default="", help="compute dtype (default: the card's)")
   ap.add_argument("--search", action="store_true", help="try meshes, remat and micro-batching; print the best that fits")
   ap.add_argument("--budget", type=int, default=8, help="--search: at most this many compiles")
@@ -373,7 +384,7 @@ def run(a) -> int:
     sizes[1] = 1
   from lib import sharding
 
-  s = Setting(sharding.mesh_shape(dict(zip(MESH_AXES, sizes)), n), a.remat, a.grad_accum)
+  s = Setting(sharding.mesh_shape(dict(zip(MESH_AXES, sizes)), n), a.remat, a.grad_accum, a.loss_chunk)
   if not a.search:
     check_setting(s, n, batch, cfg.model.n_heads, cfg.model.d_ff)
   _check_libtpu()

@@ -767,7 +767,7 @@ def main(argv=None) -> int:
   ap.add_argument("--settings_file", default="", help="JSON {setting: {group: source spec}} replacing the synthetic settings")
   ap.add_argument("--dry_run", action="store_true", help="print what would be trained (stages whose inputs exist), then stop")
   ap.add_argument("--emit", choices=("slurm", "tpu"), help="write launch commands for the stages that can start now, then stop")
-  ap.add_argument("--publish", default="", help="also copy report.md and its small tables into this folder (e.g. experiments/results/aioli)")
+  ap.add_argument("--publish", default="", help="also copy report.md and aioli_table.csv here (experiments/results/aioli)")
   a = ap.parse_args(argv)
   import pandas as pd
 

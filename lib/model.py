@@ -50,6 +50,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass
+  loss_chunk: int = 0  # >0: the loss makes its float32 logits this many positions at a time (0 = all at once)
   dropout: float = 0.0
   rope_base: float = 10000.0
   init_std: float = 0.02
@@ -97,6 +98,8 @@ class ModelConfig:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
     if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
       raise ValueError("model.pos='rope' needs an even head dimension")
+    if self.loss_chunk < 0:
+      raise ValueError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
     if self.rotary_dim and (self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_heads):
       raise ValueError(
         f"model.rotary_dim={self.rotary_dim} must be even and at most the head dimension {self.d_model // self.n_heads}"
@@ -298,7 +301,13 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True, return_hidden: bool = False
+    self,
+    inputs_BxL,
+    positions_BxL=None,
+    segment_ids_BxL=None,
+    deterministic: bool = True,
+    return_hidden: bool = False,
+    targets_BxL=None,
   ):
     c = self.cfg
     dt, pd = DTYPES[c.dtype], DTYPES[c.param_dtype]
@@ -330,12 +339,39 @@ class Transformer(nn.Module):
         e, use_bias=False, dtype=dt, param_dtype=pd, kernel_init=_init(c.init_std, ("embed", None)), name="proj_out"
       )(x_BxLxD)
     if c.tied_embeddings:
-      logits_BxLxV = jnp.einsum("ble,ve->blv", x_BxLxD, embed_VxE.astype(dt), preferred_element_type=jnp.float32)
+      out_weight, spec = embed_VxE.astype(dt), "bce,ve->bcv"
     else:
       head_ExV = self.param("head", _init(c.init_std, ("embed", "vocab")), (e, c.vocab_size), pd)
-      logits_BxLxV = jnp.einsum("ble,ev->blv", x_BxLxD, head_ExV.astype(dt), preferred_element_type=jnp.float32)
-    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "act_vocab"))
-    return logits_BxLxV.astype(jnp.float32)
+      out_weight, spec = head_ExV.astype(dt), "bce,ev->bcv"
+
+    def head(x_BxCxE):
+      logits_BxCxV = jnp.einsum(spec, x_BxCxE, out_weight, preferred_element_type=jnp.float32)
+      return nn.with_logical_constraint(logits_BxCxV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+
+    if targets_BxL is not None:
+      return chunked_nll(head, x_BxLxD, targets_BxL, c.loss_chunk or x_BxLxD.shape[1])
+    return head(x_BxLxD)
+
+
+def token_nll(logits_BxLxV, targets_BxL) -> Array:
+  """−log softmax(logits)[target] per position, float32."""
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  return logz_BxL - jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def chunked_nll(head, x_BxLxE, targets_BxL, chunk: int) -> Array:
+  """token_nll(head(x), targets) made `chunk` positions at a time (nll_BxL): the forward keeps one chunk's
+  logits alive, and the backward remakes each chunk's from x (jax.checkpoint) instead of storing
+  [B, L, V] float32 (for a 50k vocabulary that tensor, not the layers, is what decides whether a step fits).
+  The sequence is padded to a multiple of `chunk`; the pad positions are dropped."""
+  B, L, E = x_BxLxE.shape
+  n = -(-L // chunk)
+  pad = n * chunk - L
+  x_NxBxCxE = jnp.pad(x_BxLxE, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, E).swapaxes(0, 1)
+  t_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+  one = jax.checkpoint(lambda x_BxCxE, t_BxC: token_nll(head(x_BxCxE), t_BxC))
+  nll_NxBxC = jax.lax.map(lambda xt: one(*xt), (x_NxBxCxE, t_NxBxC))
+  return nll_NxBxC.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]
 
 
 def make(cfg: ModelConfig) -> Transformer:
@@ -357,10 +393,14 @@ def hidden(model: Transformer, params, batch) -> Array:
 
 def per_token_loss(model: Transformer, params, batch, *, deterministic: bool = True, rngs=None) -> Array:
   """Next-token (or masked-token) negative log-likelihood in nats, loss_BxL float32, 0 off-mask."""
-  logits_BxLxV = logits(model, params, batch, deterministic=deterministic, rngs=rngs)
-  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  tgt_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-  return jnp.where(batch["mask"] > 0, logz_BxL - tgt_BxL, 0.0)
+  if model.cfg.loss_chunk:
+    nll_BxL = model.apply(
+      {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+      deterministic=deterministic, rngs=rngs, targets_BxL=batch["targets"],
+    )  # fmt: skip
+  else:
+    nll_BxL = token_nll(logits(model, params, batch, deterministic=deterministic, rngs=rngs), batch["targets"])
+  return jnp.where(batch["mask"] > 0, nll_BxL, 0.0)
 
 
 def mean_loss(model: Transformer, params, batch, **kw) -> Array:

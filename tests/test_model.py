@@ -1,5 +1,8 @@
 """Model: shapes, causality, document masking, preset sizes, and sharded == single-device numerics."""
 
+import dataclasses
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -130,3 +133,31 @@ def test_bad_model_config():
     M.ModelConfig.from_config({"d_modle": 3})
   with pytest.raises(ValueError, match="unknown model preset"):
     M.preset("opt-9b")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_matches_whole_sequence(tied):
+  """model.loss_chunk makes the logits a chunk of positions at a time (5 does not divide L = 13: the pad is
+  dropped); loss, gradient and a Hessian-vector product equal the whole-sequence ones, sharded over 8 devices."""
+  cfg = M.preset("nano", vocab_size=41, max_len=16, d_model=16, n_heads=2, d_ff=32, tied_embeddings=tied)
+  whole, chunked = M.make(cfg), M.make(dataclasses.replace(cfg, loss_chunk=5))
+  params = M.init_params(whole, jax.random.key(3), sharding.single_device_mesh())
+  b = _batch(cfg, B=8, L=13, segments=True)
+  np.testing.assert_allclose(M.per_token_loss(chunked, params, b), M.per_token_loss(whole, params, b), rtol=1e-6)
+  v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), params)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def grad_and_hvp(model, p, batch):
+    g = jax.grad(lambda q: M.mean_loss(model, q, batch))
+    return g(p), jax.jvp(g, (p,), (v,))[1]
+
+  ref = grad_and_hvp(whole, params, b)
+  with nn.logical_axis_rules(sharding.RULES):
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (2, 4, 1))))
+    with jax.set_mesh(mesh):
+      p8 = jax.device_put(params, M.param_shardings(chunked, mesh))
+      got = grad_and_hvp(chunked, p8, jax.device_put(b, sharding.batch_sharding(mesh)))
+  for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="loss_chunk"):
+    M.make(dataclasses.replace(cfg, loss_chunk=-1))
