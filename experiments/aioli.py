@@ -767,6 +767,7 @@ def main(argv=None) -> int:
   ap.add_argument("--settings_file", default="", help="JSON {setting: {group: source spec}} replacing the synthetic settings")
   ap.add_argument("--dry_run", action="store_true", help="print what would be trained (stages whose inputs exist), then stop")
   ap.add_argument("--emit", choices=("slurm", "tpu"), help="write launch commands for the stages that can start now, then stop")
+  ap.add_argument("--jobs", type=int, default=1, help="training jobs at once, each its own process (e.g. the machine's cores)")
   ap.add_argument("--publish", default="", help="also copy report.md and aioli_table.csv here (experiments/results/aioli)")
   a = ap.parse_args(argv)
   import pandas as pd
@@ -799,6 +800,7 @@ def main(argv=None) -> int:
       log=log,
       finished=finished,
       then=then,
+      jobs=a.jobs,
     )
     if a.dry_run or a.emit:
       return 0

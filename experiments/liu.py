@@ -119,7 +119,8 @@ def grid(scale: str, out: str = "") -> list[Run]:
   runs = [Run(f"adamw_d{d}", "size", d, "adamw", scale=scale, overrides=width(d)) for d in sizes]
   lr = roads.get("sgd_lr", 0.3)
   sgd = (("opt.name", "sgd"), ("opt.schedule", "constant"), ("opt.lr", lr), ("opt.warmup_steps", max(int(0.12 * steps), 1)))
-  sgd += (("opt.weight_decay", 0.0),)  # the paper's SGD has no weight decay; ours is coupled, and 0.01 shrank the weights ~e^-2.5 over 5000 steps
+  # the paper's SGD has no weight decay; ours is coupled, and 0.01 shrank the weights ~e^-2.5 over 5000 steps
+  sgd += (("opt.weight_decay", 0.0),)
   if roads.get("sgd_from_adamw"):
     sgd += (("train.init_from", os.path.join(os.path.abspath(out), "runs", f"adamw_d{mid}", "seed_0")),)
   every = max(

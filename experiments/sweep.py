@@ -336,13 +336,31 @@ class Sweep:
         out += [(g, [r]) for r in todo]
     return out
 
-  def run(self, dry_run: bool = False, log=print) -> dict:
-    """Trains every unfinished run, then the declared analyses; returns {'trained': [...], 'skipped': [...]}."""
+  def run(self, dry_run: bool = False, log=print, jobs: int = 1) -> dict:
+    """Trains every unfinished run, then the declared analyses; returns {'trained': [...], 'skipped': [...]}.
+    `jobs` > 1: that many training jobs at once, each its own train.py process (for a multi-core machine)."""
     self._claim(write=not dry_run)  # a dry run writes nothing but refuses what the real run would
     plan = self.plan()
     todo = {r.workdir for _, rs in plan for r in rs}
     skipped = [r.name for r in self._runs if r.workdir not in todo]
+    if jobs > 1 and not dry_run:
+      self._train_parallel(plan, jobs, log)
+    else:
+      self._train_inline(plan, dry_run, log)
+    for cmd in self.analysis_commands():
+      log(f"sweep: {'would run' if dry_run else 'running'} {' '.join(cmd[2:])}")
+      if not dry_run:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+          raise errors.AnalysisError(f"analysis failed: {' '.join(cmd[2:])}: {r.stderr.strip().splitlines()[-1:]}")
+    if skipped:
+      log(f"sweep: {len(skipped)} run(s) already finished")
+    return {"trained": [r.name for _, rs in plan for r in rs], "skipped": skipped}
+
+  def _train_inline(self, plan, dry_run: bool, log) -> None:
+    """Trains the plan's jobs one after another in this process."""
     said = set()
+    todo = {r.workdir for _, rs in plan for r in rs}
     for g, rs in plan:
       what = f"{os.path.relpath(g, self.out)} seeds {[r.seed for r in rs]}" + (" (vectorised)" if len(rs) > 1 else "")
       why = self.unvectorisable([r for r in self.groups()[g] if r.workdir in todo]) if self.spec["vectorise"] else None
@@ -362,15 +380,6 @@ class Sweep:
         train.train_and_evaluate(cfg, g)
       else:
         train.train_and_evaluate(cfg, rs[0].workdir)
-    for cmd in self.analysis_commands():
-      log(f"sweep: {'would run' if dry_run else 'running'} {' '.join(cmd[2:])}")
-      if not dry_run:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if r.returncode:
-          raise errors.AnalysisError(f"analysis failed: {' '.join(cmd[2:])}: {r.stderr.strip().splitlines()[-1:]}")
-    if skipped:
-      log(f"sweep: {len(skipped)} run(s) already finished")
-    return {"trained": [r.name for _, rs in plan for r in rs], "skipped": skipped}
 
   def analysis_commands(self) -> list[list[str]]:
     cmds = []
@@ -390,13 +399,42 @@ class Sweep:
     """One shell command per training job (a vectorised group, or each seed when `per_seed`)."""
     out = []
     for g, rs in self.groups().items():
-      over = {k: v for k, v in self.overrides(rs[0].point).items() if k != "seed"}
-      base = ["python", "train.py", f"--config={self.card(rs[0].point)}", *[f"--config.{k}={v}" for k, v in over.items()]]
-      if per_seed or not self.spec["vectorise"] or len(rs) == 1 or self.unvectorisable(rs):
-        out += [_shell([*base, f"--workdir={r.workdir}", f"--config.seed={r.seed}"]) for r in rs]
-      else:
-        out.append(_shell([*base, f"--workdir={g}", f"--config.train.seeds={','.join(str(r.seed) for r in rs)}"]))
+      vectorised = not per_seed and self.spec["vectorise"] and len(rs) > 1 and not self.unvectorisable(rs)
+      out += [_shell(["python", *argv]) for argv in self.job_argvs(g, rs, vectorised)]
     return out
+
+  def job_argvs(self, g: str, rs: Sequence[Run], vectorised: bool) -> list[list[str]]:
+    """train.py's argv (without the interpreter) for runs `rs` of group `g`: one vectorised job, or one per seed."""
+    over = {k: v for k, v in self.overrides(rs[0].point).items() if k != "seed"}
+    base = ["train.py", f"--config={self.card(rs[0].point)}", *[f"--config.{k}={v}" for k, v in over.items()]]
+    if vectorised:
+      return [[*base, f"--workdir={g}", f"--config.train.seeds={','.join(str(r.seed) for r in rs)}"]]
+    return [[*base, f"--workdir={r.workdir}", f"--config.seed={r.seed}"] for r in rs]
+
+  def _train_parallel(self, plan, jobs: int, log) -> None:
+    """Trains the plan's jobs `jobs` at a time, each a train.py process (the commands --emit writes), its
+    output in DIR/logs/. Runs are independent workdirs, so any order gives the same results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    logs = os.path.join(self.out, "logs")
+    os.makedirs(logs, exist_ok=True)
+
+    def one(item):
+      g, rs = item
+      (argv,) = self.job_argvs(g, rs, vectorised=len(rs) > 1)
+      name = os.path.relpath(g if len(rs) > 1 else rs[0].workdir, self.out)
+      path = os.path.join(logs, name.replace(os.sep, "_") + ".log")
+      log(f"sweep: training {name} (log {os.path.relpath(path, self.out)})")
+      with open(path, "w") as f:
+        code = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+      return name, code, path
+
+    with ThreadPoolExecutor(jobs) as ex:
+      failed = [(n, p) for n, code, p in ex.map(one, plan) if code]
+    if failed:
+      name, path = failed[0]
+      last = (open(path).read().strip().splitlines() or ["(no output)"])[-1]
+      raise SweepError(f"{len(failed)} training job(s) failed; first {name}: {last} (log: {path})")
 
   def write_launch(self, kind: str, path: str = "", echo=print, then: str = "") -> str:
     """Claims DIR for this sweep (so the launched jobs' workdirs are recognised on the rerun that
@@ -457,7 +495,9 @@ def _named_run(e) -> dict:
   return out | ({"config": e["config"]} if "config" in e else {})
 
 
-def run_stages(out: str, stages, dry_run=False, emit: str | None = None, log=print, finished=None, then: str = "") -> dict:
+def run_stages(
+  out: str, stages, dry_run=False, emit: str | None = None, log=print, finished=None, then: str = "", jobs: int = 1
+) -> dict:
   """Dependent sweeps, in order: `stages` = [(name, make_spec[, needs])], `make_spec(done)` -> spec or None.
 
   Stage `name` lives in out/<name>; `done` = {earlier stage name: its Sweep}. A stage is built only when
@@ -487,7 +527,7 @@ def run_stages(out: str, stages, dry_run=False, emit: str | None = None, log=pri
       sw.write_launch(emit, path, echo=lambda *a, **k: None, then=then)
       log(f"sweep: stage {name!r}: {len(sw.plan())} job(s) to launch, written to {path}")
     else:
-      sw.run(dry_run=dry_run, log=log)
+      sw.run(dry_run=dry_run, log=log, jobs=jobs)
   if emit:
     done["_emitted"] = emitted
   return done
@@ -506,6 +546,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="sweep directory (DIR/sweep.json, DIR/runs/...)")
   p.add_argument("--dry_run", action="store_true", help="print what would be trained and analysed")
   p.add_argument("--emit", choices=("slurm", "tpu"), help="write launch commands for a scheduler instead of running")
+  p.add_argument("--jobs", type=int, default=1, help="training jobs at once, each its own process (default 1: in this one)")
   a = p.parse_args(argv)
   from lib import metrics as MX
 
@@ -516,7 +557,7 @@ def main(argv=None) -> int:
       print(f"# written to {sw.write_launch(a.emit)}", file=sys.stderr)
       return 0
     print(f"sweep: {len(sw.runs())} runs in {len(sw.groups())} group(s) under {sw.out}")
-    sw.run(dry_run=a.dry_run)
+    sw.run(dry_run=a.dry_run, jobs=a.jobs)
   except errors.LmtraceError as e:
     print(f"lmtrace sweep: error: {e}", file=sys.stderr)
     return 2

@@ -142,3 +142,24 @@ def test_dir_holding_another_sweep_is_refused(tmp_path, data_dir, capsys):
   assert SW.main([_write(tmp_path, spec(data_dir)), f"--out={out}"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "holds another sweep (its axes differ)" in err
+
+
+@pytest.mark.slow
+def test_parallel_jobs_train_what_one_process_trains(tmp_path, data_dir):
+  """--jobs=2 trains each job as its own train.py process, two at a time: the same runs, the same metrics to
+  the last digit as training them one after another in this process; a rerun trains nothing."""
+  s = spec(data_dir, axes={"lr": [1e-3, 3e-3], "seed": [0]})
+  inline = SW.Sweep.from_dict(s, str(tmp_path / "inline"))
+  inline.run()
+  par = SW.Sweep.from_dict(s, str(tmp_path / "par"))
+  said = []
+  assert par.run(jobs=2, log=said.append)["trained"] == [r.name for r in par.runs()]
+  assert sum("training" in x for x in said) == 2 and os.listdir(os.path.join(par.out, "logs"))
+
+  def rows(r):
+    with open(os.path.join(r.workdir, "metrics.jsonl")) as f:
+      return [{k: v for k, v in json.loads(x).items() if k != "time" and not k.startswith("perf/")} for x in f]
+
+  for a, b in zip(inline.runs(), par.runs()):
+    assert rows(b) == rows(a) and any("eval/loss" in x for x in rows(a))
+  assert par.run(jobs=2)["trained"] == []
