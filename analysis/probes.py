@@ -235,8 +235,9 @@ def _store_result(st: Store, step: int, surprisal_T: np.ndarray, row: dict, subm
 class ProbeHook:
   """Records probe surprisals during training at the steps of `probes.schedule` (source='hook').
 
-  train.py calls `maybe_record(step, params, tokens_seen)` after every step (step 0 = init) with the
-  params sharded on the training mesh; recorded steps are skipped, so a resumed run adds only new ones.
+  The trainer's probe hook (trainer.py) calls `maybe_record(step, params, tokens_seen)` after every step
+  (step 0 = init) with the params sharded on the training mesh; recorded steps are skipped, so a resumed
+  run adds only new ones.
   """
 
   def __init__(

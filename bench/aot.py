@@ -173,7 +173,7 @@ def build(cfg, topology: str, s: Setting, batch: int, seq_len: int):
   from flax import linen as nn
   from jax.experimental import topologies
 
-  import train
+  import trainer
   from lib import model as M
   from lib import optim, sharding, steps
 
@@ -185,7 +185,7 @@ def build(cfg, topology: str, s: Setting, batch: int, seq_len: int):
   model = M.make(mcfg)
   tx, sched = optim.make_optimizer(cfg.opt, cfg.train.steps)
   with nn.logical_axis_rules(sharding.RULES):  # shapes and shardings on the host (no mesh set: eager ops stay on CPU)
-    state_sh = train.state_shardings(model, tx, mesh)
+    state_sh = trainer.state_shardings(model, tx, mesh)
     shapes, _ = M.abstract_params(model)
     abstract = {
       "params": shapes,

@@ -24,6 +24,7 @@ from flax import linen as nn  # noqa: E402
 from ml_collections import config_flags  # noqa: E402,F401
 
 import train  # noqa: E402
+import trainer  # noqa: E402
 from configs import base  # noqa: E402
 from data import pipeline as dp  # noqa: E402
 from data import sources  # noqa: E402
@@ -87,7 +88,7 @@ def main():
   )
   batch = sharding.global_batch_from_local(mesh, pipe.batch(0), args.batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    state_sh = train.state_shardings(model, tx, mesh)
+    state_sh = trainer.state_shardings(model, tx, mesh)
     params = M.init_params(model, jax.random.key(0), mesh)
     state = {
       "params": params,

@@ -29,25 +29,21 @@ import time
 import jax
 
 import train
-import train_group
 from configs import base
-from data import pipeline as dp
-from data import sources
-from lib import ckpt as C
 from lib import metrics as MX
-from lib import trainloop
 
-# (label, owner object, attribute): wall time spent inside each (a phase's time includes the phases it calls)
+# (label, events): wall time of the trainer's phases, from jax.monitoring duration events (the trainer
+# reports '/lmtrace/<phase>' through lib.trainloop.timed; JAX reports each XLA compilation); phases nest
 PHASES = [
-  ("dataset open (make_groups)", sources, "make_groups"),
-  ("training split decode (Pipeline init)", dp.Pipeline, "__init__"),
-  ("XLA compile (all programs)", None, "backend_compile_and_load"),
-  ("loop total (trainloop.run)", trainloop, "run"),
-  ("  step: batch wait + dispatch (incl. compile)", None, "train"),
-  ("  logging (incl. device sync)", None, "log"),
-  ("checkpoint saves, host part (all)", C.Checkpointer, "save"),
-  ("checkpoint wait/close at exit", C.Checkpointer, "wait"),
-  ("eval, steps 0 and last (incl. compile)", None, "eval"),
+  ("dataset open (make_groups)", ("/lmtrace/open_data",)),
+  ("training split decode (Pipeline init)", ("/lmtrace/pipeline",)),
+  ("XLA compile (all programs)", ("/jax/core/compile/backend_compile_duration",)),
+  ("loop total", ("/lmtrace/loop",)),
+  ("  step: batch wait + dispatch (incl. compile)", ("/lmtrace/train",)),
+  ("  logging (incl. device sync)", ("/lmtrace/log",)),
+  ("  checkpoint saves, host part", ("/lmtrace/save",)),
+  ("  evals (incl. compile)", ("/lmtrace/hook/eval", "/lmtrace/hook/test")),
+  ("checkpoint wait/close at exit", ("/lmtrace/ckpt_close",)),
 ]
 
 
@@ -72,44 +68,22 @@ def cfg_for(preset: str, steps: int, data_dir: str, **over):
 
 
 class Timers:
-  """Wraps the PHASES' functions with wall-clock accumulators (outermost call only, per phase)."""
+  """Sums the PHASES' durations from jax.monitoring's duration events while registered."""
 
   def __init__(self):
-    from jax._src import compiler
-
     self.acc = collections.defaultdict(float)
-    self.depth = collections.Counter()
-    self.undo = []
-    for label, owner, name in PHASES:
-      owners = [compiler] if name == "backend_compile_and_load" else [owner]
-      if owner is None and name != "backend_compile_and_load":
-        owners = [train.SingleRun, train_group.GroupRuns]
-      for o in owners:
-        self._wrap(label, o, {"eval": {train.SingleRun: "eval_metrics"}.get(o, "eval_all")}.get(name, name))
+    self.label = {e: label for label, events in PHASES for e in events}
+    jax.monitoring.register_event_duration_secs_listener(self._on)
 
-  def _wrap(self, label, owner, name):
-    orig = getattr(owner, name)
-
-    @functools.wraps(orig)
-    def timed(*a, **kw):
-      self.depth[label] += 1
-      t0 = time.perf_counter()
-      try:
-        return orig(*a, **kw)
-      finally:
-        self.depth[label] -= 1
-        if not self.depth[label]:
-          self.acc[label] += time.perf_counter() - t0
-
-    setattr(owner, name, timed)
-    self.undo.append((owner, name, orig))
+  def _on(self, event: str, duration: float, **kw) -> None:
+    if event in self.label:
+      self.acc[self.label[event]] += duration
 
   def reset(self):
     self.acc.clear()
 
   def restore(self):
-    for owner, name, orig in reversed(self.undo):
-      setattr(owner, name, orig)
+    jax.monitoring.unregister_event_duration_listener(self._on)
 
 
 def load() -> str:
@@ -138,7 +112,7 @@ def print_breakdown(preset, res):
   (ts, _, bs), (tv, _, bv) = res["sequential"], res["vectorised"]
   print(f"BREAKDOWN {preset} (wall s; phases nest)              sequential  vectorised")
   print(f"  {'total':46s} {ts:9.1f}  {tv:9.1f}")
-  for label, _, _ in PHASES:
+  for label, _ in PHASES:
     print(f"  {label:46s} {bs.get(label, 0.0):9.1f}  {bv.get(label, 0.0):9.1f}")
 
 

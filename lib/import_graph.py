@@ -12,7 +12,8 @@ Layers, lowest first (a module imports only its own layer and the layers below i
   configs      run cards: the config schema (configs/base.py) and presets, built on lib's model presets
   data         languages, sources and the input pipeline (they read a config's data section, not configs/)
   analysis     jobs over workdirs; never the trainer
-  entry points train.py and train_group.py (the trainer calls analysis's in-training probe hook), and
+  entry points train.py, train_group.py and the trainer.py they share (whose hooks call analysis's
+               in-training probes), and
                lib.hf_import, which writes a whole workdir (checkpoints and a full run card from
                configs/base.py) as the trainer does: an entry point that lives in lib/ beside the model
                code its converter shares
@@ -28,9 +29,11 @@ import ast
 import os
 import sys
 
-PACKAGES = ("lib", "configs", "data", "analysis", "experiments", "train", "train_group")  # packages and top-level modules
+# packages and top-level modules
+PACKAGES = ("lib", "configs", "data", "analysis", "experiments", "train", "train_group", "trainer")
 # Layers, lowest first: a module may import its own layer and the layers below it, never above.
-LAYERS = (("lib",), ("configs",), ("data",), ("analysis",), ("train", "train_group", "lib.hf_import"), ("experiments",))
+ENTRY_POINTS = ("train", "train_group", "trainer", "lib.hf_import")
+LAYERS = (("lib",), ("configs",), ("data",), ("analysis",), ENTRY_POINTS, ("experiments",))
 
 
 def modules(root: str, packages=PACKAGES) -> dict[str, str]:

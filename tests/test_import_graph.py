@@ -1,6 +1,6 @@
-"""Module boundaries: no import cycles among lib/, configs/, data/, analysis/, experiments/, train.py and
-train_group.py (function-level imports included), and no import from a higher layer
-(lib < configs < data < analysis < train, train_group, lib.hf_import < experiments)."""
+"""Module boundaries: no import cycles among lib/, configs/, data/, analysis/, experiments/, train.py,
+train_group.py and trainer.py (function-level imports included), and no import from a higher layer
+(lib < configs < data < analysis < train, train_group, trainer, lib.hf_import < experiments)."""
 
 import os
 import textwrap
@@ -20,11 +20,12 @@ def test_no_import_from_a_higher_layer():
   assert import_graph.layer_violations(g) == []
   assert not any(d.startswith("data") for d in g["lib.mixture"])
   assert g["data.hmm"] == {"data.estimates"}  # not pcfg's private helpers
-  assert {"configs.base", "configs.pcfg", "train", "train_group"} <= set(g)  # run cards and the trainer are checked too
-  assert "analysis.probes" in g["train"] and "configs.base" in g["lib.hf_import"]
+  assert {"configs.base", "configs.pcfg", "train", "train_group", "trainer"} <= set(g)  # run cards and the trainer too
+  assert "analysis.probes" in g["trainer"] and "configs.base" in g["lib.hf_import"]  # the probe hook's edge is seen
+  assert "trainer" in g["train"] and "trainer" in g["train_group"] and "train" not in g["train_group"]
   L = import_graph.layer_of
   assert L("lib.model") < L("configs.base") < L("data.pipeline") < L("analysis.probes") < L("train") < L("experiments.liu")
-  assert L("lib.hf_import") == L("train") == L("train_group")  # an entry point that writes whole workdirs
+  assert L("lib.hf_import") == L("train") == L("train_group") == L("trainer")  # an entry point that writes whole workdirs
 
 
 def test_checker_covers_configs_and_entry_points(tmp_path):
