@@ -18,10 +18,13 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
   """A one-node SLURM cluster (munged, slurmctld, slurmd) for the tests marked `slurm`; skipped where
-  the packages are absent or not root. Stopped by pid at the end of the session."""
+  the packages are absent or not root (failed instead with LMTRACE_REQUIRE_SLURM=1, as CI sets once it has
+  installed them). Stopped by pid at the end of the session."""
   from tests import slurm_cluster as SC
 
   why = SC.missing()
+  if why and os.environ.get("LMTRACE_REQUIRE_SLURM") == "1":  # CI installed SLURM: a skip would hide a failure
+    pytest.fail(f"LMTRACE_REQUIRE_SLURM=1 but {why}")
   if why:
     pytest.skip(why)
   with SC.SlurmCluster(str(tmp_path_factory.mktemp("slurm"))) as c:
