@@ -79,10 +79,13 @@ class Setting:
   remat: bool = False
   grad_accum: int = 1
   loss_chunk: int = 0  # model.loss_chunk: logits made this many positions at a time (0 = all at once)
+  attn_chunk: int = 0  # model.attn_chunk: attention scores for this many queries at a time (0 = all at once)
 
   def label(self) -> str:
     d, f, t = self.mesh
-    chunk = f" loss_chunk={self.loss_chunk}" if self.loss_chunk else ""
+    chunk = (f" loss_chunk={self.loss_chunk}" if self.loss_chunk else "") + (
+      f" attn_chunk={self.attn_chunk}" if self.attn_chunk else ""
+    )
     return f"data={d} fsdp={f} tensor={t} remat={'on' if self.remat else 'off'} micro-batches={self.grad_accum}{chunk}"
 
 
@@ -181,6 +184,7 @@ def build(cfg, topology: str, s: Setting, batch: int, seq_len: int):
   mesh = sharding.make_mesh(dict(zip(MESH_AXES, s.mesh)), list(topo.devices))
   cfg.model.remat = s.remat
   cfg.model.loss_chunk = s.loss_chunk
+  cfg.model.attn_chunk = s.attn_chunk
   mcfg = model_config(cfg, seq_len)
   model = M.make(mcfg)
   tx, sched = optim.make_optimizer(cfg.opt, cfg.train.steps)
@@ -235,7 +239,7 @@ class Report:
 
 
 def analyse(compiled, s: Setting, chip: Chip, n_dev: int, tokens: int, fpt: float, recompute_fpt: float = 0.0) -> Report:
-  """`recompute_fpt`: FLOPs per token run again beyond remat's forward (a chunked loss remakes the logits)."""
+  """`recompute_fpt`: FLOPs per token run again beyond remat's forward (chunked loss and attention remake theirs)."""
   ma = compiled.memory_analysis()
   mem = {
     "arguments": ma.argument_size_in_bytes,
@@ -274,8 +278,9 @@ def compile_one(cfg, topology: str, s: Setting, batch: int, seq_len: int, chip: 
     msg = str(e).strip().splitlines()[0][:300]
     print(f"  {s.label()}: does not compile ({msg})", file=sys.stderr)
     return Report(s, False, {}, 0.0, fpt * batch * seq_len / device_count(topology), 0.0, {}, {}, error=msg)
-  head = 2 * mcfg.vocab_size * (mcfg.embed_proj_dim or mcfg.d_model) if s.loss_chunk else 0  # the remade logits
-  r = analyse(compiled, s, chip, device_count(topology), batch * seq_len, fpt, head)
+  again = 2 * mcfg.vocab_size * (mcfg.embed_proj_dim or mcfg.d_model) if s.loss_chunk else 0  # the remade logits
+  again += 4 * mcfg.n_layers * mcfg.d_model * seq_len if s.attn_chunk else 0  # the remade scores and weighted values
+  r = analyse(compiled, s, chip, device_count(topology), batch * seq_len, fpt, again)
   print(f"  {s.label()}: compiled in {time.time() - t0:.0f} s, {r.memory['total'] / GiB:.2f} GiB/device", file=sys.stderr)
   return r
 
@@ -307,7 +312,7 @@ def show(r: Report, chip: Chip, n_dev: int) -> None:
   )
 
 
-CHUNK = 512  # --search's chunked-loss candidate: positions per chunk of float32 logits
+CHUNK = 512  # --search's chunked candidate: positions per chunk of float32 logits and of attention queries
 
 
 def candidates(n_dev: int, batch: int, n_heads: int, d_ff: int) -> list[Setting]:
@@ -322,7 +327,7 @@ def candidates(n_dev: int, batch: int, n_heads: int, d_ff: int) -> list[Setting]
     for accum in (1, 2, 4, 8):
       for chunk in (0, CHUNK):
         for m in meshes:
-          s = Setting(m, remat, accum, chunk)
+          s = Setting(m, remat, accum, chunk, chunk)
           try:
             check_setting(s, n_dev, batch, n_heads, d_ff)
           except errors.ShardingError:
@@ -360,6 +365,7 @@ def main(argv=None) -> int:
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
   ap.add_argument("--loss_chunk", type=int, default=0, help="make the loss's float32 logits this many positions at a time")
+  ap.add_argument("--attn_chunk", type=int, default=0, help="make the attention scores for this many queries at a time")
   ap.add_argument("--dtype", default="", help="compute dtype (default: the card's)")
   ap.add_argument("--search", action="store_true", help="try meshes, remat and micro-batching; print the best that fits")
   ap.add_argument("--budget", type=int, default=8, help="--search: at most this many compiles")
@@ -384,7 +390,7 @@ def run(a) -> int:
     sizes[1] = 1
   from lib import sharding
 
-  s = Setting(sharding.mesh_shape(dict(zip(MESH_AXES, sizes)), n), a.remat, a.grad_accum, a.loss_chunk)
+  s = Setting(sharding.mesh_shape(dict(zip(MESH_AXES, sizes)), n), a.remat, a.grad_accum, a.loss_chunk, a.attn_chunk)
   if not a.search:
     check_setting(s, n, batch, cfg.model.n_heads, cfg.model.d_ff)
   _check_libtpu()

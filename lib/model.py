@@ -51,6 +51,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass
   loss_chunk: int = 0  # >0: the loss makes its float32 logits this many positions at a time (0 = all at once)
+  attn_chunk: int = 0  # >0: attention scores for this many queries at a time, remade in the backward pass (0 = all)
   dropout: float = 0.0
   rope_base: float = 10000.0
   init_std: float = 0.02
@@ -98,8 +99,9 @@ class ModelConfig:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
     if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
       raise ValueError("model.pos='rope' needs an even head dimension")
-    if self.loss_chunk < 0:
-      raise ValueError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
+    for name in ("loss_chunk", "attn_chunk"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0 = the whole sequence at once)")
     if self.rotary_dim and (self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_heads):
       raise ValueError(
         f"model.rotary_dim={self.rotary_dim} must be even and at most the head dimension {self.d_model // self.n_heads}"
@@ -234,11 +236,36 @@ class Attention(nn.Module):
       k_BxLxHxK = partial_rope(k_BxLxHxK, positions_BxL, c.rope_base, c.rotary_dim)
     q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "act_heads", "kv"))
     # Document-aware mask for packed rows: a token attends only within its own segment.
-    mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
-    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, is_causal=c.causal)
+    if c.attn_chunk:
+      o_BxLxHxK = chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, c.causal, c.attn_chunk)
+    else:
+      mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+      o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, is_causal=c.causal)
     if c.dropout and not deterministic:
       o_BxLxHxK = nn.Dropout(c.dropout)(o_BxLxHxK, deterministic=False)
     return Proj(c, (h, k), (d,), ("heads", "kv", "embed"), c.init_std / math.sqrt(2 * c.n_layers), name="out")(o_BxLxHxK)
+
+
+def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, causal: bool, chunk: int) -> Array:
+  """Attention (same masks as the whole-sequence call) for `chunk` queries at a time: each chunk's float32
+  scores [B, H, chunk, L] live only while it is computed and are remade in the backward pass
+  (jax.checkpoint), instead of [B, H, L, L] per layer. Queries are padded to a multiple of `chunk`."""
+  B, L, H, K = q_BxLxHxK.shape
+  n = -(-L // chunk)
+  pad = n * chunk - L
+  q_NxBxCxHxK = jnp.pad(q_BxLxHxK, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, chunk, H, K).swapaxes(0, 1)
+  qseg_NxBxC = jnp.pad(segment_ids_BxL, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+  qpos_NxC = jnp.arange(n * chunk).reshape(n, chunk)
+
+  @jax.checkpoint
+  def one(q_BxCxHxK, qseg_BxC, qpos_C):
+    mask_Bx1xCxL = qseg_BxC[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+    if causal:
+      mask_Bx1xCxL &= (jnp.arange(L)[None, :] <= qpos_C[:, None])[None, None]
+    return jax.nn.dot_product_attention(q_BxCxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xCxL)
+
+  o_NxBxCxHxK = jax.lax.map(lambda a: one(*a), (q_NxBxCxHxK, qseg_NxBxC, qpos_NxC))
+  return o_NxBxCxHxK.swapaxes(0, 1).reshape(B, n * chunk, H, K)[:, :L]
 
 
 class Mlp(nn.Module):
