@@ -32,10 +32,12 @@ from lib.trainloop import Hook, Loop, StepInfo, timed
 
 IDENTITY_SECTIONS = ("model", "data", "seed")  # must match to resume in an existing workdir
 INFORMATIONAL_KEYS = ("preset", "num_threads", "data_dir")  # may differ on resume
+EXECUTION_KEYS = ("remat", "loss_chunk", "attn_chunk")  # model keys that change memory and time, not the function
 
 
 def check_workdir(workdir: str, cfg_dict: dict) -> None:
-  """Refuses to resume a run whose model, data or seed differ from this config's."""
+  """Refuses to resume a run whose model, data or seed differ from this config's. Model keys that only trade
+  memory for time (remat, chunking) may change on resume, e.g. after running out of memory."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -46,10 +48,11 @@ def check_workdir(workdir: str, cfg_dict: dict) -> None:
   for sec in IDENTITY_SECTIONS:
     a, b = old.get(sec), cfg_dict.get(sec)
     if isinstance(a, dict) and isinstance(b, dict):
+      if sec == "model":  # a model field added since the run was written has the default that keeps the old model
+        a = {f.name: f.default for f in dataclasses.fields(M.ModelConfig) if f.name in b} | a
+      skip = INFORMATIONAL_KEYS + (EXECUTION_KEYS if sec == "model" else ())
       diffs += [
-        f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in INFORMATIONAL_KEYS
+        f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in skip
       ]
     elif a != b:
       diffs.append(f"{sec}: {a!r} -> {b!r}")

@@ -12,6 +12,7 @@ import pytest
 
 import train
 from lib import ckpt as C
+from lib import model as M
 from lib import sharding
 from tests.helpers import tiny_cfg
 
@@ -148,6 +149,23 @@ def test_refuses_workdir_of_a_different_model(straight, tmp_path, data_dir):
   cfg = tiny_cfg(data_dir, **{"model.d_model": 64})
   with pytest.raises(C.CheckpointError, match=r"different model.*d_model: 32 -> 64"):
     train.train_and_evaluate(cfg, w)
+
+
+def test_resume_accepts_a_model_field_added_later_and_memory_settings(tmp_path):
+  """A workdir written before a model field existed resumes under the field's default (which keeps the
+  old model); remat and chunking may change on resume (memory, not the function); other fields may not."""
+  import trainer
+
+  model = dict(vars(M.preset("nano")))
+  old = {"model": {k: v for k, v in model.items() if k not in ("loss_chunk", "attn_chunk")}, "data": {}, "seed": 0}
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(old, f)
+  trainer.check_workdir(str(tmp_path), {"model": model, "data": {}, "seed": 0})
+  trainer.check_workdir(
+    str(tmp_path), {"model": model | {"remat": True, "loss_chunk": 256, "attn_chunk": 128}, "data": {}, "seed": 0}
+  )
+  with pytest.raises(C.CheckpointError, match=r"different model.*n_layers"):
+    trainer.check_workdir(str(tmp_path), {"model": model | {"n_layers": 3}, "data": {}, "seed": 0})
 
 
 def test_mesh_that_does_not_divide(tmp_path, data_dir):
