@@ -146,9 +146,12 @@ class Workdir:
 # A command line from a frozen dataclass
 
 
-def option(default, help: str = "", *, flag: str | None = None, choices=None, append: bool = False, cli: bool = True):
+def option(
+  default=dataclasses.MISSING, help: str = "", *, flag: str | None = None, choices=None, append: bool = False, cli: bool = True
+):
   """A job field with its command-line help; `flag` renames the flag (e.g. field `estimators`, flag
-  `--estimator`), `append` makes a tuple field a repeated flag, `cli=False` keeps it off the command line."""
+  `--estimator`), `append` makes a tuple field a repeated flag, `cli=False` keeps it off the command line;
+  no default: a required field and flag."""
   meta = dict(help=help, flag=flag, choices=choices, append=append, cli=cli)
   if isinstance(default, (list, dict, set)):
     raise TypeError("job fields are immutable: use a tuple default")
@@ -193,7 +196,9 @@ def add_arguments(ap: argparse.ArgumentParser, cls) -> None:
   for f, tp, flag in _fields(cls):
     help_ = f.metadata.get("help", "")
     help_ = help_() if callable(help_) else help_  # e.g. a list of a registry's names
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default
+    required = default is dataclasses.MISSING
+    default = None if required else default
     base, _ = _unwrap(tp)
     dest = f.name
     if base is bool:
@@ -210,12 +215,14 @@ def add_arguments(ap: argparse.ArgumentParser, cls) -> None:
     else:
       kind = base if base in (int, float, str) else str
       more = f" (default: {default})" if default not in (None, "") and "default" not in help_ else ""
+      more = more.replace("%", "%%")
       ap.add_argument(
         f"--{flag}",
         dest=dest,
         metavar=None if f.metadata.get("choices") else flag.upper(),
         type=kind,
         default=default,
+        required=required,
         choices=f.metadata.get("choices"),
         help=(help_ + more) or None,
       )
