@@ -22,11 +22,11 @@ once per run, so the estimators compile once and every further checkpoint costs 
 `--mesh` shards the measurement; a multi-process job (`--coordinator`, as in train.py) runs the same
 command in every process, and process 0 writes the table.
 
-Estimators live in the registry `ESTIMATORS` (the math in analysis/hessian.py; `--help` lists each
-with its description): hutchinson, hutchpp, fisher, ggn, power, lanczos, slq. Adding one is one
+Estimators (traces, eigenvalues, spectral density) live in the registry `ESTIMATORS` below, the math
+in analysis/hessian.py; `--help` lists each with its description. Adding one is one
 `register(Estimator(...))` entry: its function (Measurer, params, key, settings, progress) -> rows, the
-quantity an invalid row stands in for, its HVP budget, whether it reports progress itself, and a
-line of description. A new knob is one `Settings` field (its flag follows from the field).
+quantity an invalid row stands in for, its HVP budget, whether it reports progress itself, and a line
+of description. A new knob is one `Settings` field (its flag follows from the field).
 """
 
 from __future__ import annotations
