@@ -280,6 +280,7 @@ def _run(wd: Workdir, job: Job, mesh):
 
   from analysis.generate import write_parquet
 
+  wanted = _steps(job.steps)  # a bad --steps is one line before any work
   bb = bool(job.bigbench_compatible)
   seed, k = (42 if bb else 0) if job.seed is None else job.seed, job.k
   cfg = wd.model_config
@@ -287,7 +288,7 @@ def _run(wd: Workdir, job: Job, mesh):
   tok = _tokenizer(wd.config)
   tasks = find_tasks(job.tasks)
   queries = {t.name: (t, build_queries(t, tok, k, seed, cfg.max_len, task_budget(t, job.max_examples), bb)) for t in tasks}
-  steps = wd.select(job.steps)
+  steps = wd.select(wanted)
   vl = _val_loss(wd.path)
   rows = []
   for st in steps:
@@ -353,6 +354,15 @@ def plot_accuracy_vs_ppl(df, x: str = "val_ppl", ax=None):
     ax.invert_xaxis()
   ax.legend(fontsize=7)
   return ax.figure
+
+
+def _steps(arg: str) -> list[int] | None:
+  if arg in ("all", ""):
+    return None
+  try:
+    return [int(s) for s in arg.split(",")]
+  except ValueError as e:
+    raise errors.AnalysisError(f"--steps={arg}: not 'all' or a comma-separated list of integers") from e
 
 
 def _report(w, df, args) -> None:

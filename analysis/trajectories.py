@@ -4,7 +4,9 @@
       [--sequences=N --positions=K --probe_seed=S] [--batch_size=64] [--prefetch=2] [--mesh=data,fsdp,tensor]
       [--metrics [--unit=nats|bits] [--ngram_n=5]]
 
-The pieces live in their own modules; this one is the command line and re-exports their names:
+In Python: `run(workdirs, Job(...))` (the CLI builds the same Job from its flags). The token probe set
+is fixed (document, position) pairs, shared by every workdir of a job. The pieces live in their own
+modules; this one is the job and its command line, and re-exports their names:
   analysis/probe_store.py  the store format (probe sets, per-checkpoint records, invalid markers)
   analysis/probes.py       the probe engine: probe sets, packed surprisal, ProbeHook, `extract`
   analysis/token_table.py  the per-token table (curve metrics + n-gram predictors) and Chang's
