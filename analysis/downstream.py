@@ -317,7 +317,7 @@ class Job:
   ft_epochs: int = option(10, "fine-tuning epochs (paper: 10)")
   ft_batch: int = option(32, "fine-tuning batch size")
   ft_lr: float = option(1e-4, "fine-tuning peak lr (paper: 1e-4)")
-  ft_warmup: int = option(200, "fine-tuning warmup steps (paper: 200; capped at 10%% of steps)")
+  ft_warmup: int = option(200, "fine-tuning warmup steps (paper: 200; capped at 10% of steps)")
   weight_decay: float = option(0.01, "AdamW weight decay (linear probe and fine-tuning)")
   mesh: str = option("", "data,fsdp,tensor sizes (default: one device)")
   progress: bool = option(True, "no progress bars", flag="no_progress")

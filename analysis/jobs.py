@@ -162,26 +162,24 @@ def _hints(cls) -> dict[str, Any]:
   return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
 
 
-def _unwrap(tp) -> tuple[Any, bool]:
-  """(the type inside `X | None`, whether None is allowed)."""
+def _unwrap(tp):
+  """The type inside `X | None` (a flag's value type; None stays the default)."""
   if typing.get_origin(tp) in (typing.Union, types.UnionType):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if len(args) == 1:
-      return args[0], True
-  return tp, False
+      return args[0]
+  return tp
 
 
-def _fields(cls, prefix: str = ""):
-  """(field, annotation, flag name, path of nested fields) of every command-line field, nested ones flattened."""
+def _fields(cls):
+  """(field, annotation, flag name) of every command-line field, nested dataclasses' fields flattened."""
   hints = _hints(cls)
   for f in dataclasses.fields(cls):
     tp = hints[f.name]
     if dataclasses.is_dataclass(tp):
-      yield from _fields(tp, prefix)
-      continue
-    if not f.metadata.get("cli", True):
-      continue
-    yield f, tp, prefix + (f.metadata.get("flag") or f.name)
+      yield from _fields(tp)
+    elif f.metadata.get("cli", True):
+      yield f, tp, f.metadata.get("flag") or f.name
 
 
 def _split(text: str, item, flag: str) -> tuple:
@@ -192,14 +190,18 @@ def _split(text: str, item, flag: str) -> tuple:
 
 
 def add_arguments(ap: argparse.ArgumentParser, cls) -> None:
-  """One flag per field of the dataclass `cls` (nested dataclasses flattened)."""
+  """One flag per field of the dataclass `cls` (nested dataclasses flattened; their field names must differ)."""
+  seen: set[str] = set()
   for f, tp, flag in _fields(cls):
+    if f.name in seen:
+      raise TypeError(f"{cls.__name__}: two fields named {f.name!r} (a nested dataclass's and another): one flag each")
+    seen.add(f.name)
     help_ = f.metadata.get("help", "")
-    help_ = help_() if callable(help_) else help_  # e.g. a list of a registry's names
+    help_ = (help_() if callable(help_) else help_).replace("%", "%%")  # a callable: e.g. a registry's names
     default = f.default
     required = default is dataclasses.MISSING
     default = None if required else default
-    base, _ = _unwrap(tp)
+    base = _unwrap(tp)
     dest = f.name
     if base is bool:
       if default:  # on by default: the flag turns it off
@@ -215,7 +217,6 @@ def add_arguments(ap: argparse.ArgumentParser, cls) -> None:
     else:
       kind = base if base in (int, float, str) else str
       more = f" (default: {default})" if default not in (None, "") and "default" not in help_ else ""
-      more = more.replace("%", "%%")
       ap.add_argument(
         f"--{flag}",
         dest=dest,
@@ -240,7 +241,7 @@ def from_args(cls, args: argparse.Namespace):
     if not f.metadata.get("cli", True) or not hasattr(args, f.name):
       continue
     v = getattr(args, f.name)
-    base, _ = _unwrap(tp)
+    base = _unwrap(tp)
     if typing.get_origin(base) is tuple:
       (item, *_) = typing.get_args(base) or (str,)
       flag = f.metadata.get("flag") or f.name

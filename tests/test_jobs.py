@@ -51,6 +51,14 @@ def test_a_job_round_trips_through_its_command_line():
   with pytest.raises(TypeError, match="immutable"):
     jobs.option([1])
 
+  @dataclasses.dataclass(frozen=True)
+  class Clash:
+    inner: Inner = Inner()
+    alpha: float = jobs.option(1.0)
+
+  with pytest.raises(TypeError, match="two fields named 'alpha'"):  # one flag could not hold both
+    jobs.parser(Clash, prog="clash")
+
 
 def _flags(ap) -> set[str]:
   return {s for a in ap._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
