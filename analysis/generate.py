@@ -499,16 +499,15 @@ class Job:
 
 
 def run(workdir: Workdir | str, job: Job):
-  """The samples table (one row per (step, sample)) of `job`, with the per-step summary table in
-  `.attrs["summary"]`; both are written under W/analysis/."""
+  """The samples table (one row per (step, sample)) of `job`; it and the per-step summary are written
+  under W/analysis/ (`load_generations(W, summary=True)` reads the summary)."""
   from lib import sharding
 
   mw, _, ms = job.mix_with.partition("@")
-  rows, summary = _run(
+  rows, _ = _run(
     Workdir.open(workdir), job.steps, job.num, job.max_new, job.sampling, job.prompt_len, job.seed,
     sharding.mesh_from_flag(job.mesh) if job.mesh else None, job.true_samples, mw or None, ms or None, job.weights,
   )  # fmt: skip
-  rows.attrs["summary"] = summary
   return rows
 
 
@@ -624,7 +623,7 @@ def _run(wd: Workdir, steps, num, max_new, sampling, prompt_len, seed, mesh, tru
       pt, pg = true_len / true_len.sum(), gen_len / max(gen_len.sum(), 1)
       s["length_tv"] = float(0.5 * np.abs(pt - pg).sum())
     summary.append(s)
-  os.makedirs(os.path.dirname(wd.table("x")), exist_ok=True)
+  os.makedirs(wd.analysis_dir, exist_ok=True)
   for name, tbl in (("generations.parquet", rows), ("generations_summary.parquet", summary)):
     write_parquet(pd.DataFrame(tbl), wd.table(name))
   return pd.DataFrame(rows), pd.DataFrame(summary)
@@ -644,7 +643,7 @@ def load_generations(workdir: str, summary: bool = False):
 
 
 def _report(w, df, args) -> None:
-  print(df.attrs["summary"].to_string(index=False))
+  print(load_generations(w, summary=True).to_string(index=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

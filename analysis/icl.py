@@ -297,7 +297,7 @@ def _run(wd: Workdir, job: Job, mesh):
       r = evaluate(q, score, bb, t.absolute_normalization)
       rows.append({"step": st, "task": name, "mode": MODES[bb], "k": k, "seed": seed, **r, "val_loss": vl.get(st, float("nan"))})
   df = pd.DataFrame(rows)
-  os.makedirs(os.path.dirname(wd.table(TABLE)), exist_ok=True)
+  os.makedirs(wd.analysis_dir, exist_ok=True)
   write_parquet(df, wd.table(TABLE))
   return df
 

@@ -86,14 +86,19 @@ class Workdir:
 
   # tables -------------------------------------------------------------------------------------
 
+  @property
+  def analysis_dir(self) -> str:
+    """W/analysis/, where jobs write (it may not exist yet)."""
+    return os.path.join(self.path, TABLE_DIR)
+
   def table(self, name: str) -> str:
     """W/analysis/<name>: where a job writes (or a loader reads) the table `name`."""
-    return os.path.join(self.path, TABLE_DIR, name)
+    return os.path.join(self.analysis_dir, name)
 
   @property
   def tables(self) -> dict[str, str]:
     """{name: path} of the parquet tables under W/analysis/ now."""
-    d = os.path.join(self.path, TABLE_DIR)
+    d = self.analysis_dir
     names = sorted(f for f in os.listdir(d) if f.endswith(".parquet")) if os.path.isdir(d) else []
     return {f[: -len(".parquet")]: os.path.join(d, f) for f in names}
 
