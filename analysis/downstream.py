@@ -15,7 +15,7 @@ Tasks are the TFDS splits the data build wrote (data/tfds_builders.py): PCFG `ta
 span [0, 8)); HMM `task_state6`, `task_state10`. Each split is cut by index into train (first 70%),
 adversarial (next 10%, for the adversarial objective, data/adversarial.py) and test (last 20%).
 
-Methods:
+Methods (the registry METHODS: adding one is one Method entry):
   probe     frozen model; features = the final-layer states of the word positions concatenated
             (Liu's BertPoolerC; padding positions are 0) or mean-pooled (--pool=mean, BertPoolerCM);
             a linear head trained with AdamW; all seeds in one jitted program (vmap over seeds).
@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,6 @@ from lib import errors, sharding
 from lib import model as M
 from lib.io import atomic_parquet
 
-METHODS = ("probe", "finetune", "lookup")
 POOLS = ("concat", "mean")
 DEFINITION = {
   "task_A": "code",
@@ -384,34 +384,62 @@ def _plan(wd: Workdir, job: Job) -> tuple[list[str], list[str], list[int]]:
   for t in tasks:
     if t not in have:
       raise DownstreamError(f"unknown task {t!r} for {wd.path}; it has {have}")
-  if any(m != "lookup" for m in methods) and not wd.steps:
+  if any(METHODS[m].needs_checkpoint for m in methods) and not wd.steps:
     raise DownstreamError(f"{wd.path} has no checkpoints")
   return methods, tasks, wd.select(job.steps)
 
 
-def _accuracies(method: str, step: int, task_data_, *, wd: Workdir, job: Job, seeds, mesh, cache: dict) -> tuple:
-  """(test accuracy per seed, mean train accuracy or NaN) of one (checkpoint, task, method); `cache` keeps the
-  last checkpoint's params between calls."""
-  tr, te, n_classes = task_data_
-  if method == "lookup":
-    lang = _language(wd.config)
-    Xtr, Xte = lookup_features(lang, tr["tokens"], job.pool), lookup_features(lang, te["tokens"], job.pool)
-    acc, tr_acc = linear_probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_linear_probe_kw(job))
-    return acc, float(np.mean(tr_acc))
-  if cache.get("step") != step:
-    cache["params"], cache["step"] = None, None  # drop the previous checkpoint before restoring the next
-    cache["params"], cache["step"] = wd.restore(step, mesh=mesh), step
-  model, params = wd.model, cache["params"]
-  if method == "probe":
-    Xtr = extract_features(model, params, tr["tokens"], job.pool)
-    Xte = extract_features(model, params, te["tokens"], job.pool)
-    acc, tr_acc = linear_probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_linear_probe_kw(job))
-    return acc, float(np.mean(tr_acc))
+# ----------------------------------------------------------------------------------------------
+# The methods: a registry, each (model, params, (train, test, n_classes), job, seeds) -> (accuracy per seed,
+# mean train accuracy or NaN); model and params are None for a method that reads no checkpoint.
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  fn: Callable[..., tuple]
+  needs_checkpoint: bool = True  # False: computed once per task (step -1), from the language alone
+
+
+def _linear_probe(model, params, data, job, seeds, wd=None):
+  (tr, te, n_classes), kw = data, _linear_probe_kw(job)
+  Xtr, Xte = (extract_features(model, params, d["tokens"], job.pool) for d in (tr, te))
+  acc, tr_acc = linear_probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **kw)
+  return acc, float(np.mean(tr_acc))
+
+
+def _finetune(model, params, data, job, seeds, wd=None):
+  tr, te, n_classes = data
   acc = finetune_accuracy(
     model, params, tr, te, n_classes, seeds, pool=job.pool, epochs=job.ft_epochs, batch=job.ft_batch, lr=job.ft_lr,
     warmup=job.ft_warmup, wd=job.weight_decay,
   )  # fmt: skip
   return acc, np.nan
+
+
+def _lookup(model, params, data, job, seeds, wd=None):
+  (tr, te, n_classes), lang = data, _language(wd.config)
+  Xtr, Xte = (lookup_features(lang, d["tokens"], job.pool) for d in (tr, te))
+  acc, tr_acc = linear_probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_linear_probe_kw(job))
+  return acc, float(np.mean(tr_acc))
+
+
+METHODS: dict[str, Method] = {
+  m.name: m
+  for m in (Method("probe", _linear_probe), Method("finetune", _finetune), Method("lookup", _lookup, needs_checkpoint=False))
+}
+
+
+def _accuracies(method: str, step: int, task_data_, *, wd: Workdir, job: Job, seeds, mesh, cache: dict) -> tuple:
+  """(test accuracy per seed, mean train accuracy or NaN) of one (checkpoint, task, method); `cache` keeps the
+  last checkpoint's params between calls."""
+  m = METHODS[method]
+  if not m.needs_checkpoint:
+    return m.fn(None, None, task_data_, job, seeds, wd=wd)
+  if cache.get("step") != step:
+    cache["params"], cache["step"] = None, None  # drop the previous checkpoint before restoring the next
+    cache["params"], cache["step"] = wd.restore(step, mesh=mesh), step
+  return m.fn(wd.model, cache["params"], task_data_, job, seeds, wd=wd)
 
 
 def run(workdir: Workdir | str, job: Job | argparse.Namespace) -> pd.DataFrame:
@@ -432,8 +460,8 @@ def run(workdir: Workdir | str, job: Job | argparse.Namespace) -> pd.DataFrame:
   if len(old):
     same = old[old["settings"] == key]
     done = set(zip(same["step"], same["task"], same["method"], same["pool"]))
-  todo = [(-1, t, "lookup") for t in tasks if "lookup" in methods]
-  todo += [(s, t, m) for s in steps for t in tasks for m in methods if m != "lookup"]
+  todo = [(-1, t, m) for t in tasks for m in methods if not METHODS[m].needs_checkpoint]
+  todo += [(s, t, m) for s in steps for t in tasks for m in methods if METHODS[m].needs_checkpoint]
   todo = [x for x in todo if (x[0], x[1], x[2], job.pool) not in done]
   evm = eval_metrics_at(wd)
   data = {t: task_data(wd, t, wd.config) for t in tasks}
