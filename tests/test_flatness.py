@@ -291,11 +291,28 @@ def test_a_registered_estimator_runs_end_to_end_and_matches_an_exact_reference(r
 
   F.register(F.Estimator("ones_quad", ones_quad, primary="ones_quad", budget=lambda st: 1, doc="1ᵀH1, for tests"))
   w = _copy(run, tmp_path, "toy")
-  F.main([f"--workdir={w}", "--steps=8", "--estimator=ones_quad,hutchinson", "--probes=2", "--batches=2", "--batch_size=8"])
-  assert "2 rows" in capsys.readouterr().out  # one ones_quad row, one Hutchinson trace
+  reads = {"read_config": 0, "available_steps": 0}
+
+  def counted(name):
+    real = getattr(C, name)
+
+    def fn(*a, **k):
+      reads[name] += 1
+      return real(*a, **k)
+
+    return fn
+
+  for name in reads:  # the workdir is opened once: one config parse and one listing for the whole job
+    monkeypatch.setattr(C, name, counted(name))
+  F.main([f"--workdir={w}", "--steps=0,8", "--estimator=ones_quad,hutchinson", "--probes=2", "--batches=2", "--batch_size=8"])
+  assert "4 rows" in capsys.readouterr().out  # per checkpoint: one ones_quad row, one Hutchinson trace
+  assert reads == {"read_config": 1, "available_steps": 1}
+  monkeypatch.undo()
+  monkeypatch.setattr(F, "ESTIMATORS", dict(F.ESTIMATORS))
+  F.register(F.Estimator("ones_quad", ones_quad, primary="ones_quad", budget=lambda st: 1))
   df = load.load_flatness(w)
-  row = df[df.estimator == "ones_quad"].iloc[0]
-  assert row.valid and row.quantity == "ones_quad" and row.n_hvps == 1 and row.step == 8
+  row = df[(df.estimator == "ones_quad") & (df.step == 8)].iloc[0]
+  assert row.valid and row.quantity == "ones_quad" and row.n_hvps == 1
   model, _, _ = C.load_model(w)  # the reference: no lmtrace operator, one token-mean loss over the same batches
   params = C.restore_params(w, 8)
   batches, _ = F.fixed_batches(w, batches=2, batch_size=8, seed=0)
