@@ -15,7 +15,7 @@ Tasks are the TFDS splits the data build wrote (data/tfds_builders.py): PCFG `ta
 span [0, 8)); HMM `task_state6`, `task_state10`. Each split is cut by index into train (first 70%),
 adversarial (next 10%, for the adversarial objective, data/adversarial.py) and test (last 20%).
 
-Methods:
+Methods (the registry METHODS: adding one is one Method entry):
   probe     frozen model; features = the final-layer states of the word positions concatenated
             (Liu's BertPoolerC; padding positions are 0) or mean-pooled (--pool=mean, BertPoolerCM);
             a linear head trained with AdamW; all seeds in one jitted program (vmap over seeds).
@@ -30,6 +30,7 @@ Legend: N examples, L row length, D width, F features, C classes, S seeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -37,6 +38,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +47,12 @@ import optax
 import pandas as pd
 from tqdm import tqdm
 
+from analysis.jobs import Workdir, option
 from data import vocab
-from lib import ckpt as C
 from lib import errors, sharding
 from lib import model as M
 from lib.io import atomic_parquet
 
-METHODS = ("probe", "finetune", "lookup")
 POOLS = ("concat", "mean")
 DEFINITION = {
   "task_A": "code",
@@ -80,14 +81,15 @@ def _groups(cfg: dict):
   return sources.make_groups(mlc.ConfigDict(cfg["data"]))
 
 
-def available_tasks(workdir: str) -> list[str]:
-  g = _groups(C.read_config(workdir))[0]
+def available_tasks(workdir: Workdir | str) -> list[str]:
+  g = _groups(Workdir.open(workdir).config)[0]
   return sorted(k for k in g.splits if k.startswith("task_"))
 
 
-def load_task(workdir: str, task: str, part: str, cfg: dict | None = None) -> dict[str, np.ndarray]:
+def load_task(workdir: Workdir | str, task: str, part: str, cfg: dict | None = None) -> dict[str, np.ndarray]:
   """{tokens [N, L] framed and 0-padded, label [N]} of one part (train/adversarial/test) of a task split."""
-  cfg = cfg or C.read_config(workdir)
+  cfg = cfg or Workdir.open(workdir).config
+  workdir = workdir.path if isinstance(workdir, Workdir) else workdir
   g = _groups(cfg)[0]
   tasks = sorted(k for k in g.splits if k.startswith("task_"))
   if not tasks:
@@ -116,7 +118,7 @@ def _pad(exs, L=None) -> dict[str, np.ndarray]:
   return {"tokens": tok, "label": np.array([int(e["label"]) for e in exs], np.int32)}
 
 
-def task_data(workdir: str, task: str, cfg: dict | None = None) -> tuple[dict, dict, int]:
+def task_data(workdir: Workdir | str, task: str, cfg: dict | None = None) -> tuple[dict, dict, int]:
   """(train, test, n_classes) with a common row length."""
   tr, te = load_task(workdir, task, "train", cfg), load_task(workdir, task, "test", cfg)
   L = max(tr["tokens"].shape[1], te["tokens"].shape[1])
@@ -172,7 +174,8 @@ def lookup_features(lang, tokens_NxL: np.ndarray, pool: str = "concat") -> np.nd
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear probe: seeds vmapped in one jitted program
+# Linear probe (a linear classifier on frozen features; not a Hutchinson vector, not a token probe set):
+# seeds vmapped in one jitted program
 
 
 def _schedule(lr: float, total: int, warmup: int):
@@ -184,7 +187,7 @@ def _schedule(lr: float, total: int, warmup: int):
 
 
 @functools.partial(jax.jit, static_argnames=("n_classes", "epochs", "batch", "lr", "wd"))
-def _train_probes(X_NxF, y_N, keys_S, *, n_classes: int, epochs: int, batch: int, lr: float, wd: float):
+def _train_linear_heads(X_NxF, y_N, keys_S, *, n_classes: int, epochs: int, batch: int, lr: float, wd: float):
   N, F = X_NxF.shape
   spe = max(N // batch, 1)
   tx = optax.adamw(lr, weight_decay=wd)
@@ -212,7 +215,7 @@ def _train_probes(X_NxF, y_N, keys_S, *, n_classes: int, epochs: int, batch: int
   return jax.vmap(one)(keys_S)
 
 
-def probe_accuracy(
+def linear_probe_accuracy(
   X_train, y_train, X_test, y_test, n_classes: int, seeds, *, epochs=50, batch=64, lr=1e-3, wd=0.01, standardize=True
 ):
   """([S] test accuracy, [S] train accuracy) of linear heads trained with AdamW, one per seed.
@@ -226,7 +229,7 @@ def probe_accuracy(
     sd = np.where(sd > 1e-8, sd, np.inf)
     X_train, X_test = (X_train - mu) / sd, (X_test - mu) / sd
   keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
-  heads = _train_probes(
+  heads = _train_linear_heads(
     jnp.asarray(X_train, jnp.float32), jnp.asarray(y_train), keys, n_classes=n_classes, epochs=epochs, batch=batch, lr=lr, wd=wd
   )
 
@@ -235,6 +238,9 @@ def probe_accuracy(
     return np.asarray((lg.argmax(-1) == jnp.asarray(y)[None]).mean(1))
 
   return acc(X_test, y_test), acc(X_train, y_train)
+
+
+probe_accuracy = linear_probe_accuracy  # the name of earlier releases
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,23 +286,59 @@ def finetune_accuracy(
 # The job
 
 
-def table_path(workdir: str) -> str:
-  return os.path.join(workdir, "analysis", "downstream.parquet")
+TABLE = "downstream.parquet"
+SETTINGS = (
+  "probe_epochs",
+  "probe_batch",
+  "probe_lr",
+  "standardize",
+  "ft_epochs",
+  "ft_batch",
+  "ft_lr",
+  "ft_warmup",
+  "weight_decay",
+)
 
 
-def _settings(args) -> dict:
-  keys = ("probe_epochs", "probe_batch", "probe_lr", "standardize", "ft_epochs", "ft_batch", "ft_lr", "ft_warmup", "weight_decay")
-  return {k: getattr(args, k) for k in keys}
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """Which checkpoints, tasks and methods of a workdir to measure, and how. The fields in SETTINGS are the
+  rows' resume key (and `cfg_<field>` columns); `probe_*` are the linear probe's training settings."""
+
+  steps: str = option("all", "'all' or comma-separated checkpoint steps")
+  tasks: tuple[str, ...] = option((), "comma-separated task splits (default: every task_* split)")
+  methods: tuple[str, ...] = option(("probe",), lambda: f"comma-separated: {', '.join(METHODS)}", flag="method")
+  pool: str = option("concat", "concat (BertPoolerC) | mean (BertPoolerCM)")
+  seeds: int = option(5, "seeds per (checkpoint, task, method): head init and data order")
+  probe_epochs: int = option(50, "linear probe: epochs")
+  probe_batch: int = option(64, "linear probe: batch size")
+  probe_lr: float = option(1e-3, "linear probe: AdamW learning rate")
+  standardize: bool = option(True, "probe raw features (no z-scoring)", flag="no_standardize")
+  ft_epochs: int = option(10, "fine-tuning epochs (paper: 10)")
+  ft_batch: int = option(32, "fine-tuning batch size")
+  ft_lr: float = option(1e-4, "fine-tuning peak lr (paper: 1e-4)")
+  ft_warmup: int = option(200, "fine-tuning warmup steps (paper: 200; capped at 10% of steps)")
+  weight_decay: float = option(0.01, "AdamW weight decay (linear probe and fine-tuning)")
+  mesh: str = option("", "data,fsdp,tensor sizes (default: one device)")
+  progress: bool = option(True, "no progress bars", flag="no_progress")
+
+
+def table_path(workdir: Workdir | str) -> str:
+  return os.path.join(workdir.path if isinstance(workdir, Workdir) else workdir, "analysis", TABLE)
+
+
+def _settings(job: Job) -> dict:
+  return {k: getattr(job, k) for k in SETTINGS}
 
 
 def _settings_key(s: dict) -> str:
   return hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def eval_metrics_at(workdir: str) -> dict[int, dict]:
+def eval_metrics_at(workdir: Workdir | str) -> dict[int, dict]:
   """{step: {loss, excess_loss}} from metrics.jsonl eval rows (the MLM exact loss when logged)."""
   out: dict[int, dict] = {}
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = os.path.join(workdir.path if isinstance(workdir, Workdir) else workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return out
   with open(path) as f:
@@ -325,90 +367,116 @@ def _rows(base: dict, accs, seeds, extra=None) -> list[dict]:
   return [dict(base, seed=int(s), accuracy=float(a), acc_mean=mean, acc_se=se, **(extra or {})) for s, a in zip(seeds, accs)]
 
 
-def _plan(workdir: str, args, cfg) -> tuple[list[str], list[str], list[int]]:
-  """(methods, tasks, checkpoint steps) the command asks for, each checked against the workdir (one clear error)."""
-  methods = [m.strip() for m in args.method.split(",") if m.strip()]
+def _plan(wd: Workdir, job: Job) -> tuple[list[str], list[str], list[int]]:
+  """(methods, tasks, checkpoint steps) the job asks for, each checked against the workdir (one clear error)."""
+  methods = list(job.methods)
   bad = [m for m in methods if m not in METHODS]
   if bad:
     raise DownstreamError(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
-  if args.pool not in POOLS:
-    raise DownstreamError(f"--pool must be one of {POOLS}, got {args.pool!r}")
-  if args.seeds < 1:
-    raise DownstreamError(f"--seeds must be >= 1, got {args.seeds}")
-  have = available_tasks(workdir)
-  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks not in ("", "all") else have
+  if job.pool not in POOLS:
+    raise DownstreamError(f"--pool must be one of {POOLS}, got {job.pool!r}")
+  if job.seeds < 1:
+    raise DownstreamError(f"--seeds must be >= 1, got {job.seeds}")
+  have = available_tasks(wd)
+  tasks = [t for t in job.tasks if t != "all"] or have
   if not have:
-    load_task(workdir, "task_A", "train", cfg)  # raises the clear "no task splits" error
+    load_task(wd, "task_A", "train", wd.config)  # raises the clear "no task splits" error
   for t in tasks:
     if t not in have:
-      raise DownstreamError(f"unknown task {t!r} for {workdir}; it has {have}")
-  available = C.available_steps(workdir)
-  if any(m != "lookup" for m in methods) and not available:
-    raise DownstreamError(f"{workdir} has no checkpoints")
-  steps = (
-    sorted(available) if args.steps in ("all", "") else [C.resolve_step(workdir, int(s)) for s in str(args.steps).split(",")]
-  )
-  return methods, tasks, steps
+      raise DownstreamError(f"unknown task {t!r} for {wd.path}; it has {have}")
+  if any(METHODS[m].needs_checkpoint for m in methods) and not wd.steps:
+    raise DownstreamError(f"{wd.path} has no checkpoints")
+  return methods, tasks, wd.select(job.steps)
 
 
-def _accuracies(method: str, step: int, task_data_, *, workdir, cfg, args, seeds, mesh, cache: dict) -> tuple:
-  """(test accuracy per seed, mean train accuracy or NaN) of one (checkpoint, task, method); `cache` keeps the
-  model and the last checkpoint's params between calls."""
-  tr, te, n_classes = task_data_
-  if method == "lookup":
-    lang = _language(cfg)
-    Xtr, Xte = lookup_features(lang, tr["tokens"], args.pool), lookup_features(lang, te["tokens"], args.pool)
-    acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
-    return acc, float(np.mean(tr_acc))
-  if "model" not in cache:
-    cache["model"], _, _ = C.load_model(workdir)
-  if cache.get("step") != step:
-    cache["params"], cache["step"] = None, None  # drop the previous checkpoint before restoring the next
-    cache["params"], cache["step"] = C.restore_params(workdir, step, mesh=mesh), step
-  model, params = cache["model"], cache["params"]
-  if method == "probe":
-    Xtr = extract_features(model, params, tr["tokens"], args.pool)
-    Xte = extract_features(model, params, te["tokens"], args.pool)
-    acc, tr_acc = probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_probe_kw(args))
-    return acc, float(np.mean(tr_acc))
+# ----------------------------------------------------------------------------------------------
+# The methods: a registry, each (model, params, (train, test, n_classes), job, seeds) -> (accuracy per seed,
+# mean train accuracy or NaN); model and params are None for a method that reads no checkpoint.
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  fn: Callable[..., tuple]
+  needs_checkpoint: bool = True  # False: computed once per task (step -1), from the language alone
+
+
+def _linear_probe(model, params, data, job, seeds, wd=None):
+  (tr, te, n_classes), kw = data, _linear_probe_kw(job)
+  Xtr, Xte = (extract_features(model, params, d["tokens"], job.pool) for d in (tr, te))
+  acc, tr_acc = linear_probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **kw)
+  return acc, float(np.mean(tr_acc))
+
+
+def _finetune(model, params, data, job, seeds, wd=None):
+  tr, te, n_classes = data
   acc = finetune_accuracy(
-    model, params, tr, te, n_classes, seeds, pool=args.pool, epochs=args.ft_epochs, batch=args.ft_batch, lr=args.ft_lr,
-    warmup=args.ft_warmup, wd=args.weight_decay,
+    model, params, tr, te, n_classes, seeds, pool=job.pool, epochs=job.ft_epochs, batch=job.ft_batch, lr=job.ft_lr,
+    warmup=job.ft_warmup, wd=job.weight_decay,
   )  # fmt: skip
   return acc, np.nan
 
 
-def run(workdir: str, args) -> pd.DataFrame:
-  """Measures every requested (checkpoint, task, method, pool) not yet in the table; returns the table."""
-  cfg = C.read_config(workdir)
-  methods, tasks, steps = _plan(workdir, args, cfg)
-  settings = _settings(args)
+def _lookup(model, params, data, job, seeds, wd=None):
+  (tr, te, n_classes), lang = data, _language(wd.config)
+  Xtr, Xte = (lookup_features(lang, d["tokens"], job.pool) for d in (tr, te))
+  acc, tr_acc = linear_probe_accuracy(Xtr, tr["label"], Xte, te["label"], n_classes, seeds, **_linear_probe_kw(job))
+  return acc, float(np.mean(tr_acc))
+
+
+METHODS: dict[str, Method] = {
+  m.name: m
+  for m in (Method("probe", _linear_probe), Method("finetune", _finetune), Method("lookup", _lookup, needs_checkpoint=False))
+}
+
+
+def _accuracies(method: str, step: int, task_data_, *, wd: Workdir, job: Job, seeds, mesh, cache: dict) -> tuple:
+  """(test accuracy per seed, mean train accuracy or NaN) of one (checkpoint, task, method); `cache` keeps the
+  last checkpoint's params between calls."""
+  m = METHODS[method]
+  if not m.needs_checkpoint:
+    return m.fn(None, None, task_data_, job, seeds, wd=wd)
+  if cache.get("step") != step:
+    cache["params"], cache["step"] = None, None  # drop the previous checkpoint before restoring the next
+    cache["params"], cache["step"] = wd.restore(step, mesh=mesh), step
+  return m.fn(wd.model, cache["params"], task_data_, job, seeds, wd=wd)
+
+
+def run(workdir: Workdir | str, job: Job | argparse.Namespace) -> pd.DataFrame:
+  """Measures every requested (checkpoint, task, method, pool) not yet in the table; returns the table.
+  (A Namespace of `parse_args` is accepted too, as by earlier releases.)"""
+  if isinstance(job, argparse.Namespace):
+    from analysis import jobs
+
+    job = jobs.from_args(Job, job)
+  wd = Workdir.open(workdir)
+  methods, tasks, steps = _plan(wd, job)
+  settings = _settings(job)
   key = _settings_key(settings)
-  seeds = list(range(args.seeds))
-  path = table_path(workdir)
+  seeds = list(range(job.seeds))
+  path = table_path(wd)
   old = pd.read_parquet(path) if os.path.exists(path) else pd.DataFrame()
   done = set()
   if len(old):
     same = old[old["settings"] == key]
     done = set(zip(same["step"], same["task"], same["method"], same["pool"]))
-  todo = [(-1, t, "lookup") for t in tasks if "lookup" in methods]
-  todo += [(s, t, m) for s in steps for t in tasks for m in methods if m != "lookup"]
-  todo = [x for x in todo if (x[0], x[1], x[2], args.pool) not in done]
-  evm = eval_metrics_at(workdir)
-  data = {t: task_data(workdir, t, cfg) for t in tasks}
-  mesh = sharding.mesh_from_flag(args.mesh)
+  todo = [(-1, t, m) for t in tasks for m in methods if not METHODS[m].needs_checkpoint]
+  todo += [(s, t, m) for s in steps for t in tasks for m in methods if METHODS[m].needs_checkpoint]
+  todo = [x for x in todo if (x[0], x[1], x[2], job.pool) not in done]
+  evm = eval_metrics_at(wd)
+  data = {t: task_data(wd, t, wd.config) for t in tasks}
+  mesh = sharding.mesh_from_flag(job.mesh)
   cache: dict = {}
-  run_name = os.path.basename(os.path.abspath(workdir))
-  for step, task, method in tqdm(todo, desc=f"downstream {run_name}", unit="job", disable=None if args.progress else True):
+  for step, task, method in tqdm(todo, desc=f"downstream {wd.name}", unit="job", disable=None if job.progress else True):
     t0 = time.time()
     tr, te, n_classes = data[task]
     base = dict(
-      run=run_name,
+      run=wd.name,
       step=int(step),
       task=task,
       definition=DEFINITION.get(task, "?"),
       method=method,
-      pool=args.pool,
+      pool=job.pool,
       n_train=len(tr["label"]),
       n_test=len(te["label"]),
       n_classes=n_classes,
@@ -419,9 +487,7 @@ def run(workdir: str, args) -> pd.DataFrame:
       reason="",
     )
     try:
-      acc, tr_acc = _accuracies(
-        method, step, data[task], workdir=workdir, cfg=cfg, args=args, seeds=seeds, mesh=mesh, cache=cache
-      )
+      acc, tr_acc = _accuracies(method, step, data[task], wd=wd, job=job, seeds=seeds, mesh=mesh, cache=cache)
       rows = _rows(base, acc, seeds, {"train_accuracy": tr_acc})
     except errors.CheckpointError as e:  # damaged checkpoint: invalid rows, go on
       rows = _rows(dict(base, valid=False, reason=str(e)[:300]), [np.nan] * len(seeds), seeds, {"train_accuracy": np.nan})
@@ -435,10 +501,8 @@ def run(workdir: str, args) -> pd.DataFrame:
   return old
 
 
-def _probe_kw(args) -> dict:
-  return dict(
-    epochs=args.probe_epochs, batch=args.probe_batch, lr=args.probe_lr, wd=args.weight_decay, standardize=args.standardize
-  )
+def _linear_probe_kw(job: Job) -> dict:
+  return dict(epochs=job.probe_epochs, batch=job.probe_batch, lr=job.probe_lr, wd=job.weight_decay, standardize=job.standardize)
 
 
 def load_downstream(workdirs, valid_only: bool = False) -> pd.DataFrame:
@@ -455,42 +519,34 @@ def load_downstream(workdirs, valid_only: bool = False) -> pd.DataFrame:
   return df[df["valid"]] if valid_only and len(df) else df
 
 
-def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True, action="append", help="run directory (repeatable)")
-  ap.add_argument("--steps", default="all", help="'all' or comma-separated checkpoint steps")
-  ap.add_argument("--tasks", default="all", help="comma-separated task splits (default: every task_* split)")
-  ap.add_argument("--method", default="probe", help=f"comma-separated: {', '.join(METHODS)}")
-  ap.add_argument("--pool", default="concat", help="concat (BertPoolerC) | mean (BertPoolerCM)")
-  ap.add_argument("--seeds", type=int, default=5, help="seeds per (checkpoint, task, method): head init and data order")
-  ap.add_argument("--probe_epochs", type=int, default=50)
-  ap.add_argument("--probe_batch", type=int, default=64)
-  ap.add_argument("--probe_lr", type=float, default=1e-3)
-  ap.add_argument("--no_standardize", dest="standardize", action="store_false", help="probe raw features (no z-scoring)")
-  ap.add_argument("--ft_epochs", type=int, default=10, help="fine-tuning epochs (paper: 10)")
-  ap.add_argument("--ft_batch", type=int, default=32)
-  ap.add_argument("--ft_lr", type=float, default=1e-4, help="fine-tuning peak lr (paper: 1e-4)")
-  ap.add_argument("--ft_warmup", type=int, default=200, help="fine-tuning warmup steps (paper: 200; capped at 10%% of steps)")
-  ap.add_argument("--weight_decay", type=float, default=0.01)
-  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device)")
-  ap.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
-  return ap.parse_args(argv)
+def parse_args(argv=None) -> argparse.Namespace:
+  """The parsed command line (one flag per Job field); `run` takes it as it takes a Job."""
+  from analysis import jobs
+
+  return jobs.parser(Job, prog="python -m analysis.downstream", doc=__doc__).parse_args(argv)
 
 
-def main(argv=None) -> None:
+def _setup(args) -> None:
   from lib import metrics as MX
 
-  args = parse_args(argv)
   MX.quiet_logs()
   sharding.enable_compilation_cache()
-  with errors.one_line_interrupt("lmtrace downstream", "the table keeps every checkpoint finished so far"):
-    try:
-      for w in args.workdir:
-        df = run(w, args)
-        print(f"{w}: {len(df)} rows in {table_path(w)} ({int((~df['valid']).sum()) if len(df) else 0} invalid)")
-    except (errors.LmtraceError, ValueError) as e:
-      print(f"lmtrace downstream: error: {e}", file=sys.stderr)
-      sys.exit(2)
+
+
+def _report(w, df, args) -> None:
+  print(f"{w}: {len(df)} rows in {table_path(w)} ({int((~df['valid']).sum()) if len(df) else 0} invalid)")
+
+
+def main(argv=None) -> int:
+  from analysis import jobs
+
+  rc = jobs.main(
+    Job, run, argv, prog="downstream", doc=__doc__, setup=_setup, report=_report,
+    kept="the table keeps every checkpoint finished so far", catch=(errors.LmtraceError, ValueError),
+  )  # fmt: skip
+  if rc:
+    sys.exit(rc)
+  return rc
 
 
 if __name__ == "__main__":

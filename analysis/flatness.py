@@ -22,32 +22,24 @@ once per run, so the estimators compile once and every further checkpoint costs 
 `--mesh` shards the measurement; a multi-process job (`--coordinator`, as in train.py) runs the same
 command in every process, and process 0 writes the table.
 
-Estimators (analysis/hessian.py):
-  hutchinson  Hutchinson trace, Rademacher (or --dist=gaussian) probes; per-block traces with --blocks
-  hutchpp     Hutch++ (lower variance at equal HVPs on decaying spectra)
-  fisher      trace of the Fisher with labels sampled from the model (the paper's App. B.1 estimator;
-              equals the Hessian trace at a minimum); the released code instead uses one Gaussian
-              Hutchinson probe per batch with the true labels: use hutchinson --dist=gaussian
-  ggn         Hutchinson trace of the generalised Gauss-Newton matrix (PSD, label-free; its trace is the
-              Fisher trace, which `fisher` estimates by sampling labels; per-block with --blocks)
-  power       lambda_absmax: the eigenvalue of largest MAGNITUDE by power iteration (it is the top
-              eigenvalue only when that is positive and dominant; at init it is often negative), capped
-              at --power_iters, stopping at relative change --power_tol; `converged` says which
-  lanczos     top-k eigenvalues (eig_0..) and the smallest (eig_min) by Lanczos with full reorthogonalisation
-  slq         spectral density by stochastic Lanczos quadrature (a JSON `density` column) and its trace
+Estimators (traces, eigenvalues, spectral density) live in the registry `ESTIMATORS` below, the math
+in analysis/hessian.py; `--help` lists each with its description. Adding one is one
+`register(Estimator(...))` entry: its function (Measurer, params, key, settings, progress) -> rows, the
+quantity an invalid row stands in for, its HVP budget, whether it reports progress itself, and a line
+of description. A new knob is one `Settings` field (its flag follows from the field).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
 import sys
+import textwrap
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -56,13 +48,13 @@ from flax import linen as nn
 from tqdm import tqdm
 
 from analysis import hessian as H
+from analysis.jobs import Workdir, option
 from lib import ckpt as C
 from lib import errors, sharding
 from lib import io as lib_io
-from lib import metrics as MX
 from lib import model as M
 
-ESTIMATORS = ("hutchinson", "hutchpp", "fisher", "ggn", "power", "lanczos", "slq")
+TABLE = "flatness.parquet"
 
 
 class FlatnessError(errors.AnalysisError):
@@ -70,7 +62,7 @@ class FlatnessError(errors.AnalysisError):
 
 
 def fixed_batches(
-  workdir: str, *, batches: int, batch_size: int, seed: int, split: str = "validation", mesh=None
+  workdir: Workdir | str, *, batches: int, batch_size: int, seed: int, split: str = "validation", mesh=None
 ) -> tuple[list[dict], int]:
   """The run's held-out batches, documents chosen by `seed`; returns (batches on `mesh`, fingerprint)."""
   import ml_collections as mlc
@@ -78,7 +70,8 @@ def fixed_batches(
   from data import pipeline as dp
   from data import sources
 
-  _, mcfg, cfg = C.load_model(workdir)
+  wd = Workdir.open(workdir)
+  cfg = wd.config
   groups = sources.make_groups(mlc.ConfigDict(cfg["data"]))
   src = sources.select_split(groups[0], split)
   order = np.random.default_rng(seed).permutation(len(src))
@@ -89,7 +82,7 @@ def fixed_batches(
     seq_len=cfg["data"]["seq_len"],
     num_batches=batches,
     objective=cfg["data"]["objective"],
-    vocab_size=mcfg.vocab_size,
+    vocab_size=wd.model_config.vocab_size,
     seed=seed,
   )
   out = [{k: v for k, v in b.items() if k in ("inputs", "targets", "mask", "segment_ids", "positions")} for b in out]
@@ -105,39 +98,38 @@ def fixed_batches(
 
 
 UNREADABLE = "unreadable checkpoint: "  # reason prefix of rows a rerun retries
-PRIMARY = {  # the quantity an invalid row stands in for, per estimator
-  "hutchinson": "trace",
-  "hutchpp": "trace",
-  "fisher": "fisher_trace",
-  "ggn": "ggn_trace",
-  "power": "lambda_absmax",
-  "lanczos": "eig_0",
-  "slq": "trace",
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What a measurement's numbers depend on. Every field goes into the rows' resume key (and a
-  `cfg_<field>` column): rows computed under other settings are not reused."""
+  `cfg_<field>` column): rows computed under other settings are not reused. Each field is a flag of
+  the command line (`--<field>`)."""
 
-  probes: int = 32  # Hutchinson probes / Fisher samples / Hutch++ HVP budget
-  dist: str = "rademacher"  # probe distribution: rademacher | gaussian
-  filter: str = ""  # regex of '/'-joined parameter paths to include ('' = all)
-  exclude: str = ""  # regex of parameter paths to exclude
-  blocks: bool = False  # also per-block traces
-  batches: int = 4  # fixed evaluation batches
-  batch_size: int = 16  # rows per batch
-  data_seed: int = 0  # selects the evaluation documents
-  seed: int = 0  # probe seed
-  lanczos_steps: int = 30  # Lanczos steps (lanczos, slq)
-  topk: int = 5  # Ritz values reported by lanczos
-  slq_runs: int = 4  # SLQ start vectors
-  power_iters: int = 100  # power iteration's cap
-  power_tol: float = 1e-5  # power iteration stops at relative change ≤ this
-  dtype: str = "float32"  # model dtype for the measurement
-  matmul_precision: str = "highest"  # float32 matmul precision: highest | high | default
-  target_rel_err: float = 0.0  # stop probing once stderr/|trace| < this (0 = off)
+  # `probes` is the number of Hutchinson random vectors (Fisher: label samples; Hutch++: HVP budget); the
+  # name stays because it is the flag, the `cfg_probes` column and part of every stored row's key.
+  probes: int = option(32, "Hutchinson random vectors (Fisher: label samples; Hutch++: HVP budget)")
+  dist: str = option("rademacher", "distribution of the Hutchinson vectors", choices=("rademacher", "gaussian"))
+  filter: str = option("", "regex on '/'-joined parameter paths to include ('' = all)")
+  exclude: str = option("", "regex of parameter paths to exclude")
+  blocks: bool = option(False, "also per-block traces (embeddings, each layer's attn/mlp, head)")
+  batches: int = option(4, "fixed evaluation batches")
+  batch_size: int = option(16, "rows per batch")
+  data_seed: int = option(0, "selects the evaluation documents (recorded)")
+  seed: int = option(0, "seed of the random vectors")
+  lanczos_steps: int = option(30, "Lanczos steps (lanczos, slq)")
+  topk: int = option(5, "Ritz values reported by lanczos")
+  slq_runs: int = option(4, "SLQ start vectors")
+  power_iters: int = option(100, "power iteration's iteration cap")
+  power_tol: float = option(1e-5, "power iteration stops at relative change ≤ this")
+  dtype: str = option("float32", "model dtype for the measurement", choices=("float32", "bfloat16"))
+  matmul_precision: str = option(
+    "highest",
+    "float32 matmuls: 'highest' = true fp32 (default); 'default' lets GPUs use TF32 and TPUs bf16 passes "
+    "(faster, ~1e-3 relative error per HVP)",
+    choices=("highest", "high", "default"),
+  )
+  target_rel_err: float = option(0.0, "stop Hutchinson and Fisher once stderr/|trace| < this (0 = off)")
 
   @property
   def selection(self) -> H.ParamSelection:
@@ -147,15 +139,194 @@ class Settings:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# The estimator registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """A flatness estimator, declared once.
+
+  fn(ms, params, key, settings, progress) -> rows {quantity, estimate, stderr, n_hvps[, converged, ...]}
+  primary: the quantity an invalid row (NaN, unreadable checkpoint) stands in for
+  budget(settings): the HVPs (or samples) it runs, for its progress bar
+  streams: `fn` calls progress(n) as it goes (else the bar is filled once, at the end)
+  unit: what the bar counts ('hvp' or 'sample')
+  """
+
+  name: str
+  fn: Callable[..., list[dict[str, Any]]]
+  primary: str
+  budget: Callable[[Settings], int]
+  streams: bool = False
+  unit: str = "hvp"
+  doc: str = ""
+
+
+ESTIMATORS: dict[str, Estimator] = {}  # name -> Estimator, in registration order
+
+
+def register(est: Estimator) -> Estimator:
+  """Adds `est` to ESTIMATORS (its name must be new); returns it."""
+  if est.name in ESTIMATORS:
+    raise FlatnessError(f"estimator {est.name!r} is already registered")
+  ESTIMATORS[est.name] = est
+  return est
+
+
+def _trace_rows(q: str, r: H.Estimate) -> list[dict[str, Any]]:
+  """The total and, with --blocks, one row per block (quantity '<q>/<block>')."""
+  blocks = [(f"{q}/{name}", e, se) for name, (e, se) in (r.blocks or {}).items()]
+  return [
+    dict(quantity=qq, estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs))
+    for qq, e, se in [(q, r.estimate, r.stderr), *blocks]
+  ]
+
+
+def _hutchinson_on(op_of: Callable, q: str):
+  """The Hutchinson loop on the operator `op_of(ms)` (the Hessian or the Gauss-Newton matrix)."""
+
+  def fn(ms, params, key, st: Settings, progress):
+    r = H.hutchinson_trace(
+      op_of(ms),
+      params,
+      key,
+      st.probes,  # the number of random vectors
+      dist=st.dist,
+      target_rel_err=st.target_rel_err or None,
+      blocks=st.blocks,
+      progress=progress,
+      select=st.selection,
+    )
+    return _trace_rows(q, r)
+
+  return fn
+
+
+def _hutchpp(ms, params, key, st: Settings, progress):
+  r = H.hutchpp_trace(ms.matvec, params, key, st.probes, dist=st.dist, select=st.selection)
+  return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
+
+
+def _fisher(ms, params, key, st: Settings, progress):
+  r = H.fisher_trace(
+    ms.logits_fn, params, ms.batches, key, st.probes, target_rel_err=st.target_rel_err or None, progress=progress,
+    select=st.selection,
+  )  # fmt: skip
+  return [dict(quantity="fisher_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
+
+
+def _power(ms, params, key, st: Settings, progress):
+  r = H.power_iteration(ms.matvec, params, key, num_iters=st.power_iters, tol=st.power_tol, select=st.selection)
+  return [
+    dict(
+      quantity="lambda_absmax",  # the largest-magnitude eigenvalue, named for what it is
+      estimate=float(r.estimate),
+      stderr=float(r.stderr),
+      n_hvps=int(r.n_matvecs),
+      converged=bool(r.extra["converged"]),
+    )
+  ]
+
+
+def _lanczos(ms, params, key, st: Settings, progress):
+  r = H.top_eigenvalues(ms.matvec, params, key, k=st.topk, num_steps=st.lanczos_steps, select=st.selection)
+  vals, res, conv = np.asarray(r.eigenvalues), np.asarray(r.residuals), np.asarray(r.extra["converged"])
+  lo, lo_bound = r.extra["lambda_min"]
+  return [
+    dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs), converged=bool(c))
+    for i, (v, e, c) in enumerate(zip(vals, res, conv))
+  ] + [dict(quantity="eig_min", estimate=lo, stderr=lo_bound, n_hvps=int(r.n_matvecs), converged=bool(lo_bound < 1e-3 * abs(lo)))]
+
+
+def _slq(ms, params, key, st: Settings, progress):
+  r = H.slq_density(ms.matvec, params, key, num_runs=st.slq_runs, num_steps=st.lanczos_steps, select=st.selection)
+  grid, dens = np.asarray(r.grid), np.asarray(r.density)
+  # the SLQ trace (n · Σ w θ per run) with its stderr across runs; the smoothed density rides along as JSON
+  density = json.dumps({"grid": grid.tolist(), "density": dens.tolist()})
+  return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs), density=density)]
+
+
+def _n_vectors(st: Settings) -> int:
+  return st.probes
+
+
+for _e in (
+  Estimator(
+    "hutchinson",
+    _hutchinson_on(lambda ms: ms.matvec, "trace"),
+    "trace",
+    _n_vectors,
+    streams=True,
+    doc="Hutchinson trace, Rademacher (or --dist=gaussian) vectors; per-block traces with --blocks",
+  ),
+  Estimator("hutchpp", _hutchpp, "trace", _n_vectors, doc="Hutch++ (lower variance at equal HVPs on decaying spectra)"),
+  Estimator(
+    "fisher",
+    _fisher,
+    "fisher_trace",
+    _n_vectors,
+    streams=True,
+    unit="sample",
+    doc="trace of the Fisher with labels sampled from the model (the paper's App. B.1 estimator; equals the Hessian "
+    "trace at a minimum); the released code's one Gaussian vector per batch with true labels is hutchinson --dist=gaussian",
+  ),
+  Estimator(
+    "ggn",
+    _hutchinson_on(lambda ms: ms.ggn, "ggn_trace"),
+    "ggn_trace",
+    _n_vectors,
+    streams=True,
+    doc="Hutchinson trace of the generalised Gauss-Newton matrix (PSD, label-free; its trace is the Fisher trace; "
+    "per-block with --blocks)",
+  ),
+  Estimator(
+    "power",
+    _power,
+    "lambda_absmax",
+    lambda st: st.power_iters,
+    doc="lambda_absmax: the eigenvalue of largest MAGNITUDE by power iteration (the top eigenvalue only when that is "
+    "positive and dominant), capped at --power_iters, stopping at --power_tol; `converged` says which",
+  ),
+  Estimator(
+    "lanczos",
+    _lanczos,
+    "eig_0",
+    lambda st: st.lanczos_steps,
+    doc="top-k eigenvalues (eig_0..) and the smallest (eig_min) by Lanczos with full reorthogonalisation",
+  ),
+  Estimator(
+    "slq",
+    _slq,
+    "trace",
+    lambda st: st.slq_runs * st.lanczos_steps,
+    doc="spectral density by stochastic Lanczos quadrature (a JSON `density` column) and its trace",
+  ),
+):
+  register(_e)
+
+
+def _estimator(name: str) -> Estimator:
+  if name not in ESTIMATORS:
+    raise FlatnessError(f"unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}")
+  return ESTIMATORS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """What to measure where: the estimators and checkpoints of one workdir, under `settings`."""
 
   settings: Settings = Settings()
-  estimators: tuple[str, ...] = ("hutchinson",)
-  steps: str = "all"  # 'all' or comma-separated steps
-  include_resume: bool = False  # 'all' also takes resume/ checkpoints
-  mesh: str = ""  # data,fsdp,tensor sizes ('' = one device; every device of a multi-process job)
+  estimators: tuple[str, ...] = option(
+    ("hutchinson",), lambda: f"comma-separated: {', '.join(ESTIMATORS)} (see the list below)", flag="estimator"
+  )
+  steps: str = option("all", "'all' (analysis checkpoints) or comma-separated checkpoint steps")
+  include_resume: bool = option(False, "--steps=all also measures resume/ checkpoints")
+  mesh: str = option("", "data,fsdp,tensor sizes (default: one device; all devices of a multi-process job)")
 
 
 class Measurer:
@@ -163,11 +334,11 @@ class Measurer:
   on the fixed batches and the jitted loss. Built once per run, so the estimators' jitted bodies (cached
   on the operator and the logits function) compile once, not once per checkpoint."""
 
-  def __init__(self, workdir: str, batches: list[dict], settings: Settings):
+  def __init__(self, workdir: Workdir | str, batches: list[dict], settings: Settings):
+    wd = Workdir.open(workdir)
     self.batches = batches
-    model, mcfg, _ = C.load_model(workdir)
-    if settings.dtype != mcfg.dtype:
-      model = M.make(M.ModelConfig(**{**vars(mcfg), "dtype": settings.dtype}))
+    mcfg = wd.model_config
+    model = wd.model if settings.dtype == mcfg.dtype else M.make(dataclasses.replace(mcfg, dtype=settings.dtype))
     self.loss_fn = lambda p, b: M.mean_loss(model, p, b)  # noqa: E731
     self.logits_fn = lambda p, b: M.logits(model, p, b)  # noqa: E731
     self.loss_sum = jax.jit(lambda p, b: M.per_token_loss(model, p, b).sum())
@@ -182,29 +353,31 @@ class Measurer:
 
 
 def measure_checkpoint(
-  workdir: str, step: int, estimators, st: Settings, batches, mesh, measurer: Measurer | None = None
+  workdir: Workdir | str, step: int, estimators, st: Settings, batches, mesh, measurer: Measurer | None = None
 ) -> list[dict]:
   """All requested estimators at one checkpoint -> rows. An unreadable checkpoint raises CheckpointError."""
-  ms = measurer or Measurer(workdir, batches, st)
-  params = C.restore_params(workdir, step, mesh=mesh)
+  wd = Workdir.open(workdir)
+  ms = measurer or Measurer(wd, batches, st)
+  params = wd.restore(step, mesh=mesh)
   rows = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), jax.default_matmul_precision(st.matmul_precision):
     n_tok = ms.n_tokens
     loss = float(sum(float(ms.loss_sum(params, b)) for b in batches) / n_tok)
     key = jax.random.key(st.seed)
-    for est in estimators:
+    for name in estimators:
+      est = _estimator(name)
       t0 = time.time()
       bar = tqdm(
-        total=_budget(est, st),
-        desc=f"  step {step} {est}",
-        unit="hvp" if est != "fisher" else "sample",
+        total=est.budget(st),
+        desc=f"  step {step} {name}",
+        unit=est.unit,
         leave=False,
         disable=True if jax.process_index() != 0 else None,  # None: off when stderr is not a terminal
       )
       try:
-        res = run_estimator(est, ms, params, key, st, progress=bar.update)
+        res = run_estimator(name, ms, params, key, st, progress=bar.update)
       except FloatingPointError as e:  # NaN in an HVP: the row is invalid, with the reason
-        res = [dict(quantity=PRIMARY[est], estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
+        res = [dict(quantity=est.primary, estimate=float("nan"), stderr=float("nan"), n_hvps=0, valid=False, reason=str(e))]
       wall = time.time() - t0
       bar.close()
       for r in res:
@@ -213,7 +386,7 @@ def measure_checkpoint(
         rows.append(
           dict(
             step=step,
-            estimator=est,
+            estimator=name,
             loss=loss,
             n_batches=len(batches),
             n_tokens=n_tok,
@@ -228,139 +401,57 @@ def measure_checkpoint(
   return rows
 
 
-def _budget(est: str, st: Settings) -> int:
-  """HVPs (Fisher: samples) an estimator will run, for its progress bar."""
-  if est in ("hutchinson", "ggn", "hutchpp", "fisher"):
-    return st.probes
-  if est == "slq":
-    return st.slq_runs * st.lanczos_steps
-  if est == "power":
-    return st.power_iters
-  return st.lanczos_steps
-
-
-def run_estimator(est: str, ms: Measurer, params, key, st: Settings, progress=None) -> list[dict[str, Any]]:
-  """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. The adapter to analysis.hessian.
-  `progress(n)` hears of finished probes (chunk by chunk for Hutchinson and Fisher, at the end otherwise)."""
-  rows = _run_estimator(est, ms, params, key, st, progress)
-  if progress is not None and est not in ("hutchinson", "ggn", "fisher"):
+def run_estimator(name: str, ms: Measurer, params, key, st: Settings, progress=None) -> list[dict[str, Any]]:
+  """One estimator -> rows {quantity, estimate, stderr, n_hvps, ...}. `progress(n)` hears of finished
+  vectors (chunk by chunk for the streaming ones, at the end otherwise)."""
+  est = _estimator(name)
+  rows = est.fn(ms, params, key, st, progress)
+  if progress is not None and not est.streams:
     progress(max(r["n_hvps"] for r in rows))
   return rows
 
 
-def _run_estimator(est: str, ms: Measurer, params, key, st: Settings, progress) -> list[dict[str, Any]]:
-  flt = dict(select=st.selection)
-  matvec = ms.matvec
-  if est in ("hutchinson", "ggn"):  # the same Hutchinson loop on the Hessian or the Gauss-Newton operator
-    op, q = (matvec, "trace") if est == "hutchinson" else (ms.ggn, "ggn_trace")
-    r = H.hutchinson_trace(
-      op,
-      params,
-      key,
-      st.probes,
-      dist=st.dist,
-      target_rel_err=st.target_rel_err or None,
-      blocks=st.blocks,
-      progress=progress,
-      **flt,
-    )
-    blocks = [(f"{q}/{name}", e, se) for name, (e, se) in (r.blocks or {}).items()]
-    return [
-      dict(quantity=qq, estimate=float(e), stderr=float(se), n_hvps=int(r.n_matvecs))
-      for qq, e, se in [(q, r.estimate, r.stderr), *blocks]
-    ]
-  if est == "hutchpp":
-    r = H.hutchpp_trace(matvec, params, key, st.probes, dist=st.dist, **flt)
-    return [dict(quantity="trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
-  if est == "fisher":
-    r = H.fisher_trace(
-      ms.logits_fn, params, ms.batches, key, st.probes, target_rel_err=st.target_rel_err or None, progress=progress, **flt
-    )
-    return [dict(quantity="fisher_trace", estimate=float(r.estimate), stderr=float(r.stderr), n_hvps=int(r.n_matvecs))]
-  if est == "power":  # the largest-magnitude eigenvalue, named for what it is
-    r = H.power_iteration(matvec, params, key, num_iters=st.power_iters, tol=st.power_tol, **flt)
-    return [
-      dict(
-        quantity="lambda_absmax",
-        estimate=float(r.estimate),
-        stderr=float(r.stderr),
-        n_hvps=int(r.n_matvecs),
-        converged=bool(r.extra["converged"]),
-      )
-    ]
-  if est == "lanczos":
-    r = H.top_eigenvalues(matvec, params, key, k=st.topk, num_steps=st.lanczos_steps, **flt)
-    vals, res, conv = np.asarray(r.eigenvalues), np.asarray(r.residuals), np.asarray(r.extra["converged"])
-    lo, lo_bound = r.extra["lambda_min"]
-    return [
-      dict(quantity=f"eig_{i}", estimate=float(v), stderr=float(e), n_hvps=int(r.n_matvecs), converged=bool(c))
-      for i, (v, e, c) in enumerate(zip(vals, res, conv))
-    ] + [
-      dict(quantity="eig_min", estimate=lo, stderr=lo_bound, n_hvps=int(r.n_matvecs), converged=bool(lo_bound < 1e-3 * abs(lo)))
-    ]
-  if est == "slq":
-    r = H.slq_density(matvec, params, key, num_runs=st.slq_runs, num_steps=st.lanczos_steps, **flt)
-    grid, dens = np.asarray(r.grid), np.asarray(r.density)
-    # the SLQ trace (n · Σ w θ per run) with its stderr across runs; the smoothed density rides along as JSON
-    return [
-      dict(
-        quantity="trace",
-        estimate=float(r.estimate),
-        stderr=float(r.stderr),
-        n_hvps=int(r.n_matvecs),
-        density=json.dumps({"grid": grid.tolist(), "density": dens.tolist()}),
-      )
-    ]
-  raise FlatnessError(f"unknown estimator {est!r}; valid: {', '.join(ESTIMATORS)}")
+def table_path(workdir: Workdir | str) -> str:
+  return Workdir.table(workdir, TABLE) if isinstance(workdir, Workdir) else os.path.join(workdir, "analysis", TABLE)
 
 
-def table_path(workdir: str) -> str:
-  return os.path.join(workdir, "analysis", "flatness.parquet")
-
-
-def _todo(workdir: str, job: Job) -> list[int]:
-  available = C.available_steps(workdir)
+def _todo(wd: Workdir, job: Job) -> list[int]:
   if job.steps not in ("all", ""):
-    try:
-      wanted = [int(s) for s in str(job.steps).split(",") if s.strip()]
-    except ValueError:
-      raise FlatnessError(f"--steps={job.steps!r}: expected 'all' or comma-separated checkpoint steps (e.g. 0,100,200)") from None
-    return [C.resolve_step(workdir, s) for s in wanted]
+    return wd.select(job.steps)
+  available = wd.steps
   steps = sorted(s for s, sub in available.items() if job.include_resume or sub == C.ANALYSIS_DIR)
   if not steps:
     where = f"{C.ANALYSIS_DIR}/ or {C.RESUME_DIR}/" if job.include_resume else f"{C.ANALYSIS_DIR}/"
     more = f"; {len(available)} resume checkpoint(s) exist: add --include_resume" if available and not job.include_resume else ""
-    raise FlatnessError(f"{workdir} has no checkpoints (looked in {where}){more}")
+    raise FlatnessError(f"{wd.path} has no checkpoints (looked in {where}){more}")
   return steps
 
 
 def _invalid_rows(step: int, estimators, reason: str) -> list[dict]:
-  return [
-    dict(step=step, estimator=e, quantity=PRIMARY[e], estimate=np.nan, stderr=np.nan, n_hvps=0, valid=False, reason=reason)
-    for e in estimators
-  ]
+  nan = dict(estimate=np.nan, stderr=np.nan, n_hvps=0, valid=False, reason=reason)
+  return [dict(step=step, estimator=e, quantity=ESTIMATORS[e].primary, **nan) for e in estimators]
 
 
 def _write(df: pd.DataFrame, path: str) -> None:
   lib_io.atomic_parquet(df, path)  # a kill leaves the previous complete table
 
 
-def run(workdir: str, job: Job) -> pd.DataFrame:
+def run(workdir: Workdir | str, job: Job) -> pd.DataFrame:
   """Measures every requested checkpoint not yet in the table; returns the whole table. A checkpoint that
   cannot be read gives invalid rows (reason 'unreadable checkpoint: ...') and the job goes on."""
   bad = [e for e in job.estimators if e not in ESTIMATORS]
   if bad:
     raise FlatnessError(f"unknown estimator(s) {bad}; valid: {', '.join(ESTIMATORS)}")
   st = job.settings
-  C.read_config(workdir)  # a missing directory or a non-lmtrace one: one clear error
-  todo = _todo(workdir, job)
+  wd = Workdir.open(workdir)  # a missing directory or a non-lmtrace one: one clear error
+  todo = _todo(wd, job)
+  path = table_path(wd)
   if jax.process_index() == 0:  # before measuring anything: a read-only workdir is one line, not a lost hour
-    lib_io.check_writable(os.path.dirname(table_path(workdir)), "flatness cannot write its table: ")
+    lib_io.check_writable(os.path.dirname(path), "flatness cannot write its table: ")
   mesh = sharding.mesh_from_flag(job.mesh)
   sharding.check_batch(mesh, st.batch_size, "--batch_size")  # before any batch is placed on the mesh
-  batches, fp = fixed_batches(workdir, batches=st.batches, batch_size=st.batch_size, seed=st.data_seed, mesh=mesh)
+  batches, fp = fixed_batches(wd, batches=st.batches, batch_size=st.batch_size, seed=st.data_seed, mesh=mesh)
   key = st.key()
-  path = table_path(workdir)
   old = pd.read_parquet(path) if os.path.exists(path) else pd.DataFrame()
   done = set()
   if len(old):
@@ -368,19 +459,17 @@ def run(workdir: str, job: Job) -> pd.DataFrame:
     done = set(zip(same["step"], same["estimator"]))
   pending = [(s, [e for e in job.estimators if (s, e) not in done]) for s in todo]
   pending = [(s, es) for s, es in pending if es]
-  measurer = Measurer(workdir, batches, st)
+  measurer = Measurer(wd, batches, st)
   writer = jax.process_index() == 0  # every process computes (collectives); one writes the table
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("flatness: table read")  # nobody writes before all have read it
   cfg_cols = {f"cfg_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in dataclasses.asdict(st).items()}
-  for step, ests in tqdm(
-    pending, desc=f"flatness {os.path.basename(os.path.abspath(workdir))}", unit="ckpt", disable=None if writer else True
-  ):
+  for step, ests in tqdm(pending, desc=f"flatness {wd.name}", unit="ckpt", disable=None if writer else True):
     try:
-      meta = C.read_meta(workdir, step)  # damaged meta (not JSON): the checkpoint is skipped like damaged params
-      rows = measure_checkpoint(workdir, step, ests, st, batches, mesh, measurer)
+      meta = wd.meta(step)  # damaged meta (not JSON): the checkpoint is skipped like damaged params
+      rows = measure_checkpoint(wd, step, ests, st, batches, mesh, measurer)
     except C.CheckpointError as e:  # damaged or vanished: mark it, measure the others; a rerun retries it
       if writer:
         print(f"lmtrace flatness: skipping step {step}: {e}", file=sys.stderr)
@@ -401,36 +490,11 @@ def run(workdir: str, job: Job) -> pd.DataFrame:
   return old
 
 
-def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True, action="append", help="run directory (repeatable)")
-  ap.add_argument("--steps", default="all", help="'all' (analysis checkpoints) or comma-separated checkpoint steps")
-  ap.add_argument("--include_resume", action="store_true", help="--steps=all also measures resume/ checkpoints")
-  ap.add_argument("--estimator", default="hutchinson", help=f"comma-separated: {', '.join(ESTIMATORS)}")
-  ap.add_argument("--probes", type=int, default=32, help="probes (Hutchinson/Fisher samples) or HVP budget (Hutch++)")
-  ap.add_argument("--dist", default="rademacher", choices=("rademacher", "gaussian"))
-  ap.add_argument("--filter", default="", help="regex on '/'-joined parameter paths to include")
-  ap.add_argument("--exclude", default="", help="regex of parameter paths to exclude")
-  ap.add_argument("--blocks", action="store_true", help="also per-block traces (embeddings, each layer's attn/mlp, head)")
-  ap.add_argument("--target_rel_err", type=float, default=0.0, help="stop probing once stderr/|trace| < this")
-  ap.add_argument("--batches", type=int, default=4, help="fixed evaluation batches")
-  ap.add_argument("--batch_size", type=int, default=16)
-  ap.add_argument("--data_seed", type=int, default=0, help="selects the evaluation documents (recorded)")
-  ap.add_argument("--seed", type=int, default=0, help="probe seed")
-  ap.add_argument("--lanczos_steps", type=int, default=30, help="Lanczos steps (lanczos, slq)")
-  ap.add_argument("--topk", type=int, default=5)
-  ap.add_argument("--slq_runs", type=int, default=4)
-  ap.add_argument("--power_iters", type=int, default=100, help="power iteration's iteration cap")
-  ap.add_argument("--power_tol", type=float, default=1e-5, help="power iteration stops at relative change ≤ this")
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument(
-    "--matmul_precision",
-    default="highest",
-    choices=("highest", "high", "default"),
-    help="float32 matmuls: 'highest' = true fp32 (default); 'default' lets GPUs use TF32 and TPUs bf16 "
-    "passes (faster, ~1e-3 relative error per HVP)",
-  )
-  ap.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device; all devices of a multi-process job)")
+# ----------------------------------------------------------------------------------------------
+# The command line (built from Job and Settings)
+
+
+def _multiprocess_flags(ap) -> None:
   ap.add_argument(
     "--coordinator",
     default="",
@@ -439,33 +503,48 @@ def parse_args(argv=None):
   )
   ap.add_argument("--num_processes", type=int, default=0, help="multi-process: total processes (with host:port)")
   ap.add_argument("--process_id", type=int, default=-1, help="multi-process: this process's id (with host:port)")
-  return ap.parse_args(argv)
+  wrap = lambda e: textwrap.fill(e.doc, 100, initial_indent=f"  {e.name:11s} ", subsequent_indent=" " * 14)  # noqa: E731
+  ap.epilog = "estimators:\n" + "\n".join(wrap(e) for e in ESTIMATORS.values())
 
 
-def job_from_args(args: argparse.Namespace) -> Job:
-  """The typed job of parsed flags (the library functions never see the Namespace)."""
-  settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-  estimators = tuple(e.strip() for e in args.estimator.split(",") if e.strip())
-  return Job(settings, estimators, str(args.steps), args.include_resume, args.mesh)
+def _setup(args) -> None:
+  from lib import metrics as MX
 
-
-def main(argv=None) -> None:
-  args = parse_args(argv)
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   MX.quiet_logs()
   sharding.enable_compilation_cache()
+
+
+def _report(w, df, args) -> None:
+  ok = df[df["valid"]] if len(df) else df
+  if jax.process_index() == 0:
+    print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
+
+
+def parse_args(argv=None):
+  """The parsed command line (flags of Job and Settings, plus the multi-process ones)."""
+  from analysis import jobs
+
+  ap = jobs.parser(Job, prog="python -m analysis.flatness", doc=__doc__)
+  _multiprocess_flags(ap)
+  return ap.parse_args(argv)
+
+
+def job_from_args(args) -> Job:
+  """The typed job of parsed flags (the library functions never see the Namespace)."""
+  from analysis import jobs
+
+  return jobs.from_args(Job, args)
+
+
+def main(argv=None) -> int:
+  from analysis import jobs
+
   kept = "the table keeps every checkpoint measured so far: rerun the same command to measure the rest"
-  with errors.one_line_interrupt("lmtrace flatness", kept):
-    try:
-      job = job_from_args(args)
-      for w in args.workdir:
-        df = run(w, job)
-        ok = df[df["valid"]] if len(df) else df
-        if jax.process_index() == 0:
-          print(f"{w}: {len(df)} rows in {table_path(w)} ({len(df) - len(ok)} invalid)")
-    except errors.LmtraceError as e:  # bad input or state: one line; anything else is a bug and keeps its traceback
-      print(f"lmtrace flatness: error: {e}", file=sys.stderr)
-      sys.exit(2)
+  rc = jobs.main(Job, run, argv, prog="flatness", doc=__doc__, extra=_multiprocess_flags, setup=_setup, report=_report, kept=kept)
+  if rc:
+    sys.exit(rc)
+  return rc
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ follow them; the batch is replicated.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from analysis.jobs import Workdir, option
 from lib import errors
 from lib import io as lib_io
 from lib import model as M
@@ -475,6 +475,42 @@ def _language(run_cfg: dict):
   return sources.language(spec)
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """Samples of every requested checkpoint of a workdir; with `mix_with`, decoded in Xia's mixture."""
+
+  steps: str = option("all", "'all' or comma-separated steps")
+  num: int = option(32, "samples per checkpoint")
+  max_new: int = option(32, "new tokens per sample")
+  method: str = option("sample", "sample (temperature, top-k, top-p) or greedy", choices=("sample", "greedy"))
+  temperature: float = option(1.0, "sampling temperature")
+  top_k: int = option(0, "keep the k most likely tokens (0 = off)")
+  top_p: float = option(1.0, "nucleus: the smallest set of tokens whose mass reaches p (1 = off)")
+  prompt_len: int = option(0, "0: prompts are [BOS]; else the first tokens of validation docs")
+  seed: int = option(0, "seed of the prompts and the samples")
+  mix_with: str = option("", "WORKDIR[@STEP]: decode each checkpoint mixed with this model (Xia)")
+  weights: tuple[float, ...] = option((1.0, -1.0), "mixture weights lambda_W,lambda_mix (e.g. 1,-1: large minus small)")
+  true_samples: int = option(2000, "sentences sampled from a synthetic language for its true length distribution")
+  mesh: str = option("", "data,fsdp,tensor sizes (default: one device)")
+
+  @property
+  def sampling(self) -> Sampling:
+    return Sampling(0.0 if self.method == "greedy" else self.temperature, self.top_k, self.top_p)
+
+
+def run(workdir: Workdir | str, job: Job):
+  """The samples table (one row per (step, sample)) of `job`; it and the per-step summary are written
+  under W/analysis/ (`load_generations(W, summary=True)` reads the summary)."""
+  from lib import sharding
+
+  mw, _, ms = job.mix_with.partition("@")
+  rows, _ = _run(
+    Workdir.open(workdir), job.steps, job.num, job.max_new, job.sampling, job.prompt_len, job.seed,
+    sharding.mesh_from_flag(job.mesh) if job.mesh else None, job.true_samples, mw or None, ms or None, job.weights,
+  )  # fmt: skip
+  return rows
+
+
 def run_job(
   workdir: str,
   steps=None,
@@ -489,18 +525,21 @@ def run_job(
   mix_step=None,
   weights: Sequence[float] = (1.0, -1.0),
 ):
-  """Samples per checkpoint of `workdir`. With `mix_workdir`, every checkpoint is decoded in Xia's
-  mixture with that run's checkpoint `mix_step` (latest by default): p = weights[0]·p_W + weights[1]·p_mix."""
+  """(samples, summary) per checkpoint of `workdir` (as `run`, with loose arguments). With `mix_workdir`,
+  every checkpoint is decoded in Xia's mixture with that run's checkpoint `mix_step` (latest by default):
+  p = weights[0]·p_W + weights[1]·p_mix."""
+  wd = Workdir.open(workdir)
+  return _run(wd, steps, num, max_new, sampling, prompt_len, seed, mesh, true_samples, mix_workdir, mix_step, weights)
+
+
+def _run(wd: Workdir, steps, num, max_new, sampling, prompt_len, seed, mesh, true_samples, mix_workdir, mix_step, weights):
   import pandas as pd
 
-  from lib import ckpt
-
-  model, cfg, run_cfg = ckpt.load_model(workdir)
-  ckpt.require_causal(workdir, cfg, "generation")
-  avail = ckpt.available_steps(workdir)
-  if not avail:
+  workdir, cfg, run_cfg = wd.path, wd.model_config, wd.config
+  wd.require_causal("generation")
+  if not wd.steps:
     raise errors.CheckpointError(f"{workdir} has no finished checkpoints")
-  steps = sorted(avail) if not steps else [ckpt.resolve_step(workdir, s) for s in steps]
+  steps = wd.select(steps)
   max_new = min(max_new, cfg.max_len - max(prompt_len, 1))
   prompts, special = _prompts(run_cfg, num, prompt_len, seed, cfg.max_len)
   lang = _language(run_cfg)
@@ -514,11 +553,12 @@ def run_job(
 
   mix = []
   if mix_workdir:
-    _, cfg2, _ = ckpt.load_model(mix_workdir)
-    ckpt.require_causal(mix_workdir, cfg2, "mixture-of-models decoding")
+    other = Workdir.open(mix_workdir)
+    other.require_causal("mixture-of-models decoding")
+    cfg2 = other.model_config
     if cfg2.vocab_size != cfg.vocab_size:
       raise errors.AnalysisError(f"{mix_workdir} has vocabulary {cfg2.vocab_size}, {workdir} has {cfg.vocab_size}: cannot mix")
-    mix = [(cfg2, ckpt.restore_params(mix_workdir, mix_step, mesh))]
+    mix = [(cfg2, other.restore(mix_step, mesh))]
     if len(weights) != 2:
       raise errors.AnalysisError(
         f"--weights needs two mixture weights (lambda for W, lambda for --mix_with), got {list(weights)}"
@@ -531,7 +571,7 @@ def run_job(
     true_len = np.bincount([len(s) + 1 for s in sents], minlength=max_new + 1)  # + EOS, in new tokens
   rows, summary = [], []
   for st in steps:
-    params = ckpt.restore_params(workdir, st, mesh)
+    params = wd.restore(st, mesh)
     g = generate(
       [(cfg, params)] + mix,
       prompts,
@@ -583,10 +623,9 @@ def run_job(
       pt, pg = true_len / true_len.sum(), gen_len / max(gen_len.sum(), 1)
       s["length_tv"] = float(0.5 * np.abs(pt - pg).sum())
     summary.append(s)
-  out_dir = os.path.join(workdir, "analysis")
-  os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(wd.analysis_dir, exist_ok=True)
   for name, tbl in (("generations.parquet", rows), ("generations_summary.parquet", summary)):
-    write_parquet(pd.DataFrame(tbl), os.path.join(out_dir, name))
+    write_parquet(pd.DataFrame(tbl), wd.table(name))
   return pd.DataFrame(rows), pd.DataFrame(summary)
 
 
@@ -603,42 +642,15 @@ def load_generations(workdir: str, summary: bool = False):
   return pd.read_parquet(path)
 
 
+def _report(w, df, args) -> None:
+  print(load_generations(w, summary=True).to_string(index=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m analysis.generate", description=__doc__.split("\n\n")[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--steps", default="all", help="'all' or comma-separated steps")
-  ap.add_argument("--num", type=int, default=32, help="samples per checkpoint")
-  ap.add_argument("--max_new", type=int, default=32, help="new tokens per sample")
-  ap.add_argument("--method", default="sample", choices=("sample", "greedy"))
-  ap.add_argument("--temperature", type=float, default=1.0)
-  ap.add_argument("--top_k", type=int, default=0)
-  ap.add_argument("--top_p", type=float, default=1.0)
-  ap.add_argument("--prompt_len", type=int, default=0, help="0: prompts are [BOS]; else the first tokens of validation docs")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--mix_with", default="", help="WORKDIR[@STEP]: decode each checkpoint mixed with this model (Xia)")
-  ap.add_argument("--weights", default="1,-1", help="mixture weights lambda_W,lambda_mix (e.g. 1,-1: large minus small)")
-  a = ap.parse_args(argv)
-  with errors.one_line_interrupt("lmtrace generate", "nothing written (the tables are written at the end)"):
-    return _main(a)
+  from analysis import jobs
 
-
-def _main(a) -> int:
-  try:
-    try:
-      steps = None if a.steps == "all" else [int(s) for s in a.steps.split(",")]
-      wts = [float(x) for x in a.weights.split(",")]
-    except ValueError:
-      raise errors.AnalysisError(f"--steps={a.steps!r} / --weights={a.weights!r}: expected comma-separated numbers") from None
-    s = Sampling(0.0 if a.method == "greedy" else a.temperature, a.top_k, a.top_p)
-    mw, _, ms = a.mix_with.partition("@")
-    _, summ = run_job(
-      a.workdir, steps, a.num, a.max_new, s, a.prompt_len, a.seed, mix_workdir=mw or None, mix_step=ms or None, weights=wts
-    )
-  except errors.LmtraceError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(summ.to_string(index=False))
-  return 0
+  kept = "nothing written (the tables are written at the end)"
+  return jobs.main(Job, run, argv, prog="generate", doc=__doc__, workdirs="one", report=_report, kept=kept, prefix="error: ")
 
 
 if __name__ == "__main__":

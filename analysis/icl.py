@@ -35,7 +35,6 @@ task's cap is split evenly among its subtasks, as BIG-Bench does). Two modes, na
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -59,10 +58,12 @@ from analysis.bigbench_tasks import (  # noqa: F401 - load_task, extract_tasks a
   load_task,
   load_tasks,
 )
+from analysis.jobs import Workdir, option
 from lib import errors
 from lib import model as M
 
 log = logging.getLogger("lmtrace")
+TABLE = "icl.parquet"
 MODES = {False: "lmtrace", True: "bigbench"}  # the table's `mode` column, by bigbench_compatible
 
 
@@ -252,6 +253,55 @@ def task_budget(t: Task, max_examples: int) -> int:
   return per
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """Few-shot multiple choice on the BIG-Bench tasks at `tasks`, at every requested checkpoint."""
+
+  tasks: str = option(help="a task.json, a task folder, or a folder of <task>/task.json")  # required
+  k: int = option(2, "shots")
+  seed: int | None = option(None, "0 by default; 42 (BIG-Bench's) with --bigbench_compatible")
+  steps: str = option("all", "'all' or comma-separated steps")
+  max_examples: int = option(0, "queries per task, a seeded sample (0 = all)")
+  bigbench_compatible: bool = option(
+    False, "prompts, draws and scoring (no BOS) equal to BIG-Bench's json_task.py for the same seed"
+  )
+  mesh: str = option("", "data,fsdp,tensor sizes (default: one device)")
+
+
+def run(workdir: Workdir | str, job: Job):
+  """The table (see the module doc), also written to W/analysis/icl.parquet."""
+  from lib import sharding
+
+  return _run(Workdir.open(workdir), job, sharding.mesh_from_flag(job.mesh) if job.mesh else None)
+
+
+def _run(wd: Workdir, job: Job, mesh):
+  import pandas as pd
+
+  from analysis.generate import write_parquet
+
+  wanted = _steps(job.steps)  # a bad --steps is one line before any work
+  bb = bool(job.bigbench_compatible)
+  seed, k = (42 if bb else 0) if job.seed is None else job.seed, job.k
+  cfg = wd.model_config
+  wd.require_causal("few-shot scoring by log-likelihood")
+  tok = _tokenizer(wd.config)
+  tasks = find_tasks(job.tasks)
+  queries = {t.name: (t, build_queries(t, tok, k, seed, cfg.max_len, task_budget(t, job.max_examples), bb)) for t in tasks}
+  steps = wd.select(wanted)
+  vl = _val_loss(wd.path)
+  rows = []
+  for st in steps:
+    score = model_scorer(cfg, wd.restore(st, mesh))
+    for name, (t, q) in queries.items():
+      r = evaluate(q, score, bb, t.absolute_normalization)
+      rows.append({"step": st, "task": name, "mode": MODES[bb], "k": k, "seed": seed, **r, "val_loss": vl.get(st, float("nan"))})
+  df = pd.DataFrame(rows)
+  os.makedirs(wd.analysis_dir, exist_ok=True)
+  write_parquet(df, wd.table(TABLE))
+  return df
+
+
 def run_job(
   workdir: str,
   tasks_path: str,
@@ -262,32 +312,10 @@ def run_job(
   mesh=None,
   bigbench_compatible: bool = False,
 ):
-  """The table (see the module doc). seed None: 42 in BIG-Bench mode (its default), else 0."""
-  import pandas as pd
-
-  from analysis.generate import write_parquet
-  from lib import ckpt
-
-  bb = bool(bigbench_compatible)
-  seed = (42 if bb else 0) if seed is None else seed
-  _, cfg, run_cfg = ckpt.load_model(workdir)
-  ckpt.require_causal(workdir, cfg, "few-shot scoring by log-likelihood")
-  tok = _tokenizer(run_cfg)
-  tasks = find_tasks(tasks_path)
-  queries = {t.name: (t, build_queries(t, tok, k, seed, cfg.max_len, task_budget(t, max_examples), bb)) for t in tasks}
-  avail = ckpt.available_steps(workdir)
-  steps = sorted(avail) if not steps else [ckpt.resolve_step(workdir, s) for s in steps]
-  vl = _val_loss(workdir)
-  rows = []
-  for st in steps:
-    score = model_scorer(cfg, ckpt.restore_params(workdir, st, mesh))
-    for name, (t, q) in queries.items():
-      r = evaluate(q, score, bb, t.absolute_normalization)
-      rows.append({"step": st, "task": name, "mode": MODES[bb], "k": k, "seed": seed, **r, "val_loss": vl.get(st, float("nan"))})
-  df = pd.DataFrame(rows)
-  os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
-  write_parquet(df, os.path.join(workdir, "analysis", "icl.parquet"))
-  return df
+  """`run` with loose arguments (earlier releases' call): `steps` a list of ints or None (all), `mesh` a
+  Mesh or None (one device)."""
+  steps = "all" if not steps else ",".join(str(int(s)) for s in steps)
+  return _run(Workdir.open(workdir), Job(tasks_path, k, seed, steps, max_examples, bool(bigbench_compatible)), mesh)
 
 
 def load_icl(workdirs: str | Sequence[str]):
@@ -329,7 +357,7 @@ def plot_accuracy_vs_ppl(df, x: str = "val_ppl", ax=None):
 
 
 def _steps(arg: str) -> list[int] | None:
-  if arg == "all":
+  if arg in ("all", ""):
     return None
   try:
     return [int(s) for s in arg.split(",")]
@@ -337,30 +365,17 @@ def _steps(arg: str) -> list[int] | None:
     raise errors.AnalysisError(f"--steps={arg}: not 'all' or a comma-separated list of integers") from e
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m analysis.icl", description=__doc__.split("\n\n")[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--tasks", required=True, help="a task.json, a task folder, or a folder of <task>/task.json")
-  ap.add_argument("--k", type=int, default=2, help="shots")
-  ap.add_argument("--seed", type=int, default=None, help="0 by default; 42 (BIG-Bench's) with --bigbench_compatible")
-  ap.add_argument("--steps", default="all")
-  ap.add_argument("--max_examples", type=int, default=0, help="queries per task, a seeded sample (0 = all)")
-  ap.add_argument(
-    "--bigbench_compatible",
-    action="store_true",
-    help="prompts, draws and scoring (no BOS) equal to BIG-Bench's json_task.py for the same seed",
-  )
-  a = ap.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    with errors.one_line_interrupt("lmtrace icl", "nothing written (the table is written at the end)"):
-      df = run_job(a.workdir, a.tasks, a.k, a.seed, _steps(a.steps), a.max_examples, bigbench_compatible=a.bigbench_compatible)
-  except errors.LmtraceError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def _report(w, df, args) -> None:
   cols = ["accuracy", "accuracy_norm", "mc_grade", "random_baseline"]
   print(df.drop(columns=["option_logprob"]).groupby(["mode", "step"])[cols].mean().to_string())
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from analysis import jobs
+
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  kept = "nothing written (the table is written at the end)"
+  return jobs.main(Job, run, argv, prog="icl", doc=__doc__, workdirs="one", report=_report, kept=kept, prefix="error: ")
 
 
 if __name__ == "__main__":

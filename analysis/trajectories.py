@@ -4,7 +4,9 @@
       [--sequences=N --positions=K --probe_seed=S] [--batch_size=64] [--prefetch=2] [--mesh=data,fsdp,tensor]
       [--metrics [--unit=nats|bits] [--ngram_n=5]]
 
-The pieces live in their own modules; this one is the command line and re-exports their names:
+In Python: `run(workdirs, Job(...))` (the CLI builds the same Job from its flags). The token probe set
+is fixed (document, position) pairs, shared by every workdir of a job. The pieces live in their own
+modules; this one is the job and its command line, and re-exports their names:
   analysis/probe_store.py  the store format (probe sets, per-checkpoint records, invalid markers)
   analysis/probes.py       the probe engine: probe sets, packed surprisal, ProbeHook, `extract`
   analysis/token_table.py  the per-token table (curve metrics + n-gram predictors) and Chang's
@@ -17,11 +19,14 @@ recorded invalid in the store with its reason (a rerun retries it).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import sys
 from typing import Sequence
 
+import pandas as pd
+
+from analysis.jobs import Workdir, option
 from analysis.probe_store import (  # noqa: F401 - re-exported
   METRICS_FILE,
   PROBES_JSON,
@@ -62,68 +67,89 @@ from lib import errors, sharding
 from lib import metrics as MX
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m analysis.trajectories", description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", action="append", required=True, help="run directory (repeat for several runs)")
-  p.add_argument("--name", action="append", help="run name per --workdir (default: the workdir's basename)")
-  p.add_argument("--steps", default="all", help="'all' or comma-separated steps")
-  p.add_argument("--sequences", type=int, help="probe documents per group (default: the run's probes.sequences)")
-  p.add_argument("--positions", type=int, help="random positions per document, 0 = all (default: probes.positions)")
-  p.add_argument("--probe_seed", type=int, help="probe selection seed (default: probes.seed)")
-  p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH, help="rows per forward pass")
-  p.add_argument(
-    "--prefetch", type=int, default=2, help="checkpoints restored ahead in threads (each holds a copy of the params)"
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """Surprisals of one token probe set (fixed (document, position) pairs) at the checkpoints of one or
+  more workdirs that share it; the probe spec fields left None come from the store or the run config."""
+
+  steps: str = option("all", "'all' or comma-separated steps")
+  names: tuple[str, ...] = option((), "run name per --workdir (default: the workdir's basename)", flag="name", append=True)
+  sequences: int | None = option(None, "probe documents per group (default: the run's probes.sequences)")
+  positions: int | None = option(None, "random positions per document, 0 = all (default: probes.positions)")
+  probe_seed: int | None = option(None, "probe selection seed (default: probes.seed)")
+  batch_size: int = option(DEFAULT_BATCH, "rows per forward pass")
+  prefetch: int = option(2, "checkpoints restored ahead in threads (each holds a copy of the params)")
+  mesh: str = option("", "data,fsdp,tensor sizes (default: one device)")
+  store: str = option(STORE, "store name under W/analysis/")
+  metrics: bool = option(False, "also write W/analysis/token_metrics.parquet (first W)")
+  unit: str = option("nats", "unit of the printed losses and metrics", choices=("nats", "bits"))
+  freq_docs: int = option(100_000, "training documents counted for log_freq and n-grams")
+  ngram_n: int = option(DEFAULT_NGRAM_N, "n-gram predictors n=1..N joined by --metrics (0: none)")
+  quiet: bool = option(False, "no progress bar")
+
+  def __post_init__(self):
+    if self.ngram_n < 0 or self.freq_docs < 1 or self.batch_size < 1 or self.prefetch < 1:
+      raise errors.ConfigError("--ngram_n must be >= 0, --freq_docs, --batch_size and --prefetch >= 1")
+
+
+def run(workdirs: Workdir | str | Sequence[Workdir | str], job: Job) -> pd.DataFrame:
+  """Extracts into each workdir's store; returns the index of stored checkpoints of every run (one row per
+  (run, step), `analysis.load.load_index`), with `extract`'s Report in `.attrs["report"]` and, with
+  job.metrics, the token-metrics path in `.attrs["token_metrics"]`."""
+  from analysis import load
+
+  ws = [workdirs] if isinstance(workdirs, (str, Workdir)) else list(workdirs)
+  paths = [w.path if isinstance(w, Workdir) else w for w in ws]
+  spec = {"sequences": job.sequences, "positions": job.positions, "seed": job.probe_seed}
+  rep = extract(
+    paths,
+    steps=job.steps,
+    spec=spec,
+    batch_size=job.batch_size,
+    mesh=sharding.mesh_from_flag(job.mesh),
+    names=list(job.names) or None,
+    store=job.store,
+    progress=not job.quiet,
+    prefetch=job.prefetch,
   )
-  p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: one device)")
-  p.add_argument("--store", default=STORE, help="store name under W/analysis/")
-  p.add_argument("--metrics", action="store_true", help="also write W/analysis/token_metrics.parquet (first W)")
-  p.add_argument("--unit", choices=("nats", "bits"), default="nats", help="unit of the printed losses and metrics")
-  p.add_argument("--freq_docs", type=int, default=100_000, help="training documents counted for log_freq and n-grams")
-  p.add_argument("--ngram_n", type=int, default=DEFAULT_NGRAM_N, help="n-gram predictors n=1..N joined by --metrics (0: none)")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  a = p.parse_args(argv)
-  if a.ngram_n < 0 or a.freq_docs < 1 or a.batch_size < 1 or a.prefetch < 1:
-    p.error("--ngram_n must be >= 0, --freq_docs, --batch_size and --prefetch >= 1")
+  frames = [load.load_index(w, job.store).assign(run=name) for name, w in rep.workdirs.items()]
+  df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame()
+  df.attrs["report"] = rep
+  if job.metrics:
+    tm, path = write_token_metrics(paths, unit=job.unit, store=job.store, freq_docs=job.freq_docs, ngram_n=job.ngram_n)
+    df.attrs["token_metrics"] = (len(tm), path)
+  return df
+
+
+def _report(w, df, a) -> None:
+  rep = df.attrs["report"]
+  scale = 1.0 / math.log(2.0) if a.unit == "bits" else 1.0
+  for name, wd in rep.workdirs.items():
+    st = Store.of(wd, a.store)
+    rows = [st.row(s) for s in st.steps()]
+    last = f", last step {rows[-1]['step']}: probe loss {rows[-1]['probe_loss'] * scale:.4f} {a.unit}" if rows else ""
+    bad = st.invalid()
+    inval = f", {len(bad)} invalid (steps {[r['step'] for r in bad]}; rerun retries them)" if bad else ""
+    print(f"{name}: {len(rows)} checkpoints stored ({len(rep.computed[name])} new){inval}{last} -> {st.dir}")
+  if rep.skipped:
+    print(f"skipped {len(rep.skipped)} checkpoint(s):")
+    for wd, s, why in rep.skipped:
+      print(f"  {wd} step {s}: {why}")
+  if "token_metrics" in df.attrs:
+    n, path = df.attrs["token_metrics"]
+    print(f"token metrics for {n} probe tokens -> {path}")
+
+
+def _setup(a) -> None:
   MX.quiet_logs()  # orbax and tfds log every read at INFO
   sharding.enable_compilation_cache()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from analysis import jobs
+
   kept = "the store keeps every checkpoint stored so far: rerun the same command to add the rest"
-  with errors.one_line_interrupt("lmtrace trajectories", kept):
-    return _main(a)
-
-
-def _main(a) -> int:
-  try:
-    spec = {"sequences": a.sequences, "positions": a.positions, "seed": a.probe_seed}
-    rep = extract(
-      a.workdir,
-      steps=a.steps,
-      spec=spec,
-      batch_size=a.batch_size,
-      mesh=sharding.mesh_from_flag(a.mesh),
-      names=a.name,
-      store=a.store,
-      progress=not a.quiet,
-      prefetch=a.prefetch,
-    )
-    scale = 1.0 / math.log(2.0) if a.unit == "bits" else 1.0
-    for name, w in rep.workdirs.items():
-      st = Store.of(w, a.store)
-      rows = [st.row(s) for s in st.steps()]
-      last = f", last step {rows[-1]['step']}: probe loss {rows[-1]['probe_loss'] * scale:.4f} {a.unit}" if rows else ""
-      bad = st.invalid()
-      inval = f", {len(bad)} invalid (steps {[r['step'] for r in bad]}; rerun retries them)" if bad else ""
-      print(f"{name}: {len(rows)} checkpoints stored ({len(rep.computed[name])} new){inval}{last} -> {st.dir}")
-    if rep.skipped:
-      print(f"skipped {len(rep.skipped)} checkpoint(s):")
-      for w, s, why in rep.skipped:
-        print(f"  {w} step {s}: {why}")
-    if a.metrics:
-      df, path = write_token_metrics(a.workdir, unit=a.unit, store=a.store, freq_docs=a.freq_docs, ngram_n=a.ngram_n)
-      print(f"token metrics for {len(df)} probe tokens -> {path}")
-  except errors.LmtraceError as e:
-    print(f"lmtrace trajectories: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return jobs.main(Job, run, argv, prog="trajectories", doc=__doc__, workdirs="joint", setup=_setup, report=_report, kept=kept)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def train_and_extract(
 
   sw.run(log=lambda m: print(m, flush=True))
   wds = [r.workdir for r in sw.runs()]
-  TJ.extract(wds, steps="all", spec={"sequences": sequences, "positions": positions, "seed": 0}, progress=False)
+  TJ.run(wds, TJ.Job(sequences=sequences, positions=positions, probe_seed=0, quiet=True))
   return wds, None if len(wds) < 2 else TJ.write_token_metrics(wds, unit=unit, freq_docs=freq_docs)[0]
 
 

@@ -63,11 +63,11 @@ PAPER = {  # Liu et al. (ICML 2023): Figs. 1-3 and Tables 1-2, as quoted by a re
   "task A 89.9 vs 83.1; task B 49.2 vs 42.3; lookup table: A 71.2, B 39.7",
   "convergence": "after the loss plateaus (SGD): accuracy +1.6% (235M, PCFG task C) while Tr(H) decreases",
 }
-ANALYSIS = {  # per scale: flatness probes / batches, downstream seeds / probe epochs
-  "nano": dict(probes=2, batches=1, batch_size=8, seeds=2, probe_epochs=10, tasks="task_A,task_B"),
-  "quick": dict(probes=8, batches=2, batch_size=16, seeds=3, probe_epochs=30, tasks="task_A,task_B,task_C,task_span8"),
-  "faithful": dict(probes=16, batches=4, batch_size=32, seeds=5, probe_epochs=30, tasks="task_state6,task_state10"),
-  "paper": dict(probes=100, batches=8, batch_size=64, seeds=5, probe_epochs=50, tasks="all"),
+ANALYSIS = {  # per scale: flatness Hutchinson vectors / batches, downstream seeds / linear-probe epochs / tasks (() = all)
+  "nano": dict(probes=2, batches=1, batch_size=8, seeds=2, probe_epochs=10, tasks=("task_A", "task_B")),
+  "quick": dict(probes=8, batches=2, batch_size=16, seeds=3, probe_epochs=30, tasks=("task_A", "task_B", "task_C", "task_span8")),
+  "faithful": dict(probes=16, batches=4, batch_size=32, seeds=5, probe_epochs=30, tasks=("task_state6", "task_state10")),
+  "paper": dict(probes=100, batches=8, batch_size=64, seeds=5, probe_epochs=50, tasks=()),
 }
 
 
@@ -245,30 +245,37 @@ def _final_step(wd: str) -> int:
   return max(C.available_steps(wd))
 
 
+def flatness_job(scale: str, steps: str):
+  """The study's flatness job: Hutchinson and Fisher traces at `steps`."""
+  from analysis import flatness
+
+  a = ANALYSIS[scale]
+  st = flatness.Settings(probes=a["probes"], batches=a["batches"], batch_size=a["batch_size"])
+  return flatness.Job(st, estimators=("hutchinson", "fisher"), steps=steps)
+
+
+def downstream_job(scale: str, steps: str, methods: tuple[str, ...]):
+  """The study's downstream job: linear probes (and, on one run, the lookup-table baseline) at `steps`."""
+  from analysis import downstream
+
+  a = ANALYSIS[scale]
+  return downstream.Job(
+    steps=steps, tasks=a["tasks"], methods=methods, seeds=a["seeds"], probe_epochs=a["probe_epochs"], progress=False
+  )
+
+
 def analyse(runs: list[Run], dirs: dict[str, str], scale: str) -> None:
   """Flatness (Hutchinson + Fisher) and downstream probes; every step of the convergence road, the
   final step elsewhere. Both jobs are resumable, so a rerun only fills what is missing."""
   from analysis import downstream, flatness
+  from analysis.jobs import Workdir
 
-  a = ANALYSIS[scale]
   for r in runs:
-    wd = dirs[r.name]
-    steps = "all" if r.road == "convergence" else str(_final_step(wd))
-    fl = ["--workdir", wd, "--steps", steps, "--estimator=hutchinson,fisher", f"--probes={a['probes']}"]
-    flatness.run(
-      wd, flatness.job_from_args(flatness.parse_args(fl + [f"--batches={a['batches']}", f"--batch_size={a['batch_size']}"]))
-    )
-    ds = [
-      "--workdir",
-      wd,
-      "--steps",
-      steps,
-      f"--tasks={a['tasks']}",
-      f"--seeds={a['seeds']}",
-      f"--probe_epochs={a['probe_epochs']}",
-    ]
-    methods = "probe,lookup" if r is runs[0] else "probe"
-    downstream.run(wd, downstream.parse_args(ds + [f"--method={methods}", "--no_progress"]))
+    wd = Workdir.open(dirs[r.name])
+    steps = "all" if r.road == "convergence" else str(max(wd.steps))
+    flatness.run(wd, flatness_job(scale, steps))
+    methods = ("probe", "lookup") if r is runs[0] else ("probe",)
+    downstream.run(wd, downstream_job(scale, steps, methods))
 
 
 def enlarge_ladder(runs: list[Run], dirs: dict[str, str], out: str, scale: str) -> dict[str, str]:
@@ -278,7 +285,6 @@ def enlarge_ladder(runs: list[Run], dirs: dict[str, str], out: str, scale: str) 
 
   ladder = [r for r in runs if r.road == "size"]
   wmax = max(r.size for r in ladder)
-  a = ANALYSIS[scale]
   made = {}
   for r in ladder:
     if r.size == wmax or wmax % r.size:
@@ -286,10 +292,7 @@ def enlarge_ladder(runs: list[Run], dirs: dict[str, str], out: str, scale: str) 
     dst = os.path.join(out, "enlarged", f"{r.name}_x{wmax // r.size}")
     step = _final_step(dirs[r.name])
     enlarge.enlarge_workdir(dirs[r.name], dst, wmax // r.size, steps=[step])
-    fl = ["--workdir", dst, "--steps", str(step), "--estimator=hutchinson,fisher", f"--probes={a['probes']}"]
-    flatness.run(
-      dst, flatness.job_from_args(flatness.parse_args(fl + [f"--batches={a['batches']}", f"--batch_size={a['batch_size']}"]))
-    )
+    flatness.run(dst, flatness_job(scale, str(step)))
     made[r.name] = dst
   return made
 

@@ -305,7 +305,7 @@ def run(out: str, scale: str = "nano", data_dir: str = "") -> dict:
   sw.run(log=lambda m: print(m, flush=True))
   wds = [r.workdir for r in sw.runs()]
   names = [str(r.point["preset"]) for r in sw.runs()]
-  TJ.extract(wds, steps="all", spec={"sequences": s["sequences"], "positions": 0, "seed": 0}, names=names, progress=False)
+  TJ.run(wds, TJ.Job(names=tuple(names), sequences=s["sequences"], positions=0, probe_seed=0, quiet=True))
   da = LD.load_trajectories(wds, unit="nats")
   steps_C = da.step.values
   per_size = {}

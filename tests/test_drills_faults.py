@@ -394,10 +394,10 @@ def test_ctrl_c_in_an_analysis_job_is_one_line_exit_130(tmp_path, monkeypatch, c
   elif job == "icl":
     from analysis import icl
 
-    monkeypatch.setattr(icl, "run_job", interrupted)
+    monkeypatch.setattr(icl, "run", interrupted)  # the job's run(workdir, job), which main calls
     main = lambda: icl.main([f"--workdir={w}", f"--tasks={w}"])  # noqa: E731
   else:
-    monkeypatch.setattr(G, "run_job", interrupted)
+    monkeypatch.setattr(G, "run", interrupted)
     main = lambda: G.main([f"--workdir={w}"])  # noqa: E731
   try:
     main()

@@ -273,3 +273,55 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(run, capsys):
   F.run(run, _args(steps="0", estimator="hutchinson", probes=2))
   err = capsys.readouterr().err
   assert "\r" not in err and "ckpt" not in err
+
+
+def test_a_registered_estimator_runs_end_to_end_and_matches_an_exact_reference(run, tmp_path, monkeypatch, capsys):
+  """A new estimator is one registry entry: here 1ᵀH1 (v = every parameter set to 1) through the run's HVP
+  operator, measured by the CLI beside Hutchinson, equal to forward-over-reverse on the same tokens."""
+  import jax
+  import jax.numpy as jnp
+
+  monkeypatch.setattr(F, "ESTIMATORS", dict(F.ESTIMATORS))  # registered for this test only
+
+  def ones_quad(ms, params, key, st, progress):
+    v = jax.tree.map(jnp.ones_like, params)
+    hv = ms.matvec(params, v)
+    q = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv)))
+    return [dict(quantity="ones_quad", estimate=q, stderr=0.0, n_hvps=1)]
+
+  F.register(F.Estimator("ones_quad", ones_quad, primary="ones_quad", budget=lambda st: 1, doc="1ᵀH1, for tests"))
+  w = _copy(run, tmp_path, "toy")
+  reads = {"read_config": 0, "available_steps": 0}
+
+  def counted(name):
+    real = getattr(C, name)
+
+    def fn(*a, **k):
+      reads[name] += 1
+      return real(*a, **k)
+
+    return fn
+
+  for name in reads:  # the workdir is opened once: one config parse and one listing for the whole job
+    monkeypatch.setattr(C, name, counted(name))
+  F.main([f"--workdir={w}", "--steps=0,8", "--estimator=ones_quad,hutchinson", "--probes=2", "--batches=2", "--batch_size=8"])
+  assert "4 rows" in capsys.readouterr().out  # per checkpoint: one ones_quad row, one Hutchinson trace
+  assert reads == {"read_config": 1, "available_steps": 1}
+  monkeypatch.undo()
+  monkeypatch.setattr(F, "ESTIMATORS", dict(F.ESTIMATORS))
+  F.register(F.Estimator("ones_quad", ones_quad, primary="ones_quad", budget=lambda st: 1))
+  df = load.load_flatness(w)
+  row = df[(df.estimator == "ones_quad") & (df.step == 8)].iloc[0]
+  assert row.valid and row.quantity == "ones_quad" and row.n_hvps == 1
+  model, _, _ = C.load_model(w)  # the reference: no lmtrace operator, one token-mean loss over the same batches
+  params = C.restore_params(w, 8)
+  batches, _ = F.fixed_batches(w, batches=2, batch_size=8, seed=0)
+  n = sum(float(b["mask"].sum()) for b in batches)
+  f = lambda p: sum(M.per_token_loss(model, p, b).sum() for b in batches) / n  # noqa: E731
+  v = jax.tree.map(jnp.ones_like, params)
+  with jax.default_matmul_precision("highest"):
+    _, hv = jax.jvp(jax.grad(f), (params,), (v,))
+  ref = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv)))
+  assert abs(row.estimate - ref) <= 1e-4 * abs(ref), (row.estimate, ref)
+  again = F.run(w, F.Job(F.Settings(probes=2, batches=2, batch_size=8), ("ones_quad",), "8"))  # resumable like the rest
+  assert len(again) == len(df)
