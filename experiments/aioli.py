@@ -313,7 +313,7 @@ def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str, settin
       entry(scale, setting, f"gs{k}", dict(method="static", proportions=_p(list(groups), q)), seed)
       for setting, groups in sets.items()
       for seed in seeds
-      for k, q in enumerate(mixing_laws.dirichlet_cover(len(groups), s["gs"], seed=seed))
+      for k, q in enumerate(mixing_laws.dirichlet_cover(len(groups), gs_points(scale, len(groups)), seed=seed))
     ]
     return common | {"runs": runs, "vectorise": False}
 
@@ -347,11 +347,17 @@ def stages(scale: str, sets: dict[str, dict], seeds: list[int], out: str, settin
   return [("base", base_stage), ("cover", cover_stage, ()), ("fit", fit_stage), ("doremi", doremi_stage)]
 
 
+def gs_points(scale: str, m: int) -> int:
+  """Grid search's static runs for m groups: the scale's count, at least m + 2 (the fewest runs DML's law,
+  m + 2 parameters per group, can be fitted on: DML reuses these runs)."""
+  return max(SCALES[scale]["gs"], m + 2)
+
+
 def fitted(scale: str, setting: str, names: list[str], seed: int, done: dict) -> dict:
   """What the dependent methods need from the base and cover runs of one setting and seed: the runs'
   summaries S, the cover, GS's best point, DML's fitted law and choice, Skill-It's graph."""
   m = len(names)
-  cover = mixing_laws.dirichlet_cover(m, SCALES[scale]["gs"], seed=seed)
+  cover = mixing_laws.dirichlet_cover(m, gs_points(scale, m), seed=seed)
   S = {x: summary(done["base"].workdir(f"{setting}/{x}", seed), names) for x in ("stratified", "aioli", "doge_proxy")}
   S |= {f"onehot_{n}": summary(done["base"].workdir(f"{setting}/onehot_{n}", seed), names) for n in names}
   S |= {f"gs{k}": summary(done["cover"].workdir(f"{setting}/s{seed}/gs{k}", seed), names) for k in range(len(cover))}
@@ -717,7 +723,8 @@ def protocol_notes(scale: str) -> str:
     f"{s['skillit']} steps (10 per run, evaluations every {s['skillit'] // 2}). DoReMi: μ = {s['mu']}, ε = 1e-3, the proxy "
     f"as long as the run ({s['steps']} steps; released: 10k). DoGE: gradients clipped to norm 1, μ = {doge_mu(scale):.2f} "
     "so that lr/μ matches the released μ = 0.01 at lr 5e-4. GS: a Dirichlet cover of "
-    f"{s['gs']} points (the paper: 10). Test ppl on {s['eval_batches']}x{s['eval_batch_size']} rows per group."
+    f"{gs_points(scale, 2)} points at m = 2, {gs_points(scale, 3)} at m = 3 (the paper: 10); DML fits its law on the same runs. "
+    f"Test ppl on {s['eval_batches']}x{s['eval_batch_size']} rows per group."
   )
 
 

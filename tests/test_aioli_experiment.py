@@ -145,3 +145,13 @@ def test_settings_file_of_local_corpora(tmp_path, capsys):
     assert aioli.main(["--out", str(tmp_path / "o2"), "--scale", "nano", "--settings_file", str(f)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and why in err[0], err
+
+
+def test_every_scale_runs_enough_static_mixtures_for_dml():
+  """DML reuses grid search's runs and fits m + 2 parameters per group: every scale covers m = 2 and 3 with
+  enough points that the fit runs (the faithful scale's 4 points left m = 3 unfittable)."""
+  for scale in aioli.SCALES:
+    for m in (2, 3):
+      P = mixing_laws.dirichlet_cover(m, aioli.gs_points(scale, m), seed=0)
+      assert len(P) >= m + 2
+      mixing_laws.fit_static_law(P, mixing_laws.static_law(P, np.full(m, 2.0), np.ones(m), 2 * np.eye(m)))
