@@ -184,9 +184,7 @@ def start_from(state, spec: str, cfg_dict: dict, tx, state_sh, mesh):
   src, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
   if not os.path.isfile(os.path.join(src, "config.json")):
     raise errors.ConfigError(f"train.init_from={spec!r}: {src} is not a run directory (no config.json)")
-  theirs = {k: v for k, v in C.read_config(src)["model"].items() if k not in trainer.INFORMATIONAL_KEYS}
-  mine = {k: v for k, v in cfg_dict["model"].items() if k not in trainer.INFORMATIONAL_KEYS}
-  diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+  diff = trainer.model_changes(C.read_config(src)["model"], cfg_dict["model"])
   if diff:
     raise errors.ConfigError(f"train.init_from={spec!r}: its model differs from this run's in {diff}")
   params = jax.device_put(C.restore_params(src, int(step) if step else None, mesh), state_sh["params"])

@@ -35,6 +35,15 @@ INFORMATIONAL_KEYS = ("preset", "num_threads", "data_dir")  # may differ on resu
 EXECUTION_KEYS = ("remat", "loss_chunk", "attn_chunk")  # model keys that change memory and time, not the function
 
 
+def model_changes(old: dict, new: dict) -> list[str]:
+  """The model keys whose values differ between two runs' configs, leaving out what may differ: keys that
+  only trade memory for time (EXECUTION_KEYS) and informational ones. A field added to ModelConfig since
+  `old` was written counts as its default (the value that keeps the old model)."""
+  old = {f.name: f.default for f in dataclasses.fields(M.ModelConfig) if f.name in new} | old
+  skip = INFORMATIONAL_KEYS + EXECUTION_KEYS
+  return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in skip]
+
+
 def check_workdir(workdir: str, cfg_dict: dict) -> None:
   """Refuses to resume a run whose model, data or seed differ from this config's. Model keys that only trade
   memory for time (remat, chunking) may change on resume, e.g. after running out of memory."""
@@ -48,12 +57,8 @@ def check_workdir(workdir: str, cfg_dict: dict) -> None:
   for sec in IDENTITY_SECTIONS:
     a, b = old.get(sec), cfg_dict.get(sec)
     if isinstance(a, dict) and isinstance(b, dict):
-      if sec == "model":  # a model field added since the run was written has the default that keeps the old model
-        a = {f.name: f.default for f in dataclasses.fields(M.ModelConfig) if f.name in b} | a
-      skip = INFORMATIONAL_KEYS + (EXECUTION_KEYS if sec == "model" else ())
-      diffs += [
-        f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in skip
-      ]
+      changed = model_changes(a, b) if sec == "model" else [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+      diffs += [f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed if k not in INFORMATIONAL_KEYS]
     elif a != b:
       diffs.append(f"{sec}: {a!r} -> {b!r}")
   if diffs:

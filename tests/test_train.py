@@ -166,6 +166,8 @@ def test_resume_accepts_a_model_field_added_later_and_memory_settings(tmp_path):
   )
   with pytest.raises(C.CheckpointError, match=r"different model.*n_layers"):
     trainer.check_workdir(str(tmp_path), {"model": model | {"n_layers": 3}, "data": {}, "seed": 0})
+  # the same rule for train.init_from (a run started from the parameters of one written before the field)
+  assert trainer.model_changes(old["model"], faster) == [] and trainer.model_changes(old["model"], model | {"d_ff": 8}) == ["d_ff"]
 
 
 def test_mesh_that_does_not_divide(tmp_path, data_dir):
