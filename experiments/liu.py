@@ -53,7 +53,7 @@ ROAD_SIZES = {
 ROADS = {
   "nano": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
   "quick": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
-  "faithful": dict(sgd_factor=2, adv_weights=(0.1, 0.3), adv_task="task_state6", sgd_lr=0.005, sgd_from_adamw=True),
+  "faithful": dict(sgd_factor=2, adv_weights=(0.1, 0.3), adv_task="task_state6", sgd_lr=0.002, sgd_from_adamw=True),
   "paper": dict(sgd_factor=1, adv_weights=(1.0,), adv_task=None),
 }
 TOL, NEAR, PAST = 0.01, 0.05, 3.0  # same loss: within ±TOL nats; near the optimum: excess ≤ NEAR; SGD ≥ PAST× its plateau
@@ -102,8 +102,9 @@ def grid(scale: str, out: str = "") -> list[Run]:
   scale the SGD run continues from the middle-width AdamW model (`train.init_from`, which `out` locates): the
   paper's convergence road is about what training does after the loss has reached its optimum, which SGD from
   scratch does not reach on a CPU budget (measured: lr 0.3 from scratch was still 0.4-0.6 nats above the
-  optimum after 4000 steps). Its lr is small (0.005, the paper's SGD runs use 1e-3): at 0.05 the gradient
-  noise threw the AdamW model 0.13-0.26 nats off the optimum within 2000 steps."""
+  optimum after 4000 steps). Its lr is small (0.002, the paper's SGD runs use 1e-3): at 0.05 the gradient
+  noise threw the AdamW model 0.13-0.26 nats off the optimum within 2000 steps, and at 0.005 its excess loss
+  moved over a range of 0.013 nats between evaluations (the road's target: 0.01)."""
   if scale not in ROAD_SIZES:
     raise ExperimentError(f"unknown scale {scale!r}; valid: {', '.join(ROAD_SIZES)}")
   sizes = ROAD_SIZES[scale]
@@ -170,6 +171,18 @@ def same_loss_ladder(size: pd.DataFrame, tol: float = TOL) -> pd.DataFrame:
       if e.max() - e.min() <= tol and (j - i, i) >= (best[1] - best[0], best[0]):
         best = (i, j)
   return size.iloc[best[0] : best[1] + 1]
+
+
+def _verdict(ok: bool, a, b) -> str:
+  """'reproduces' when both changes go the paper's way and Tr(H)'s (a → b) exceeds its standard error;
+  a direction-only verdict, saying so, when the Tr(H) change is within it."""
+  if not ok:
+    return "does not reproduce"
+  d = b["trH_hutchinson"] - a["trH_hutchinson"]
+  se = float(np.hypot(a.get("trH_hutchinson_se", np.nan), b.get("trH_hutchinson_se", np.nan)))
+  if np.isfinite(se) and abs(d) <= se:
+    return f"accuracy as in the paper; Tr(H) moves {d:+.3g}, within its standard error {se:.2g} (not resolved)"
+  return "reproduces"
 
 
 def protocol(df: pd.DataFrame, sgd_curve: dict[int, float]) -> pd.DataFrame:
@@ -403,7 +416,7 @@ def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = 
       f"{size['trH_hutchinson'].iloc[-1]:.3g}, {tb[4:] if tb else 'task_B'} probe "
       f"{_fmt(size[tb].iloc[0], pct=True) if tb else '–'}% → "
       f"{_fmt(size[tb].iloc[-1], pct=True) if tb else '–'}%, excess loss {size['excess_loss'].iloc[0]:.3f} → "
-      f"{size['excess_loss'].iloc[-1]:.3f}: **{'reproduces' if verdicts['size'] else 'does not reproduce'}**"
+      f"{size['excess_loss'].iloc[-1]:.3f}: **{_verdict(verdicts['size'], size.iloc[0], size.iloc[-1])}**"
       f"{_same_loss(size['excess_loss'].iloc[0], size['excess_loss'].iloc[-1])}."
     )
   chosen = choose_adversarial(final) if "adv_weight" in final else None
@@ -418,7 +431,7 @@ def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = 
         f"* **Algorithm** — paper: {PAPER['algorithm']}. Here: AdamW vs adversarial Tr(H) {b['trH_hutchinson']:.3g} vs "
         f"{a['trH_hutchinson']:.3g}, {tc[4:] if tc else '?'} {_fmt(b.get(tc), pct=True)}% vs {_fmt(a.get(tc), pct=True)}%, "
         f"excess loss {b['excess_loss']:.3f} vs {a['excess_loss']:.3f}: "
-        f"**{'reproduces' if verdicts['algorithm'] else 'does not reproduce'}**{_same_loss(b['excess_loss'], a['excess_loss'])}."
+        f"**{_verdict(verdicts['algorithm'], b, a)}**{_same_loss(b['excess_loss'], a['excess_loss'])}."
       )
   conv = df[df["road"] == "convergence"].sort_values("step")
   if len(conv) >= 2:
@@ -434,7 +447,7 @@ def report(df: pd.DataFrame, out: str, scale: str, proto: pd.DataFrame | None = 
       f"{_fmt(half[tc].iloc[-1] if ok else None, pct=True)}%, "
       f"Tr(H) {half['trH_hutchinson'].iloc[0]:.3g} → {half['trH_hutchinson'].iloc[-1]:.3g}, excess loss "
       f"{half['excess_loss'].iloc[0]:.3f} → {half['excess_loss'].iloc[-1]:.3f}: "
-      f"**{'reproduces' if verdicts['convergence'] else 'does not reproduce'}**"
+      f"**{_verdict(verdicts['convergence'], half.iloc[0], half.iloc[-1]) if ok else 'does not reproduce'}**"
       f"{_same_loss(half['excess_loss'].iloc[0], half['excess_loss'].iloc[-1])}."
     )
   lines += ["", "## Tr(H) vs probe accuracy among final models of the same loss (bootstrap 95% CIs over models)", ""]
