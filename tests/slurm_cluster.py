@@ -160,8 +160,14 @@ class SlurmCluster:
   def requeue(self, job_id: str) -> None:
     """`scontrol requeue` (what a cluster does to a preempted job), made eligible at once: Slurm holds a
     requeued job for about two minutes before it may start again (measured here: 130 s)."""
+    before = int(self.job(job_id).get("Restarts", "0") or 0)
     subprocess.run(["scontrol", "requeue", job_id], env=self.env(), check=True, capture_output=True, timeout=60)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env(), check=True, capture_output=True)
+    # the job's state may still read as the old run's end for a moment: wait until Slurm counts the restart, so
+    # that a wait() right after this sees the requeued run and not the previous one
+    deadline = time.monotonic() + 60
+    while int(self.job(job_id).get("Restarts", "0") or 0) <= before and time.monotonic() < deadline:
+      time.sleep(0.5)
 
   def job(self, job_id: str) -> dict:
     """`scontrol show job` as a dict of its Key=Value fields (array jobs: the first record)."""
