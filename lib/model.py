@@ -246,26 +246,36 @@ class Attention(nn.Module):
     return Proj(c, (h, k), (d,), ("heads", "kv", "embed"), c.init_std / math.sqrt(2 * c.n_layers), name="out")(o_BxLxHxK)
 
 
+def map_chunks(fn, chunk: int, *xs_BxL):
+  """fn(start, *x_chunks) over `chunk` positions (axis 1) at a time, rematerialised in the backward pass
+  (jax.checkpoint), so only one chunk's intermediates live at once; `start` is the chunk's first position.
+  The inputs are padded to a multiple of `chunk`; the outputs' pad positions are dropped. Returns [B, L, ...]."""
+  B, L = xs_BxL[0].shape[:2]
+  n = -(-L // chunk)
+
+  def split(x):
+    x = jnp.pad(x, ((0, 0), (0, n * chunk - L)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  one = jax.checkpoint(fn)
+  out_NxBxC = jax.lax.map(lambda a: one(a[0], *a[1:]), (jnp.arange(n) * chunk, *map(split, xs_BxL)))
+  return out_NxBxC.swapaxes(0, 1).reshape(B, n * chunk, *out_NxBxC.shape[3:])[:, :L]
+
+
 def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, causal: bool, chunk: int) -> Array:
   """Attention (same masks as the whole-sequence call) for `chunk` queries at a time: each chunk's float32
-  scores [B, H, chunk, L] live only while it is computed and are remade in the backward pass
-  (jax.checkpoint), instead of [B, H, L, L] per layer. Queries are padded to a multiple of `chunk`."""
-  B, L, H, K = q_BxLxHxK.shape
-  n = -(-L // chunk)
-  pad = n * chunk - L
-  q_NxBxCxHxK = jnp.pad(q_BxLxHxK, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, chunk, H, K).swapaxes(0, 1)
-  qseg_NxBxC = jnp.pad(segment_ids_BxL, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-  qpos_NxC = jnp.arange(n * chunk).reshape(n, chunk)
+  scores [B, H, chunk, L] live only while it is computed and are remade in the backward pass, instead of
+  [B, H, L, L] per layer."""
+  L = q_BxLxHxK.shape[1]
 
-  @jax.checkpoint
-  def one(q_BxCxHxK, qseg_BxC, qpos_C):
+  def one(start, q_BxCxHxK, qseg_BxC):
     mask_Bx1xCxL = qseg_BxC[:, None, :, None] == segment_ids_BxL[:, None, None, :]
     if causal:
+      qpos_C = start + jnp.arange(chunk)
       mask_Bx1xCxL &= (jnp.arange(L)[None, :] <= qpos_C[:, None])[None, None]
     return jax.nn.dot_product_attention(q_BxCxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xCxL)
 
-  o_NxBxCxHxK = jax.lax.map(lambda a: one(*a), (q_NxBxCxHxK, qseg_NxBxC, qpos_NxC))
-  return o_NxBxCxHxK.swapaxes(0, 1).reshape(B, n * chunk, H, K)[:, :L]
+  return map_chunks(one, chunk, q_BxLxHxK, segment_ids_BxL)
 
 
 class Mlp(nn.Module):
@@ -388,17 +398,9 @@ def token_nll(logits_BxLxV, targets_BxL) -> Array:
 
 def chunked_nll(head, x_BxLxE, targets_BxL, chunk: int) -> Array:
   """token_nll(head(x), targets) made `chunk` positions at a time (nll_BxL): the forward keeps one chunk's
-  logits alive, and the backward remakes each chunk's from x (jax.checkpoint) instead of storing
-  [B, L, V] float32 (for a 50k vocabulary that tensor, not the layers, is what decides whether a step fits).
-  The sequence is padded to a multiple of `chunk`; the pad positions are dropped."""
-  B, L, E = x_BxLxE.shape
-  n = -(-L // chunk)
-  pad = n * chunk - L
-  x_NxBxCxE = jnp.pad(x_BxLxE, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, E).swapaxes(0, 1)
-  t_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-  one = jax.checkpoint(lambda x_BxCxE, t_BxC: token_nll(head(x_BxCxE), t_BxC))
-  nll_NxBxC = jax.lax.map(lambda xt: one(*xt), (x_NxBxCxE, t_NxBxC))
-  return nll_NxBxC.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]
+  logits alive, and the backward remakes each chunk's from x instead of storing [B, L, V] float32 (for a
+  50k vocabulary that tensor, not the layers, is what decides whether a step fits)."""
+  return map_chunks(lambda _, x_BxCxE, t_BxC: token_nll(head(x_BxCxE), t_BxC), chunk, x_BxLxE, targets_BxL)
 
 
 def make(cfg: ModelConfig) -> Transformer:
