@@ -32,7 +32,7 @@ from lib.trainloop import Hook, Loop, StepInfo, timed
 
 IDENTITY_SECTIONS = ("model", "data", "seed")  # must match to resume in an existing workdir
 INFORMATIONAL_KEYS = ("preset", "num_threads", "data_dir")  # may differ on resume
-EXECUTION_KEYS = ("remat", "loss_chunk", "attn_chunk")  # model keys that change memory and time, not the function
+EXECUTION_KEYS = ("remat", "scan_layers", "loss_chunk", "attn_chunk")  # model keys that change memory and time, not the function
 
 
 def model_changes(old: dict, new: dict) -> list[str]:

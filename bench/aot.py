@@ -80,13 +80,15 @@ class Setting:
   grad_accum: int = 1
   loss_chunk: int = 0  # model.loss_chunk: logits made this many positions at a time (0 = all at once)
   attn_chunk: int = 0  # model.attn_chunk: attention scores for this many queries at a time (0 = all at once)
+  scan: bool = False  # model.scan_layers: the blocks as one lax.scan (one layer's gathered weights live at a time)
 
   def label(self) -> str:
     d, f, t = self.mesh
     chunk = (f" loss_chunk={self.loss_chunk}" if self.loss_chunk else "") + (
       f" attn_chunk={self.attn_chunk}" if self.attn_chunk else ""
     )
-    return f"data={d} fsdp={f} tensor={t} remat={'on' if self.remat else 'off'} micro-batches={self.grad_accum}{chunk}"
+    scan = " layers=scanned" if self.scan else ""
+    return f"data={d} fsdp={f} tensor={t} remat={'on' if self.remat else 'off'} micro-batches={self.grad_accum}{chunk}{scan}"
 
 
 def check_setting(s: Setting, n_devices: int, batch: int, n_heads: int, d_ff: int) -> None:
@@ -140,25 +142,78 @@ def _group_size(rest: str) -> int:
   return len(m.group(1).split(",")) if m and m.group(1) else 1
 
 
+_COMP = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s")
+_WHILE = re.compile(r"\swhile\(.*?condition=%([\w.\-]+),\s*body=%([\w.\-]+)")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.\-]+)")
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+  """{computation name: its instruction lines} of an HLO module's text."""
+  comps: dict[str, list[str]] = {}
+  cur = None
+  for line in hlo.splitlines():
+    m = _COMP.match(line)
+    if m and line.rstrip().endswith("{"):
+      cur = comps.setdefault(m.group(1), [])
+    elif line.startswith("}"):
+      cur = None
+    elif cur is not None:
+      cur.append(line)
+  return comps
+
+
+def loop_weights(hlo: str) -> dict[str, int]:
+  """{computation: how many times one step runs it}: a while body runs its loop's trip count times its
+  caller's count (nested loops multiply: micro-batches x scanned layers); other called computations inherit
+  their caller's count. The trip count is read from the loop condition `i < N` (lax.scan's form, i from 0);
+  a condition of another form counts 1."""
+  comps = _computations(hlo)
+  trips = {}
+  for name, lines in comps.items():
+    consts = [int(x) for ln in lines for x in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", ln)]
+    if len(consts) == 1 and any("direction=LT" in ln for ln in lines):
+      trips[name] = consts[0]
+  w = {name: 1 for name in comps}
+  for _ in range(8):  # nesting depth (a fixed point is reached after the deepest loop)
+    changed = False
+    for name, lines in comps.items():
+      for ln in lines:
+        loop = _WHILE.search(ln)
+        callees = {loop.group(2): w[name] * trips.get(loop.group(1), 1)} if loop else {}
+        for callee in _CALLS.findall(ln):
+          callees.setdefault(callee, w[name])
+        for callee, n in callees.items():
+          if callee in w and n > w[callee]:
+            w[callee], changed = n, True
+    if not changed:
+      break
+  return w
+
+
 def collectives(hlo: str) -> dict[str, dict]:
-  """{kind: {count, bytes (result sizes), traffic (bytes each device sends, ring model)}} of an HLO module.
-  Ops in a while loop's body (a scan) are counted once, as XLA's own cost analysis does."""
+  """{kind: {count, bytes (result sizes), traffic (bytes each device sends, ring model)}} of an HLO module,
+  per step: an op inside a loop body (a scanned layer stack, the micro-batch scan) counts its trip count
+  times (loop_weights). Text without computations (bare instruction lines) counts each op once."""
+  comps = _computations(hlo) or {"": hlo.splitlines()}
+  weights = loop_weights(hlo)
   out: dict[str, dict] = {}
-  for shape, kind, rest in _COLL.findall(hlo):
-    if "-done" in kind:
-      continue
-    parts = _SHAPE.findall(shape)
-    sizes = [_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in parts]
-    # an all-reduce of a tuple reduces every element; async starts return (operand, result, u32 contexts...):
-    # the larger of operand and result is what one device moves
-    b = sum(sizes) if kind == "all-reduce" or not shape.startswith("(") else max(sizes, default=0)
-    n = _group_size(rest)
-    share = (n - 1) / n if n > 1 else 0.0
-    traffic = {"all-reduce": 2 * b * share, "collective-permute": b}.get(kind, b * share)
-    o = out.setdefault(kind, {"count": 0, "bytes": 0, "traffic": 0.0})
-    o["count"] += 1
-    o["bytes"] += b
-    o["traffic"] += traffic
+  for name, lines in comps.items():
+    k = weights.get(name, 1)
+    for shape, kind, rest in _COLL.findall("\n".join(lines)):
+      if "-done" in kind:
+        continue
+      parts = _SHAPE.findall(shape)
+      sizes = [_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in parts]
+      # an all-reduce of a tuple reduces every element; async starts return (operand, result, u32 contexts...):
+      # the larger of operand and result is what one device moves
+      b = sum(sizes) if kind == "all-reduce" or not shape.startswith("(") else max(sizes, default=0)
+      n = _group_size(rest)
+      share = (n - 1) / n if n > 1 else 0.0
+      traffic = {"all-reduce": 2 * b * share, "collective-permute": b}.get(kind, b * share)
+      o = out.setdefault(kind, {"count": 0, "bytes": 0, "traffic": 0.0})
+      o["count"] += k
+      o["bytes"] += k * b
+      o["traffic"] += k * traffic
   return out
 
 
@@ -185,6 +240,7 @@ def build(cfg, topology: str, s: Setting, batch: int, seq_len: int):
   cfg.model.remat = s.remat
   cfg.model.loss_chunk = s.loss_chunk
   cfg.model.attn_chunk = s.attn_chunk
+  cfg.model.scan_layers = s.scan
   mcfg = model_config(cfg, seq_len)
   model = M.make(mcfg)
   tx, sched = optim.make_optimizer(cfg.opt, cfg.train.steps)
@@ -298,7 +354,7 @@ def show(r: Report, chip: Chip, n_dev: int) -> None:
   print(f"  {'FITS' if r.fits else 'DOES NOT FIT'}: {abs(margin) / GiB:.2f} GiB {'to spare' if r.fits else 'over'}")
   print(
     f"  FLOPs per device per step: XLA {r.xla_flops:.3e}, trainer's 6N+attention {r.model_flops:.3e} "
-    f"(x{r.xla_flops / r.model_flops:.2f}; remat adds the forward again; micro-batch loop bodies are counted once)"
+    f"(x{r.xla_flops / r.model_flops:.2f}; remat adds the forward again; XLA counts a loop body once)"
   )
   print(f"  HBM bytes per device (XLA): {r.hbm_bytes / GiB:.2f} GiB")
   print("  collectives (kind, count, result bytes, bytes sent per device on a ring):")
@@ -316,18 +372,19 @@ CHUNK = 512  # --search's chunked candidate: positions per chunk of float32 logi
 
 
 def candidates(n_dev: int, batch: int, n_heads: int, d_ff: int) -> list[Setting]:
-  """Meshes (pure FSDP first, then FSDP x tensor, then data x FSDP) x remat x micro-batches, cheapest first."""
+  """Meshes (pure FSDP first, then FSDP x tensor, then data x FSDP) x (no remat; remat with scanned layers; remat
+  unrolled) x micro-batches x chunking, cheapest first."""
   meshes = []
   for t in (1, 2, 4, 8):
     for d in (1, 2, 4):
       if n_dev % (t * d) == 0:
         meshes.append((d, n_dev // (t * d), t))
   out = []
-  for remat in (False, True):
+  for remat, scan in ((False, False), (True, True), (True, False)):
     for accum in (1, 2, 4, 8):
       for chunk in (0, CHUNK):
         for m in meshes:
-          s = Setting(m, remat, accum, chunk, chunk)
+          s = Setting(m, remat, accum, chunk, chunk, scan)
           try:
             check_setting(s, n_dev, batch, n_heads, d_ff)
           except errors.ShardingError:
@@ -366,6 +423,7 @@ def main(argv=None) -> int:
   ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step")
   ap.add_argument("--loss_chunk", type=int, default=0, help="make the loss's float32 logits this many positions at a time")
   ap.add_argument("--attn_chunk", type=int, default=0, help="make the attention scores for this many queries at a time")
+  ap.add_argument("--scan_layers", action="store_true", help="run the blocks as one lax.scan (model.scan_layers)")
   ap.add_argument("--dtype", default="", help="compute dtype (default: the card's)")
   ap.add_argument("--search", action="store_true", help="try meshes, remat and micro-batching; print the best that fits")
   ap.add_argument("--budget", type=int, default=8, help="--search: at most this many compiles")
@@ -390,7 +448,8 @@ def run(a) -> int:
     sizes[1] = 1
   from lib import sharding
 
-  s = Setting(sharding.mesh_shape(dict(zip(MESH_AXES, sizes)), n), a.remat, a.grad_accum, a.loss_chunk, a.attn_chunk)
+  mesh = sharding.mesh_shape(dict(zip(MESH_AXES, sizes)), n)
+  s = Setting(mesh, a.remat, a.grad_accum, a.loss_chunk, a.attn_chunk, a.scan_layers)
   if not a.search:
     check_setting(s, n, batch, cfg.model.n_heads, cfg.model.d_ff)
   _check_libtpu()

@@ -50,6 +50,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass
+  scan_layers: bool = False  # run the blocks as one lax.scan over their stacked parameters (same values and tree)
   loss_chunk: int = 0  # >0: the loss makes its float32 logits this many positions at a time (0 = all at once)
   attn_chunk: int = 0  # >0: attention scores for this many queries at a time, remade in the backward pass (0 = all)
   dropout: float = 0.0
@@ -364,9 +365,12 @@ class Transformer(nn.Module):
       pos_PxD = self.param("pos_embed", _init(c.init_std, ("pos", "embed")), (c.max_len + 2, c.d_model), pd)
       x_BxLxD = x_BxLxD + jnp.take(pos_PxD, positions_BxL + 2, axis=0).astype(dt)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
-    block = nn.remat(Block, static_argnums=(4,)) if c.remat else Block
-    for i in range(c.n_layers):
-      x_BxLxD = block(c, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
+    if c.scan_layers and not self.is_initializing():
+      x_BxLxD = self._scanned_blocks(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
+    else:
+      block = nn.remat(Block, static_argnums=(4,)) if c.remat else Block
+      for i in range(c.n_layers):
+        x_BxLxD = block(c, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
     if not c.post_ln:
       x_BxLxD = Norm(c, name="final_norm")(x_BxLxD)
     if return_hidden:
@@ -388,6 +392,30 @@ class Transformer(nn.Module):
     if targets_BxL is not None:
       return chunked_nll(head, x_BxLxD, targets_BxL, c.loss_chunk or x_BxLxD.shape[1])
     return head(x_BxLxD)
+
+  def _scanned_blocks(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic: bool):
+    """The n_layers blocks as one lax.scan: the layer_{i} parameters (the tree stays the unrolled one, so
+    checkpoints, imports and analyses do not change) are stacked along a new leading axis and the loop
+    body applies one block. Under FSDP the body gathers one layer's parameters per iteration, so at most
+    a layer's gathered weights (and, with remat, its activations) are live at once; an unrolled stack
+    lets XLA gather and keep every layer's. Values equal the unrolled stack's (a test checks loss,
+    gradient and Hessian-vector product); dropout draws one key per layer from the 'dropout' stream."""
+    c = self.cfg
+    layers = [nn.unbox(self.variables["params"][f"layer_{i}"]) for i in range(c.n_layers)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    block = Block(c, parent=None)
+    use_rng = bool(c.dropout) and not deterministic
+    keys = jax.random.split(self.make_rng("dropout"), c.n_layers) if use_rng else jnp.zeros((c.n_layers,), jnp.uint32)
+
+    def body(x_BxLxD, layer):
+      params, key = layer
+      rngs = {"dropout": key} if use_rng else None
+      return block.apply({"params": params}, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic, rngs=rngs), None
+
+    if c.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (stacked, keys))
+    return x_BxLxD
 
 
 def token_nll(logits_BxLxV, targets_BxL) -> Array:

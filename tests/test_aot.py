@@ -55,6 +55,39 @@ def test_collectives_parsed_from_hlo_lines():
   assert c["collective-permute"] == {"count": 1, "bytes": 64 * 16 * 2, "traffic": 64 * 16 * 2}  # not the u32 contexts
 
 
+def test_collectives_inside_loops_count_their_trip_counts():
+  """A collective in a scanned layer body (trip count 24) inside the micro-batch loop (4) runs 96 times per
+  step; one in the micro-batch body 4 times; one at top level once. Trip counts come from `i < N` conditions."""
+  ag = "  %all-gather.{i} = bf16[8]{{0}} all-gather(%p), replica_groups=[1,4]<=[4], dimensions={{0}}"
+  hlo = "\n".join(
+    [
+      "%layer_cond (p: (s32[])) -> pred[] {",
+      "  %constant.1 = s32[]{:T(128)} constant(24)",
+      "  ROOT %lt = pred[]{:T(512)} compare(%gte, %constant.1), direction=LT",
+      "}",
+      "%layer_body (p: (s32[])) -> (s32[]) {",
+      ag.format(i=1),
+      "}",
+      "%micro_cond (p: (s32[])) -> pred[] {",
+      "  %constant.2 = s32[] constant(4)",
+      "  ROOT %lt.2 = pred[] compare(%gte.2, %constant.2), direction=LT",
+      "}",
+      "%micro_body (p: (s32[])) -> (s32[]) {",
+      ag.format(i=2),
+      "  %w.1 = (s32[]) while(%t), condition=%layer_cond, body=%layer_body, metadata={}",
+      "}",
+      "ENTRY %main (p: f32[]) -> f32[] {",
+      ag.format(i=3),
+      "  %w.2 = (s32[]) while(%t2), condition=%micro_cond, body=%micro_body",
+      "}",
+    ]
+  )
+  w = aot.loop_weights(hlo)
+  assert (w["main"], w["micro_body"], w["layer_body"]) == (1, 4, 96)
+  c = aot.collectives(hlo)["all-gather"]
+  assert c["count"] == 1 + 4 + 96 and c["bytes"] == 101 * 16 and c["traffic"] == 101 * 16 * 3 / 4
+
+
 @pytest.mark.tpu_aot
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='needs libtpu: pip install "jax[tpu]==<jax version>"')
 def test_nano_card_compiles_for_v5e_2x2(capsys):
