@@ -163,6 +163,7 @@ class Setup:
         vocab_size=self.groups[0].vocab_size,
         group_names=self.names,
         cache_tokens=cfg.data.cache_tokens,
+        group_rows=cfg.mixture.get("rows", "exact"),
       )
 
   def held_out(self, split: str) -> list:

@@ -92,6 +92,7 @@ def defaults() -> mlc.ConfigDict:
   c.mixture = mlc.ConfigDict()
   c.mixture.method = "stratified"  # stratified | static | aioli | skillit | doremi | doge (lib/mixture.py)
   c.mixture.proportions = ""  # static: 'name=p,...' or 'p1,p2,...'
+  c.mixture.rows = "exact"  # exact: each batch's group counts round B·p (largest remainder) | sampled: each row drawn from p
   c.mixture.update_steps = 250  # aioli, skillit: steps per round (U)
   c.mixture.lp_rounds = 4  # aioli: LearnParams sweeps per round (R)
   c.mixture.lp_steps = 4  # aioli: training steps per LearnParams sub-phase (s)

@@ -15,7 +15,10 @@ global batch: host h materialises only rows [lo, hi).
 
 Groups (data mixing): each step's B rows are split into *exact* per-group counts by largest-remainder
 rounding of the proportions p (ties broken by group index), assigned to rows by a (seed, step)
-permutation; row j of group g at step s uses that group's own stream position s·B + j.
+permutation; row j of group g at step s uses that group's own stream position s·B + j. With
+group_rows='sampled' each row's group is instead drawn from p (seeded by (seed, step)): the counts vary
+from batch to batch but equal B·p on average, so a change of p smaller than 1/B still reaches the data
+(Aioli's released trainer samples this way; its LearnParams batches, and any `exact=True` batch, stay exact).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from data import vocab
 from lib import errors, proportions
 
 FIELDS = ("inputs", "targets", "mask", "segment_ids", "positions")
+GROUP_ROWS = proportions.GROUP_ROWS  # how a step's rows are split over the groups (module docstring)
 
 
 DataError = errors.DataError  # re-exported: callers use dp.DataError
@@ -251,12 +255,16 @@ class Pipeline:
     vocab_size: int = 0,
     group_names: Sequence[str] | None = None,
     cache_tokens: int = 50_000_000,
+    group_rows: str = "exact",
   ):
     if not sources:
       raise DataError("no data sources")
     for i, s in enumerate(sources):
       if len(s) == 0:
         raise DataError(f"data source {group_names[i] if group_names else i} is empty")
+    if group_rows not in GROUP_ROWS:
+      raise DataError(f"group rows {group_rows!r} is not one of {GROUP_ROWS}")
+    self.group_rows = group_rows
     self.sources = [maybe_cache(s, cache_tokens) for s in sources]
     self.group_names = list(group_names or [f"group_{i}" for i in range(len(sources))])
     self.seed, self.B, self.L = int(seed), int(global_batch), int(seq_len)
@@ -271,12 +279,16 @@ class Pipeline:
   def num_groups(self) -> int:
     return len(self.sources)
 
-  def group_of_rows(self, step: int, p: Sequence[float] | None) -> np.ndarray:
-    """[B] group id of every global row at `step` (exact largest-remainder counts)."""
+  def group_of_rows(self, step: int, p: Sequence[float] | None, exact: bool = False) -> np.ndarray:
+    """[B] group id of every global row at `step`: exact largest-remainder counts, or (group_rows='sampled'
+    and not `exact`) each row's group drawn from p."""
     m = self.num_groups
     if m == 1:
       return np.zeros(self.B, np.int32)
-    counts = largest_remainder(p if p is not None else np.full(m, 1.0 / m), self.B)
+    p = np.asarray(p if p is not None else np.full(m, 1.0 / m), np.float64)
+    if self.group_rows == "sampled" and not exact:
+      return np.random.default_rng([self.seed, int(step), 0x6A1]).choice(m, size=self.B, p=p / p.sum()).astype(np.int32)
+    counts = largest_remainder(p, self.B)
     groups = np.repeat(np.arange(m, dtype=np.int32), counts)
     return np.random.default_rng([self.seed, int(step), 0x6A0]).permutation(groups)
 
@@ -285,9 +297,9 @@ class Pipeline:
     pos = int(step) * self.B + j  # this group's stream position (unique per step and row)
     return doc_index(self.seed + 1000003 * group, np.arange(pos * K, pos * K + K), len(src))
 
-  def batch(self, step: int, p: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+  def batch(self, step: int, p: Sequence[float] | None = None, exact: bool = False) -> dict[str, np.ndarray]:
     """This host's rows [lo, hi) of the global batch at `step` (vectorised over rows: `pack_rows`)."""
-    groups_B = self.group_of_rows(step, p)
+    groups_B = self.group_of_rows(step, p, exact)
     rank_B = np.zeros(self.B, np.int64)  # rank of each row within its group
     for g in range(self.num_groups):
       sel = groups_B == g
@@ -318,9 +330,9 @@ class Pipeline:
       out["group"] = groups_R.astype(np.int32)
     return out
 
-  def batch_reference(self, step: int, p: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+  def batch_reference(self, step: int, p: Sequence[float] | None = None, exact: bool = False) -> dict[str, np.ndarray]:
     """`batch` computed row by row with `pack` (the exact reference for tests and bench/pipeline.py)."""
-    groups_B = self.group_of_rows(step, p)
+    groups_B = self.group_of_rows(step, p, exact)
     plan = []  # (row, group, document ids)
     for r in range(self.lo, self.hi):
       g = int(groups_B[r])
@@ -343,12 +355,20 @@ class Pipeline:
     return out
 
   def iterator(
-    self, start_step: int, end_step: int, p_fn: Callable[[int], Any] | None = None, num_threads: int = 2, prefetch: int = 4
+    self,
+    start_step: int,
+    end_step: int,
+    p_fn: Callable[[int], Any] | None = None,
+    num_threads: int = 2,
+    prefetch: int = 4,
+    exact_fn: Callable[[int], bool] | None = None,
   ):
-    """A grain iterator over steps [start_step, end_step) with background prefetch."""
+    """A grain iterator over steps [start_step, end_step) with background prefetch; `p_fn(step)` the
+    proportions, `exact_fn(step)` whether that step's rows are exact counts under group_rows='sampled'."""
     import grain
 
-    fn = (lambda s: self.batch(s)) if p_fn is None else (lambda s: self.batch(s, p_fn(s)))
+    exact_fn = exact_fn or (lambda s: False)
+    fn = (lambda s: self.batch(s)) if p_fn is None else (lambda s: self.batch(s, p_fn(s), exact_fn(s)))
     ds = grain.MapDataset.range(start_step, end_step).map(fn)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
 

@@ -577,6 +577,9 @@ def aioli_rounds(workdir: str) -> dict:
     for k, j in enumerate(c.permutation(r)):
       Gq[k // c.m, :, int(j)] = ev[steps_[k]] - ev[steps_[k + 1]]
     cols.append(c.estimate_A(Gq.mean(0)).sum(0))
+    if c.R < 2:  # one LearnParams repeat: no jackknife
+      ses.append(np.full(c.m, np.nan))
+      continue
     jack = np.array([c.estimate_A(np.delete(Gq, q, 0).mean(0)).sum(0) for q in range(c.R)])
     ses.append(np.sqrt((c.R - 1) / c.R * ((jack - jack.mean(0)) ** 2).sum(0)))
   lr_lp = [r["train/lr"] for r in rows if "train/lr" in r and r["step"] - 1 in lp]

@@ -18,7 +18,7 @@ import socket
 import time
 from typing import Any, Mapping
 
-from lib import errors, mixture, optim, schedules
+from lib import errors, mixture, optim, proportions, schedules
 from lib import model as M
 
 OBJECTIVES = ("clm", "mlm")
@@ -113,6 +113,8 @@ def validate(cfg) -> M.ModelConfig:
     _fail(f"opt.schedule={cfg.opt.schedule!r} is not one of {optim.SCHEDULES}")
   if cfg.get("mixture") is not None and cfg.mixture.method not in mixture.METHODS:
     _fail(f"mixture.method={cfg.mixture.method!r} is not one of {sorted(mixture.METHODS)}")
+  if cfg.get("mixture") is not None and cfg.mixture.get("rows", "exact") not in proportions.GROUP_ROWS:
+    _fail(f"mixture.rows={cfg.mixture.rows!r} is not one of {proportions.GROUP_ROWS}")
   parse_schedule(cfg.ckpt.schedule, "ckpt.schedule", cfg.train.steps)
   if cfg.get("probes") is not None and cfg.probes.enabled:
     parse_schedule(cfg.probes.schedule, "probes.schedule", cfg.train.steps)

@@ -53,6 +53,11 @@ class Controller:
   def proportions(self, state: dict, step: int) -> np.ndarray:
     return np.asarray(state["p"], np.float64)
 
+  def exact_rows(self, step: int) -> bool:
+    """Whether `step`'s batch must have exact per-group counts even under mixture.rows='sampled' (a probe
+    of the mixture, e.g. Aioli's LearnParams, whose estimate assumes its batches' proportions exactly)."""
+    return False
+
   def wants_eval(self, state: dict, step: int) -> bool:
     return False
 
@@ -170,6 +175,9 @@ class Aioli(Controller):
   def proportions(self, state: dict, step: int) -> np.ndarray:
     _, k, j = self._phase(step)
     return self._q(j) if k >= 0 else np.asarray(state["p"], np.float64)
+
+  def exact_rows(self, step: int) -> bool:
+    return self._phase(step)[1] >= 0  # LearnParams: exact counts (the released interleave_per_batch_mapped)
 
   def wants_eval(self, state: dict, step: int) -> bool:
     if int(step) < self.P:
@@ -606,7 +614,7 @@ class MixtureRunner:
     r = (int(step) - c.P) // c.U
     perm = c.permutation(r)
     K = len(perm)
-    rows = [[self.pipe.batch(step + k * c.s + u, c._q(int(perm[k]))) for k in range(K)] for u in range(c.s)]
+    rows = [[self.pipe.batch(step + k * c.s + u, c._q(int(perm[k])), exact=True) for k in range(K)] for u in range(c.s)]
     batches = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *[jax.tree.map(lambda *y: np.stack(y), *row) for row in rows])
     fn = functools.partial(steps.train_step, num_groups=len(self.names), **parts)
     out, _ = mixing_laws.run_branches(fn, train_state, batches, vectorise=c.branches == "vmap")
@@ -648,7 +656,7 @@ class MixtureRunner:
     """(Re)starts the data iterator at `step` with p from the current state."""
     snap = {k: np.array(v) for k, v in self.state.items()}
     p_fn = (lambda s: self.controller.proportions(snap, s)) if self.multi else None
-    self._it = self.pipe.iterator(step, self.total, p_fn, num_threads=self.num_threads)
+    self._it = self.pipe.iterator(step, self.total, p_fn, num_threads=self.num_threads, exact_fn=self.controller.exact_rows)
 
   def next_batch(self) -> dict:
     return next(self._it)
@@ -679,7 +687,7 @@ class MixtureRunner:
     if not self.multi:
       return {}
     p = self.proportions(step - 1)
-    counts = np.bincount(self.pipe.group_of_rows(step - 1, p), minlength=len(self.names))
+    counts = np.bincount(self.pipe.group_of_rows(step - 1, p, self.controller.exact_rows(step - 1)), minlength=len(self.names))
     out = {}
     for gi, n in enumerate(self.names):
       out[f"mixture/p/{n}"] = float(p[gi])

@@ -12,6 +12,8 @@ import numpy as np
 
 from lib.errors import DataError
 
+GROUP_ROWS = ("exact", "sampled")  # how a step's batch rows are split over groups (data/pipeline.py)
+
 
 def largest_remainder(p: Sequence[float], total: int) -> np.ndarray:
   """Exact integer counts summing to `total`, as close as possible to p·total (Hamilton's method)."""

@@ -154,3 +154,31 @@ def test_every_scale_runs_enough_static_mixtures_for_dml():
       P = mixing_laws.dirichlet_cover(m, aioli.gs_points(scale, m), seed=0)
       assert len(P) >= m + 2
       mixing_laws.fit_static_law(P, mixing_laws.static_law(P, np.full(m, 2.0), np.ones(m), 2 * np.eye(m)))
+
+
+@pytest.mark.slow
+def test_aioli_diagnostics_nano_trains_both_runs_under_the_variant(tmp_path, capsys):
+  """experiments/aioli_diagnostics at nano scale, really trained: the variant's change reaches both runs
+  (mixture.rows=sampled) and only Aioli's (η), the CSV has one row per variant and setting, a rerun adds a
+  variant's rows without losing the others', and an unknown variant is one clear error."""
+  from experiments import aioli_diagnostics as D
+  from lib import ckpt
+
+  out = str(tmp_path / "diag")
+  assert D.main(["--out", out, "--scale", "nano", "--variant", "sampled_rows,eta0.5"]) == 0
+  df = pd.read_csv(os.path.join(out, "diagnostics.csv"))
+  assert list(df.columns) == D.COLUMNS and list(df.variant) == ["sampled_rows", "eta0.5"]
+  assert (df.seeds == 1).all() and np.isfinite(df["diff"]).all() and (df.p_move_max >= 0).all()
+  cfgs = {
+    os.path.relpath(os.path.dirname(p), out): ckpt.read_config(os.path.dirname(p))
+    for p in __import__("glob").glob(os.path.join(out, "*", "runs", "**", "config.json"), recursive=True)
+  }
+  rows = {k: c["mixture"]["rows"] for k, c in cfgs.items() if k.startswith("sampled_rows")}
+  assert len(rows) == 2 and set(rows.values()) == {"sampled"}
+  etas = {c["mixture"]["method"]: c["mixture"]["eta"] for k, c in cfgs.items() if k.startswith("eta0.5")}
+  assert etas["aioli"] == 0.5 and etas["stratified"] != 0.5
+  assert "| sampled_rows | " in capsys.readouterr().out
+  assert D.main(["--out", out, "--scale", "nano", "--variant", "released"]) == 0
+  assert list(pd.read_csv(os.path.join(out, "diagnostics.csv")).variant) == ["sampled_rows", "eta0.5", "released"]
+  assert D.main(["--out", out, "--variant", "nope"]) == 2
+  assert "unknown variants ['nope']" in capsys.readouterr().err

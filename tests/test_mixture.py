@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from data import pipeline as dp
 from lib import errors, mixing_laws, mixture, sharding, steps
 from lib import model as M
 
@@ -151,6 +152,9 @@ def test_aioli_restricted_mode_starts_from_the_prior():
   for t in range(3):
     np.testing.assert_allclose(c.proportions(st, t), [0.8, 0.2])
   assert c.proportions(st, 3).max() == 0.75  # LearnParams starts at prior_steps
+  # under mixture.rows='sampled' exactly the LearnParams steps keep exact counts (as the released trainer does)
+  assert [t for t in range(12) if c.exact_rows(t)] == [3, 4, 7, 8, 11]
+  assert not any(mixture.make(_mcfg(method="stratified"), ["a", "b"]).exact_rows(t) for t in range(12))
   st = _aioli_round(c, st, 3, [3.0, 3.0], {0: [0.2, 0.1], 1: [0.05, 0.3]})
   # p = prior ⊙ exp(η·1ᵀÂ), renormalised (the dynamic stage adjusts the prior)
   q = np.array([0.8, 0.2]) * np.exp([13 / 30, 17 / 30])
@@ -603,6 +607,7 @@ def _run_cfg(tmp_path, method, stop=0, **mix):
 
 MIXES = {
   "aioli_prior": ("aioli", dict(update_steps=4, lp_rounds=1, lp_steps=1, prior="a=0.75,b=0.25", prior_steps=2, eta=5.0)),
+  "aioli_sampled_rows": ("aioli", dict(update_steps=4, lp_rounds=1, lp_steps=1, eta=1.0, rows="sampled")),
   "skillit": ("skillit", dict(graph="0.5,0.1;0.2,0.4", update_steps=3, eta=2.0, window=2)),
   "doremi": ("doremi", dict(reference="a=2.0,b=2.0", mu=1.0)),
   "doremi_per_token": ("doremi", dict(reference="<a stratified run>", mu=1.0)),
@@ -637,6 +642,13 @@ def test_every_controller_resumes_bit_for_bit(tmp_path, name):
     assert all(key in r for r in tr) and all(np.isfinite(r[key]) for r in tr)
   else:  # proportions move
     assert len({round(r["mixture/p/a"], 6) for r in tr}) > 2
+  if mix.get("rows") == "sampled":  # LearnParams batches (steps 0, 1, 4, 5) exact at f = 0.625; the others drawn from p
+    B = _run_cfg(tmp_path, method).train.batch_size
+    exact = {int(n) for n in dp.largest_remainder([0.625, 0.375], B)}
+    assert all(r["data/rows/a"] in exact for r in tr if r["step"] - 1 in (0, 1, 4, 5))
+    drawn = [r for r in tr if r["step"] - 1 not in (0, 1, 4, 5)]
+    rounded = [int(dp.largest_remainder([r["mixture/p/a"], 1 - r["mixture/p/a"]], B)[0]) for r in drawn]
+    assert [r["data/rows/a"] for r in drawn] != rounded  # drawn from p, not rounded
   assert "mixture/A/a/b" in tr[-1]  # the implied LMO parameters are logged (for experiments/aioli_fidelity)
   resumed = {
     r["step"]: r for r in (json.loads(x) for x in open(os.path.join(tmp_path, "resumed", "metrics.jsonl"))) if "train/loss" in r

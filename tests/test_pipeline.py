@@ -94,6 +94,31 @@ def test_exact_group_counts_per_batch(src):
   assert tuple(first) in docs_b
 
 
+def test_sampled_group_rows_resolve_p_on_average(src):
+  """group_rows='sampled': each row's group drawn from p, a pure function of (seed, step) and split by host
+  like the exact form; the counts vary between batches but average B·p, so a p that exact rounding of 8
+  rows never shows (0.47 vs 0.5: always 4 + 4) moves the mean; exact=True keeps largest-remainder counts."""
+  lang2 = sources.Bigram.random(seed=9, n_terminals=12)
+  src2 = sources.ListSource(sources.synthetic_examples(lang2, 200, sample_seed=1, with_true=False))
+  kw = dict(seed=4, global_batch=8, seq_len=32, group_names=["a", "b"])
+  exact = dp.Pipeline([src, src2], **kw)
+  sampled = dp.Pipeline([src, src2], **kw, group_rows="sampled")
+  p = [0.47, 0.53]
+  assert all(np.bincount(exact.group_of_rows(s, p), minlength=2)[0] == 4 for s in range(50))
+  counts = np.array([np.bincount(sampled.group_of_rows(s, p), minlength=2) for s in range(4000)])
+  assert len({tuple(c) for c in counts[:50]}) > 2  # not the same split every step
+  np.testing.assert_allclose(counts.mean(0) / 8, p, atol=0.01)  # SE of the mean share ~0.003
+  again = dp.Pipeline([src, src2], **kw, group_rows="sampled")
+  np.testing.assert_array_equal(sampled.group_of_rows(7, p), again.group_of_rows(7, p))
+  a = sampled.batch(7, p)
+  halves = [dp.Pipeline([src, src2], **kw, group_rows="sampled", rows=r).batch(7, p) for r in ((0, 3), (3, 8))]
+  for k in a:
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), a[k])
+  np.testing.assert_array_equal(np.bincount(sampled.batch(7, [0.75, 0.25], exact=True)["group"], minlength=2), [6, 2])
+  with pytest.raises(dp.DataError, match="group rows"):
+    dp.Pipeline([src, src2], **kw, group_rows="random")
+
+
 def test_bad_proportions_are_rejected_with_values():
   with pytest.raises(dp.DataError, match="sum to 1"):
     dp.check_proportions([0.5, 0.6], ["a", "b"])
