@@ -81,6 +81,7 @@ class Setting:
   loss_chunk: int = 0  # model.loss_chunk: logits made this many positions at a time (0 = all at once)
   attn_chunk: int = 0  # model.attn_chunk: attention scores for this many queries at a time (0 = all at once)
   scan: bool = False  # model.scan_layers: the blocks as one lax.scan (one layer's gathered weights live at a time)
+  program: str = "train"  # train: the train step | hvp: the flatness job's Hessian-vector product on one batch
 
   def label(self) -> str:
     d, f, t = self.mesh
@@ -88,7 +89,9 @@ class Setting:
       f" attn_chunk={self.attn_chunk}" if self.attn_chunk else ""
     )
     scan = " layers=scanned" if self.scan else ""
-    return f"data={d} fsdp={f} tensor={t} remat={'on' if self.remat else 'off'} micro-batches={self.grad_accum}{chunk}{scan}"
+    prog = "" if self.program == "train" else f"{self.program}: "
+    remat = "on" if self.remat else "off"
+    return f"{prog}data={d} fsdp={f} tensor={t} remat={remat} micro-batches={self.grad_accum}{chunk}{scan}"
 
 
 def check_setting(s: Setting, n_devices: int, batch: int, n_heads: int, d_ff: int) -> None:
@@ -258,8 +261,15 @@ def build(cfg, topology: str, s: Setting, batch: int, seq_len: int):
     bsh = sharding.batch_sharding(mesh)
     tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=bsh)
     b = {"inputs": tok, "targets": tok, "mask": tok, "segment_ids": tok, "positions": tok}
-    fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=sched, grad_accum=s.grad_accum)
-    lowered = jax.jit(fn, out_shardings=(state_sh, None), donate_argnums=(0,)).lower(state, b)
+    if s.program == "hvp":  # analysis/flatness's operator: H·v of the mean token loss, forward-over-reverse
+      from analysis import hessian_ops
+
+      params = state["params"]
+      fn = lambda p, v, batch: hessian_ops.hvp(lambda q, bb: M.mean_loss(model, q, bb), p, batch, v)  # noqa: E731
+      lowered = jax.jit(fn, out_shardings=state_sh["params"]).lower(params, params, b)
+    else:
+      fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=sched, grad_accum=s.grad_accum)
+      lowered = jax.jit(fn, out_shardings=(state_sh, None), donate_argnums=(0,)).lower(state, b)
   return lowered, mcfg, M.param_count(model)
 
 
@@ -327,7 +337,7 @@ def compile_one(cfg, topology: str, s: Setting, batch: int, seq_len: int, chip: 
 
   t0 = time.time()
   lowered, mcfg, n_params = build(cfg, topology, s, batch, seq_len)
-  fpt = M.flops_per_token(mcfg, seq_len, n_params)
+  fpt = M.flops_per_token(mcfg, seq_len, n_params) * (HVP_COST if s.program == "hvp" else 1)
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001  libtpu refuses a program over HBM at compile time (RESOURCE_EXHAUSTED)
@@ -368,6 +378,8 @@ def show(r: Report, chip: Chip, n_dev: int) -> None:
   )
 
 
+PROGRAMS = ("train", "hvp")
+HVP_COST = 2  # analytic FLOPs of forward-over-reverse H·v: about two gradients (the jvp doubles each reverse op)
 CHUNK = 512  # --search's chunked candidate: positions per chunk of float32 logits and of attention queries
 
 
@@ -424,6 +436,7 @@ def main(argv=None) -> int:
   ap.add_argument("--loss_chunk", type=int, default=0, help="make the loss's float32 logits this many positions at a time")
   ap.add_argument("--attn_chunk", type=int, default=0, help="make the attention scores for this many queries at a time")
   ap.add_argument("--scan_layers", action="store_true", help="run the blocks as one lax.scan (model.scan_layers)")
+  ap.add_argument("--program", default="train", choices=PROGRAMS, help="train step, or the flatness job's HVP on one batch")
   ap.add_argument("--dtype", default="", help="compute dtype (default: the card's)")
   ap.add_argument("--search", action="store_true", help="try meshes, remat and micro-batching; print the best that fits")
   ap.add_argument("--budget", type=int, default=8, help="--search: at most this many compiles")
@@ -449,7 +462,9 @@ def run(a) -> int:
   from lib import sharding
 
   mesh = sharding.mesh_shape(dict(zip(MESH_AXES, sizes)), n)
-  s = Setting(mesh, a.remat, a.grad_accum, a.loss_chunk, a.attn_chunk, a.scan_layers)
+  s = Setting(mesh, a.remat, a.grad_accum, a.loss_chunk, a.attn_chunk, a.scan_layers, a.program)
+  if a.program == "hvp" and (a.grad_accum != 1 or a.search):
+    raise errors.ConfigError("--program=hvp compiles one batch's Hessian-vector product: no --grad_accum or --search")
   if not a.search:
     check_setting(s, n, batch, cfg.model.n_heads, cfg.model.d_ff)
   _check_libtpu()

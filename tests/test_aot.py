@@ -94,3 +94,12 @@ def test_nano_card_compiles_for_v5e_2x2(capsys):
   assert aot.main(["--config=configs/base.py:nano", "--topology=v5e:2x2", "--batch=8", "--seq_len=64"]) == 0
   out = capsys.readouterr().out
   assert "FITS" in out and "all-gather" in out and "bound by" in out
+  # the scanned layer stack with remat, and the flatness job's Hessian-vector product, of the same card
+  args = ["--config=configs/base.py:nano", "--topology=v5e:2x2", "--batch=8", "--seq_len=64"]
+  assert aot.main([*args, "--remat", "--scan_layers"]) == 0
+  out = capsys.readouterr().out
+  assert "layers=scanned" in out and "FITS" in out
+  assert aot.main([*args, "--program=hvp"]) == 0
+  out = capsys.readouterr().out
+  assert "hvp: data=1 fsdp=4" in out and "FITS" in out
+  assert aot.main([*args, "--program=hvp", "--grad_accum=2"]) == 2
