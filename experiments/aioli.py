@@ -421,6 +421,14 @@ def mixture_graph(S: dict, names: list[str]) -> str:
   return ";".join(",".join(f"{x:.6f}" for x in row) for row in A)
 
 
+TIE = 5e-4  # ppl: a difference below half the printed precision is a tie (e.g. a method that stays at uniform p)
+
+
+def _signed(x: float) -> str:
+  """+0.123 / -0.123, and +0.000 for a tie (never '-0.000')."""
+  return f"{0.0 if abs(x) < TIE else x:+.3f}"
+
+
 def table(df) -> str:
   """Table-2-shaped markdown: stratified's absolute average test ppl, each method's mean difference."""
   g = df.groupby(["setting", "method"])
@@ -436,8 +444,8 @@ def table(df) -> str:
       cells = [f"{mean.loc[meth, s]:.3f}" for s in sets]
       n_better = "–"
     else:
-      cells = [f"{diff.loc[meth, s]:+.3f}" for s in sets]
-      n_better = str(int((diff.loc[meth] < 0).sum()))
+      cells = [_signed(diff.loc[meth, s]) for s in sets]
+      n_better = str(int((diff.loc[meth] < -TIE).sum()))
     ex = "m" if meth == "skillit" else str(int(extra[meth]))
     lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + f" | {n_better} | {ex} |")
   return "\n".join(lines)
@@ -457,10 +465,11 @@ def findings(df) -> str:
       continue
     d = diff.loc[meth]
     lines.append(
-      f"- {LABELS[meth]}: better than stratified in {int((d < 0).sum())}/{n_sets} settings "
-      f"(mean difference {d.mean():+.3f} ppl)" + ("; the paper: 6/6, the only method that never loses" if meth == "aioli" else "")
+      f"- {LABELS[meth]}: better than stratified in {int((d < -TIE).sum())}/{n_sets} settings "
+      f"(mean difference {_signed(d.mean())} ppl)"
+      + ("; the paper: 6/6, the only method that never loses" if meth == "aioli" else "")
     )
-  always = [LABELS[m] for m in METHODS if m != "stratified" and m in diff.index and bool((diff.loc[m] < 0).all())]
+  always = [LABELS[m] for m in METHODS if m != "stratified" and m in diff.index and bool((diff.loc[m] < -TIE).all())]
   lines.append(f"- Methods better than stratified in every setting here: {', '.join(always) or 'none'} (the paper: Aioli only).")
   if spread is not None:
     cells = ", ".join(f"{k} {v:.3f}" for k, v in spread.items())
@@ -538,10 +547,11 @@ def ci_markdown(tab) -> str:
       cells, nb = [f"{t.loc[(meth, x), 'test_avg_ppl']:.3f}" for x in sets], "–"
     else:
       cells = [
-        f"{t.loc[(meth, x), 'diff']:+.3f} [{t.loc[(meth, x), 'ci_low']:+.3f}, {t.loc[(meth, x), 'ci_high']:+.3f}]" for x in sets
+        f"{_signed(t.loc[(meth, x), 'diff'])} [{_signed(t.loc[(meth, x), 'ci_low'])}, {_signed(t.loc[(meth, x), 'ci_high'])}]"
+        for x in sets
       ]
-      below = sum(t.loc[(meth, x), "diff"] < 0 for x in sets)
-      sig = sum(t.loc[(meth, x), "ci_high"] < 0 for x in sets)
+      below = sum(t.loc[(meth, x), "diff"] < -TIE for x in sets)
+      sig = sum(t.loc[(meth, x), "ci_high"] < -TIE for x in sets)
       nb = f"{below} ({sig})"
     ex = "m" if meth == "skillit" else str(int(t.loc[(meth, sets[0]), "extra_runs"]))
     lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + f" | {nb} | {ex} |")

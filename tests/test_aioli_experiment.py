@@ -105,11 +105,14 @@ def test_findings_counts_settings_and_seed_spread():
       dict(setting="b", seed=seed, method="aioli", test_avg_ppl=sb + 2, diff_vs_stratified=2.0),
       dict(setting="a", seed=seed, method="dml", test_avg_ppl=sa - 0.2, diff_vs_stratified=-0.2),
       dict(setting="b", seed=seed, method="dml", test_avg_ppl=sb - 0.4, diff_vs_stratified=-0.4),
+      dict(setting="a", seed=seed, method="skillit", test_avg_ppl=sa - 1e-5, diff_vs_stratified=-1e-5),  # a tie
+      dict(setting="b", seed=seed, method="skillit", test_avg_ppl=sb - 1e-5, diff_vs_stratified=-1e-5),
     ]
   text = aioli.findings(pd.DataFrame(rows))
   assert "- Aioli: better than stratified in 1/2 settings (mean difference +0.500 ppl)" in text
   assert "- DML: better than stratified in 2/2 settings (mean difference -0.300 ppl)" in text
   assert "every setting here: DML (the paper" in text
+  assert "- Skill-It: better than stratified in 0/2 settings (mean difference +0.000 ppl)" in text  # ties are not wins
   assert "a 0.500, b 0.100" in text
   one = aioli.findings(pd.DataFrame([r for r in rows if r["seed"] == 0]))
   assert "One seed: no estimate" in one
