@@ -91,6 +91,15 @@ def parse_schedule(text: str, key: str, total_steps: int) -> list[int]:
     _fail(f"{key}={text!r}: {e}")
 
 
+def _check_mixture(cfg) -> None:
+  if cfg.get("mixture") is None:
+    return
+  if cfg.mixture.method not in mixture.METHODS:
+    _fail(f"mixture.method={cfg.mixture.method!r} is not one of {sorted(mixture.METHODS)}")
+  if cfg.mixture.get("rows", "exact") not in proportions.GROUP_ROWS:
+    _fail(f"mixture.rows={cfg.mixture.rows!r} is not one of {proportions.GROUP_ROWS}")
+
+
 def validate(cfg) -> M.ModelConfig:
   """Checks every section a run needs; returns the ModelConfig (vocab_size may still be -1)."""
   _positive(cfg, "train.steps", "train.batch_size", "train.log_every", "train.grad_accum", "data.seq_len")
@@ -111,10 +120,7 @@ def validate(cfg) -> M.ModelConfig:
     _fail(f"opt.name={cfg.opt.name!r} is not one of {optim.OPTIMIZERS}")
   if cfg.opt.schedule not in optim.SCHEDULES:
     _fail(f"opt.schedule={cfg.opt.schedule!r} is not one of {optim.SCHEDULES}")
-  if cfg.get("mixture") is not None and cfg.mixture.method not in mixture.METHODS:
-    _fail(f"mixture.method={cfg.mixture.method!r} is not one of {sorted(mixture.METHODS)}")
-  if cfg.get("mixture") is not None and cfg.mixture.get("rows", "exact") not in proportions.GROUP_ROWS:
-    _fail(f"mixture.rows={cfg.mixture.rows!r} is not one of {proportions.GROUP_ROWS}")
+  _check_mixture(cfg)
   parse_schedule(cfg.ckpt.schedule, "ckpt.schedule", cfg.train.steps)
   if cfg.get("probes") is not None and cfg.probes.enabled:
     parse_schedule(cfg.probes.schedule, "probes.schedule", cfg.train.steps)

@@ -281,6 +281,7 @@ BAD = [
   ("train.steps", -5, "train.steps=-5 must be > 0"),
   ("train.steps", 0, "train.steps=0 must be > 0"),
   ("data.objective", "foo", "data.objective='foo' is not one of"),
+  ("mixture.rows", "random", "mixture.rows='random' is not one of ('exact', 'sampled')"),
   ("train.batch_size", 0, "train.batch_size=0 must be > 0"),
   ("train.log_every", 0, "train.log_every=0 must be > 0"),
   ("model.d_ff", 0, "model.d_ff=0 must be > 0"),
