@@ -135,6 +135,25 @@ def test_bad_model_config():
     M.preset("opt-9b")
 
 
+def _grad_and_hvp_match_on_8_devices(reference, model, params, b, v):
+  """The gradient and H·v of `model` sharded over 8 devices (data 2 x fsdp 4) equal `reference`'s on one
+  device, up to float32 sums in another order (1e-6 of each leaf's scale)."""
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def grad_and_hvp(m, p, batch):
+    g = jax.grad(lambda q: M.mean_loss(m, q, batch))
+    return g(p), jax.jvp(g, (p,), (v,))[1]
+
+  ref = grad_and_hvp(reference, params, b)
+  with nn.logical_axis_rules(sharding.RULES):
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (2, 4, 1))))
+    with jax.set_mesh(mesh):
+      p8 = jax.device_put(params, M.param_shardings(model, mesh))
+      got = grad_and_hvp(model, p8, jax.device_put(b, sharding.batch_sharding(mesh)))
+  for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(r).max())))
+
+
 @pytest.mark.parametrize("tied,causal,loss_chunk,attn_chunk", [(True, True, 5, 0), (False, True, 5, 4), (True, False, 0, 4)])
 def test_chunked_loss_and_attention_match_whole_sequence(tied, causal, loss_chunk, attn_chunk):
   """model.loss_chunk makes the logits, model.attn_chunk the attention scores, a chunk of positions at a time
@@ -147,20 +166,7 @@ def test_chunked_loss_and_attention_match_whole_sequence(tied, causal, loss_chun
   b = _batch(cfg, B=8, L=13, segments=True)
   np.testing.assert_allclose(M.per_token_loss(chunked, params, b), M.per_token_loss(whole, params, b), rtol=1e-6)
   v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), params)
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def grad_and_hvp(model, p, batch):
-    g = jax.grad(lambda q: M.mean_loss(model, q, batch))
-    return g(p), jax.jvp(g, (p,), (v,))[1]
-
-  ref = grad_and_hvp(whole, params, b)
-  with nn.logical_axis_rules(sharding.RULES):
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (2, 4, 1))))
-    with jax.set_mesh(mesh):
-      p8 = jax.device_put(params, M.param_shardings(chunked, mesh))
-      got = grad_and_hvp(chunked, p8, jax.device_put(b, sharding.batch_sharding(mesh)))
-  for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):  # float32 sums in another order: 1e-6 of the leaf's scale
-    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(r).max())))
+  _grad_and_hvp_match_on_8_devices(whole, chunked, params, b, v)
   with pytest.raises(ValueError, match="attn_chunk"):
     M.make(dataclasses.replace(cfg, attn_chunk=-1))
 
@@ -187,17 +193,4 @@ def test_scanned_layers_match_unrolled(remat, parallel, dropout):
     return
   np.testing.assert_allclose(M.per_token_loss(scanned, params, b), M.per_token_loss(unrolled, params, b), rtol=1e-5, atol=1e-6)
   v = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), params)
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def grad_and_hvp(model, p, batch):
-    g = jax.grad(lambda q: M.mean_loss(model, q, batch))
-    return g(p), jax.jvp(g, (p,), (v,))[1]
-
-  ref = grad_and_hvp(unrolled, params, b)
-  with nn.logical_axis_rules(sharding.RULES):
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (2, 4, 1))))
-    with jax.set_mesh(mesh):
-      p8 = jax.device_put(params, M.param_shardings(scanned, mesh))
-      got = grad_and_hvp(scanned, p8, jax.device_put(b, sharding.batch_sharding(mesh)))
-  for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(r).max())))
+  _grad_and_hvp_match_on_8_devices(unrolled, scanned, params, b, v)
